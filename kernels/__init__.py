@@ -1,0 +1,18 @@
+"""MLA kernels: the naive reference, the budget-cost PyTorch path and the Triton kernels."""
+
+from .config import BRANCHES, AttentionConfig, GateConfig, Plan
+from .naive import mla_reference
+from .ops import attention_flops, mla_attention
+from .selection import block_scores, select_blocks
+
+__all__ = [
+    "BRANCHES",
+    "AttentionConfig",
+    "GateConfig",
+    "Plan",
+    "attention_flops",
+    "block_scores",
+    "mla_attention",
+    "mla_reference",
+    "select_blocks",
+]

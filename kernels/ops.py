@@ -1,0 +1,99 @@
+"""The public MLA op: checks its inputs and dispatches to an implementation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .blocked import mla_blocked
+from .config import AttentionConfig, Plan
+from .naive import mla_reference
+
+Backend = Literal["auto", "reference", "torch", "triton"]
+
+
+def mla_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor,
+    config: AttentionConfig,
+    *,
+    t_max: int | None = None,
+    head_mask: torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Multi-Level Attention: gated local + global + sparse causal attention (DESIGN §1).
+
+    Args:
+        q: [B, T, HQ, D] queries.
+        k, v: [B, T, HKV, D] keys and values; HKV divides HQ (GQA).
+        gate: [B, T, HQ, 3] branch weights (local, global, sparse), already through the sigmoid.
+        config: the layer's budget, ratios and block size.
+        t_max: the longest sequence the layer is built for (fixes the global stride);
+            defaults to T.
+        head_mask: [HQ] bool, the active query heads; pruned heads output zeros and cost nothing.
+        backend: "reference" (naive O(T^2) oracle), "torch" (budget-cost PyTorch),
+            "triton" (CUDA kernels), or "auto" (triton on CUDA, torch elsewhere).
+
+    Returns:
+        [B, T, HQ, D] in q's dtype.
+    """
+    _check(q, k, v, gate, head_mask, t_max)
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and _triton_available() else "torch"
+    if backend == "reference":
+        return mla_reference(q, k, v, gate, config, t_max=t_max, head_mask=head_mask)
+    if backend == "torch":
+        return mla_blocked(q, k, v, gate, config, t_max=t_max, head_mask=head_mask)
+    if backend == "triton":
+        from .parallel import mla_triton
+
+        return mla_triton(q, k, v, gate, config, t_max=t_max, head_mask=head_mask)
+    raise ValueError(f"backend must be auto|reference|torch|triton, got {backend!r}")
+
+
+def attention_flops(plan: Plan, T: int, head_dim: int, n_heads: int, backward: bool = False) -> int:
+    """Matrix FLOPs of one layer's attention over a sequence of T tokens (per batch row).
+
+    Counts 2 * 2 * D per key read (scores and weighted sum); the backward costs 2.5x the forward.
+    """
+    keys = sum(plan.keys_per_query(t) for t in range(T))
+    fwd = 4 * head_dim * keys * n_heads
+    return int(fwd * 3.5) if backward else fwd
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check(q, k, v, gate, head_mask, t_max) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be [B, T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    B, T, HQ, D = q.shape
+    if k.shape != v.shape or k.shape[:2] != (B, T) or k.shape[3] != D:
+        raise ValueError(
+            f"k and v must be [B={B}, T={T}, HKV, D={D}]; got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if HQ % k.shape[2]:
+        raise ValueError(f"KV heads ({k.shape[2]}) must divide query heads ({HQ})")
+    if gate.shape != (B, T, HQ, 3):
+        raise ValueError(f"gate must be [B, T, HQ, 3] = {(B, T, HQ, 3)}, got {tuple(gate.shape)}")
+    if head_mask is not None and (head_mask.shape != (HQ,) or head_mask.dtype != torch.bool):
+        raise ValueError(
+            f"head_mask must be a bool tensor of shape ({HQ},), got "
+            f"{head_mask.dtype} {tuple(head_mask.shape)}"
+        )
+    if t_max is not None and t_max < T:
+        raise ValueError(f"t_max ({t_max}) must be >= the sequence length T ({T})")
+    if not (q.device == k.device == v.device == gate.device):
+        raise ValueError(
+            f"q, k, v, gate must share a device; got {q.device}, {k.device}, {v.device}, {gate.device}"
+        )

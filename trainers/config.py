@@ -1,0 +1,238 @@
+"""Typed configs of the model, the data and the trainer, and a strict builder from plain dicts.
+
+`build(cls, data)` turns nested dicts (from YAML) into these dataclasses. Every error names the
+key path and what was expected, so a bad file is reported as `model.mla.ratios: ...`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from automla.kernels import AttentionConfig
+
+Backend = Literal["auto", "reference", "torch", "triton"]
+DataSource = Literal["stdlib", "text", "tokens", "mqar"]
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; `path` is the dotted key path ('' for the root)."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Decoder-only LM: pre-norm, RMSNorm, rotary positions, SwiGLU MLP, tied embeddings."""
+
+    vocab_size: int = 256
+    """256 fits the byte-level stdlib/text data."""
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    """Query heads."""
+    n_kv_heads: int = 2
+    """Key/value heads; n_heads / n_kv_heads query heads share one (GQA)."""
+    head_dim: int | None = None
+    """None: d_model // n_heads."""
+    ffn_mult: float = 8 / 3
+    """SwiGLU hidden width = ffn_mult * d_model, rounded up to a multiple of 32."""
+    max_seq_len: int = 256
+    attention: Literal["mla", "dense"] = "mla"
+    mla: AttentionConfig = field(default_factory=AttentionConfig)
+    attn_backend: Backend = "auto"
+    """auto: Triton kernels on CUDA, the budget-cost PyTorch path elsewhere."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                "n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}"
+            )
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ConfigError(
+                    "n_heads", f"must divide d_model ({self.d_model}) when head_dim is unset"
+                )
+            self.head_dim = self.d_model // self.n_heads
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ConfigError("head_dim", f"must be even and >= 2 (rotary), got {self.head_dim}")
+        if self.ffn_mult <= 0:
+            raise ConfigError("ffn_mult", f"must be > 0, got {self.ffn_mult}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where training tokens come from; all sources are offline."""
+
+    source: DataSource = "stdlib"
+    path: str | None = None
+    """The file for `text` (UTF-8, byte tokens) or `tokens` (flat uint16, nanoGPT .bin)."""
+    val_fraction: float = 0.05
+    """Share of files (stdlib, by a hash of the path) or of tokens held out for validation."""
+    max_bytes: int | None = 8_000_000
+    """Cap on the stdlib corpus read, to keep start-up fast; None reads it all."""
+    mqar_pairs: int = 8
+    """MQAR: key-value pairs per sequence (the queries ask for all of them)."""
+    mqar_vocab: int = 128
+    """MQAR: token ids used for keys and values."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        if self.source in ("text", "tokens") and not self.path:
+            raise ConfigError("path", f"source '{self.source}' needs a file path")
+        if self.mqar_pairs < 1 or self.mqar_vocab < 4:
+            raise ConfigError("mqar_pairs", "needs mqar_pairs >= 1 and mqar_vocab >= 4")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """One training run: model, data and optimisation."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    """Cosine schedule ends at lr * min_lr_ratio."""
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 0
+    """0: checkpoint at each evaluation and at the end."""
+    throughput_warmup: int = 5
+    """Steps left out of tokens_per_s (compilation, allocator warm-up)."""
+    seed: int = 0
+    device: str = "auto"
+    """auto: cuda if available, else cpu."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Autocast dtype on CUDA; CPU always trains in float32."""
+    threads: int | None = None
+    """torch.set_num_threads on CPU; None leaves torch's default."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if self.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                "seq_len", f"{self.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}"
+            )
+
+
+def build(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from nested dicts, rejecting unknown keys and wrong types."""
+    if dataclasses.is_dataclass(data) and isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"expected a mapping for {cls.__name__}, got {_kind(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            _join(path, str(unknown[0])),
+            f"unknown key; {cls.__name__} takes: {', '.join(sorted(fields))}",
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, _join(path, name)) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(_join(path, e.path), e.message) from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(path, str(e)) from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain dicts/lists of a config tree, for YAML and JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(x) for x in obj]
+    return obj
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as e:
+                errors.append(e.message)
+        raise ConfigError(path, " or ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(path, f"expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"expected a list, got {_kind(value)}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(path, f"expected {len(args)} entries, got {len(value)}")
+            return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        items = [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {_kind(value)}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {_kind(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {_kind(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {_kind(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string, got {_kind(value)}")
+        return value
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    if not key:
+        return path
+    if not path:
+        return key
+    return f"{path}{key}" if key.startswith("[") else f"{path}.{key}"
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return f"{type(value).__name__} {value!r}"
