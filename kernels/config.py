@@ -26,7 +26,9 @@ class GateConfig:
         if any(h <= 0 for h in self.hidden):
             raise ValueError(f"gate.hidden widths must be positive, got {self.hidden}")
         if self.activation not in ("silu", "gelu", "relu", "tanh"):
-            raise ValueError(f"gate.activation must be silu|gelu|relu|tanh, got {self.activation!r}")
+            raise ValueError(
+                f"gate.activation must be silu|gelu|relu|tanh, got {self.activation!r}"
+            )
         if self.input not in ("hidden", "query"):
             raise ValueError(f"gate.input must be 'hidden' or 'query', got {self.input!r}")
 
@@ -92,7 +94,9 @@ class AttentionConfig:
             self.gate = GateConfig(**self.gate)
         self.ratios = tuple(float(r) for r in self.ratios)
         if len(self.ratios) != 3:
-            raise ValueError(f"ratios must have 3 entries (local, global, sparse), got {self.ratios}")
+            raise ValueError(
+                f"ratios must have 3 entries (local, global, sparse), got {self.ratios}"
+            )
         if any(r < 0 or not math.isfinite(r) for r in self.ratios):
             raise ValueError(f"ratios must be finite and >= 0, got {self.ratios}")
         if abs(sum(self.ratios) - 1.0) > 1e-6:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import AttentionConfig
 from .common import masked_attention
+from .config import AttentionConfig
 from .selection import select_blocks
 
 
@@ -61,4 +61,3 @@ def mla_reference(
     if head_mask is not None:
         out = out * head_mask.to(out.dtype)[None, :, None, None]
     return out.transpose(1, 2).to(q.dtype)
-
