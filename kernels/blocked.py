@@ -15,9 +15,6 @@ from .common import masked_attention
 from .config import AttentionConfig, Plan
 from .selection import select_blocks
 
-# Upper bound on gathered sparse keys held at once (elements), to bound memory at long T.
-_GATHER_ELEMS = 1 << 25
-
 
 def mla_blocked(
     q: torch.Tensor,
@@ -76,28 +73,28 @@ def _grouped(q, k, v, gate, idx, plan: Plan) -> torch.Tensor:
 
 
 def _local(q, k, v, window: int, scale: float) -> torch.Tensor:
-    """Queries in chunks of C attend to their span of window + C - 1 keys."""
+    """Queries in chunks of C attend to their span of window + C - 1 keys (SDPA with a mask)."""
     B, H, G, T, D = q.shape
     C = max(16, min(window, 128, T))
     n = -(-T // C)
     pad_t = n * C - T
     span = window - 1 + C
     # keys padded in front by window - 1 so that chunk i's span starts at i * C
-    kp = F.pad(k, (0, 0, window - 1, pad_t))
-    vp = F.pad(v, (0, 0, window - 1, pad_t))
-    kw = kp.unfold(2, span, C).transpose(-1, -2)  # [B, H, n, span, D]
-    vw = vp.unfold(2, span, C).transpose(-1, -2)
-    qc = F.pad(q, (0, 0, 0, pad_t)).reshape(B, H, G, n, C, D)
+    kw = F.pad(k, (0, 0, window - 1, pad_t)).unfold(2, span, C).transpose(-1, -2)
+    vw = F.pad(v, (0, 0, window - 1, pad_t)).unfold(2, span, C).transpose(-1, -2)
+    kw = kw.reshape(B * H * n, 1, span, D).expand(-1, G, -1, -1)  # [B*H*n, G, span, D]
+    vw = vw.reshape(B * H * n, 1, span, D).expand(-1, G, -1, -1)
+    qc = F.pad(q, (0, 0, 0, pad_t)).reshape(B, H, G, n, C, D).transpose(2, 3)
+    qc = qc.reshape(B * H * n, G, C, D)
     c = torch.arange(C, device=q.device)[:, None]
     j = torch.arange(span, device=q.device)[None, :]
     # key j of chunk i sits at i*C + j - (window-1); query c at i*C + c
-    in_window = (j >= c) & (j <= c + window - 1)  # [C, span]
     start = torch.arange(n, device=q.device)[:, None, None] * C
-    mask = in_window & (start + j >= window - 1)  # [n, C, span]: drop the front padding
-    s = torch.einsum("bhgncd,bhnjd->bhgncj", qc, kw) * scale
-    s = s.masked_fill(~mask, float("-inf"))
-    o = torch.einsum("bhgncj,bhnjd->bhgncd", torch.softmax(s, dim=-1), vw)
-    return o.reshape(B, H, G, n * C, D)[:, :, :, :T]
+    mask = (j >= c) & (j <= c + window - 1) & (start + j >= window - 1)  # [n, C, span]
+    mask = mask.expand(B * H, n, C, span).reshape(B * H * n, 1, C, span)
+    o = F.scaled_dot_product_attention(qc, kw, vw, attn_mask=mask, scale=scale)
+    o = o.reshape(B, H, n, G, C, D).transpose(2, 3).reshape(B, H, G, n * C, D)
+    return o[:, :, :, :T]
 
 
 def _global(q, k, v, stride: int, scale: float) -> torch.Tensor:
@@ -114,24 +111,64 @@ def _global(q, k, v, stride: int, scale: float) -> torch.Tensor:
 
 
 def _sparse(q, k, v, idx, block_size: int, scale: float) -> torch.Tensor:
-    """Attention over the gathered selected blocks (idx -1: empty slot)."""
+    """Attention over each query's selected blocks (idx [B, H, T, n], -1: empty slot).
+
+    Gathering every selected block per query would copy block_size keys per (query, slot).
+    Instead the (query, slot) pairs are sorted by block and packed into tiles of M pairs that
+    share one block: each tile multiplies its M x G queries by that block's keys, so the
+    traffic is one query row per pair and the arithmetic is what the selection reads. The
+    softmax over a query's blocks is done in the tile layout with per-query scatters.
+    """
     B, H, G, T, D = q.shape
-    n = idx.shape[-1]
     nb = T // block_size
     if nb == 0:
         return torch.zeros_like(q)
-    kb = k[:, :, : nb * block_size].reshape(B, H, nb, block_size, D)
-    vb = v[:, :, : nb * block_size].reshape(B, H, nb, block_size, D)
-    bi = torch.arange(B, device=q.device)[:, None, None, None]
-    hi = torch.arange(H, device=q.device)[None, :, None, None]
-    chunk = max(1, _GATHER_ELEMS // max(1, B * H * n * block_size * D))
-    outs = []
-    for t0 in range(0, T, chunk):
-        ic = idx[:, :, t0 : t0 + chunk]  # [B, H, Tc, n]
-        safe = ic.clamp(min=0)
-        ks = kb[bi, hi, safe].flatten(3, 4)  # [B, H, Tc, n*bs, D]
-        vs = vb[bi, hi, safe].flatten(3, 4)
-        valid = (ic >= 0).repeat_interleave(block_size, dim=-1)  # [B, H, Tc, n*bs]
-        qc = q[:, :, :, t0 : t0 + chunk].transpose(2, 3)  # [B, H, Tc, G, D]
-        outs.append(masked_attention(qc, ks, vs, valid[..., None, :], scale))
-    return torch.cat(outs, dim=2).transpose(2, 3)
+    n_blocks = B * H * nb
+    rows = B * H * T
+    kb = k[:, :, : nb * block_size].reshape(n_blocks, block_size, D)
+    vb = v[:, :, : nb * block_size].reshape(n_blocks, block_size, D)
+    with torch.no_grad():
+        slot_query, tile_block = _pack_tiles(idx, nb, n_blocks, dummy=rows)
+    n_tiles, M = slot_query.shape
+    slot_query = slot_query.flatten()
+    # one extra zero row serves the padding slots of the tiles
+    qrows = F.pad(q.transpose(2, 3).reshape(rows, G, D), (0, 0, 0, 0, 0, 1))
+    qt = qrows[slot_query].view(n_tiles, M * G, D)
+    s = torch.bmm(qt, kb[tile_block].transpose(1, 2)).view(-1, G, block_size) * scale
+    with torch.no_grad():
+        # any per-query constant works as the shift; the max keeps exp() in range
+        m = s.new_full((rows + 1, G), float("-inf"))
+        m = m.scatter_reduce(0, slot_query[:, None].expand(-1, G), s.amax(-1), "amax")
+    e = torch.exp(s - m[slot_query][..., None])
+    denom = s.new_zeros(rows + 1, G).index_add(0, slot_query, e.sum(-1))
+    p = e / denom[slot_query][..., None]
+    ot = torch.bmm(p.view(n_tiles, M * G, block_size), vb[tile_block])
+    o = q.new_zeros(rows + 1, G, D).index_add(0, slot_query, ot.view(-1, G, D))
+    return o[:rows].view(B, H, T, G, D).transpose(2, 3)
+
+
+def _pack_tiles(idx: torch.Tensor, nb: int, n_blocks: int, dummy: int):
+    """Pack the valid (query, slot) pairs into tiles of M pairs that share one key block.
+
+    Returns slot_query [n_tiles, M] (the query row of each slot, `dummy` for padding) and
+    tile_block [n_tiles] (the global block id, (b*H + h)*nb + j, of each tile).
+    """
+    B, H, T, n = idx.shape
+    flat = idx.reshape(-1)
+    pair = (flat >= 0).nonzero().squeeze(1)
+    block = (pair // (T * n)) * nb + flat[pair]
+    block, order = torch.sort(block, stable=True)
+    query = pair[order] // n
+    counts = torch.bincount(block, minlength=n_blocks)
+    # tiles of about the mean number of pairs per used block keep the padding small
+    M = int(min(128, max(16, query.numel() // max(1, int((counts > 0).sum())))))
+    tiles_per = (counts + M - 1) // M
+    tile_start = torch.cumsum(tiles_per, 0) - tiles_per
+    rank = (
+        torch.arange(query.numel(), device=idx.device) - (torch.cumsum(counts, 0) - counts)[block]
+    )
+    pos = (tile_start[block] + rank // M) * M + rank % M
+    tile_block = torch.repeat_interleave(torch.arange(n_blocks, device=idx.device), tiles_per)
+    slot_query = torch.full((tile_block.numel() * M,), dummy, dtype=torch.long, device=idx.device)
+    slot_query[pos] = query
+    return slot_query.view(-1, M), tile_block
