@@ -59,6 +59,12 @@ def mla_blocked(
 
 def _grouped(q, k, v, gate, idx, plan: Plan) -> torch.Tensor:
     """q [B, H, G, T, D], k/v [B, H, T, D], gate [B, H, G, T, 3], idx [B, H, T, n] or None."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _grouped_fp32(q, k, v, gate, idx, plan)
+
+
+def _grouped_fp32(q, k, v, gate, idx, plan: Plan) -> torch.Tensor:
+    # float32 maths whatever the caller's autocast says: the index_add buffers must agree
     dtype = q.dtype
     q, k, v, gate = q.float(), k.float(), v.float(), gate.float()
     scale = q.shape[-1] ** -0.5

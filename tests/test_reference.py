@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from automla.kernels import (
     AttentionConfig,
     block_scores,

@@ -44,6 +44,9 @@ class ModelConfig:
     ffn_mult: float = 8 / 3
     """SwiGLU hidden width = ffn_mult * d_model, rounded up to a multiple of 32."""
     max_seq_len: int = 256
+    """Longest sequence; also fixes the MLA global stride (the plan's t_max)."""
+    rope_base: float = 10_000.0
+    """Rotary frequency base."""
     attention: Literal["mla", "dense"] = "mla"
     mla: AttentionConfig = field(default_factory=AttentionConfig)
     attn_backend: Backend = "auto"
@@ -83,8 +86,14 @@ class DataConfig:
     mqar_pairs: int = 8
     """MQAR: key-value pairs per sequence (the queries ask for all of them)."""
     mqar_vocab: int = 128
-    """MQAR: token ids used for keys and values."""
+    """MQAR: token ids used: 0 fills the gaps, keys come from the lower half of the rest and
+    values from the upper half."""
+    mqar_examples: int = 16_384
+    """MQAR: training sequences generated from `seed` (a fixed set, as in Zoology)."""
+    mqar_val_examples: int = 1_024
+    """MQAR: validation sequences, generated from a seed derived from `seed`."""
     seed: int = 0
+    """Seeds the MQAR sets and the fixed validation windows."""
 
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 1:
@@ -93,6 +102,16 @@ class DataConfig:
             raise ConfigError("path", f"source '{self.source}' needs a file path")
         if self.mqar_pairs < 1 or self.mqar_vocab < 4:
             raise ConfigError("mqar_pairs", "needs mqar_pairs >= 1 and mqar_vocab >= 4")
+        if self.mqar_pairs > (self.mqar_vocab - 1) // 2:
+            raise ConfigError(
+                "mqar_pairs",
+                f"{self.mqar_pairs} distinct keys need mqar_vocab >= {2 * self.mqar_pairs + 1}, "
+                f"got {self.mqar_vocab}",
+            )
+        if self.mqar_examples < 1 or self.mqar_val_examples < 1:
+            raise ConfigError("mqar_examples", "mqar_examples and mqar_val_examples must be >= 1")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise ConfigError("max_bytes", f"must be >= 1 or null, got {self.max_bytes}")
 
 
 @dataclass(kw_only=True)
@@ -117,6 +136,7 @@ class TrainConfig:
     throughput_warmup: int = 5
     """Steps left out of tokens_per_s (compilation, allocator warm-up)."""
     seed: int = 0
+    """Seeds the model's initialisation and the order of training batches."""
     device: str = "auto"
     """auto: cuda if available, else cpu."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

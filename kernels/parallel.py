@@ -1,0 +1,1305 @@
+"""Triton MLA: gated local + global + sparse causal attention, forward and backward (DESIGN §1).
+
+Layout as in the reference: q [B, T, HQ, D], k/v [B, T, HKV, D], gate [B, T, HQ, 3].
+
+Forward: block scores for the sparse selection (a kernel; the top-k is torch's), the local and
+global branches fused per query tile of one head, then the sparse branch per token and KV group
+(the group's [G, D] queries share each selected key block), which also applies its gate and
+finishes the output. Each branch keeps its log-sum-exp and, when gradients are wanted, its own
+output (the gate's gradient is <do, o_branch>).
+
+Backward: dq per query tile (local + global) and per token (sparse); dk/dv per key tile for the
+local branch, per compressed tile for the global one (its gradient spread back over the pooled
+keys), and per selected key block for the sparse one, which walks the queries that chose it
+(the selection inverted once, on the host, by a sort).
+
+Scores run in log2 units (exp2); a row with no key stores lse = +inf so that its probabilities
+in the backward are exactly zero.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import AttentionConfig, Plan
+
+LOG2E = 1.4426950408889634
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC: tl.constexpr):
+    # One online-softmax step; a row whose keys are all masked so far keeps m = -inf, l = 0.
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    b_mu = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+    b_p = tl.exp2(b_s - b_mu[:, None])
+    b_a = tl.exp2(b_m - b_mu)
+    b_l = b_l * b_a + tl.sum(b_p, 1)
+    b_acc = b_acc * b_a[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+    return b_mn, b_l, b_acc
+
+
+@triton.jit
+def _softmax_finish(b_m, b_l, b_acc):
+    b_o = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
+    b_lse = tl.where(b_l > 0, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("inf"))
+    return b_o, b_lse
+
+
+@triton.jit
+def _dot_kmean(b_q, b_k, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # q . mean(K)^T with the means in float32: their hi + lo halves in q's dtype keep ~16 bits,
+    # so the scores (and the selection) match the float32 reference.
+    if SPLIT:
+        b_hi = b_k.to(b_q.dtype)
+        b_lo = (b_k - b_hi.to(tl.float32)).to(b_q.dtype)
+        b_s = tl.dot(b_q, tl.trans(b_hi)) + tl.dot(b_q, tl.trans(b_lo))
+    else:
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    return b_s
+
+
+@triton.jit
+def _score_kernel(
+    q,
+    km,
+    active,
+    groups,
+    score,
+    T,
+    NB,
+    NA,
+    window,
+    scale2,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    BTOK: tl.constexpr,
+    BN: tl.constexpr,
+    HAS_LOCAL: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # Rows are (token, head) pairs of one KV group: BTOK tokens x GP (padded) heads.
+    i_t, i_bg = tl.program_id(0), tl.program_id(1)
+    i_b = i_bg // NA
+    i_hk = tl.load(groups + i_bg % NA)
+    # 64-bit offsets only in the scalar bases: 64-bit index tiles cost registers
+    q += (i_b * T * HQ).to(tl.int64) * D
+    km += (i_b * NB * HKV + i_hk).to(tl.int64) * D
+    score += (i_b * T * HKV + i_hk).to(tl.int64) * NB
+    o_r = tl.arange(0, BTOK * GP)
+    o_tok = i_t * BTOK + o_r // GP
+    o_g = o_r % GP
+    o_h = i_hk * G + o_g
+    o_d = tl.arange(0, D)
+    m_r = (o_tok < T) & (o_g < G)
+    m_r = m_r & (tl.load(active + o_h, mask=m_r, other=0) != 0)
+    # [BTOK * GP, D]
+    b_q = tl.load(q + ((o_tok * HQ + o_h) * D)[:, None] + o_d[None, :], mask=m_r[:, None], other=0.0)
+    n_vis = (o_tok + 1) // BS
+    hi = tl.minimum(((i_t + 1) * BTOK) // BS, NB)
+
+    b_m = tl.full([BTOK * GP], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BTOK * GP], dtype=tl.float32)
+    for i_n in range(0, hi, BN):
+        o_n = i_n + tl.arange(0, BN)
+        # [BN, D]
+        b_k = tl.load(km + (o_n * (HKV * D))[:, None] + o_d[None, :], mask=(o_n < NB)[:, None], other=0.0)
+        # [BTOK * GP, BN]
+        b_s = _dot_kmean(b_q, b_k, SPLIT, PREC) * scale2
+        b_s = tl.where(o_n[None, :] < n_vis[:, None], b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_mu = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+        b_l = b_l * tl.exp2(b_m - b_mu) + tl.sum(tl.exp2(b_s - b_mu[:, None]), 1)
+        b_m = b_mn
+    # padded and pruned heads get lse = +inf: they add nothing to the group's score
+    b_lse = tl.where(m_r & (b_l > 0), b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("inf"))
+
+    o_tk = i_t * BTOK + tl.arange(0, BTOK)
+    n_vis_t = (o_tk + 1) // BS
+    p_out = score + (o_tk * (HKV * NB))[:, None]
+    for i_n in range(0, hi, BN):
+        o_n = i_n + tl.arange(0, BN)
+        b_k = tl.load(km + (o_n * (HKV * D))[:, None] + o_d[None, :], mask=(o_n < NB)[:, None], other=0.0)
+        b_s = _dot_kmean(b_q, b_k, SPLIT, PREC) * scale2
+        b_s = tl.where(o_n[None, :] < n_vis[:, None], b_s, float("-inf"))
+        # [BTOK, BN]: probabilities summed over the group's heads
+        b_p = tl.sum(tl.reshape(tl.exp2(b_s - b_lse[:, None]), (BTOK, GP, BN)), 1)
+        m_c = o_n[None, :] < n_vis_t[:, None]
+        if HAS_LOCAL:
+            m_c = m_c & (o_n[None, :] * BS < (o_tk - window + 1)[:, None])
+        b_p = tl.where(m_c, b_p, float("-inf"))
+        m_o = (o_tk < T)[:, None] & (o_n < NB)[None, :]
+        tl.store(p_out + o_n[None, :], b_p, mask=m_o)
+    for i_n in range(tl.cdiv(hi, BN) * BN, NB, BN):
+        o_n = i_n + tl.arange(0, BN)
+        m_o = (o_tk < T)[:, None] & (o_n < NB)[None, :]
+        tl.store(p_out + o_n[None, :], tl.full([BTOK, BN], float("-inf"), tl.float32), mask=m_o)
+
+
+@triton.jit
+def _window_fwd_kernel(
+    q,
+    k,
+    v,
+    kc,
+    vc,
+    gate,
+    heads,
+    o,
+    o_l,
+    o_g,
+    lse_l,
+    lse_g,
+    T,
+    NC,
+    A,
+    window,
+    stride,
+    scale2,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BC: tl.constexpr,
+    HAS_LOCAL: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr,
+    STORE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # One query tile of one head: the local window, then the compressed prefix.
+    i_t, i_ba = tl.program_id(0), tl.program_id(1)
+    i_b = i_ba // A
+    i_h = tl.load(heads + i_ba % A)
+    i_hk = i_h // G
+    o_qh = (i_b * T * HQ + i_h).to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    m_t = o_t < T
+    o_x = (o_t * (HQ * D))[:, None] + o_d[None, :]
+    # [BT, D]
+    b_q = tl.load(q + o_qh * D + o_x, mask=m_t[:, None], other=0.0)
+
+    if HAS_LOCAL:
+        k += (i_b * T * HKV + i_hk).to(tl.int64) * D
+        v += (i_b * T * HKV + i_hk).to(tl.int64) * D
+        b_m = tl.full([BT], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BT], dtype=tl.float32)
+        b_acc = tl.zeros([BT, D], dtype=tl.float32)
+        lo = tl.maximum(i_t * BT - window + 1, 0) // BK * BK
+        hi = tl.minimum((i_t + 1) * BT, T)
+        for i_s in range(lo, hi, BK):
+            o_s = i_s + tl.arange(0, BK)
+            o_kv = (o_s * (HKV * D))[:, None] + o_d[None, :]
+            # [BK, D]
+            b_k = tl.load(k + o_kv, mask=(o_s < T)[:, None], other=0.0)
+            b_v = tl.load(v + o_kv, mask=(o_s < T)[:, None], other=0.0)
+            # [BT, BK]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+            m_s = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - window)
+            b_s = tl.where(m_s, b_s, float("-inf"))
+            b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
+        b_ob, b_lse = _softmax_finish(b_m, b_l, b_acc)
+        tl.store(lse_l + o_qh + o_t * HQ, b_lse, mask=m_t)
+        if STORE:
+            tl.store(o_l + o_qh * D + o_x, b_ob.to(o_l.dtype.element_ty), mask=m_t[:, None])
+        b_g = tl.load(gate + o_qh * 3 + o_t * (HQ * 3), mask=m_t, other=0.0).to(tl.float32)
+        # held in q's dtype while the global branch runs, to save registers
+        b_o = (b_g[:, None] * b_ob).to(b_q.dtype)
+
+    if HAS_GLOBAL:
+        kc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
+        vc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
+        b_m = tl.full([BT], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BT], dtype=tl.float32)
+        b_acc = tl.zeros([BT, D], dtype=tl.float32)
+        n_vis = (o_t + 1) // stride
+        hi = tl.minimum(((i_t + 1) * BT) // stride, NC)
+        for i_c in range(0, hi, BC):
+            o_c = i_c + tl.arange(0, BC)
+            o_kv = (o_c * (HKV * D))[:, None] + o_d[None, :]
+            # [BC, D]
+            b_k = tl.load(kc + o_kv, mask=(o_c < NC)[:, None], other=0.0)
+            b_v = tl.load(vc + o_kv, mask=(o_c < NC)[:, None], other=0.0)
+            # [BT, BC]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+            b_s = tl.where(o_c[None, :] < n_vis[:, None], b_s, float("-inf"))
+            b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
+        b_ob, b_lse = _softmax_finish(b_m, b_l, b_acc)
+        tl.store(lse_g + o_qh + o_t * HQ, b_lse, mask=m_t)
+        if STORE:
+            tl.store(o_g + o_qh * D + o_x, b_ob.to(o_g.dtype.element_ty), mask=m_t[:, None])
+        b_g = tl.load(gate + o_qh * 3 + o_t * (HQ * 3) + 1, mask=m_t, other=0.0).to(tl.float32)
+        if HAS_LOCAL:
+            b_o = b_o.to(tl.float32) + b_g[:, None] * b_ob
+        else:
+            b_o = b_g[:, None] * b_ob
+
+    tl.store(o + o_qh * D + o_x, b_o.to(o.dtype.element_ty), mask=m_t[:, None])
+
+
+@triton.jit
+def _sparse_fwd_kernel(
+    q,
+    k,
+    v,
+    gate,
+    idx,
+    active,
+    groups,
+    o,
+    o_s,
+    lse_s,
+    T,
+    NA,
+    scale2,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    NSEL: tl.constexpr,
+    BS: tl.constexpr,
+    BSP: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    STORE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # One token and one KV group: the group's GP (padded) query heads share each key block.
+    i_t, i_bg = tl.program_id(0), tl.program_id(1)
+    i_b = i_bg // NA
+    i_hk = tl.load(groups + i_bg % NA)
+    o_tq = (i_b * T + i_t).to(tl.int64) * HQ
+    k += (i_b * T * HKV + i_hk).to(tl.int64) * D
+    v += (i_b * T * HKV + i_hk).to(tl.int64) * D
+    idx += ((i_b * T + i_t) * HKV + i_hk).to(tl.int64) * NSEL
+    o_g = tl.arange(0, GP)
+    o_h = i_hk * G + o_g
+    o_d = tl.arange(0, D)
+    o_k = tl.arange(0, BSP)
+    m_g = o_g < G
+    m_g = m_g & (tl.load(active + o_h, mask=m_g, other=0) != 0)
+    o_x = (o_h * D)[:, None] + o_d[None, :]
+    # [GP, D]
+    b_q = tl.load(q + o_tq * D + o_x, mask=m_g[:, None], other=0.0)
+
+    b_m = tl.full([GP], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([GP], dtype=tl.float32)
+    b_acc = tl.zeros([GP, D], dtype=tl.float32)
+    for i in range(NSEL):
+        i_n = tl.load(idx + i)
+        # broadcast before comparing: the interpreter mis-types a scalar mask in `&`
+        m_k = (o_k < BS) & (i_n + tl.zeros_like(o_k) >= 0)
+        o_kv = ((i_n * BS + o_k) * (HKV * D))[:, None] + o_d[None, :]
+        # [BSP, D]
+        b_k = tl.load(k + o_kv, mask=m_k[:, None], other=0.0)
+        b_v = tl.load(v + o_kv, mask=m_k[:, None], other=0.0)
+        # [GP, BSP]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
+    b_ob, b_lse = _softmax_finish(b_m, b_l, b_acc)
+    tl.store(lse_s + o_tq + o_h, b_lse, mask=m_g)
+    if STORE:
+        tl.store(o_s + o_tq * D + o_x, b_ob.to(o_s.dtype.element_ty), mask=m_g[:, None])
+    b_g = tl.load(gate + (o_tq + o_h) * 3 + 2, mask=m_g, other=0.0).to(tl.float32)
+    b_o = b_g[:, None] * b_ob
+    if ACCUMULATE:
+        b_o += tl.load(o + o_tq * D + o_x, mask=m_g[:, None], other=0.0).to(tl.float32)
+    tl.store(o + o_tq * D + o_x, b_o.to(o.dtype.element_ty), mask=m_g[:, None])
+
+
+@triton.jit
+def _prep_bwd_kernel(
+    do,
+    o_l,
+    o_g,
+    o_s,
+    gate,
+    heads,
+    dgate,
+    delta_l,
+    delta_g,
+    delta_s,
+    T,
+    A,
+    HQ: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    HAS_LOCAL: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr,
+    HAS_SPARSE: tl.constexpr,
+):
+    # dgate_b = <do, o_b>; the branch's softmax delta is g_b * dgate_b (its dO is g_b * do).
+    i_t, i_ba = tl.program_id(0), tl.program_id(1)
+    i_b = i_ba // A
+    i_h = tl.load(heads + i_ba % A)
+    o_qh = (i_b * T * HQ + i_h).to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    m_t = o_t < T
+    o_x = o_qh * D + (o_t * (HQ * D))[:, None] + o_d[None, :]
+    o_r = o_qh + o_t * HQ
+    # [BT, D]
+    b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0).to(tl.float32)
+    if HAS_LOCAL:
+        b_dg = tl.sum(b_do * tl.load(o_l + o_x, mask=m_t[:, None], other=0.0).to(tl.float32), 1)
+        b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
+        tl.store(dgate + o_r * 3, b_dg, mask=m_t)
+        tl.store(delta_l + o_r, b_g * b_dg, mask=m_t)
+    if HAS_GLOBAL:
+        b_dg = tl.sum(b_do * tl.load(o_g + o_x, mask=m_t[:, None], other=0.0).to(tl.float32), 1)
+        b_g = tl.load(gate + o_r * 3 + 1, mask=m_t, other=0.0).to(tl.float32)
+        tl.store(dgate + o_r * 3 + 1, b_dg, mask=m_t)
+        tl.store(delta_g + o_r, b_g * b_dg, mask=m_t)
+    if HAS_SPARSE:
+        b_dg = tl.sum(b_do * tl.load(o_s + o_x, mask=m_t[:, None], other=0.0).to(tl.float32), 1)
+        b_g = tl.load(gate + o_r * 3 + 2, mask=m_t, other=0.0).to(tl.float32)
+        tl.store(dgate + o_r * 3 + 2, b_dg, mask=m_t)
+        tl.store(delta_s + o_r, b_g * b_dg, mask=m_t)
+
+
+@triton.jit
+def _window_bwd_dq_kernel(
+    q,
+    k,
+    v,
+    kc,
+    vc,
+    gate,
+    heads,
+    do,
+    lse_l,
+    lse_g,
+    delta_l,
+    delta_g,
+    dq,
+    T,
+    NC,
+    A,
+    window,
+    stride,
+    scale2,
+    scale,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BC: tl.constexpr,
+    HAS_LOCAL: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    i_t, i_ba = tl.program_id(0), tl.program_id(1)
+    i_b = i_ba // A
+    i_h = tl.load(heads + i_ba % A)
+    i_hk = i_h // G
+    o_qh = (i_b * T * HQ + i_h).to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    m_t = o_t < T
+    o_x = (o_t * (HQ * D))[:, None] + o_d[None, :]
+    o_r = o_qh + o_t * HQ
+    # [BT, D]
+    b_q = tl.load(q + o_qh * D + o_x, mask=m_t[:, None], other=0.0)
+    b_do = tl.load(do + o_qh * D + o_x, mask=m_t[:, None], other=0.0)
+    b_dq = tl.zeros([BT, D], dtype=tl.float32)
+
+    if HAS_LOCAL:
+        k += (i_b * T * HKV + i_hk).to(tl.int64) * D
+        v += (i_b * T * HKV + i_hk).to(tl.int64) * D
+        b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
+        b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+        b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
+        b_delta = tl.load(delta_l + o_r, mask=m_t, other=0.0)
+        lo = tl.maximum(i_t * BT - window + 1, 0) // BK * BK
+        hi = tl.minimum((i_t + 1) * BT, T)
+        for i_s in range(lo, hi, BK):
+            o_s = i_s + tl.arange(0, BK)
+            o_kv = (o_s * (HKV * D))[:, None] + o_d[None, :]
+            # [BK, D]
+            b_k = tl.load(k + o_kv, mask=(o_s < T)[:, None], other=0.0)
+            b_v = tl.load(v + o_kv, mask=(o_s < T)[:, None], other=0.0)
+            # [BT, BK]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+            m_s = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - window)
+            b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
+            b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+
+    if HAS_GLOBAL:
+        kc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
+        vc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
+        b_g = tl.load(gate + o_r * 3 + 1, mask=m_t, other=0.0).to(tl.float32)
+        b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+        b_lse = tl.load(lse_g + o_r, mask=m_t, other=float("inf"))
+        b_delta = tl.load(delta_g + o_r, mask=m_t, other=0.0)
+        n_vis = (o_t + 1) // stride
+        hi = tl.minimum(((i_t + 1) * BT) // stride, NC)
+        for i_c in range(0, hi, BC):
+            o_c = i_c + tl.arange(0, BC)
+            o_kv = (o_c * (HKV * D))[:, None] + o_d[None, :]
+            # [BC, D]
+            b_k = tl.load(kc + o_kv, mask=(o_c < NC)[:, None], other=0.0)
+            b_v = tl.load(vc + o_kv, mask=(o_c < NC)[:, None], other=0.0)
+            # [BT, BC]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+            b_p = tl.where(o_c[None, :] < n_vis[:, None], tl.exp2(b_s - b_lse[:, None]), 0.0)
+            b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+
+    tl.store(dq + o_qh * D + o_x, (b_dq * scale).to(dq.dtype.element_ty), mask=m_t[:, None])
+
+
+@triton.jit
+def _local_bwd_dkv_kernel(
+    q,
+    k,
+    v,
+    gate,
+    active,
+    groups,
+    do,
+    lse_l,
+    delta_l,
+    dk,
+    dv,
+    T,
+    NA,
+    window,
+    scale2,
+    scale,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # One key tile of one KV head; the queries that see it are the next `window` tokens of
+    # each active head of the group. dk/dv are float32 buffers that every branch adds to.
+    i_s, i_bg = tl.program_id(0), tl.program_id(1)
+    i_b = i_bg // NA
+    i_hk = tl.load(groups + i_bg % NA)
+    o_kh = (i_b * T * HKV + i_hk).to(tl.int64) * D
+    o_s = i_s * BK + tl.arange(0, BK)
+    o_d = tl.arange(0, D)
+    m_s = o_s < T
+    o_kv = o_kh + (o_s * (HKV * D))[:, None] + o_d[None, :]
+    # [BK, D]
+    b_k = tl.load(k + o_kv, mask=m_s[:, None], other=0.0)
+    b_v = tl.load(v + o_kv, mask=m_s[:, None], other=0.0)
+    b_dk = tl.zeros([BK, D], dtype=tl.float32)
+    b_dv = tl.zeros([BK, D], dtype=tl.float32)
+    lo = (i_s * BK) // BT * BT
+    hi = tl.minimum(i_s * BK + BK - 1 + window, T)
+    for i_g in range(G):
+        i_h = i_hk * G + i_g
+        if tl.load(active + i_h) != 0:
+            o_qh = (i_b * T * HQ + i_h).to(tl.int64)
+            for i_t in range(lo, hi, BT):
+                o_t = i_t + tl.arange(0, BT)
+                m_t = o_t < T
+                o_x = o_qh * D + (o_t * (HQ * D))[:, None] + o_d[None, :]
+                o_r = o_qh + o_t * HQ
+                # [BT, D]
+                b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
+                b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
+                b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
+                b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+                b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
+                b_delta = tl.load(delta_l + o_r, mask=m_t, other=0.0)
+                # [BK, BT]
+                b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
+                m_st = (
+                    (o_t[None, :] >= o_s[:, None])
+                    & (o_t[None, :] < o_s[:, None] + window)
+                    & m_t[None, :]
+                )
+                b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
+                b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
+                b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
+                b_dst = b_pt * (b_dpt - b_delta[None, :])
+                b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    tl.store(dk + o_kv, tl.load(dk + o_kv, mask=m_s[:, None], other=0.0) + b_dk * scale, mask=m_s[:, None])
+    tl.store(dv + o_kv, tl.load(dv + o_kv, mask=m_s[:, None], other=0.0) + b_dv, mask=m_s[:, None])
+
+
+@triton.jit
+def _global_bwd_dkv_kernel(
+    q,
+    kc,
+    vc,
+    gate,
+    active,
+    groups,
+    do,
+    lse_g,
+    delta_g,
+    dkc,
+    dvc,
+    T,
+    NC,
+    NA,
+    stride,
+    chunk,
+    scale2,
+    scale,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # One tile of compressed keys of one KV head, over one chunk of the queries after it;
+    # each chunk writes its own partial gradient [NSPLIT, B, NC, HKV, D] (summed on the host).
+    i_c, i_bg, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    B = tl.num_programs(1) // NA
+    i_b = i_bg // NA
+    i_hk = tl.load(groups + i_bg % NA)
+    o_kh = (i_b * NC * HKV + i_hk).to(tl.int64) * D
+    o_c = i_c * BC + tl.arange(0, BC)
+    o_d = tl.arange(0, D)
+    m_c = o_c < NC
+    o_kv = (o_c * (HKV * D))[:, None] + o_d[None, :]
+    # [BC, D]
+    b_k = tl.load(kc + o_kh + o_kv, mask=m_c[:, None], other=0.0)
+    b_v = tl.load(vc + o_kh + o_kv, mask=m_c[:, None], other=0.0)
+    b_dk = tl.zeros([BC, D], dtype=tl.float32)
+    b_dv = tl.zeros([BC, D], dtype=tl.float32)
+    lo = ((i_c * BC + 1) * stride - 1) // BT * BT + i_p * chunk
+    hi = tl.minimum(lo + chunk, T)
+    for i_g in range(G):
+        i_h = i_hk * G + i_g
+        if tl.load(active + i_h) != 0:
+            o_qh = (i_b * T * HQ + i_h).to(tl.int64)
+            for i_t in range(lo, hi, BT):
+                o_t = i_t + tl.arange(0, BT)
+                m_t = o_t < T
+                o_x = o_qh * D + (o_t * (HQ * D))[:, None] + o_d[None, :]
+                o_r = o_qh + o_t * HQ
+                # [BT, D]
+                b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
+                b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
+                b_g = tl.load(gate + o_r * 3 + 1, mask=m_t, other=0.0).to(tl.float32)
+                b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+                b_lse = tl.load(lse_g + o_r, mask=m_t, other=float("inf"))
+                b_delta = tl.load(delta_g + o_r, mask=m_t, other=0.0)
+                # [BC, BT]
+                b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
+                m_st = (o_c[:, None] < ((o_t + 1) // stride)[None, :]) & m_t[None, :]
+                b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
+                b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
+                b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
+                b_dst = b_pt * (b_dpt - b_delta[None, :])
+                b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    o_out = (i_p * B * NC * HKV).to(tl.int64) * D + o_kh
+    tl.store(dkc + o_out + o_kv, b_dk * scale, mask=m_c[:, None])
+    tl.store(dvc + o_out + o_kv, b_dv, mask=m_c[:, None])
+
+
+@triton.jit
+def _sparse_bwd_dq_kernel(
+    q,
+    k,
+    v,
+    gate,
+    idx,
+    active,
+    groups,
+    do,
+    lse_s,
+    delta_s,
+    dq,
+    T,
+    NA,
+    scale2,
+    scale,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    NSEL: tl.constexpr,
+    BS: tl.constexpr,
+    BSP: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    i_t, i_bg = tl.program_id(0), tl.program_id(1)
+    i_b = i_bg // NA
+    i_hk = tl.load(groups + i_bg % NA)
+    o_tq = (i_b * T + i_t).to(tl.int64) * HQ
+    k += (i_b * T * HKV + i_hk).to(tl.int64) * D
+    v += (i_b * T * HKV + i_hk).to(tl.int64) * D
+    idx += ((i_b * T + i_t) * HKV + i_hk).to(tl.int64) * NSEL
+    o_g = tl.arange(0, GP)
+    o_h = i_hk * G + o_g
+    o_d = tl.arange(0, D)
+    o_k = tl.arange(0, BSP)
+    m_g = o_g < G
+    m_g = m_g & (tl.load(active + o_h, mask=m_g, other=0) != 0)
+    o_x = o_tq * D + (o_h * D)[:, None] + o_d[None, :]
+    # [GP, D]
+    b_q = tl.load(q + o_x, mask=m_g[:, None], other=0.0)
+    b_do = tl.load(do + o_x, mask=m_g[:, None], other=0.0)
+    b_g = tl.load(gate + (o_tq + o_h) * 3 + 2, mask=m_g, other=0.0).to(tl.float32)
+    b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+    b_lse = tl.load(lse_s + o_tq + o_h, mask=m_g, other=float("inf"))
+    b_delta = tl.load(delta_s + o_tq + o_h, mask=m_g, other=0.0)
+    b_dq = tl.zeros([GP, D], dtype=tl.float32)
+    for i in range(NSEL):
+        i_n = tl.load(idx + i)
+        m_k = (o_k < BS) & (i_n + tl.zeros_like(o_k) >= 0)
+        o_kv = ((i_n * BS + o_k) * (HKV * D))[:, None] + o_d[None, :]
+        # [BSP, D]
+        b_k = tl.load(k + o_kv, mask=m_k[:, None], other=0.0)
+        b_v = tl.load(v + o_kv, mask=m_k[:, None], other=0.0)
+        # [GP, BSP]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+        b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
+        b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    b_dq = b_dq * scale
+    if ACCUMULATE:
+        b_dq += tl.load(dq + o_x, mask=m_g[:, None], other=0.0).to(tl.float32)
+    tl.store(dq + o_x, b_dq.to(dq.dtype.element_ty), mask=m_g[:, None])
+
+
+@triton.jit
+def _sparse_bwd_dkv_kernel(
+    q,
+    k,
+    v,
+    gate,
+    active,
+    groups,
+    offsets,
+    tokens,
+    do,
+    lse_s,
+    delta_s,
+    dk,
+    dv,
+    T,
+    NB,
+    NA,
+    scale2,
+    scale,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    BSP: tl.constexpr,
+    BQ: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # One key block of one KV head, over the tokens that selected it (tokens[offsets[seg]:
+    # offsets[seg + 1]]), BQ tokens x GP heads of the group at a time.
+    i_n, i_bg = tl.program_id(0), tl.program_id(1)
+    i_b = i_bg // NA
+    i_hk = tl.load(groups + i_bg % NA)
+    seg = (i_b * HKV + i_hk) * NB + i_n
+    p_lo = tl.load(offsets + seg)
+    p_hi = tl.load(offsets + seg + 1)
+    o_bq = (i_b * T * HQ).to(tl.int64)
+    o_k = tl.arange(0, BSP)
+    o_d = tl.arange(0, D)
+    m_k = o_k < BS
+    o_kv = (i_b * T * HKV + i_hk).to(tl.int64) * D + ((i_n * BS + o_k) * (HKV * D))[:, None] + o_d[None, :]
+    # [BSP, D]
+    b_k = tl.load(k + o_kv, mask=m_k[:, None], other=0.0)
+    b_v = tl.load(v + o_kv, mask=m_k[:, None], other=0.0)
+    b_dk = tl.zeros([BSP, D], dtype=tl.float32)
+    b_dv = tl.zeros([BSP, D], dtype=tl.float32)
+    o_r = tl.arange(0, BQ * GP)
+    o_q = o_r // GP
+    o_g = o_r % GP
+    o_h = i_hk * G + o_g
+    m_h = o_g < G
+    m_h = m_h & (tl.load(active + o_h, mask=m_h, other=0) != 0)
+    for i_p in range(p_lo, p_hi, BQ):
+        m_r = m_h & (i_p + o_q < p_hi)
+        b_tok = tl.load(tokens + i_p + o_q, mask=m_r, other=0)
+        o_row = b_tok * HQ + o_h
+        o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
+        # [BQ * GP, D]
+        b_q = tl.load(q + o_x, mask=m_r[:, None], other=0.0)
+        b_do = tl.load(do + o_x, mask=m_r[:, None], other=0.0)
+        b_g = tl.load(gate + (o_bq + o_row) * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
+        b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+        b_lse = tl.load(lse_s + o_bq + o_row, mask=m_r, other=float("inf"))
+        b_delta = tl.load(delta_s + o_bq + o_row, mask=m_r, other=0.0)
+        # [BSP, BQ * GP]
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
+        b_pt = tl.where(m_k[:, None] & m_r[None, :], tl.exp2(b_st - b_lse[None, :]), 0.0)
+        b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
+        b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    tl.store(dk + o_kv, tl.load(dk + o_kv, mask=m_k[:, None], other=0.0) + b_dk * scale, mask=m_k[:, None])
+    tl.store(dv + o_kv, tl.load(dv + o_kv, mask=m_k[:, None], other=0.0) + b_dv, mask=m_k[:, None])
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _tiles() -> dict:
+    """Tile sizes: small ones under the interpreter so that the loops run more than once."""
+    if _interpret():
+        return {"BT": 32, "BK": 16, "BC": 16, "BN": 16, "num_warps": 4, "num_stages": 1}
+    return {"BT": 64, "BK": 64, "BC": 64, "BN": 64, "num_warps": 4, "num_stages": 2}
+
+
+class _Layout:
+    """Sizes, effective branches and active heads of one call."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, plan: Plan, head_mask: torch.Tensor | None):
+        self.B, self.T, self.HQ, self.D = q.shape
+        self.HKV = k.shape[2]
+        self.G = self.HQ // self.HKV
+        self.plan = plan
+        self.scale = self.D**-0.5
+        self.scale2 = self.scale * LOG2E
+        self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        self.NC = self.T // plan.stride if plan.has_global else 0
+        self.NB = self.T // plan.block_size
+        self.has_local = plan.has_local
+        self.has_global = self.NC > 0
+        self.has_sparse = plan.has_sparse and self.NB > 0
+        dev = q.device
+        if head_mask is None:
+            mask = torch.ones(self.HQ, dtype=torch.bool, device=dev)
+        else:
+            mask = head_mask.to(dev)
+        self.partial = head_mask is not None
+        self.active = mask.to(torch.int32)
+        self.heads = mask.nonzero().flatten().to(torch.int32)
+        self.groups = mask.view(self.HKV, self.G).any(1).nonzero().flatten().to(torch.int32)
+        self.A = self.heads.numel()
+        self.NA = self.groups.numel()
+        self.any = self.A > 0 and (self.has_local or self.has_global or self.has_sparse)
+
+
+def _select(q: torch.Tensor, k: torch.Tensor, lay: _Layout, t: dict) -> torch.Tensor:
+    """Block indices [B, T, HKV, n_select] int32, as `selection.select_blocks` (-1: no block)."""
+    B, T, HKV, D, NB = lay.B, lay.T, lay.HKV, lay.D, lay.NB
+    bs, nsel = lay.plan.block_size, lay.plan.n_select
+    # [B, NB, HKV, D], the same float32 means as the reference
+    km = k[:, : NB * bs].float().reshape(B, NB, bs, HKV, D).mean(2).contiguous()
+    score = torch.empty(B, T, HKV, NB, dtype=torch.float32, device=q.device)
+    GP = triton.next_power_of_2(lay.G)
+    BTOK = max(1, 64 // GP)
+    _score_kernel[(triton.cdiv(T, BTOK), B * lay.NA)](
+        q=q,
+        km=km,
+        active=lay.active,
+        groups=lay.groups,
+        score=score,
+        T=T,
+        NB=NB,
+        NA=lay.NA,
+        window=lay.plan.window,
+        scale2=lay.scale2,
+        HQ=lay.HQ,
+        HKV=HKV,
+        G=lay.G,
+        GP=GP,
+        D=D,
+        BS=bs,
+        BTOK=BTOK,
+        BN=t["BN"],
+        HAS_LOCAL=lay.has_local,
+        SPLIT=q.dtype != torch.float32,
+        PREC=lay.prec,
+        num_warps=t["num_warps"],
+        num_stages=t["num_stages"],
+    )
+    n = min(nsel, NB)
+    top, idx = score.topk(n, dim=-1, sorted=False)
+    idx = idx.masked_fill(top == float("-inf"), -1).to(torch.int32)
+    if n < nsel:
+        idx = torch.nn.functional.pad(idx, (0, nsel - n), value=-1)
+    if lay.NA < HKV:
+        # fully pruned groups were not scored; they select nothing
+        idx[:, :, lay.active.view(HKV, lay.G).sum(1) == 0] = -1
+    return idx.contiguous()
+
+
+def _invert(idx: torch.Tensor, NB: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR of the selection: for segment (b, hkv, block), the tokens that chose the block."""
+    B, T, HKV, n = idx.shape
+    dev = idx.device
+    nseg = B * HKV * NB
+    seg = (
+        torch.arange(B, device=dev).view(B, 1, 1, 1) * HKV
+        + torch.arange(HKV, device=dev).view(1, 1, HKV, 1)
+    ) * NB + idx.long()
+    # empty slots sort past the last segment; the key keeps tokens in order inside a segment
+    seg = torch.where(idx >= 0, seg, nseg)
+    key = seg * T + torch.arange(T, device=dev).view(1, T, 1, 1)
+    key = key.flatten().sort().values
+    tokens = (key % T).to(torch.int32)
+    bounds = torch.arange(nseg + 1, device=dev) * T
+    offsets = torch.searchsorted(key, bounds).to(torch.int32)
+    return offsets, tokens
+
+
+def mla_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor,
+    lay: _Layout,
+    store: bool,
+) -> tuple[torch.Tensor, dict]:
+    """Forward launches; returns o and what the backward needs."""
+    B, T, HQ, D = lay.B, lay.T, lay.HQ, lay.D
+    t = _tiles()
+    dev = q.device
+    if lay.partial or not lay.any:
+        o = torch.zeros_like(q)
+    else:
+        o = torch.empty(B, T, HQ, D, dtype=q.dtype, device=dev)
+    saved: dict = {}
+    if not lay.any:
+        return o, saved
+
+    def branch_buffers() -> tuple[torch.Tensor, torch.Tensor]:
+        lse = torch.empty(B, T, HQ, dtype=torch.float32, device=dev)
+        ob = torch.empty(B, T, HQ, D, dtype=q.dtype, device=dev) if store else lse
+        return ob, lse
+
+    o_l, lse_l = branch_buffers() if lay.has_local else (o, o)
+    o_g, lse_g = branch_buffers() if lay.has_global else (o, o)
+    o_s, lse_s = branch_buffers() if lay.has_sparse else (o, o)
+    kc = vc = k
+    if lay.has_global:
+        st = lay.plan.stride
+        kc = k[:, : lay.NC * st].float().reshape(B, lay.NC, st, lay.HKV, D).mean(2).to(q.dtype)
+        vc = v[:, : lay.NC * st].float().reshape(B, lay.NC, st, lay.HKV, D).mean(2).to(q.dtype)
+    if lay.has_local or lay.has_global:
+        _window_fwd_kernel[(triton.cdiv(T, t["BT"]), B * lay.A)](
+            q=q,
+            k=k,
+            v=v,
+            kc=kc,
+            vc=vc,
+            gate=gate,
+            heads=lay.heads,
+            o=o,
+            o_l=o_l,
+            o_g=o_g,
+            lse_l=lse_l,
+            lse_g=lse_g,
+            T=T,
+            NC=lay.NC,
+            A=lay.A,
+            window=lay.plan.window,
+            stride=max(lay.plan.stride, 1),
+            scale2=lay.scale2,
+            HQ=HQ,
+            HKV=lay.HKV,
+            G=lay.G,
+            D=D,
+            BT=t["BT"],
+            BK=t["BK"],
+            BC=t["BC"],
+            HAS_LOCAL=lay.has_local,
+            HAS_GLOBAL=lay.has_global,
+            STORE=store,
+            PREC=lay.prec,
+            num_warps=t["num_warps"],
+            num_stages=t["num_stages"],
+        )
+    idx = None
+    if lay.has_sparse:
+        idx = _select(q, k, lay, t)
+        bs = lay.plan.block_size
+        _sparse_fwd_kernel[(T, B * lay.NA)](
+            q=q,
+            k=k,
+            v=v,
+            gate=gate,
+            idx=idx,
+            active=lay.active,
+            groups=lay.groups,
+            o=o,
+            o_s=o_s,
+            lse_s=lse_s,
+            T=T,
+            NA=lay.NA,
+            scale2=lay.scale2,
+            HQ=HQ,
+            HKV=lay.HKV,
+            G=lay.G,
+            GP=max(16, triton.next_power_of_2(lay.G)),
+            D=D,
+            NSEL=lay.plan.n_select,
+            BS=bs,
+            BSP=max(16, bs),
+            ACCUMULATE=lay.has_local or lay.has_global,
+            STORE=store,
+            PREC=lay.prec,
+            num_warps=t["num_warps"],
+            num_stages=t["num_stages"],
+        )
+    saved = {
+        "o_l": o_l,
+        "o_g": o_g,
+        "o_s": o_s,
+        "lse_l": lse_l,
+        "lse_g": lse_g,
+        "lse_s": lse_s,
+        "kc": kc,
+        "vc": vc,
+        "idx": idx if idx is not None else lse_l,
+    }
+    return o, saved
+
+
+def mla_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor,
+    lay: _Layout,
+    saved: dict,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward launches: dq, dk, dv and dgate (all zero on pruned heads)."""
+    B, T, HQ, HKV, D = lay.B, lay.T, lay.HQ, lay.HKV, lay.D
+    t = _tiles()
+    dev = q.device
+    do = do.contiguous()
+    dgate = torch.zeros(B, T, HQ, 3, dtype=torch.float32, device=dev)
+    dk = torch.zeros(B, T, HKV, D, dtype=torch.float32, device=dev)
+    dv = torch.zeros(B, T, HKV, D, dtype=torch.float32, device=dev)
+    if lay.partial or not lay.any:
+        dq = torch.zeros_like(q)
+    else:
+        dq = torch.empty(B, T, HQ, D, dtype=q.dtype, device=dev)
+    if not lay.any:
+        return dq, dk.to(k.dtype), dv.to(v.dtype), dgate.to(gate.dtype)
+
+    def delta_buffer(present: bool) -> torch.Tensor:
+        return torch.empty(B, T, HQ, dtype=torch.float32, device=dev) if present else dgate
+
+    delta_l = delta_buffer(lay.has_local)
+    delta_g = delta_buffer(lay.has_global)
+    delta_s = delta_buffer(lay.has_sparse)
+    common = {"num_warps": t["num_warps"], "num_stages": t["num_stages"]}
+    _prep_bwd_kernel[(triton.cdiv(T, t["BT"]), B * lay.A)](
+        do=do,
+        o_l=saved["o_l"],
+        o_g=saved["o_g"],
+        o_s=saved["o_s"],
+        gate=gate,
+        heads=lay.heads,
+        dgate=dgate,
+        delta_l=delta_l,
+        delta_g=delta_g,
+        delta_s=delta_s,
+        T=T,
+        A=lay.A,
+        HQ=HQ,
+        D=D,
+        BT=t["BT"],
+        HAS_LOCAL=lay.has_local,
+        HAS_GLOBAL=lay.has_global,
+        HAS_SPARSE=lay.has_sparse,
+        **common,
+    )
+    stride = max(lay.plan.stride, 1)
+    if lay.has_local or lay.has_global:
+        _window_bwd_dq_kernel[(triton.cdiv(T, t["BT"]), B * lay.A)](
+            q=q,
+            k=k,
+            v=v,
+            kc=saved["kc"],
+            vc=saved["vc"],
+            gate=gate,
+            heads=lay.heads,
+            do=do,
+            lse_l=saved["lse_l"],
+            lse_g=saved["lse_g"],
+            delta_l=delta_l,
+            delta_g=delta_g,
+            dq=dq,
+            T=T,
+            NC=lay.NC,
+            A=lay.A,
+            window=lay.plan.window,
+            stride=stride,
+            scale2=lay.scale2,
+            scale=lay.scale,
+            HQ=HQ,
+            HKV=HKV,
+            G=lay.G,
+            D=D,
+            BT=t["BT"],
+            BK=t["BK"],
+            BC=t["BC"],
+            HAS_LOCAL=lay.has_local,
+            HAS_GLOBAL=lay.has_global,
+            PREC=lay.prec,
+            **common,
+        )
+    if lay.has_local:
+        _local_bwd_dkv_kernel[(triton.cdiv(T, t["BK"]), B * lay.NA)](
+            q=q,
+            k=k,
+            v=v,
+            gate=gate,
+            active=lay.active,
+            groups=lay.groups,
+            do=do,
+            lse_l=saved["lse_l"],
+            delta_l=delta_l,
+            dk=dk,
+            dv=dv,
+            T=T,
+            NA=lay.NA,
+            window=lay.plan.window,
+            scale2=lay.scale2,
+            scale=lay.scale,
+            HQ=HQ,
+            HKV=HKV,
+            G=lay.G,
+            D=D,
+            BT=t["BT"],
+            BK=t["BK"],
+            PREC=lay.prec,
+            **common,
+        )
+    if lay.has_global:
+        NC = lay.NC
+        n_tiles = triton.cdiv(NC, t["BC"])
+        # split the queries so that the launch fills the GPU
+        nsplit = max(1, min(triton.cdiv(T, t["BT"]), triton.cdiv(512, n_tiles * B * lay.NA)))
+        chunk = triton.cdiv(triton.cdiv(T, nsplit), t["BT"]) * t["BT"]
+        alloc = torch.zeros if lay.NA < HKV else torch.empty
+        dkc = alloc(nsplit, B, NC, HKV, D, dtype=torch.float32, device=dev)
+        dvc = alloc(nsplit, B, NC, HKV, D, dtype=torch.float32, device=dev)
+        _global_bwd_dkv_kernel[(n_tiles, B * lay.NA, nsplit)](
+            q=q,
+            kc=saved["kc"],
+            vc=saved["vc"],
+            gate=gate,
+            active=lay.active,
+            groups=lay.groups,
+            do=do,
+            lse_g=saved["lse_g"],
+            delta_g=delta_g,
+            dkc=dkc,
+            dvc=dvc,
+            T=T,
+            NC=NC,
+            NA=lay.NA,
+            stride=stride,
+            chunk=chunk,
+            scale2=lay.scale2,
+            scale=lay.scale,
+            HQ=HQ,
+            HKV=HKV,
+            G=lay.G,
+            D=D,
+            BT=t["BT"],
+            BC=t["BC"],
+            PREC=lay.prec,
+            **common,
+        )
+        # each pooled key receives 1/stride of its compressed token's gradient
+        dk[:, : NC * stride].view(B, NC, stride, HKV, D).add_(dkc.sum(0).unsqueeze(2) / stride)
+        dv[:, : NC * stride].view(B, NC, stride, HKV, D).add_(dvc.sum(0).unsqueeze(2) / stride)
+    if lay.has_sparse:
+        bs = lay.plan.block_size
+        idx = saved["idx"]
+        _sparse_bwd_dq_kernel[(T, B * lay.NA)](
+            q=q,
+            k=k,
+            v=v,
+            gate=gate,
+            idx=idx,
+            active=lay.active,
+            groups=lay.groups,
+            do=do,
+            lse_s=saved["lse_s"],
+            delta_s=delta_s,
+            dq=dq,
+            T=T,
+            NA=lay.NA,
+            scale2=lay.scale2,
+            scale=lay.scale,
+            HQ=HQ,
+            HKV=HKV,
+            G=lay.G,
+            GP=max(16, triton.next_power_of_2(lay.G)),
+            D=D,
+            NSEL=lay.plan.n_select,
+            BS=bs,
+            BSP=max(16, bs),
+            ACCUMULATE=lay.has_local or lay.has_global,
+            PREC=lay.prec,
+            **common,
+        )
+        offsets, tokens = _invert(idx, lay.NB)
+        GP = triton.next_power_of_2(lay.G)
+        _sparse_bwd_dkv_kernel[(lay.NB, B * lay.NA)](
+            q=q,
+            k=k,
+            v=v,
+            gate=gate,
+            active=lay.active,
+            groups=lay.groups,
+            offsets=offsets,
+            tokens=tokens,
+            do=do,
+            lse_s=saved["lse_s"],
+            delta_s=delta_s,
+            dk=dk,
+            dv=dv,
+            T=T,
+            NB=lay.NB,
+            NA=lay.NA,
+            scale2=lay.scale2,
+            scale=lay.scale,
+            HQ=HQ,
+            HKV=HKV,
+            G=lay.G,
+            GP=GP,
+            D=D,
+            BS=bs,
+            BSP=max(16, bs),
+            BQ=max(1, 64 // GP),
+            PREC=lay.prec,
+            **common,
+        )
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dgate.to(gate.dtype)
+
+
+class MLATritonFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, gate, plan, head_mask):
+        q, k, v, gate = (x.contiguous() for x in (q, k, v, gate))
+        lay = _Layout(q, k, plan, head_mask)
+        store = any(ctx.needs_input_grad[:4])
+        o, saved = mla_fwd(q, k, v, gate, lay, store)
+        names = sorted(saved)
+        ctx.save_for_backward(q, k, v, gate, *(saved[n] for n in names))
+        ctx.names = names
+        ctx.lay = lay
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, gate, *rest = ctx.saved_tensors
+        saved = dict(zip(ctx.names, rest))
+        dq, dk, dv, dgate = mla_bwd(do, q, k, v, gate, ctx.lay, saved)
+        return dq, dk, dv, dgate, None, None
+
+
+def mla_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor,
+    config: AttentionConfig,
+    *,
+    t_max: int | None = None,
+    head_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Multi-Level Attention on Triton kernels; the contract of `mla_reference`.
+
+    Args:
+        q: [B, T, HQ, D] queries, bfloat16 / float16 (float32 too, for the interpreter).
+        k, v: [B, T, HKV, D] in q's dtype; HKV divides HQ.
+        gate: [B, T, HQ, 3] branch weights (local, global, sparse), any float dtype.
+        config: the layer's budget, ratios and block size.
+        t_max: the longest sequence the layer is built for (fixes the global stride).
+        head_mask: [HQ] bool, the active query heads; pruned heads are not computed.
+
+    Returns:
+        [B, T, HQ, D] in q's dtype; differentiable in q, k, v and gate.
+
+    Raises:
+        ValueError: inputs the kernels cannot take (device, dtype, shape, head dim).
+    """
+    _check(q, k, v, gate, config, t_max, head_mask)
+    T = q.shape[1]
+    plan = config.plan(t_max or T)
+    if head_mask is not None and bool(head_mask.all()):
+        head_mask = None
+    return MLATritonFunction.apply(q, k, v, gate.to(q.dtype), plan, head_mask)
+
+
+def _check(q, k, v, gate, config, t_max, head_mask) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v), ("gate", gate)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+        if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpret()):
+            raise ValueError(
+                f"the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
+                f"{name} is on {x.device}"
+            )
+    if not (q.device == k.device == v.device == gate.device):
+        raise ValueError(
+            f"q, k, v, gate must share a device; got {q.device}, {k.device}, {v.device}, "
+            f"{gate.device}"
+        )
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"q, k, v must all be bfloat16, float16 or float32; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if not gate.is_floating_point():
+        raise ValueError(f"gate must be floating point, got {gate.dtype}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be [B, T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    B, T, HQ, D = q.shape
+    if k.shape != v.shape or k.shape[:2] != (B, T) or k.shape[3] != D:
+        raise ValueError(
+            f"k and v must be [B={B}, T={T}, HKV, D={D}]; got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if HQ % k.shape[2]:
+        raise ValueError(f"KV heads ({k.shape[2]}) must divide query heads ({HQ})")
+    if HQ // k.shape[2] > 64:
+        raise ValueError(f"the kernels take at most 64 query heads per KV head, got {HQ // k.shape[2]}")
+    if D not in (16, 32, 64, 128):
+        raise ValueError(f"the kernels take head dims 16, 32, 64 or 128, got {D}")
+    if gate.shape != (B, T, HQ, 3):
+        raise ValueError(f"gate must be [B, T, HQ, 3] = {(B, T, HQ, 3)}, got {tuple(gate.shape)}")
+    if config.ratios[2] > 0 and config.block_size > 128:
+        raise ValueError(f"the sparse kernels take block_size <= 128, got {config.block_size}")
+    if t_max is not None and t_max < T:
+        raise ValueError(f"t_max ({t_max}) must be >= the sequence length T ({T})")
+    if head_mask is not None and (
+        head_mask.shape != (HQ,) or head_mask.dtype != torch.bool or head_mask.device != q.device
+    ):
+        raise ValueError(
+            f"head_mask must be a bool tensor of shape ({HQ},) on {q.device}, got "
+            f"{head_mask.dtype} {tuple(head_mask.shape)} on {head_mask.device}"
+        )

@@ -1,0 +1,275 @@
+"""Offline training data: byte-level stdlib source, a user's text or token file, and MQAR.
+
+`load_data(cfg, seq_len)` returns a (train, validation) pair of sources. A source gives
+batches `(x, y)` of int64 [B, seq_len] with `sample(batch_size, generator)` (random, for
+training) and `fixed_batches(n, batch_size)` (the same batches on every call, for evaluation).
+Targets of -100 are ignored by the loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sysconfig
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+
+IGNORE = -100
+# Offsets the validation seeds from the training seed, so the two never share a stream.
+_VAL_SEED_OFFSET = 1_000_003
+
+
+class WindowSource:
+    """Random windows of seq_len + 1 tokens from one flat token array; y is x shifted by one."""
+
+    def __init__(self, tokens: torch.Tensor | np.ndarray, seq_len: int, *, seed: int, name: str):
+        n = len(tokens)
+        if n < seq_len + 1:
+            raise ValueError(
+                f"{name} has {n} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                "use a longer file, a shorter seq_len or a smaller val_fraction"
+            )
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.seed = seed
+        self.name = name
+        self._offsets = torch.arange(seq_len + 1)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def sample(
+        self, batch_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        start = torch.randint(
+            0, len(self.tokens) - self.seq_len, (batch_size,), generator=generator
+        )
+        return self._windows(start)
+
+    def fixed_batches(
+        self, n_batches: int, batch_size: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed)
+        return [self.sample(batch_size, g) for _ in range(n_batches)]
+
+    def _windows(self, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = start[:, None] + self._offsets  # (B, T + 1)
+        if isinstance(self.tokens, np.ndarray):
+            chunk = torch.from_numpy(self.tokens[idx.numpy()].astype(np.int64))
+        else:
+            chunk = self.tokens[idx].long()
+        return chunk[:, :-1], chunk[:, 1:]
+
+
+class MQARSource:
+    """A fixed set of multi-query associative recall sequences (Zoology's MQAR).
+
+    Each row of seq_len + 1 tokens opens with `pairs` key-value pairs (distinct keys), then
+    asks for every key once, in random order, at random places of the remaining filler (token
+    0), each query key followed by its value. Targets are -100 except at the query keys,
+    whose target is the value that follows them.
+    """
+
+    def __init__(self, cfg: DataConfig, seq_len: int, n_examples: int, seed: int):
+        pairs, vocab = cfg.mqar_pairs, cfg.mqar_vocab
+        slots = (seq_len + 1 - 2 * pairs) // 2
+        if slots < pairs:
+            raise ValueError(
+                f"MQAR with {pairs} pairs needs seq_len >= {4 * pairs - 1}, got {seq_len}"
+            )
+        n_keys = (vocab - 1) // 2
+        g = torch.Generator().manual_seed(seed)
+        n = n_examples
+        keys = torch.rand(n, n_keys, generator=g).argsort(1)[:, :pairs] + 1  # distinct keys
+        values = torch.randint(1 + n_keys, vocab, (n, pairs), generator=g)
+        order = torch.rand(n, pairs, generator=g).argsort(1)  # the order keys are asked in
+        # query j sits in two-token slot qslot[:, j] after the pairs, slots in increasing order
+        qslot = torch.rand(n, slots, generator=g).argsort(1)[:, :pairs].sort(1).values
+        qpos = 2 * pairs + 2 * qslot  # (n, pairs) position of each query key
+
+        seq = torch.zeros(n, seq_len + 1, dtype=torch.long)
+        seq[:, 0 : 2 * pairs : 2] = keys
+        seq[:, 1 : 2 * pairs : 2] = values
+        seq.scatter_(1, qpos, keys.gather(1, order))
+        seq.scatter_(1, qpos + 1, values.gather(1, order))
+        self.x = seq[:, :-1].contiguous()
+        y = torch.full((n, seq_len), IGNORE, dtype=torch.long)
+        y.scatter_(1, qpos, values.gather(1, order))
+        self.y = y
+        self.seq_len = seq_len
+        self.vocab_size = vocab
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def sample(
+        self, batch_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.randint(0, len(self.x), (batch_size,), generator=generator)
+        return self.x[rows], self.y[rows]
+
+    def fixed_batches(
+        self, n_batches: int, batch_size: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # rows in order, wrapping around when the set is smaller than what is asked
+        rows = torch.arange(n_batches * batch_size) % len(self.x)
+        return [(self.x[r], self.y[r]) for r in rows.split(batch_size)]
+
+
+Source = WindowSource | MQARSource
+
+
+def load_data(
+    cfg: DataConfig, seq_len: int, *, vocab_size: int | None = None
+) -> tuple[Source, Source]:
+    """The (train, validation) sources of `cfg` for sequences of seq_len tokens.
+
+    vocab_size, when given, is checked against the token ids the data uses.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    val_seed = cfg.seed + _VAL_SEED_OFFSET
+    if cfg.source == "mqar":
+        _check_vocab(cfg.mqar_vocab - 1, vocab_size, "mqar_vocab")
+        train = MQARSource(cfg, seq_len, cfg.mqar_examples, cfg.seed)
+        val = MQARSource(cfg, seq_len, cfg.mqar_val_examples, val_seed)
+        return train, val
+
+    if cfg.source == "stdlib":
+        where = "the stdlib corpus"
+        _check_vocab(255, vocab_size, f"{where} (bytes)")
+        train_tok, val_tok = stdlib_bytes(cfg.val_fraction, cfg.max_bytes)
+    elif cfg.source == "text":
+        where = f"text file {cfg.path}"
+        _check_vocab(255, vocab_size, f"{where} (bytes)")
+        train_tok, val_tok = _split_tail(_read_text(cfg.path), cfg.val_fraction)
+    elif cfg.source == "tokens":
+        where = f"tokens file {cfg.path}"
+        tokens = _read_tokens(cfg.path)
+        _check_vocab(_max_token(tokens), vocab_size, where)
+        train_tok, val_tok = _split_tail(tokens, cfg.val_fraction)
+    else:
+        raise ValueError(f"data.source must be stdlib|text|tokens|mqar, got {cfg.source!r}")
+    train = WindowSource(train_tok, seq_len, seed=cfg.seed, name=f"training split of {where}")
+    val = WindowSource(val_tok, seq_len, seed=val_seed, name=f"validation split of {where}")
+    return train, val
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(root: Path | None = None) -> list[str]:
+    """The standard library's .py files, as sorted POSIX paths relative to its root."""
+    root = root or stdlib_root()
+    if not root.is_dir():
+        raise ValueError(f"the Python standard library was not found at {root}")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # installed packages live under the stdlib root on some systems: they are not stdlib
+        dirnames[:] = [d for d in dirnames if d not in ("site-packages", "dist-packages")]
+        rel = Path(dirpath).relative_to(root)
+        found += [(rel / f).as_posix() for f in filenames if f.endswith(".py")]
+    return sorted(found)
+
+
+def is_validation(rel_path: str, val_fraction: float) -> bool:
+    """Stable split: the CRC-32 of the relative path, the same on every machine."""
+    return zlib.crc32(rel_path.encode()) < val_fraction * 2**32
+
+
+@functools.lru_cache(maxsize=4)
+def stdlib_bytes(
+    val_fraction: float, max_bytes: int | None, root: Path | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) uint8 tensors of the stdlib's .py files, read in sorted order until
+    max_bytes are read, each file going to the split its path hash picks."""
+    root = root or stdlib_root()
+    files: list[tuple[str, bytes]] = []
+    total = 0
+    for rel in stdlib_files(root):
+        if max_bytes is not None and total >= max_bytes:
+            break
+        data = (root / rel).read_bytes()
+        if max_bytes is not None:
+            data = data[: max_bytes - total]
+        files.append((rel, data))
+        total += len(data)
+    if len(files) < 2:
+        raise ValueError(
+            f"the stdlib corpus at {root} gave {len(files)} file(s) within max_bytes={max_bytes}; "
+            "a train/validation split needs at least 2: raise max_bytes"
+        )
+    val_ids = {i for i, (rel, _) in enumerate(files) if is_validation(rel, val_fraction)}
+    # a small corpus can leave a side empty: then the file with the extreme hash moves over
+    by_hash = sorted(range(len(files)), key=lambda i: zlib.crc32(files[i][0].encode()))
+    if not val_ids:
+        val_ids = {by_hash[0]}
+    elif len(val_ids) == len(files):
+        val_ids.discard(by_hash[-1])
+    train = b"".join(d for i, (_, d) in enumerate(files) if i not in val_ids)
+    val = b"".join(d for i, (_, d) in enumerate(files) if i in val_ids)
+    return _as_tensor(train), _as_tensor(val)
+
+
+def _as_tensor(data: bytes) -> torch.Tensor:
+    if not data:
+        return torch.zeros(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _read_text(path: str | None) -> torch.Tensor:
+    p = _existing_file(path)
+    data = p.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"text file {p} is not UTF-8 ({e}); for a binary token file use source 'tokens'"
+        ) from None
+    if not data:
+        raise ValueError(f"text file {p} is empty")
+    return _as_tensor(data)
+
+
+def _read_tokens(path: str | None) -> np.ndarray:
+    p = _existing_file(path)
+    size = p.stat().st_size
+    if size == 0:
+        raise ValueError(f"tokens file {p} is empty")
+    if size % 2:
+        raise ValueError(f"tokens file {p} has {size} bytes, not a whole number of uint16 tokens")
+    return np.memmap(p, dtype=np.uint16, mode="r")
+
+
+def _existing_file(path: str | None) -> Path:
+    if not path:
+        raise ValueError("data.path is not set")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"data file {p} does not exist or is not a file")
+    return p
+
+
+def _max_token(tokens: np.ndarray) -> int:
+    chunk = 1 << 24  # bounded memory on multi-GB files
+    return max(int(tokens[i : i + chunk].max()) for i in range(0, len(tokens), chunk))
+
+
+def _split_tail(tokens, val_fraction: float):
+    """The last val_fraction of the tokens is the validation split."""
+    n_val = max(1, int(len(tokens) * val_fraction))
+    return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
+
+
+def _check_vocab(max_id: int, vocab_size: int | None, where: str) -> None:
+    if vocab_size is not None and max_id >= vocab_size:
+        raise ValueError(
+            f"{where} uses token id {max_id}, which does not fit model.vocab_size={vocab_size}; "
+            f"set model.vocab_size >= {max_id + 1}"
+        )

@@ -1,0 +1,468 @@
+"""Single-process training loop: AdamW, warm-up + cosine schedule, evaluation, checkpoints.
+
+The loop is split so that data parallelism can be added without rewriting it: `build_state`
+makes the model and optimizer (the place to wrap the model in DistributedDataParallel) and
+`train_step` runs one optimisation step on one batch. The trainer knows nothing of Ray Tune
+or Optuna: a search reads its metrics through the `report` callback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+
+from .config import TrainConfig, build, to_dict
+from .data import IGNORE, load_data
+from .model import LanguageModel, build_model
+
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILE = "checkpoint.pt"
+Report = Callable[[dict, Path | None], None]
+
+
+@dataclass
+class TrainState:
+    """What one optimisation step needs; `model` is the module the step calls (a DDP wrapper
+    later), `raw_model` the LanguageModel underneath (for checkpoints and metrics)."""
+
+    model: nn.Module
+    raw_model: LanguageModel
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    grad_clip: float
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def build_state(config: TrainConfig, device: torch.device) -> TrainState:
+    """Model (seeded by config.seed) and AdamW; decay only on the weight matrices."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model).to(device)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        # norms and biases are vectors; the (tied) embedding is excluded by identity
+        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
+    autocast_dtype = None
+    if device.type == "cuda" and config.dtype != "float32":
+        autocast_dtype = getattr(torch, config.dtype)
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+    return TrainState(model, model, optimizer, scaler, device, autocast_dtype, config.grad_clip)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate of the step-th update (1-based): linear warm-up, then cosine decay."""
+    warmup = min(config.warmup_steps, config.steps)
+    if step <= warmup:
+        return config.lr * step / warmup
+    progress = (step - warmup) / max(1, config.steps - warmup)
+    low = config.lr * config.min_lr_ratio
+    return low + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - low)
+
+
+def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+    """One update on batch (x, y); returns the detached loss (no device sync)."""
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    with state.autocast():
+        _, loss = state.model(x, y)
+    if state.scaler is not None:
+        state.scaler.scale(loss).backward()
+        state.scaler.unscale_(state.optimizer)
+    else:
+        loss.backward()
+    if state.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(state.raw_model.parameters(), state.grad_clip)
+    if state.scaler is not None:
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(
+    state: TrainState, batches: list[tuple[torch.Tensor, torch.Tensor]], mqar: bool = False
+) -> dict[str, float]:
+    """Mean validation loss over `batches` (and MQAR recall accuracy at the query positions)."""
+    model = state.model
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=state.device)
+    correct = torch.zeros((), device=state.device)
+    asked = torch.zeros((), device=state.device)
+    for x, y in batches:
+        with state.autocast():
+            logits, loss = model(x, y)
+        loss_sum += loss.float()
+        if mqar:
+            mask = y != IGNORE
+            correct += (logits.argmax(-1)[mask] == y[mask]).sum()
+            asked += mask.sum()
+    model.train(was_training)
+    out = {"val_loss": (loss_sum / len(batches)).item()}
+    if mqar:
+        out["mqar_acc"] = (correct / asked.clamp_min(1)).item()
+    return out
+
+
+def train(
+    config: TrainConfig,
+    *,
+    out_dir: str | Path | None = None,
+    report: Report | None = None,
+    resume: str | Path | None = None,
+    progress: bool = False,
+) -> dict:
+    """Train `config.model` on `config.data`; return the metrics of the last evaluation.
+
+    out_dir (optional) receives config.yaml, metrics.jsonl (one line per evaluation) and
+    checkpoint/checkpoint.pt. report(metrics, checkpoint_dir) is called after every evaluation;
+    checkpoint_dir is the folder holding the checkpoint written at that evaluation, or None
+    when none was written. resume continues exactly from a checkpoint (its folder or file).
+    Raises FloatingPointError, naming the step, when the loss stops being finite.
+    """
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(config, out_dir, report, resume, progress)
+    finally:
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
+
+
+def _train(
+    config: TrainConfig,
+    out_dir: str | Path | None,
+    report: Report | None,
+    resume: str | Path | None,
+    progress: bool,
+) -> dict:
+    t_start = time.perf_counter()
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.cuda.reset_peak_memory_stats(device)
+
+    train_data, val_data = load_data(
+        config.data, config.seq_len, vocab_size=config.model.vocab_size
+    )
+    state = build_state(config, device)
+    generator = torch.Generator().manual_seed(config.seed)
+    start_step, prior_elapsed = 0, 0.0
+    if resume is not None:
+        start_step, prior_elapsed = _restore(Path(resume), state, generator, config)
+
+    run_dir = Path(out_dir) if out_dir is not None else None
+    ckpt_dir = run_dir / CHECKPOINT_DIR if run_dir is not None else None
+    metrics_file = None
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "config.yaml", "w") as f:
+            yaml.safe_dump(to_dict(config), f, sort_keys=False)
+        metrics_file = open(run_dir / "metrics.jsonl", "a" if resume is not None else "w")
+
+    is_mqar = config.data.source == "mqar"
+    val_batches = [
+        (x.to(device), y.to(device))
+        for x, y in val_data.fixed_batches(config.eval_batches, config.batch_size)
+    ]
+    tokens_per_step = config.batch_size * config.seq_len
+    model = state.raw_model
+    # losses are checked in groups, so that a GPU is not synchronised every step
+    losses = _LossLog(sync_every=1 if device.type == "cpu" else 16)
+    clock = _StepClock(device)
+    metrics: dict[str, Any] = {}
+
+    bar = _progress_bar(progress, config.steps, start_step)
+    try:
+        with bar or contextlib.nullcontext():
+            state.model.train()
+            clock.start()
+            for step in range(start_step + 1, config.steps + 1):
+                if step - start_step == config.throughput_warmup + 1:
+                    clock.steady()
+                x, y = train_data.sample(config.batch_size, generator)
+                loss = train_step(state, x.to(device), y.to(device), lr_at(step, config))
+                clock.tick()
+                is_eval = step % config.eval_every == 0 or step == config.steps
+                if losses.add(step, loss, flush=is_eval) and bar is not None:
+                    tps = clock.tokens_per_s(tokens_per_step)
+                    bar.update(_TASK, completed=step, loss=f"{losses.last:.4f}", tps=f"{tps:,.0f}")
+                is_checkpoint = ckpt_dir is not None and _checkpoint_due(step, config)
+                if not (is_eval or is_checkpoint):
+                    continue
+
+                clock.stop()  # evaluation and checkpoint writes are not training throughput
+                elapsed = prior_elapsed + time.perf_counter() - t_start
+                if is_eval:
+                    ev = evaluate(state, val_batches, mqar=is_mqar)
+                    if not math.isfinite(ev["val_loss"]):
+                        raise FloatingPointError(
+                            f"validation loss is {ev['val_loss']} at step {step}"
+                        )
+                    heads = model.active_heads_per_layer()
+                    mem, mem_kind = _peak_memory(device)
+                    metrics = {
+                        "step": step,
+                        "tokens": step * tokens_per_step,
+                        "train_loss": losses.mean(),
+                        "val_loss": ev["val_loss"],
+                        "val_ppl": math.exp(min(ev["val_loss"], 700.0)),
+                        "tokens_per_s": clock.tokens_per_s(tokens_per_step),
+                        "peak_mem_gb": mem,
+                        "peak_mem_kind": mem_kind,
+                        "attn_flops": model.attn_flops_per_token(config.seq_len),
+                        "active_heads": sum(heads),
+                        "active_heads_per_layer": heads,
+                        "elapsed_s": elapsed,
+                        "lr": lr_at(step, config),
+                        "params": model.num_params(),
+                        **({"mqar_acc": ev["mqar_acc"]} if is_mqar else {}),
+                    }
+                if is_checkpoint:
+                    save_checkpoint(ckpt_dir, state, generator, config, step, elapsed)
+                if is_eval:
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(metrics) + "\n")
+                        metrics_file.flush()
+                    if report is not None:
+                        report(dict(metrics), ckpt_dir if is_checkpoint else None)
+                    if bar is not None:
+                        bar.update(_TASK, val=f"{ev['val_loss']:.4f}")
+                clock.start()
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+    return metrics
+
+
+def save_checkpoint(
+    ckpt_dir: Path,
+    state: TrainState,
+    generator: torch.Generator,
+    config: TrainConfig,
+    step: int,
+    elapsed_s: float,
+) -> Path:
+    """Everything resume needs: weights, optimizer, RNG streams, step, config (atomic write)."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": state.raw_model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+        "step": step,
+        "elapsed_s": elapsed_s,
+        "data_rng": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if state.device.type == "cuda" else None,
+        "config": to_dict(config),
+    }
+    path = ckpt_dir / CHECKPOINT_FILE
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[LanguageModel, TrainConfig]:
+    """The model (on CPU, in eval mode) and the TrainConfig stored in a checkpoint."""
+    payload = _read_checkpoint(Path(path))
+    config = build(TrainConfig, payload["config"])
+    model = build_model(config.model)
+    model.load_state_dict(payload["model"])
+    return model.eval(), config
+
+
+def _restore(
+    path: Path, state: TrainState, generator: torch.Generator, config: TrainConfig
+) -> tuple[int, float]:
+    payload = _read_checkpoint(path)
+    if payload["config"]["model"] != to_dict(config.model):
+        raise ValueError(
+            f"checkpoint {path} holds a different model config than the one given; "
+            "resume needs the same model"
+        )
+    step = payload["step"]
+    if step >= config.steps:
+        raise ValueError(
+            f"checkpoint {path} is at step {step}: nothing left of steps={config.steps}"
+        )
+    state.raw_model.load_state_dict(payload["model"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    if state.scaler is not None and payload["scaler"] is not None:
+        state.scaler.load_state_dict(payload["scaler"])
+    generator.set_state(payload["data_rng"])
+    torch.set_rng_state(payload["torch_rng"])
+    if payload["cuda_rng"] is not None and state.device.type == "cuda":
+        torch.cuda.set_rng_state_all(payload["cuda_rng"])
+    return step, float(payload["elapsed_s"])
+
+
+def _read_checkpoint(path: Path) -> dict:
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ValueError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _checkpoint_due(step: int, config: TrainConfig) -> bool:
+    if config.checkpoint_every:
+        return step % config.checkpoint_every == 0 or step == config.steps
+    return step % config.eval_every == 0 or step == config.steps
+
+
+class _LossLog:
+    """Training losses since the last evaluation, read off the device in groups; a loss that
+    is not finite raises FloatingPointError naming its step."""
+
+    def __init__(self, sync_every: int):
+        self.sync_every = sync_every
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.total, self.count, self.last = 0.0, 0, float("nan")
+
+    def add(self, step: int, loss: torch.Tensor, flush: bool = False) -> bool:
+        """Queue one step's loss; returns True when the queue was read (and checked)."""
+        self.pending.append((step, loss))
+        if not flush and len(self.pending) < self.sync_every:
+            return False
+        values = torch.stack([loss for _, loss in self.pending]).tolist()
+        for (s, _), value in zip(self.pending, values):
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"training loss is {value} at step {s}: the run diverged "
+                    "(a lower lr, a longer warm-up or gradient clipping may help)"
+                )
+        self.pending.clear()
+        self.total += sum(values)
+        self.count += len(values)
+        self.last = values[-1]
+        return True
+
+    def mean(self) -> float:
+        """Mean loss since the previous call, which starts a new window."""
+        mean = self.total / max(1, self.count)
+        self.total, self.count = 0.0, 0
+        return mean
+
+
+class _StepClock:
+    """Training time in two buckets, warm-up steps and steady-state steps; the device is
+    synchronised only where a bucket opens or closes (around evaluations)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.time = [0.0, 0.0]
+        self.steps = [0, 0]
+        self.bucket = 0
+        self.t0: float | None = None
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.t0 = self._now()
+
+    def stop(self) -> None:
+        if self.t0 is not None:
+            self.time[self.bucket] += self._now() - self.t0
+            self.t0 = None
+
+    def steady(self) -> None:
+        self.stop()
+        self.bucket = 1
+        self.start()
+
+    def tick(self) -> None:
+        self.steps[self.bucket] += 1
+
+    def tokens_per_s(self, tokens_per_step: int) -> float:
+        """Steady-state throughput; all steps when no step is past the warm-up yet."""
+        b = 1 if self.steps[1] else 0
+        seconds = self.time[b]
+        if self.t0 is not None and self.bucket == b:
+            seconds += time.perf_counter() - self.t0  # an open interval: progress bar only
+        return self.steps[b] * tokens_per_step / seconds if seconds > 0 else 0.0
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    """(GiB, kind): the CUDA allocator's peak, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+    import resource  # POSIX only, and only needed on CPU
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_bytes = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+    return rss_bytes / 2**30, "cpu_peak_rss"
+
+
+def _progress_bar(enabled: bool, steps: int, start: int):
+    if not enabled:
+        return None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("val {task.fields[val]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    bar.add_task("train", total=steps, completed=start, loss="-", val="-", tps="-")
+    return bar
+
+
+_TASK = 0  # the progress bar's only task
