@@ -42,7 +42,7 @@ def mla_attention(
     """
     _check(q, k, v, gate, head_mask, t_max)
     if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_available() else "torch"
+        backend = "triton" if _triton_fits(q, config) else "torch"
     if backend == "reference":
         return mla_reference(q, k, v, gate, config, t_max=t_max, head_mask=head_mask)
     if backend == "torch":
@@ -64,7 +64,12 @@ def attention_flops(plan: Plan, T: int, head_dim: int, n_heads: int, backward: b
     return int(fwd * 3.5) if backward else fwd
 
 
-def _triton_available() -> bool:
+def _triton_fits(q: torch.Tensor, config: AttentionConfig) -> bool:
+    """Whether the Triton kernels take these inputs; "auto" falls back to torch otherwise."""
+    if not q.is_cuda or q.shape[-1] not in (16, 32, 64, 128):
+        return False
+    if config.plan(q.shape[1]).has_sparse and config.block_size > 128:
+        return False
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -2,16 +2,17 @@
 
 Layout as in the reference: q [B, T, HQ, D], k/v [B, T, HKV, D], gate [B, T, HQ, 3].
 
-Forward: block scores for the sparse selection (a kernel; the top-k is torch's), the local and
-global branches fused per query tile of one head, then the sparse branch per token and KV group
-(the group's [G, D] queries share each selected key block), which also applies its gate and
-finishes the output. Each branch keeps its log-sum-exp and, when gradients are wanted, its own
-output (the gate's gradient is <do, o_branch>).
+Forward: block scores and their top-k for the sparse selection, the local and global branches
+fused per query tile of one head, then the sparse branch per token and KV group (the group's
+[G, D] queries share each selected key block), which also applies its gate and finishes the
+output. Each branch keeps its log-sum-exp and, when gradients are wanted, its own output (the
+gate's gradient is <do, o_branch>); the selected block indices are kept too.
 
 Backward: dq per query tile (local + global) and per token (sparse); dk/dv per key tile for the
 local branch, per compressed tile for the global one (its gradient spread back over the pooled
-keys), and per selected key block for the sparse one, which walks the queries that chose it
-(the selection inverted once, on the host, by a sort).
+keys), and for the sparse one per chunk of the tokens that chose a key block (the selection
+inverted by one sort on the device), added atomically. The forward is deterministic; the
+sparse dk/dv sums are not bitwise (atomic order).
 
 Scores run in log2 units (exp2); a row with no key stores lse = +inf so that its probabilities
 in the backward are exactly zero.
@@ -103,7 +104,9 @@ def _score_kernel(
     m_r = (o_tok < T) & (o_g < G)
     m_r = m_r & (tl.load(active + o_h, mask=m_r, other=0) != 0)
     # [BTOK * GP, D]
-    b_q = tl.load(q + ((o_tok * HQ + o_h) * D)[:, None] + o_d[None, :], mask=m_r[:, None], other=0.0)
+    b_q = tl.load(
+        q + ((o_tok * HQ + o_h) * D)[:, None] + o_d[None, :], mask=m_r[:, None], other=0.0
+    )
     n_vis = (o_tok + 1) // BS
     hi = tl.minimum(((i_t + 1) * BTOK) // BS, NB)
 
@@ -112,7 +115,9 @@ def _score_kernel(
     for i_n in range(0, hi, BN):
         o_n = i_n + tl.arange(0, BN)
         # [BN, D]
-        b_k = tl.load(km + (o_n * (HKV * D))[:, None] + o_d[None, :], mask=(o_n < NB)[:, None], other=0.0)
+        b_k = tl.load(
+            km + (o_n * (HKV * D))[:, None] + o_d[None, :], mask=(o_n < NB)[:, None], other=0.0
+        )
         # [BTOK * GP, BN]
         b_s = _dot_kmean(b_q, b_k, SPLIT, PREC) * scale2
         b_s = tl.where(o_n[None, :] < n_vis[:, None], b_s, float("-inf"))
@@ -128,7 +133,9 @@ def _score_kernel(
     p_out = score + (o_tk * (HKV * NB))[:, None]
     for i_n in range(0, hi, BN):
         o_n = i_n + tl.arange(0, BN)
-        b_k = tl.load(km + (o_n * (HKV * D))[:, None] + o_d[None, :], mask=(o_n < NB)[:, None], other=0.0)
+        b_k = tl.load(
+            km + (o_n * (HKV * D))[:, None] + o_d[None, :], mask=(o_n < NB)[:, None], other=0.0
+        )
         b_s = _dot_kmean(b_q, b_k, SPLIT, PREC) * scale2
         b_s = tl.where(o_n[None, :] < n_vis[:, None], b_s, float("-inf"))
         # [BTOK, BN]: probabilities summed over the group's heads
@@ -143,6 +150,32 @@ def _score_kernel(
         o_n = i_n + tl.arange(0, BN)
         m_o = (o_tk < T)[:, None] & (o_n < NB)[None, :]
         tl.store(p_out + o_n[None, :], tl.full([BTOK, BN], float("-inf"), tl.float32), mask=m_o)
+
+
+@triton.jit
+def _topk_kernel(
+    score,
+    idx,
+    R,
+    NB,
+    NSEL: tl.constexpr,
+    NBP: tl.constexpr,
+    BR: tl.constexpr,
+):
+    # The NSEL best blocks of BR rows, best first; -1 once a row has no candidate left.
+    i_r = tl.program_id(0)
+    o_r = i_r * BR + tl.arange(0, BR)
+    o_n = tl.arange(0, NBP)
+    m_r = o_r < R
+    # [BR, NBP]
+    p_s = score + o_r[:, None].to(tl.int64) * NB + o_n[None, :]
+    b_s = tl.load(p_s, mask=m_r[:, None] & (o_n < NB)[None, :], other=float("-inf"))
+    for i in range(NSEL):
+        b_max = tl.max(b_s, 1)
+        b_arg = tl.min(tl.where(b_s == b_max[:, None], o_n[None, :], NBP), 1)
+        b_sel = tl.where(b_max == float("-inf"), -1, b_arg)
+        tl.store(idx + o_r.to(tl.int64) * NSEL + i, b_sel, mask=m_r)
+        b_s = tl.where(o_n[None, :] == b_arg[:, None], float("-inf"), b_s)
 
 
 @triton.jit
@@ -536,7 +569,11 @@ def _local_bwd_dkv_kernel(
                 b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
                 b_dst = b_pt * (b_dpt - b_delta[None, :])
                 b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
-    tl.store(dk + o_kv, tl.load(dk + o_kv, mask=m_s[:, None], other=0.0) + b_dk * scale, mask=m_s[:, None])
+    tl.store(
+        dk + o_kv,
+        tl.load(dk + o_kv, mask=m_s[:, None], other=0.0) + b_dk * scale,
+        mask=m_s[:, None],
+    )
     tl.store(dv + o_kv, tl.load(dv + o_kv, mask=m_s[:, None], other=0.0) + b_dv, mask=m_s[:, None])
 
 
@@ -691,8 +728,7 @@ def _sparse_bwd_dkv_kernel(
     v,
     gate,
     active,
-    groups,
-    offsets,
+    chunks,
     tokens,
     do,
     lse_s,
@@ -701,7 +737,6 @@ def _sparse_bwd_dkv_kernel(
     dv,
     T,
     NB,
-    NA,
     scale2,
     scale,
     HQ: tl.constexpr,
@@ -714,68 +749,91 @@ def _sparse_bwd_dkv_kernel(
     BQ: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # One key block of one KV head, over the tokens that selected it (tokens[offsets[seg]:
-    # offsets[seg + 1]]), BQ tokens x GP heads of the group at a time.
-    i_n, i_bg = tl.program_id(0), tl.program_id(1)
-    i_b = i_bg // NA
-    i_hk = tl.load(groups + i_bg % NA)
-    seg = (i_b * HKV + i_hk) * NB + i_n
-    p_lo = tl.load(offsets + seg)
-    p_hi = tl.load(offsets + seg + 1)
-    o_bq = (i_b * T * HQ).to(tl.int64)
-    o_k = tl.arange(0, BSP)
-    o_d = tl.arange(0, D)
-    m_k = o_k < BS
-    o_kv = (i_b * T * HKV + i_hk).to(tl.int64) * D + ((i_n * BS + o_k) * (HKV * D))[:, None] + o_d[None, :]
-    # [BSP, D]
-    b_k = tl.load(k + o_kv, mask=m_k[:, None], other=0.0)
-    b_v = tl.load(v + o_kv, mask=m_k[:, None], other=0.0)
-    b_dk = tl.zeros([BSP, D], dtype=tl.float32)
-    b_dv = tl.zeros([BSP, D], dtype=tl.float32)
-    o_r = tl.arange(0, BQ * GP)
-    o_q = o_r // GP
-    o_g = o_r % GP
-    o_h = i_hk * G + o_g
-    m_h = o_g < G
-    m_h = m_h & (tl.load(active + o_h, mask=m_h, other=0) != 0)
-    for i_p in range(p_lo, p_hi, BQ):
-        m_r = m_h & (i_p + o_q < p_hi)
-        b_tok = tl.load(tokens + i_p + o_q, mask=m_r, other=0)
-        o_row = b_tok * HQ + o_h
-        o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
-        # [BQ * GP, D]
-        b_q = tl.load(q + o_x, mask=m_r[:, None], other=0.0)
-        b_do = tl.load(do + o_x, mask=m_r[:, None], other=0.0)
-        b_g = tl.load(gate + (o_bq + o_row) * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
-        b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
-        b_lse = tl.load(lse_s + o_bq + o_row, mask=m_r, other=float("inf"))
-        b_delta = tl.load(delta_s + o_bq + o_row, mask=m_r, other=0.0)
-        # [BSP, BQ * GP]
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
-        b_pt = tl.where(m_k[:, None] & m_r[None, :], tl.exp2(b_st - b_lse[None, :]), 0.0)
-        b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
-        b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
-    tl.store(dk + o_kv, tl.load(dk + o_kv, mask=m_k[:, None], other=0.0) + b_dk * scale, mask=m_k[:, None])
-    tl.store(dv + o_kv, tl.load(dv + o_kv, mask=m_k[:, None], other=0.0) + b_dv, mask=m_k[:, None])
+    # One chunk of the tokens that selected one key block of one KV head: chunks[pid] =
+    # (segment, first, end) with segment = (b * HKV + hkv) * NB + block and tokens[first:end].
+    # Early blocks are chosen by many more tokens than late ones; fixed-size chunks keep the
+    # programs even, and each adds its partial dk/dv atomically.
+    i_c = tl.program_id(0)
+    seg = tl.load(chunks + i_c * 3)
+    p_lo = tl.load(chunks + i_c * 3 + 1)
+    p_hi = tl.load(chunks + i_c * 3 + 2)
+    if p_hi > p_lo:
+        i_n = seg % NB
+        i_hk = (seg // NB) % HKV
+        i_b = seg // (NB * HKV)
+        o_bq = (i_b * T * HQ).to(tl.int64)
+        o_k = tl.arange(0, BSP)
+        o_d = tl.arange(0, D)
+        m_k = o_k < BS
+        o_kv = (i_b * T * HKV + i_hk).to(tl.int64) * D
+        o_kv = o_kv + ((i_n * BS + o_k) * (HKV * D))[:, None] + o_d[None, :]
+        # [BSP, D]
+        b_k = tl.load(k + o_kv, mask=m_k[:, None], other=0.0)
+        b_v = tl.load(v + o_kv, mask=m_k[:, None], other=0.0)
+        b_dk = tl.zeros([BSP, D], dtype=tl.float32)
+        b_dv = tl.zeros([BSP, D], dtype=tl.float32)
+        o_r = tl.arange(0, BQ * GP)
+        o_q = o_r // GP
+        o_g = o_r % GP
+        o_h = i_hk * G + o_g
+        m_h = o_g < G
+        m_h = m_h & (tl.load(active + o_h, mask=m_h, other=0) != 0)
+        for i_p in range(p_lo, p_hi, BQ):
+            m_r = m_h & (i_p + o_q < p_hi)
+            b_tok = tl.load(tokens + i_p + o_q, mask=m_r, other=0)
+            o_row = b_tok * HQ + o_h
+            o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
+            # [BQ * GP, D]
+            b_q = tl.load(q + o_x, mask=m_r[:, None], other=0.0)
+            b_do = tl.load(do + o_x, mask=m_r[:, None], other=0.0)
+            b_g = tl.load(gate + (o_bq + o_row) * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
+            b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+            b_lse = tl.load(lse_s + o_bq + o_row, mask=m_r, other=float("inf"))
+            b_delta = tl.load(delta_s + o_bq + o_row, mask=m_r, other=0.0)
+            # [BSP, BQ * GP]
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
+            b_pt = tl.where(m_k[:, None] & m_r[None, :], tl.exp2(b_st - b_lse[None, :]), 0.0)
+            b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
+            b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+        tl.atomic_add(dk + o_kv, b_dk * scale, mask=m_k[:, None])
+        tl.atomic_add(dv + o_kv, b_dv, mask=m_k[:, None])
 
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _tiles() -> dict:
-    """Tile sizes: small ones under the interpreter so that the loops run more than once."""
+# Tiles per kernel for the H200 (head dim 128, bf16): candidates that compile with little
+# spill on Triton 3.6, timed at 32k by `bench/attention.py --sweep` (see bench/NOTES.md).
+_GPU_TILES = {
+    "score": {"BN": 32, "num_warps": 4},
+    "window_fwd": {"BT": 64, "BK": 64, "BC": 64, "num_warps": 4, "num_stages": 3},
+    "sparse_fwd": {"num_warps": 2},
+    "prep": {"BT": 32, "num_warps": 8},
+    "window_dq": {"BT": 64, "BK": 64, "BC": 64, "num_warps": 4},
+    "local_dkv": {"BT": 64, "BK": 64, "num_warps": 4},
+    "global_dkv": {"BT": 64, "BC": 64, "num_warps": 4},
+    "sparse_dq": {"num_warps": 2},
+    "sparse_dkv": {"ROWS": 64, "CH": 256, "num_warps": 4},
+}
+# Small tiles under the interpreter, so that every loop runs more than once in the tests.
+_CPU_TILES = {"BT": 32, "BK": 16, "BC": 16, "BN": 16, "ROWS": 32, "CH": 8, "num_warps": 4}
+
+
+def _tiles(kernel: str) -> dict:
     if _interpret():
-        return {"BT": 32, "BK": 16, "BC": 16, "BN": 16, "num_warps": 4, "num_stages": 1}
-    return {"BT": 64, "BK": 64, "BC": 64, "BN": 64, "num_warps": 4, "num_stages": 2}
+        return dict(_CPU_TILES, num_stages=1)
+    return {"num_stages": 2, **_GPU_TILES[kernel]}
 
 
 class _Layout:
     """Sizes, effective branches and active heads of one call."""
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, plan: Plan, head_mask: torch.Tensor | None):
+    def __init__(
+        self, q: torch.Tensor, k: torch.Tensor, plan: Plan, head_mask: torch.Tensor | None
+    ):
         self.B, self.T, self.HQ, self.D = q.shape
         self.HKV = k.shape[2]
         self.G = self.HQ // self.HKV
@@ -783,16 +841,14 @@ class _Layout:
         self.scale = self.D**-0.5
         self.scale2 = self.scale * LOG2E
         self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        # a branch with nothing to read (no complete block yet) is dropped: its output is 0
         self.NC = self.T // plan.stride if plan.has_global else 0
         self.NB = self.T // plan.block_size
         self.has_local = plan.has_local
         self.has_global = self.NC > 0
         self.has_sparse = plan.has_sparse and self.NB > 0
         dev = q.device
-        if head_mask is None:
-            mask = torch.ones(self.HQ, dtype=torch.bool, device=dev)
-        else:
-            mask = head_mask.to(dev)
+        mask = torch.ones(self.HQ, dtype=torch.bool, device=dev) if head_mask is None else head_mask
         self.partial = head_mask is not None
         self.active = mask.to(torch.int32)
         self.heads = mask.nonzero().flatten().to(torch.int32)
@@ -800,17 +856,20 @@ class _Layout:
         self.A = self.heads.numel()
         self.NA = self.groups.numel()
         self.any = self.A > 0 and (self.has_local or self.has_global or self.has_sparse)
+        # padded group sizes: tl.dot needs 16 rows; the score and dk/dv kernels stack tokens
+        self.GP = triton.next_power_of_2(self.G)
+        self.GP16 = max(16, self.GP)
 
 
-def _select(q: torch.Tensor, k: torch.Tensor, lay: _Layout, t: dict) -> torch.Tensor:
+def _select(q: torch.Tensor, k: torch.Tensor, lay: _Layout) -> torch.Tensor:
     """Block indices [B, T, HKV, n_select] int32, as `selection.select_blocks` (-1: no block)."""
     B, T, HKV, D, NB = lay.B, lay.T, lay.HKV, lay.D, lay.NB
     bs, nsel = lay.plan.block_size, lay.plan.n_select
+    t = _tiles("score")
     # [B, NB, HKV, D], the same float32 means as the reference
     km = k[:, : NB * bs].float().reshape(B, NB, bs, HKV, D).mean(2).contiguous()
     score = torch.empty(B, T, HKV, NB, dtype=torch.float32, device=q.device)
-    GP = triton.next_power_of_2(lay.G)
-    BTOK = max(1, 64 // GP)
+    BTOK = max(1, 64 // lay.GP)
     _score_kernel[(triton.cdiv(T, BTOK), B * lay.NA)](
         q=q,
         km=km,
@@ -825,7 +884,7 @@ def _select(q: torch.Tensor, k: torch.Tensor, lay: _Layout, t: dict) -> torch.Te
         HQ=lay.HQ,
         HKV=HKV,
         G=lay.G,
-        GP=GP,
+        GP=lay.GP,
         D=D,
         BS=bs,
         BTOK=BTOK,
@@ -836,20 +895,25 @@ def _select(q: torch.Tensor, k: torch.Tensor, lay: _Layout, t: dict) -> torch.Te
         num_warps=t["num_warps"],
         num_stages=t["num_stages"],
     )
-    n = min(nsel, NB)
-    top, idx = score.topk(n, dim=-1, sorted=False)
-    idx = idx.masked_fill(top == float("-inf"), -1).to(torch.int32)
-    if n < nsel:
-        idx = torch.nn.functional.pad(idx, (0, nsel - n), value=-1)
     if lay.NA < HKV:
-        # fully pruned groups were not scored; they select nothing
-        idx[:, :, lay.active.view(HKV, lay.G).sum(1) == 0] = -1
-    return idx.contiguous()
+        # fully pruned groups are not scored; they select nothing
+        score[:, :, lay.active.view(HKV, lay.G).sum(1) == 0] = float("-inf")
+    idx = torch.empty(B, T, HKV, nsel, dtype=torch.int32, device=q.device)
+    R, BR = B * T * HKV, 4
+    _topk_kernel[(triton.cdiv(R, BR),)](
+        score=score, idx=idx, R=R, NB=NB, NSEL=nsel, NBP=triton.next_power_of_2(NB), BR=BR
+    )
+    return idx
 
 
-def _invert(idx: torch.Tensor, NB: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR of the selection: for segment (b, hkv, block), the tokens that chose the block."""
-    B, T, HKV, n = idx.shape
+def _invert(idx: torch.Tensor, NB: int, CH: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection inverted, as chunks of at most CH tokens per selected block.
+
+    Returns chunks [n, 3] int32 rows (segment, first, end), segment = (b * HKV + hkv) * NB +
+    block, indexing tokens [entries] int32 (grouped by segment, in time order inside one).
+    n is an upper bound known without a device sync; unused rows have first == end.
+    """
+    B, T, HKV, nsel = idx.shape
     dev = idx.device
     nseg = B * HKV * NB
     seg = (
@@ -861,9 +925,18 @@ def _invert(idx: torch.Tensor, NB: int) -> tuple[torch.Tensor, torch.Tensor]:
     key = seg * T + torch.arange(T, device=dev).view(1, T, 1, 1)
     key = key.flatten().sort().values
     tokens = (key % T).to(torch.int32)
-    bounds = torch.arange(nseg + 1, device=dev) * T
-    offsets = torch.searchsorted(key, bounds).to(torch.int32)
-    return offsets, tokens
+    offsets = torch.searchsorted(key, torch.arange(nseg + 1, device=dev) * T)
+    counts = offsets[1:] - offsets[:-1]
+    n_chunks = (counts + CH - 1) // CH
+    ends = torch.cumsum(n_chunks, 0)
+    n = nseg + triton.cdiv(idx.numel(), CH)
+    pid = torch.arange(n, device=dev)
+    cseg = torch.searchsorted(ends, pid, right=True).clamp(max=nseg - 1)
+    first = offsets[cseg] + (pid - (ends[cseg] - n_chunks[cseg])) * CH
+    end = torch.minimum(first + CH, offsets[cseg + 1])
+    first = torch.where(pid < ends[-1], first, end)
+    chunks = torch.stack((cseg, first, end), 1).to(torch.int32).contiguous()
+    return chunks, tokens
 
 
 def mla_fwd(
@@ -875,31 +948,32 @@ def mla_fwd(
     store: bool,
 ) -> tuple[torch.Tensor, dict]:
     """Forward launches; returns o and what the backward needs."""
-    B, T, HQ, D = lay.B, lay.T, lay.HQ, lay.D
-    t = _tiles()
+    B, T, HQ, HKV, D = lay.B, lay.T, lay.HQ, lay.HKV, lay.D
     dev = q.device
     if lay.partial or not lay.any:
         o = torch.zeros_like(q)
     else:
         o = torch.empty(B, T, HQ, D, dtype=q.dtype, device=dev)
-    saved: dict = {}
     if not lay.any:
-        return o, saved
+        return o, {}
 
-    def branch_buffers() -> tuple[torch.Tensor, torch.Tensor]:
+    def branch_buffers(present: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if not present:
+            return o, o
         lse = torch.empty(B, T, HQ, dtype=torch.float32, device=dev)
         ob = torch.empty(B, T, HQ, D, dtype=q.dtype, device=dev) if store else lse
         return ob, lse
 
-    o_l, lse_l = branch_buffers() if lay.has_local else (o, o)
-    o_g, lse_g = branch_buffers() if lay.has_global else (o, o)
-    o_s, lse_s = branch_buffers() if lay.has_sparse else (o, o)
+    o_l, lse_l = branch_buffers(lay.has_local)
+    o_g, lse_g = branch_buffers(lay.has_global)
+    o_s, lse_s = branch_buffers(lay.has_sparse)
     kc = vc = k
     if lay.has_global:
-        st = lay.plan.stride
-        kc = k[:, : lay.NC * st].float().reshape(B, lay.NC, st, lay.HKV, D).mean(2).to(q.dtype)
-        vc = v[:, : lay.NC * st].float().reshape(B, lay.NC, st, lay.HKV, D).mean(2).to(q.dtype)
+        st, NC = lay.plan.stride, lay.NC
+        kc = k[:, : NC * st].float().reshape(B, NC, st, HKV, D).mean(2).to(q.dtype)
+        vc = v[:, : NC * st].float().reshape(B, NC, st, HKV, D).mean(2).to(q.dtype)
     if lay.has_local or lay.has_global:
+        t = _tiles("window_fwd")
         _window_fwd_kernel[(triton.cdiv(T, t["BT"]), B * lay.A)](
             q=q,
             k=k,
@@ -920,7 +994,7 @@ def mla_fwd(
             stride=max(lay.plan.stride, 1),
             scale2=lay.scale2,
             HQ=HQ,
-            HKV=lay.HKV,
+            HKV=HKV,
             G=lay.G,
             D=D,
             BT=t["BT"],
@@ -933,10 +1007,11 @@ def mla_fwd(
             num_warps=t["num_warps"],
             num_stages=t["num_stages"],
         )
-    idx = None
+    idx = lse_l
     if lay.has_sparse:
-        idx = _select(q, k, lay, t)
+        idx = _select(q, k, lay)
         bs = lay.plan.block_size
+        t = _tiles("sparse_fwd")
         _sparse_fwd_kernel[(T, B * lay.NA)](
             q=q,
             k=k,
@@ -952,9 +1027,9 @@ def mla_fwd(
             NA=lay.NA,
             scale2=lay.scale2,
             HQ=HQ,
-            HKV=lay.HKV,
+            HKV=HKV,
             G=lay.G,
-            GP=max(16, triton.next_power_of_2(lay.G)),
+            GP=lay.GP16,
             D=D,
             NSEL=lay.plan.n_select,
             BS=bs,
@@ -965,17 +1040,8 @@ def mla_fwd(
             num_warps=t["num_warps"],
             num_stages=t["num_stages"],
         )
-    saved = {
-        "o_l": o_l,
-        "o_g": o_g,
-        "o_s": o_s,
-        "lse_l": lse_l,
-        "lse_g": lse_g,
-        "lse_s": lse_s,
-        "kc": kc,
-        "vc": vc,
-        "idx": idx if idx is not None else lse_l,
-    }
+    saved = {"o_l": o_l, "o_g": o_g, "o_s": o_s, "lse_l": lse_l, "lse_g": lse_g}
+    saved.update({"lse_s": lse_s, "kc": kc, "vc": vc, "idx": idx})
     return o, saved
 
 
@@ -990,7 +1056,6 @@ def mla_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward launches: dq, dk, dv and dgate (all zero on pruned heads)."""
     B, T, HQ, HKV, D = lay.B, lay.T, lay.HQ, lay.HKV, lay.D
-    t = _tiles()
     dev = q.device
     do = do.contiguous()
     dgate = torch.zeros(B, T, HQ, 3, dtype=torch.float32, device=dev)
@@ -1009,7 +1074,7 @@ def mla_bwd(
     delta_l = delta_buffer(lay.has_local)
     delta_g = delta_buffer(lay.has_global)
     delta_s = delta_buffer(lay.has_sparse)
-    common = {"num_warps": t["num_warps"], "num_stages": t["num_stages"]}
+    t = _tiles("prep")
     _prep_bwd_kernel[(triton.cdiv(T, t["BT"]), B * lay.A)](
         do=do,
         o_l=saved["o_l"],
@@ -1029,10 +1094,12 @@ def mla_bwd(
         HAS_LOCAL=lay.has_local,
         HAS_GLOBAL=lay.has_global,
         HAS_SPARSE=lay.has_sparse,
-        **common,
+        num_warps=t["num_warps"],
+        num_stages=t["num_stages"],
     )
     stride = max(lay.plan.stride, 1)
     if lay.has_local or lay.has_global:
+        t = _tiles("window_dq")
         _window_bwd_dq_kernel[(triton.cdiv(T, t["BT"]), B * lay.A)](
             q=q,
             k=k,
@@ -1064,9 +1131,11 @@ def mla_bwd(
             HAS_LOCAL=lay.has_local,
             HAS_GLOBAL=lay.has_global,
             PREC=lay.prec,
-            **common,
+            num_warps=t["num_warps"],
+            num_stages=t["num_stages"],
         )
     if lay.has_local:
+        t = _tiles("local_dkv")
         _local_bwd_dkv_kernel[(triton.cdiv(T, t["BK"]), B * lay.NA)](
             q=q,
             k=k,
@@ -1091,13 +1160,15 @@ def mla_bwd(
             BT=t["BT"],
             BK=t["BK"],
             PREC=lay.prec,
-            **common,
+            num_warps=t["num_warps"],
+            num_stages=t["num_stages"],
         )
     if lay.has_global:
+        t = _tiles("global_dkv")
         NC = lay.NC
         n_tiles = triton.cdiv(NC, t["BC"])
-        # split the queries so that the launch fills the GPU
-        nsplit = max(1, min(triton.cdiv(T, t["BT"]), triton.cdiv(512, n_tiles * B * lay.NA)))
+        # split the queries after each tile so that the launch fills the GPU
+        nsplit = max(1, min(triton.cdiv(T, t["BT"]), triton.cdiv(1024, n_tiles * B * lay.NA)))
         chunk = triton.cdiv(triton.cdiv(T, nsplit), t["BT"]) * t["BT"]
         alloc = torch.zeros if lay.NA < HKV else torch.empty
         dkc = alloc(nsplit, B, NC, HKV, D, dtype=torch.float32, device=dev)
@@ -1128,7 +1199,8 @@ def mla_bwd(
             BT=t["BT"],
             BC=t["BC"],
             PREC=lay.prec,
-            **common,
+            num_warps=t["num_warps"],
+            num_stages=t["num_stages"],
         )
         # each pooled key receives 1/stride of its compressed token's gradient
         dk[:, : NC * stride].view(B, NC, stride, HKV, D).add_(dkc.sum(0).unsqueeze(2) / stride)
@@ -1136,6 +1208,7 @@ def mla_bwd(
     if lay.has_sparse:
         bs = lay.plan.block_size
         idx = saved["idx"]
+        t = _tiles("sparse_dq")
         _sparse_bwd_dq_kernel[(T, B * lay.NA)](
             q=q,
             k=k,
@@ -1155,25 +1228,25 @@ def mla_bwd(
             HQ=HQ,
             HKV=HKV,
             G=lay.G,
-            GP=max(16, triton.next_power_of_2(lay.G)),
+            GP=lay.GP16,
             D=D,
             NSEL=lay.plan.n_select,
             BS=bs,
             BSP=max(16, bs),
             ACCUMULATE=lay.has_local or lay.has_global,
             PREC=lay.prec,
-            **common,
+            num_warps=t["num_warps"],
+            num_stages=t["num_stages"],
         )
-        offsets, tokens = _invert(idx, lay.NB)
-        GP = triton.next_power_of_2(lay.G)
-        _sparse_bwd_dkv_kernel[(lay.NB, B * lay.NA)](
+        t = _tiles("sparse_dkv")
+        chunks, tokens = _invert(idx, lay.NB, t["CH"])
+        _sparse_bwd_dkv_kernel[(chunks.shape[0],)](
             q=q,
             k=k,
             v=v,
             gate=gate,
             active=lay.active,
-            groups=lay.groups,
-            offsets=offsets,
+            chunks=chunks,
             tokens=tokens,
             do=do,
             lse_s=saved["lse_s"],
@@ -1182,19 +1255,19 @@ def mla_bwd(
             dv=dv,
             T=T,
             NB=lay.NB,
-            NA=lay.NA,
             scale2=lay.scale2,
             scale=lay.scale,
             HQ=HQ,
             HKV=HKV,
             G=lay.G,
-            GP=GP,
+            GP=lay.GP,
             D=D,
             BS=bs,
             BSP=max(16, bs),
-            BQ=max(1, 64 // GP),
+            BQ=max(1, t["ROWS"] // lay.GP),
             PREC=lay.prec,
-            **common,
+            num_warps=t["num_warps"],
+            num_stages=t["num_stages"],
         )
     return dq, dk.to(k.dtype), dv.to(v.dtype), dgate.to(gate.dtype)
 
@@ -1287,11 +1360,20 @@ def _check(q, k, v, gate, config, t_max, head_mask) -> None:
     if HQ % k.shape[2]:
         raise ValueError(f"KV heads ({k.shape[2]}) must divide query heads ({HQ})")
     if HQ // k.shape[2] > 64:
-        raise ValueError(f"the kernels take at most 64 query heads per KV head, got {HQ // k.shape[2]}")
+        raise ValueError(
+            f"the kernels take at most 64 query heads per KV head, got {HQ // k.shape[2]}"
+        )
     if D not in (16, 32, 64, 128):
         raise ValueError(f"the kernels take head dims 16, 32, 64 or 128, got {D}")
     if gate.shape != (B, T, HQ, 3):
         raise ValueError(f"gate must be [B, T, HQ, 3] = {(B, T, HQ, 3)}, got {tuple(gate.shape)}")
+    # offsets inside one batch row are 32-bit
+    if T * HQ * D >= 2**31 or (
+        config.ratios[2] > 0 and T * k.shape[2] * (T // config.block_size) >= 2**31
+    ):
+        raise ValueError(
+            f"sequence too long for the kernels' 32-bit offsets: T={T}, HQ={HQ}, D={D}"
+        )
     if config.ratios[2] > 0 and config.block_size > 128:
         raise ValueError(f"the sparse kernels take block_size <= 128, got {config.block_size}")
     if t_max is not None and t_max < T:
