@@ -7,6 +7,7 @@ key path and what was expected, so a bad file is reported as `model.mla.ratios: 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ class ModelConfig:
     mla: AttentionConfig = field(default_factory=AttentionConfig)
     attn_backend: Backend = "auto"
     """auto: Triton kernels on CUDA, the budget-cost PyTorch path elsewhere."""
+    kept_heads: list[list[int]] | None = None
+    """A compacted model (see `pruning.compact`): per layer, the original ids of the query heads
+    whose weights remain; a KV head remains while any head of its group does. None: all."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
@@ -70,6 +74,27 @@ class ModelConfig:
             raise ConfigError("head_dim", f"must be even and >= 2 (rotary), got {self.head_dim}")
         if self.ffn_mult <= 0:
             raise ConfigError("ffn_mult", f"must be > 0, got {self.ffn_mult}")
+        if self.kept_heads is not None:
+            if len(self.kept_heads) != self.n_layers:
+                raise ConfigError(
+                    "kept_heads",
+                    f"needs one list per layer ({self.n_layers}), got {len(self.kept_heads)}",
+                )
+            for i, heads in enumerate(self.kept_heads):
+                if not heads or list(heads) != sorted(set(heads)):
+                    raise ConfigError(
+                        f"kept_heads[{i}]", f"must be non-empty, sorted and unique, got {heads}"
+                    )
+                if heads[0] < 0 or heads[-1] >= self.n_heads:
+                    raise ConfigError(
+                        f"kept_heads[{i}]", f"head ids must lie in [0, {self.n_heads}), got {heads}"
+                    )
+
+    def heads_per_layer(self) -> list[int]:
+        """Query heads each layer holds weights for."""
+        if self.kept_heads is None:
+            return [self.n_heads] * self.n_layers
+        return [len(heads) for heads in self.kept_heads]
 
 
 @dataclass(kw_only=True)
@@ -115,6 +140,71 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class PruningConfig:
+    """Dynamic head pruning (DESIGN §2): Taylor importance, a schedule, a ramped mask.
+
+    Importance is |dL/dxi_h| = |sum over tokens of <o_h, dL/d(xi_h o_h)>| per step, divided by
+    the mean of the same score over the layer's kept heads (so 1.0 is a typical surviving head
+    of that layer), then smoothed by an EMA. Every `interval` steps after `warmup_steps` the
+    least important heads are chosen, across all layers, for removal.
+    """
+
+    enabled: bool = False
+    fraction: float = 0.0
+    """Share of query heads to remove, reached linearly from warmup_steps to end_step. With a
+    threshold as well, an upper bound on the heads the threshold may remove."""
+    threshold: float | None = None
+    """Remove heads whose normalised importance is below this (None: off)."""
+    warmup_steps: int = 50
+    """Steps of training before the first decision (scores are still gathered)."""
+    interval: int = 10
+    """Steps between decisions."""
+    end_step: int | None = None
+    """Step at which the whole fraction is reached; None: half of the run."""
+    ramp_steps: int = 20
+    """A removed head's mask falls linearly to 0 over these steps, so the network can
+    compensate; 0 cuts it at once."""
+    regrow: bool = False
+    """Removed heads stay candidates: at each decision they are computed for that one step
+    (mask value 0, so no effect on the loss and no gradient) to measure their importance, and
+    a head that ranks among the kept again ramps back in."""
+    ema: float = 0.9
+    """Per-step decay of the importance EMA; a head measured after a gap of n steps decays
+    by ema**n."""
+    min_heads_per_layer: int = 1
+    """No layer keeps fewer query heads than this."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise ConfigError("fraction", f"must be in [0, 1), got {self.fraction}")
+        if self.threshold is not None and not (0.0 <= self.threshold < float("inf")):
+            raise ConfigError("threshold", f"must be >= 0 and finite or null, got {self.threshold}")
+        for name in ("warmup_steps", "ramp_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.interval < 1:
+            raise ConfigError("interval", f"must be >= 1, got {self.interval}")
+        if self.end_step is not None and self.end_step <= self.warmup_steps:
+            raise ConfigError(
+                "end_step", f"must exceed warmup_steps ({self.warmup_steps}), got {self.end_step}"
+            )
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError("ema", f"must be in [0, 1), got {self.ema}")
+        if self.min_heads_per_layer < 1:
+            raise ConfigError(
+                "min_heads_per_layer", f"must be >= 1, got {self.min_heads_per_layer}"
+            )
+        if self.enabled and self.fraction == 0.0 and self.threshold is None:
+            raise ConfigError(
+                "fraction", "pruning is enabled but neither fraction nor threshold is set"
+            )
+
+    def heads_to_remove(self, n_heads: int) -> int:
+        """Heads the whole fraction removes out of n_heads."""
+        return math.floor(self.fraction * n_heads + 0.5)
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """One training run: model, data and optimisation."""
 
@@ -143,6 +233,8 @@ class TrainConfig:
     """Autocast dtype on CUDA; CPU always trains in float32."""
     threads: int | None = None
     """torch.set_num_threads on CPU; None leaves torch's default."""
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    """Off by default."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
@@ -153,6 +245,39 @@ class TrainConfig:
         if self.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 "seq_len", f"{self.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}"
+            )
+        if self.pruning.enabled:
+            self._check_pruning()
+
+    def _check_pruning(self) -> None:
+        """Reject schedules the model cannot follow: the floor and the fraction against the
+        heads of each layer, and decisions that would fall outside the run."""
+        p = self.pruning
+        sizes = self.model.heads_per_layer()
+        smallest = min(sizes)
+        if p.min_heads_per_layer > smallest:
+            layer = sizes.index(smallest)
+            raise ConfigError(
+                "pruning.min_heads_per_layer",
+                f"{p.min_heads_per_layer} exceeds the {smallest} query heads of layer {layer}",
+            )
+        total = sum(sizes)
+        removable = total - p.min_heads_per_layer * len(sizes)
+        if p.heads_to_remove(total) > removable:
+            raise ConfigError(
+                "pruning.fraction",
+                f"{p.fraction} removes {p.heads_to_remove(total)} of {total} query heads, but "
+                f"min_heads_per_layer={p.min_heads_per_layer} leaves only {removable} removable "
+                f"({len(sizes)} layers of {sizes}); lower the fraction or the floor",
+            )
+        if p.warmup_steps >= self.steps:
+            raise ConfigError(
+                "pruning.warmup_steps",
+                f"{p.warmup_steps} >= steps ({self.steps}): no head would ever be pruned",
+            )
+        if p.end_step is not None and p.end_step > self.steps:
+            raise ConfigError(
+                "pruning.end_step", f"{p.end_step} is past the run's last step ({self.steps})"
             )
 
 

@@ -1,13 +1,15 @@
 """Decoder-only language model whose attention is MLA (or dense SDPA, the baseline).
 
 Pre-norm blocks with RMSNorm, rotary positions, a SwiGLU MLP and tied input/output embeddings.
-Each attention layer keeps a `head_mask` buffer of its active query heads: the MLA op skips
-pruned heads, and FLOP and head counts are read from it.
+Each attention layer keeps a `head_mask` buffer of its active query heads and a `head_scale`
+buffer of their mask values (head pruning ramps them down): only the active heads and the KV
+heads of their groups are projected and attended, and FLOP and head counts are read from it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -68,16 +70,64 @@ class GateMLP(nn.Module):
         nn.init.normal_(last.weight, std=0.1 / math.sqrt(last.in_features))
         nn.init.zeros_(last.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits; with `rows`, only those outputs of the last layer are computed."""
+        if rows is None:
+            return self.net(x)
+        last = self.net[-1]
+        h = self.net[:-1](x)
+        return F.linear(h, last.weight.index_select(0, rows), last.bias.index_select(0, rows))
+
+
+@dataclass
+class HeadLayout:
+    """How one attention layer runs for its current head mask and scales (built on the CPU
+    from the Python-side copies, so the forward never reads the device to decide).
+
+    Stored heads are the query heads the layer holds weights for (all of them, unless the
+    model was compacted). The MLA op wants [B, T, HQ, D] queries over [B, T, HKV, D] keys with
+    equal groups, so the active heads are laid out in `n_slots` = G * n_kv query slots, G per
+    kept KV head; slots of pruned heads hold zeros and are masked out of the op.
+    """
+
+    device: torch.device
+    full: bool
+    """Every stored head active at scale 1 in complete groups: the plain path."""
+    n_active: int
+    n_kv: int
+    n_slots: int
+    active: torch.Tensor
+    """[A] stored index of each active head."""
+    rows: torch.Tensor | None
+    """qkv weight rows of the active heads and kept KV heads (None: all rows)."""
+    gate_rows: torch.Tensor | None
+    cols: torch.Tensor | None
+    """proj weight columns of the active heads (None: all)."""
+    slots: torch.Tensor | None
+    """[A] slot of each active head (None: the active heads fill their groups in order)."""
+    slot_mask: torch.Tensor | None
+    kv_of: torch.Tensor | None
+    """[A] kept-KV index of each active head, for dense attention with holes."""
+    scale: torch.Tensor | None
+    """[A] mask values of the active heads (None: all 1)."""
+    inv_scale: torch.Tensor | None
+    """[A] 1 / scale, 0 where the scale is 0."""
+    zero: torch.Tensor | None
+    """Positions among the active heads whose scale is 0 (heads probed for importance)."""
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kept: list[int] | None = None):
         super().__init__()
         self.cfg = cfg
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        self.head_dim = d = cfg.head_dim
+        self.group = cfg.n_heads // cfg.n_kv_heads  # G of the uncompacted layer
+        self.heads = list(kept) if kept is not None else list(range(cfg.n_heads))
+        """Original ids of the stored query heads."""
+        self.kv_heads = sorted({h // self.group for h in self.heads})
+        """Original ids of the stored KV heads."""
+        self.n_heads, self.n_kv_heads = len(self.heads), len(self.kv_heads)
+        hq, hkv = self.n_heads, self.n_kv_heads
         self.qkv = nn.Linear(cfg.d_model, (hq + 2 * hkv) * d, bias=False)
         self.proj = nn.Linear(hq * d, cfg.d_model, bias=False)
         self.gate: GateMLP | None = None
@@ -88,26 +138,143 @@ class Attention(nn.Module):
             else:
                 self.gate = GateMLP(d, 3, gate_cfg)  # shared by all heads
         self.register_buffer("head_mask", torch.ones(hq, dtype=torch.bool))
-        # Python-side copy of "no head is pruned", so the forward never syncs a device to know
-        self._all_active = True
+        # the mask value xi_h multiplied into each head's output (ramps of head pruning)
+        self.register_buffer("head_scale", torch.ones(hq))
+        # Python-side copies, so that the forward never syncs a device to know the layout
+        self._mask = torch.ones(hq, dtype=torch.bool)
+        self._scale = torch.ones(hq)
+        self._layout: HeadLayout | None = None
+        self.importance: torch.Tensor | None = None
+        """[n_heads] float32 accumulator set by the pruner: each backward adds, per stored
+        head, sum over tokens of <o_h, dL/d(xi_h o_h)>. None: not tracked (no hook)."""
         self.register_load_state_dict_post_hook(_resync_mask)
 
     def set_head_mask(self, mask: torch.Tensor) -> None:
         """Set the active query heads (bool [n_heads]); the seam for head pruning."""
+        self.set_heads(mask, self._scale)
+
+    def set_heads(self, mask: torch.Tensor, scale: torch.Tensor) -> None:
+        """Active heads (bool [n_heads]) and their mask values (float [n_heads], in [0, 1])."""
         if mask.shape != (self.n_heads,) or mask.dtype != torch.bool:
             raise ValueError(
                 f"head_mask must be bool [{self.n_heads}], got {mask.dtype} {mask.shape}"
             )
-        self.head_mask.copy_(mask)
-        self._sync_mask()
+        if scale.shape != (self.n_heads,) or not scale.is_floating_point():
+            raise ValueError(f"head_scale must be float [{self.n_heads}], got {scale.dtype}")
+        self._mask = mask.detach().cpu().clone()
+        self._scale = scale.detach().cpu().float().clone()
+        self.head_mask.copy_(to_device(self._mask, self.head_mask.device))
+        self.head_scale.copy_(to_device(self._scale, self.head_scale.device))
+        self._layout = None
 
     def _sync_mask(self) -> None:
-        self._all_active = bool(self.head_mask.all())
+        self._mask = self.head_mask.cpu().clone()
+        self._scale = self.head_scale.float().cpu().clone()
+        self._layout = None
 
     def active_heads(self) -> int:
-        return int(self.head_mask.sum())
+        return int(self._mask.sum())
+
+    def active_kv_heads(self) -> int:
+        """KV heads computed: those with at least one active query head."""
+        return len({self.heads[i] // self.group for i in self._mask.nonzero().flatten().tolist()})
+
+    def layout(self, device: torch.device) -> HeadLayout:
+        if self._layout is None or self._layout.device != device:
+            self._layout = self._build_layout(device)
+        return self._layout
+
+    def _build_layout(self, device: torch.device) -> HeadLayout:
+        d, G, hq, hkv = self.head_dim, self.group, self.n_heads, self.n_kv_heads
+        active = self._mask.nonzero().flatten().tolist()
+        heads = [self.heads[i] for i in active]  # original ids
+        kept_kv = sorted({h // G for h in heads})
+        kv_pos = [self.kv_heads.index(g) for g in kept_kv]  # stored index of each kept KV head
+        rank = {g: r for r, g in enumerate(kept_kv)}
+        slots = [rank[h // G] * G + h % G for h in heads]
+        all_stored = len(active) == hq
+        in_order = slots == list(range(G * len(kept_kv)))
+        scale = self._scale[active]
+        unit = bool((scale == 1).all())
+
+        def dev(values, dtype=torch.long):
+            t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+            return to_device(t, device)
+
+        rows = None
+        if not all_stored:
+            rows = [i * d + j for i in active for j in range(d)]
+            for base in (hq, hq + hkv):
+                rows += [(base + p) * d + j for p in kv_pos for j in range(d)]
+        slot_mask = None
+        if not in_order:
+            slot_mask = torch.zeros(G * len(kept_kv), dtype=torch.bool)
+            slot_mask[slots] = True
+        zero = [p for p, s in enumerate(scale.tolist()) if s == 0]
+        inv = torch.where(scale > 0, 1 / scale.clamp_min(1e-30), torch.zeros_like(scale))
+        return HeadLayout(
+            device=device,
+            full=all_stored and in_order and unit,
+            n_active=len(active),
+            n_kv=len(kept_kv),
+            n_slots=G * len(kept_kv),
+            active=dev(active),
+            rows=None if rows is None else dev(rows),
+            gate_rows=None if all_stored else dev([3 * i + c for i in active for c in range(3)]),
+            cols=None if all_stored else dev([i * d + j for i in active for j in range(d)]),
+            slots=None if in_order else dev(slots),
+            slot_mask=None if slot_mask is None else dev(slot_mask),
+            kv_of=None if in_order else dev([rank[h // G] for h in heads]),
+            scale=None if unit else dev(scale),
+            inv_scale=None if unit else dev(inv),
+            zero=dev(zero) if zero else None,
+        )
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        lay = self.layout(x.device)
+        if lay.full:
+            return self._forward_full(x, rot)
+        if lay.n_active == 0:
+            return torch.zeros_like(x)
+        B, T, _ = x.shape
+        A, K, d = lay.n_active, lay.n_kv, self.head_dim
+        w = self.qkv.weight if lay.rows is None else self.qkv.weight.index_select(0, lay.rows)
+        # only the active query heads and the KV heads of their groups are projected
+        qkv = F.linear(x, w).view(B, T, A + 2 * K, d)
+        qk = apply_rotary(qkv[:, :, : A + K], rot)
+        qa, k = qk.split([A, K], dim=2)  # (B, T, A, D), (B, T, K, D)
+        v = qkv[:, :, A + K :]  # (B, T, K, D)
+        if self.gate is None:
+            if lay.kv_of is None:
+                ya = self._sdpa(qa, k, v, self.group)
+            else:
+                ya = self._sdpa(qa, k.index_select(2, lay.kv_of), v.index_select(2, lay.kv_of), 1)
+        else:
+            if self.cfg.mla.gate.input == "hidden":
+                logits = self.gate(x, lay.gate_rows).view(B, T, A, 3)
+            else:
+                logits = self.gate(qkv[:, :, :A])
+            gate = torch.sigmoid(logits)  # (B, T, A, 3)
+            q = qa
+            if lay.slots is not None:
+                # the op's layout: G slots per kept KV head, zeros where a head is pruned
+                q = qa.new_zeros(B, T, lay.n_slots, d).index_copy(2, lay.slots, qa)
+                gate = gate.new_zeros(B, T, lay.n_slots, 3).index_copy(2, lay.slots, gate)
+            y = mla_attention(
+                q,
+                k,
+                v,
+                gate,
+                self.cfg.mla,
+                t_max=self.cfg.max_seq_len,
+                head_mask=lay.slot_mask,
+                backend=self.cfg.attn_backend,
+            )  # (B, T, slots, D)
+            ya = y if lay.slots is None else y.index_select(2, lay.slots)  # (B, T, A, D)
+        w = self.proj.weight if lay.cols is None else self.proj.weight.index_select(1, lay.cols)
+        return F.linear(self._scale_and_track(ya, lay).reshape(B, T, A * d), w)
+
+    def _forward_full(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x).view(B, T, hq + 2 * hkv, d)
@@ -116,7 +283,7 @@ class Attention(nn.Module):
         q, k = qk.split([hq, hkv], dim=2)  # (B, T, HQ, D), (B, T, HKV, D)
         v = qkv[:, :, hq + hkv :]  # (B, T, HKV, D)
         if self.gate is None:
-            y = self._dense(q, k, v)
+            y = self._sdpa(q, k, v, self.group)
         else:
             if self.cfg.mla.gate.input == "hidden":
                 logits = self.gate(x).view(B, T, hq, 3)
@@ -131,21 +298,39 @@ class Attention(nn.Module):
                 gate,
                 self.cfg.mla,
                 t_max=self.cfg.max_seq_len,
-                head_mask=self.head_mask,
                 backend=self.cfg.attn_backend,
             )  # (B, T, HQ, D)
+        if self.importance is not None:
+            y = self._scale_and_track(y, self.layout(x.device))
         return self.proj(y.reshape(B, T, hq * d))
 
-    def _dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal SDPA over the active heads; pruned heads output zeros."""
-        B, T, hq, d = q.shape
-        G = hq // self.n_kv_heads
-        if not self._all_active:
-            active = self.head_mask.nonzero().flatten()
-            out = q.new_zeros(B, T, hq, d)
-            ya = self._sdpa(q[:, :, active], k[:, :, active // G], v[:, :, active // G], 1)
-            return out.index_copy(2, active, ya)
-        return self._sdpa(q, k, v, G)
+    def _scale_and_track(self, ya: torch.Tensor, lay: HeadLayout) -> torch.Tensor:
+        """Multiply each active head's output by its mask value; while pruning tracks
+        importance, hook the backward to add sum <o_h, dL/d(xi_h o_h)> per head."""
+        ys = ya if lay.scale is None else ya * lay.scale.to(ya.dtype)[:, None]
+        if self.importance is None or not (torch.is_grad_enabled() and ys.requires_grad):
+            return ys
+        acc, index, inv = self.importance, lay.active, lay.inv_scale
+        # detached views: the hook must not hold `ys` itself (a reference cycle through its
+        # hooks); their storage is kept anyway, proj saves its input for the weight gradient
+        out = ys.detach()
+        probed = None
+        if lay.zero is not None:
+            # heads at mask value 0 are computed only to be measured: keep their raw output
+            probed = ya.detach().index_select(2, lay.zero)
+
+        def hook(grad: torch.Tensor) -> None:
+            with torch.no_grad():
+                dots = (out.float() * grad.float()).sum((0, 1, 3))  # [A] = xi_h <o_h, g_h>
+                if inv is not None:
+                    dots = dots * inv
+                if probed is not None:
+                    g0 = grad.index_select(2, lay.zero).float()
+                    dots = dots.index_copy(0, lay.zero, (probed.float() * g0).sum((0, 1, 3)))
+                acc.index_add_(0, index, dots)
+
+        ys.register_hook(hook)
+        return ys
 
     @staticmethod
     def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, G: int) -> torch.Tensor:
@@ -168,9 +353,22 @@ class Attention(nn.Module):
             return Plan(window=seq_len, stride=0, n_select=0, block_size=1)
         return self.cfg.mla.plan(self.cfg.max_seq_len)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before head pruning carry no mask values: all heads at 1
+        state_dict.setdefault(prefix + "head_scale", torch.ones_like(self.head_scale))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 def _resync_mask(module: Attention, _incompatible_keys) -> None:
     module._sync_mask()  # a loaded state dict may carry pruned heads
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor's copy on `device`; to a GPU through page-locked memory, so that the copy
+    is queued and the host does not wait for the GPU (head layouts change during training)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class MLP(nn.Module):
@@ -188,10 +386,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kept: list[int] | None = None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, kept)
         self.mlp_norm = RMSNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
@@ -205,7 +403,8 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        kept = cfg.kept_heads or [None] * cfg.n_layers
+        self.blocks = nn.ModuleList(Block(cfg, heads) for heads in kept)
         self.norm = RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight  # tied
@@ -251,6 +450,9 @@ class LanguageModel(nn.Module):
 
     def active_heads_per_layer(self) -> list[int]:
         return [block.attn.active_heads() for block in self.blocks]
+
+    def active_kv_heads_per_layer(self) -> list[int]:
+        return [block.attn.active_kv_heads() for block in self.blocks]
 
     def attn_flops_per_token(self, seq_len: int) -> float:
         """Attention FLOPs (forward + backward) per token at seq_len, summed over layers,

@@ -9,6 +9,7 @@ or Optuna: a search reads its metrics through the `report` callback.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -26,9 +27,12 @@ import yaml
 from .config import TrainConfig, build, to_dict
 from .data import IGNORE, load_data
 from .model import LanguageModel, build_model
+from .pruning import HeadPruner, compact
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
+COMPACT_FILE = "model_compact.pt"
+PRUNING_LOG = "pruning.jsonl"
 Report = Callable[[dict, Path | None], None]
 
 
@@ -44,6 +48,8 @@ class TrainState:
     device: torch.device
     autocast_dtype: torch.dtype | None
     grad_clip: float
+    pruner: HeadPruner | None = None
+    """Head pruning: `begin_step` before and `end_step` after each train_step."""
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -85,7 +91,12 @@ def build_state(config: TrainConfig, device: torch.device) -> TrainState:
     if device.type == "cuda" and config.dtype != "float32":
         autocast_dtype = getattr(torch, config.dtype)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
-    return TrainState(model, model, optimizer, scaler, device, autocast_dtype, config.grad_clip)
+    pruner = None
+    if config.pruning.enabled:
+        pruner = HeadPruner(model, config.pruning, config.steps)
+    return TrainState(
+        model, model, optimizer, scaler, device, autocast_dtype, config.grad_clip, pruner
+    )
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -153,20 +164,27 @@ def train(
     report: Report | None = None,
     resume: str | Path | None = None,
     progress: bool = False,
+    compact: bool | None = None,
 ) -> dict:
     """Train `config.model` on `config.data`; return the metrics of the last evaluation.
 
     out_dir (optional) receives config.yaml, metrics.jsonl (one line per evaluation) and
-    checkpoint/checkpoint.pt. report(metrics, checkpoint_dir) is called after every evaluation;
-    checkpoint_dir is the folder holding the checkpoint written at that evaluation, or None
-    when none was written. resume continues exactly from a checkpoint (its folder or file).
+    checkpoint/checkpoint.pt; with pruning enabled also pruning.jsonl (one line per step: the
+    active heads per layer, and the importance at each decision). compact (default: when
+    pruning is enabled) writes model_compact.pt at the end, the final model without its pruned
+    heads' weights, readable by `load_checkpoint`. report(metrics, checkpoint_dir) is called
+    after every evaluation; checkpoint_dir is the folder holding the checkpoint written at that
+    evaluation, or None when none was written. resume continues exactly from a checkpoint (its
+    folder or file), pruning state included.
     Raises FloatingPointError, naming the step, when the loss stops being finite.
     """
     threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        return _train(config, out_dir, report, resume, progress)
+        if compact is None:
+            compact = config.pruning.enabled
+        return _train(config, out_dir, report, resume, progress, compact)
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
@@ -177,6 +195,7 @@ def _train(
     report: Report | None,
     resume: str | Path | None,
     progress: bool,
+    compact_model: bool,
 ) -> dict:
     t_start = time.perf_counter()
     device = resolve_device(config.device)
@@ -195,12 +214,16 @@ def _train(
 
     run_dir = Path(out_dir) if out_dir is not None else None
     ckpt_dir = run_dir / CHECKPOINT_DIR if run_dir is not None else None
-    metrics_file = None
+    metrics_file = pruning_file = None
+    pruner = state.pruner
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "config.yaml", "w") as f:
             yaml.safe_dump(to_dict(config), f, sort_keys=False)
-        metrics_file = open(run_dir / "metrics.jsonl", "a" if resume is not None else "w")
+        mode = "a" if resume is not None else "w"
+        metrics_file = open(run_dir / "metrics.jsonl", mode)
+        if pruner is not None:
+            pruning_file = open(run_dir / PRUNING_LOG, mode)
 
     is_mqar = config.data.source == "mqar"
     val_batches = [
@@ -223,7 +246,13 @@ def _train(
                 if step - start_step == config.throughput_warmup + 1:
                     clock.steady()
                 x, y = train_data.sample(config.batch_size, generator)
+                if pruner is not None:
+                    pruner.begin_step(step)
                 loss = train_step(state, x.to(device), y.to(device), lr_at(step, config))
+                if pruner is not None:
+                    record = pruner.end_step(step)
+                    if pruning_file is not None:
+                        pruning_file.write(json.dumps(record) + "\n")
                 clock.tick()
                 is_eval = step % config.eval_every == 0 or step == config.steps
                 if losses.add(step, loss, flush=is_eval) and bar is not None:
@@ -255,6 +284,7 @@ def _train(
                         "attn_flops": model.attn_flops_per_token(config.seq_len),
                         "active_heads": sum(heads),
                         "active_heads_per_layer": heads,
+                        "active_kv_heads_per_layer": model.active_kv_heads_per_layer(),
                         "elapsed_s": elapsed,
                         "lr": lr_at(step, config),
                         "params": model.num_params(),
@@ -266,15 +296,33 @@ def _train(
                     if metrics_file is not None:
                         metrics_file.write(json.dumps(metrics) + "\n")
                         metrics_file.flush()
+                    if pruning_file is not None:
+                        pruning_file.flush()
                     if report is not None:
                         report(dict(metrics), ckpt_dir if is_checkpoint else None)
                     if bar is not None:
                         bar.update(_TASK, val=f"{ev['val_loss']:.4f}")
                 clock.start()
     finally:
-        if metrics_file is not None:
-            metrics_file.close()
+        for f in (metrics_file, pruning_file):
+            if f is not None:
+                f.close()
+    if compact_model and run_dir is not None:
+        save_compact(run_dir / COMPACT_FILE, model, config)
     return metrics
+
+
+def save_compact(path: Path, model: LanguageModel, config: TrainConfig) -> Path:
+    """Write `compact(model)` with its TrainConfig (pruning off: its heads are already gone),
+    in the checkpoint format that `load_checkpoint` reads."""
+    small = compact(model)
+    config = dataclasses.replace(
+        config, model=small.cfg, pruning=dataclasses.replace(config.pruning, enabled=False)
+    )
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": small.state_dict(), "config": to_dict(config)}, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def save_checkpoint(
@@ -297,6 +345,7 @@ def save_checkpoint(
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if state.device.type == "cuda" else None,
         "config": to_dict(config),
+        "pruning": state.pruner.state_dict() if state.pruner is not None else None,
     }
     path = ckpt_dir / CHECKPOINT_FILE
     tmp = path.with_suffix(".tmp")
@@ -306,7 +355,8 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path) -> tuple[LanguageModel, TrainConfig]:
-    """The model (on CPU, in eval mode) and the TrainConfig stored in a checkpoint."""
+    """The model (on CPU, in eval mode) and the TrainConfig stored in a checkpoint (its folder
+    or file; also a model_compact.pt)."""
     payload = _read_checkpoint(Path(path))
     config = build(TrainConfig, payload["config"])
     model = build_model(config.model)
@@ -329,6 +379,11 @@ def _restore(
             f"checkpoint {path} is at step {step}: nothing left of steps={config.steps}"
         )
     state.raw_model.load_state_dict(payload["model"])
+    if state.pruner is not None and payload.get("pruning") is not None:
+        state.pruner.load_state_dict(payload["pruning"])
+    elif state.pruner is not None:
+        # pruning starts on a checkpoint written without it: masks as loaded, fresh scores
+        state.pruner = HeadPruner(state.raw_model, config.pruning, config.steps)
     state.optimizer.load_state_dict(payload["optimizer"])
     if state.scaler is not None and payload["scaler"] is not None:
         state.scaler.load_state_dict(payload["scaler"])

@@ -1,0 +1,388 @@
+"""Head pruning: what 30% fewer heads saves, what the importance hook costs, and whether the
+mask ramp (compensation) matters for the loss.
+
+    python bench/pruning.py                  # CUDA: 12 layers, d_model 768, 12 q / 4 KV heads
+                                             # of dim 64 (GPT-2-small class), T = 8192, bf16
+    python bench/pruning.py --tiny           # CPU, tiny sizes: checks that the script runs
+    python bench/pruning.py --json out.json  # where the JSON goes (default pruning_bench.json)
+
+Three parts, each a markdown table:
+1. one attention layer (projections + MLA op) and the MLA op alone, fwd and fwd+bwd, unpruned
+   against 30% of the query heads removed, in two patterns: `grouped` (whole GQA groups go
+   first, so their KV heads are dropped) and `scattered` (one head per group at a time, so
+   every KV head stays);
+2. a full training step (fwd + bwd + AdamW) and its peak memory for the same models, and the
+   cost of measuring importance: the unpruned step with and without the hook, run alternately;
+3. the ramp_steps ablation: short seeded runs on stdlib bytes, unpruned, pruned with the mask
+   cut at once (ramp 0) and pruned with a ramp, final validation loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+
+from automla.kernels import AttentionConfig, mla_attention
+from automla.trainers import (
+    DataConfig,
+    HeadPruner,
+    ModelConfig,
+    PruningConfig,
+    TrainConfig,
+    build_model,
+    train,
+)
+from automla.trainers.trainer import build_state, train_step
+
+
+def pattern(n_heads: int, n_kv: int, n_remove: int, grouped: bool) -> torch.Tensor:
+    """bool [n_heads]: heads kept after removing n_remove, whole groups first or spread."""
+    G = n_heads // n_kv
+    if grouped:
+        order = list(range(n_heads - 1, -1, -1))  # the last group empties first
+    else:
+        order = [g * G + (G - 1 - j) for j in range(G) for g in range(n_kv - 1, -1, -1)]
+    keep = torch.ones(n_heads, dtype=torch.bool)
+    keep[order[:n_remove]] = False
+    return keep
+
+
+def masks(cfg: ModelConfig, fraction: float, grouped: bool) -> list[torch.Tensor]:
+    """Per layer masks removing round(fraction * all heads), spread evenly over the layers."""
+    total = math.floor(fraction * cfg.n_heads * cfg.n_layers + 0.5)
+    per = [total // cfg.n_layers + (i < total % cfg.n_layers) for i in range(cfg.n_layers)]
+    return [pattern(cfg.n_heads, cfg.n_kv_heads, n, grouped) for n in per]
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median milliseconds of fn(), the device synchronised around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def bench_layer(model, mask, x, device, dtype, repeats) -> dict:
+    """One attention layer with `mask`: the module (projections + op) and the op alone."""
+    attn = model.blocks[0].attn
+    attn.set_head_mask(mask)
+    rot = model.rope[: x.shape[1]]
+    xg = x.detach().requires_grad_()
+
+    def module_fwd():
+        with torch.no_grad(), autocast(device, dtype):
+            attn(x, rot)
+
+    def module_fwd_bwd():
+        with autocast(device, dtype):
+            out = attn(xg, rot)
+        out.float().sum().backward()
+
+    lay = attn.layout(device)
+    B, T, D = x.shape[0], x.shape[1], attn.head_dim
+    op_dtype = dtype or torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=op_dtype, generator=g).requires_grad_()
+
+    q, k, v = rand(B, T, lay.n_slots, D), rand(B, T, lay.n_kv, D), rand(B, T, lay.n_kv, D)
+    gate = torch.rand(B, T, lay.n_slots, 3, device=device, dtype=op_dtype, generator=g)
+    gate.requires_grad_()
+
+    def op():
+        return mla_attention(
+            q, k, v, gate, model.cfg.mla, t_max=model.cfg.max_seq_len,
+            head_mask=lay.slot_mask, backend=model.cfg.attn_backend,
+        )  # fmt: skip
+
+    def op_fwd():
+        with torch.no_grad():
+            op()
+
+    def op_fwd_bwd():
+        op().float().sum().backward()
+
+    out = {
+        "active_heads": attn.active_heads(),
+        "active_kv_heads": attn.active_kv_heads(),
+        "layer_fwd_ms": timed(module_fwd, device, repeats),
+        "layer_fwd_bwd_ms": timed(module_fwd_bwd, device, repeats),
+        "op_fwd_ms": timed(op_fwd, device, repeats),
+        "op_fwd_bwd_ms": timed(op_fwd_bwd, device, repeats),
+    }
+    attn.set_head_mask(torch.ones(attn.n_heads, dtype=torch.bool))
+    return out
+
+
+def step_runner(config: TrainConfig, layer_masks, track: bool):
+    """A closure running one training step (fwd + bwd + AdamW) of a fresh model, and the model.
+
+    With `track`, a HeadPruner measures importance every step (no decision is ever due)."""
+    device = torch.device(config.device)
+    state = build_state(config, device)
+    if layer_masks is not None:
+        for block, m in zip(state.raw_model.blocks, layer_masks):
+            block.attn.set_head_mask(m)
+    pruner = None
+    if track:
+        cfg = PruningConfig(enabled=True, fraction=0.3, warmup_steps=10**9)
+        pruner = HeadPruner(state.raw_model, cfg, total_steps=10**9)
+    g = torch.Generator().manual_seed(0)
+    V = config.model.vocab_size
+    x = torch.randint(0, V, (config.batch_size, config.seq_len), generator=g).to(device)
+    y = torch.randint(0, V, (config.batch_size, config.seq_len), generator=g).to(device)
+    step = [0]
+
+    def one():
+        step[0] += 1
+        if pruner is not None:
+            pruner.begin_step(step[0])
+        train_step(state, x, y, 1e-4)
+        if pruner is not None:
+            pruner.end_step(step[0])
+
+    return one, state.raw_model
+
+
+def bench_step(config: TrainConfig, layer_masks, repeats: int) -> dict:
+    """Training step time (median) and peak memory of one model."""
+    device = torch.device(config.device)
+    one, model = step_runner(config, layer_masks, track=False)
+    one()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    ms = timed(one, device, repeats, warmup=1)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    out = {
+        "step_ms": ms,
+        "peak_mem_gb": peak,
+        "active_heads": sum(model.active_heads_per_layer()),
+        "active_kv_heads": sum(model.active_kv_heads_per_layer()),
+        "params": model.num_params(),
+    }
+    del one, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def hook_overhead(config: TrainConfig, repeats: int) -> dict:
+    """Step time without and with importance tracking, two models run alternately (order
+    swapped every pair) so that drifts of a shared machine cancel; the paired ratio's median."""
+    device = torch.device(config.device)
+    off, _ = step_runner(config, None, track=False)
+    on, _ = step_runner(config, None, track=True)
+    for fn in (off, on):
+        timed(fn, device, 1, warmup=1)
+    t_off, t_on, ratios = [], [], []
+    for i in range(repeats):
+        pair = [(off, t_off), (on, t_on)]
+        for fn, times in pair if i % 2 == 0 else pair[::-1]:
+            times.append(timed(fn, device, 1, warmup=0))
+        ratios.append(t_on[-1] / t_off[-1])
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {
+        "step_ms_off": statistics.median(t_off),
+        "step_ms_on": statistics.median(t_on),
+        "ratio_median": statistics.median(ratios),
+        "ratio_q1": q[0],
+        "ratio_q3": q[2],
+    }
+
+
+def ablation(args, device: torch.device) -> list[dict]:
+    """Final validation loss: unpruned, pruned with ramp 0, pruned with ramp args.ramp."""
+    model = model_config(args, args.ablation_seq, vocab=256)
+    rows = []
+    variants = [("unpruned", None), ("ramp_steps=0", 0), (f"ramp_steps={args.ramp}", args.ramp)]
+    steps = args.ablation_steps
+    for seed in range(args.seeds):
+        for name, ramp in variants:
+            pruning = PruningConfig()
+            if ramp is not None:
+                pruning = PruningConfig(
+                    enabled=True, fraction=args.fraction, warmup_steps=steps // 5,
+                    interval=max(1, steps // 20), end_step=3 * steps // 5, ramp_steps=ramp,
+                )  # fmt: skip
+            config = TrainConfig(
+                model=model, data=DataConfig(max_bytes=args.max_bytes), steps=steps,
+                batch_size=args.ablation_batch, seq_len=args.ablation_seq, lr=args.lr,
+                warmup_steps=max(1, steps // 20), eval_every=steps, eval_batches=8,
+                device=str(device), dtype=args.dtype, seed=seed, pruning=pruning,
+            )  # fmt: skip
+            m = train(config, compact=False)
+            rows.append(
+                {
+                    "variant": name,
+                    "seed": seed,
+                    "val_loss": m["val_loss"],
+                    "active_heads": m["active_heads"],
+                    "tokens_per_s": m["tokens_per_s"],
+                }
+            )
+            print(f"  ablation seed {seed} {name}: val_loss {m['val_loss']:.4f}", flush=True)
+    return rows
+
+
+def model_config(args, seq: int, vocab: int) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+        n_kv_heads=args.kv_heads, head_dim=args.head_dim, max_seq_len=seq,
+        mla=AttentionConfig(
+            budget=args.budget, ratios=tuple(args.ratios), block_size=args.block_size
+        ),
+        attn_backend=args.backend,
+    )  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="CPU, tiny sizes: a smoke run")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--d-model", type=int, default=768)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=50304, help="timing model's vocabulary")
+    ap.add_argument("--seq", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--budget", type=int, default=1536)
+    ap.add_argument("--ratios", type=float, nargs=3, default=[1 / 3, 1 / 6, 1 / 2])
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--fraction", type=float, default=0.3)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--ramp", type=int, default=50, help="ramp_steps of the ablation")
+    ap.add_argument("--ablation-steps", type=int, default=400)
+    ap.add_argument("--ablation-seq", type=int, default=1024)
+    ap.add_argument("--ablation-batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--max-bytes", type=int, default=8_000_000)
+    ap.add_argument("--skip-ablation", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default="pruning_bench.json")
+    args = ap.parse_args()
+    if args.tiny:
+        args.device = args.device or "cpu"
+        args.layers, args.d_model, args.heads, args.kv_heads, args.head_dim = 2, 64, 6, 3, 16
+        args.vocab, args.seq, args.batch, args.budget, args.block_size = 256, 256, 2, 64, 16
+        args.repeats, args.ramp, args.ablation_steps = 3, 10, 60
+        args.ablation_seq, args.ablation_batch, args.lr, args.max_bytes = 64, 8, 1e-2, 300_000
+        args.threads = args.threads or 1  # OpenMP threads spin badly on a busy shared CPU
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    dtype = getattr(torch, args.dtype) if device.type == "cuda" else None
+    dtype_name = args.dtype if device.type == "cuda" else "float32"
+
+    cfg = model_config(args, args.seq, args.vocab)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    x = torch.randn(args.batch, args.seq, args.d_model, device=device)
+    patterns = {
+        "unpruned": None,
+        "30% grouped": masks(cfg, args.fraction, grouped=True),
+        "30% scattered": masks(cfg, args.fraction, grouped=False),
+    }
+    layer_rows = []
+    for name, ms in patterns.items():
+        m = ms[0] if ms is not None else torch.ones(cfg.n_heads, dtype=torch.bool)
+        layer_rows.append({"model": name, **bench_layer(model, m, x, device, dtype, args.repeats)})
+    del model
+
+    train_cfg = TrainConfig(
+        model=cfg, steps=10**6, batch_size=args.batch, seq_len=args.seq, device=str(device),
+        dtype=args.dtype, data=DataConfig(),
+    )  # fmt: skip
+    step_rows = []
+    for name, ms in patterns.items():
+        step_rows.append({"model": name, **bench_step(train_cfg, ms, args.repeats)})
+    hook = hook_overhead(train_cfg, max(args.repeats, 2 * args.repeats))
+    ablation_rows = [] if args.skip_ablation else ablation(args, device)
+
+    title = (
+        f"{device.type}, {dtype_name}, {args.layers} layers, d_model {args.d_model}, "
+        f"{args.heads} q / {args.kv_heads} KV heads of {args.head_dim}, B={args.batch} "
+        f"T={args.seq}, budget {args.budget} ratios {tuple(round(r, 3) for r in args.ratios)} "
+        f"block {args.block_size}; {args.fraction:.0%} of heads removed"
+    )
+    print(f"\n{title}\n")
+    print(
+        "| layer 0 | q / KV heads | layer fwd ms | layer fwd+bwd ms | op fwd ms | op fwd+bwd ms |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    base = layer_rows[0]
+    for r in layer_rows:
+        rel = r["op_fwd_bwd_ms"] / base["op_fwd_bwd_ms"]
+        print(
+            f"| {r['model']} | {r['active_heads']} / {r['active_kv_heads']} "
+            f"| {r['layer_fwd_ms']:.2f} | {r['layer_fwd_bwd_ms']:.2f} "
+            f"| {r['op_fwd_ms']:.2f} | {r['op_fwd_bwd_ms']:.2f} ({rel:.2f}x) |"
+        )
+    print("\n| model | q / KV heads | params | step ms | peak GiB |")
+    print("| --- | --- | --- | --- | --- |")
+    base = step_rows[0]
+    for r in step_rows:
+        peak = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
+        rel = r["step_ms"] / base["step_ms"]
+        print(
+            f"| {r['model']} | {r['active_heads']} / {r['active_kv_heads']} | {r['params']:,} "
+            f"| {r['step_ms']:.1f} ({rel:.3f}x) | {peak} |"
+        )
+    print(
+        f"\nimportance tracking (unpruned): step {hook['step_ms_off']:.1f} ms off, "
+        f"{hook['step_ms_on']:.1f} ms on; paired ratio {hook['ratio_median']:.4f} "
+        f"(quartiles {hook['ratio_q1']:.3f}-{hook['ratio_q3']:.3f})"
+    )
+    if ablation_rows:
+        print(
+            f"\nramp ablation: {args.ablation_steps} steps, B={args.ablation_batch} "
+            f"T={args.ablation_seq}, stdlib bytes\n"
+        )
+        print("| variant | seeds | mean val_loss | active heads |")
+        print("| --- | --- | --- | --- |")
+        for name in dict.fromkeys(r["variant"] for r in ablation_rows):
+            rs = [r for r in ablation_rows if r["variant"] == name]
+            mean = statistics.mean(r["val_loss"] for r in rs)
+            print(f"| {name} | {len(rs)} | {mean:.4f} | {rs[0]['active_heads']} |")
+    with open(args.json, "w") as f:
+        json.dump(
+            {
+                "title": title,
+                "args": vars(args),
+                "layer": layer_rows,
+                "step": step_rows,
+                "hook_overhead": hook,
+                "ablation": ablation_rows,
+            },
+            f,
+            indent=2,
+        )
+
+
+if __name__ == "__main__":
+    main()

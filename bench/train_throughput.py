@@ -1,0 +1,129 @@
+"""Training throughput of the LM with MLA against the same LM with dense SDPA attention.
+
+    python bench/train_throughput.py [--seq 8192 32768] [--steps 8] [--json out.json]
+    python bench/train_throughput.py --tiny            # a CPU smoke run of the script itself
+
+One full training step (forward, backward, clipping, AdamW) on one sequence of each length, bf16
+autocast on CUDA; the median step time after warm-up gives tokens/s; peak memory is
+torch.cuda.max_memory_allocated over the timed steps. Prints a markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from automla.kernels import AttentionConfig
+from automla.trainers import DataConfig, ModelConfig, TrainConfig
+from automla.trainers.trainer import build_state, train_step
+
+
+def nsa_sized(T: int) -> AttentionConfig:
+    """Window 512, 16 selected blocks of 64, global stride 64 at length T (as bench/attention.py)."""
+    g = T // 64
+    budget = 512 + g + 1024
+    return AttentionConfig(
+        budget=budget, ratios=(512 / budget, g / budget, 1024 / budget), block_size=64
+    )
+
+
+def model_config(attention: str, T: int, tiny: bool) -> ModelConfig:
+    if tiny:
+        size = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2)
+    else:
+        # GPT-2 small sized: ~124M parameters with a 50k vocabulary
+        size = dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4)
+    mla = nsa_sized(T) if not tiny else AttentionConfig(budget=64, block_size=16)
+    return ModelConfig(**size, max_seq_len=T, attention=attention, mla=mla)
+
+
+def measure(attention: str, T: int, steps: int, warmup: int, tiny: bool, device: torch.device):
+    cfg = TrainConfig(
+        model=model_config(attention, T, tiny),
+        data=DataConfig(),
+        steps=steps,
+        batch_size=1,
+        seq_len=T,
+        dtype="bfloat16",
+        device=str(device),
+    )
+    state = build_state(cfg, device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    vocab = cfg.model.vocab_size
+    x = torch.randint(0, vocab, (1, T), generator=gen).to(device)
+    y = torch.randint(0, vocab, (1, T), generator=gen).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        train_step(state, x, y, 1e-4)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = train_step(state, x, y, 1e-4)
+        sync()
+        times.append(time.perf_counter() - t0)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{attention} at T={T}: loss {loss.item()}")
+    step_s = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    params = sum(p.numel() for p in state.raw_model.parameters())
+    del state
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "attention": attention,
+        "T": T,
+        "params": params,
+        "step_ms": step_s * 1e3,
+        "tokens_per_s": T / step_s,
+        "peak_mem_gb": peak,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="small model on CPU: checks the script")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    seqs = [128, 256] if args.tiny else args.seq
+    rows = []
+    for T in seqs:
+        for attention in ("dense", "mla"):
+            rows.append(measure(attention, T, args.steps, args.warmup, args.tiny, device))
+            r = rows[-1]
+            print(f"{attention:5s} T={T:6d} {r['step_ms']:9.1f} ms/step {r['tokens_per_s']:10.0f} tok/s")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"\n{name}, torch {torch.__version__}, params {rows[0]['params'] / 1e6:.1f}M, batch 1\n")
+    print("| T | attention | step ms | tokens/s | peak GB | MLA/dense tokens/s | MLA/dense memory |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for dense, mla in zip(rows[::2], rows[1::2]):
+        for r in (dense, mla):
+            ratio = ""
+            if r is mla:
+                ratio = (
+                    f"{mla['tokens_per_s'] / dense['tokens_per_s']:.2f}x | "
+                    f"{mla['peak_mem_gb'] / dense['peak_mem_gb']:.2f}x"
+                )
+            else:
+                ratio = " | "
+            print(
+                f"| {r['T']} | {r['attention']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
+                f"{r['peak_mem_gb']:.2f} | {ratio} |"
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
