@@ -1,0 +1,211 @@
+"""The `automla` command: search, report, export, train.
+
+A thin face over the library: every command parses its arguments, calls one function, and turns
+the library's own errors (a bad space file, a missing run folder, a bad --where) into one line on
+stderr and exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  automla search --space search_spaces/default.yaml
+  automla report runs/<run>
+  automla export runs/<run> --pick knee -o best.yaml
+  automla train --config best.yaml
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `automla` command; exits with the command's status."""
+    sys.exit(run(argv))
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run one command and return its exit status (0 ok, 1 failed run, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from automla.export import ExportError
+    from automla.report import RunError
+    from automla.schema import SpaceError
+    from automla.trainers.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (SpaceError, RunError, ExportError, ConfigError, FileExistsError) as e:
+        print(f"automla {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"automla {args.command}: the run diverged: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"automla {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="automla",
+        description="Architecture search for Multi-Level Attention (local + global + sparse) "
+        "language models, on Ray Tune and Optuna.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "search",
+        help="run a search described by a space file",
+        description="Run a multi-objective search: Ray Tune runs the trials, Optuna proposes "
+        "them. Starts a local Ray with its dashboard (or joins --address / RAY_ADDRESS) and "
+        "writes the run folder OUT/NAME: space.yaml, trials.csv, pareto.json, pareto.png, "
+        "study.db, hypervolume.csv, search.log, ray/.",
+    )
+    p.add_argument("--space", required=True, metavar="FILE", help="search-space YAML file")
+    p.add_argument("--name", help="run name (default: <space file stem>-<date>-<time>)")
+    p.add_argument(
+        "--out", default="runs", metavar="DIR", help="parent of the run folder (default: runs)"
+    )
+    p.add_argument("--trials", type=int, metavar="N", help="override the file's trial budget")
+    p.add_argument(
+        "--address",
+        metavar="A",
+        help="join this Ray cluster instead of starting one (default: RAY_ADDRESS if set)",
+    )
+    p.set_defaults(func=_search)
+
+    p = sub.add_parser(
+        "report",
+        help="print the Pareto front of a run and redraw its plot",
+        description="Print the Pareto front of a run folder (a table, or JSON with --json) "
+        "and rewrite trials.csv, pareto.json, hypervolume.csv and pareto.png from trials.json.",
+    )
+    p.add_argument("run", metavar="RUN", help="a run folder, e.g. runs/default-20250101-120000")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser(
+        "export",
+        help="write one trial's complete trainer config",
+        description="Pick one completed trial and write its complete trainer config "
+        "(YAML, ready for `automla train --config`).",
+    )
+    p.add_argument("run", metavar="RUN", help="a run folder")
+    p.add_argument(
+        "--pick",
+        default="knee",
+        metavar="P",
+        help="knee (of the Pareto front), min:METRIC or max:METRIC (default: knee)",
+    )
+    p.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="COND",
+        help="keep trials with e.g. 'val_loss<=3.1' (ops: < <= > >= == !=; "
+        "repeat or join with commas)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        default="best.yaml",
+        metavar="FILE",
+        help="where to write the config (default: best.yaml)",
+    )
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "train",
+        help="train one configuration (e.g. an exported one)",
+        description="Train the model of a trainer config file with a progress bar; the run "
+        "folder receives config.yaml, metrics.jsonl and checkpoint/checkpoint.pt.",
+    )
+    p.add_argument("--config", required=True, metavar="F", help="trainer config YAML")
+    p.add_argument(
+        "--out", metavar="DIR", help="run folder (default: runs/train-<stem>-<date>-<time>)"
+    )
+    p.add_argument("--steps", type=int, metavar="N", help="override the number of steps")
+    p.set_defaults(func=_train)
+    return parser
+
+
+def _search(args: argparse.Namespace) -> int:
+    from automla import schema
+    from automla.runner import default_name, run_search
+
+    config = schema.load(args.space)
+    name = args.name or default_name(args.space)
+    run_search(config, args.out, name, trials=args.trials, address=args.address, console=_console())
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from automla.report import report
+
+    report(args.run, as_json=args.json, console=_console())
+    return 0
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console.width = 120  # a log file is not an 80-column terminal
+    return console
+
+
+def _export(args: argparse.Namespace) -> int:
+    from automla.export import export
+
+    record, path = export(args.run, args.pick, args.output, args.where)
+    metrics = ", ".join(
+        f"{k}={v:.4g}" for k, v in record["metrics"].items() if k in ("val_loss", "tokens_per_s")
+    )
+    print(f"trial {record['trial_id']} ({record.get('label', '')}; {metrics}) -> {path}")
+    print(f"train it: automla train --config {path}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import yaml
+    from rich.console import Console
+    from rich.table import Table
+
+    from automla.trainers import train
+    from automla.trainers.config import ConfigError, TrainConfig, build, to_dict
+
+    path = Path(args.config)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError("", f"{path}: cannot read the file ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    try:
+        config = build(TrainConfig, data)
+        if args.steps is not None:
+            config = build(TrainConfig, {**to_dict(config), "steps": args.steps})
+    except ConfigError as e:
+        raise ConfigError("", f"{path}: {e}") from None
+    out = Path(args.out or f"runs/train-{path.stem}-{datetime.now():%Y%m%d-%H%M%S}")
+    metrics = train(config, out_dir=out, progress=True)
+    table = Table(title=f"final metrics ({out})", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)):
+            table.add_row(k, f"{v:,.4g}" if isinstance(v, float) else str(v))
+    Console().print(table)
+    print(f"checkpoint: {out / 'checkpoint'}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

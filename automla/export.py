@@ -1,0 +1,134 @@
+"""Pick one configuration off a run and write it as a complete trainer config file.
+
+`--where` filters the completed trials first (`val_loss<=3.1`, `tokens_per_s>20000`, several
+joined by commas or given more than once; names are metrics or searched settings as in
+trials.csv). `--pick` then chooses: `knee` (of the Pareto front of what is left),
+`min:METRIC` or `max:METRIC` (over everything left).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from automla import pareto
+from automla.report import completed, load_run
+from automla.trainers.config import TrainConfig, build, to_dict
+
+_OPS = {
+    "<=": operator.le,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    ">": operator.gt,
+}
+_CONDITION = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=|==|!=|<|>)\s*(\S+)\s*$")
+
+
+class ExportError(ValueError):
+    """A bad --pick or --where, or nothing left to pick from."""
+
+
+def parse_where(expressions: Sequence[str]) -> list[tuple[str, str, float]]:
+    """`['val_loss<=3.1, tokens_per_s>1e4']` -> [(name, op, value), ...]."""
+    out = []
+    for expr in expressions:
+        for part in expr.split(","):
+            if not part.strip():
+                continue
+            m = _CONDITION.match(part)
+            if not m:
+                raise ExportError(
+                    f"--where {part.strip()!r}: expected NAME OP NUMBER with OP one of "
+                    f"{' '.join(_OPS)}, e.g. 'val_loss<=3.1'"
+                )
+            name, op, raw = m.groups()
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ExportError(f"--where {part.strip()!r}: {raw!r} is not a number") from None
+            out.append((name, op, value))
+    return out
+
+
+def parse_pick(pick: str) -> tuple[str, str | None]:
+    """'knee' -> ('knee', None); 'min:val_loss' -> ('min', 'val_loss')."""
+    if pick == "knee":
+        return "knee", None
+    kind, _, metric = pick.partition(":")
+    if kind not in ("min", "max") or not metric:
+        raise ExportError(f"--pick {pick!r}: expected knee, min:METRIC or max:METRIC")
+    return kind, metric
+
+
+def select(
+    trials: list[dict[str, Any]],
+    metrics: list[str],
+    modes: list[str],
+    pick: str,
+    where: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The chosen trial record among the completed `trials`."""
+    kind, target = parse_pick(pick)
+    conditions = parse_where(where)
+    pool = completed(trials, metrics)
+    if not pool:
+        raise ExportError("the run has no completed trial to pick from")
+    names = sorted({k for t in pool for k, v in _fields(t).items() if _number(v)})
+    for name, _, _ in conditions:
+        if name not in names:
+            raise ExportError(f"--where: unknown name {name!r}; expected one of {', '.join(names)}")
+    if target is not None and target not in names:
+        raise ExportError(f"--pick: unknown metric {target!r}; expected one of {', '.join(names)}")
+    left = [
+        t
+        for t in pool
+        if all(_number(_fields(t).get(n)) and _OPS[op](_fields(t)[n], v) for n, op, v in conditions)
+    ]
+    if not left:
+        shown = ", ".join(f"{n}{op}{v:g}" for n, op, v in conditions)
+        raise ExportError(f"no completed trial satisfies {shown} ({len(pool)} completed)")
+    if kind == "knee":
+        points = [[t["metrics"][m] for m in metrics] for t in left]
+        return left[pareto.knee(points, modes)]
+    candidates = [t for t in left if _number(_fields(t).get(target))]
+    if not candidates:
+        raise ExportError(f"--pick: no remaining trial reports {target!r}")
+    sign = 1 if kind == "min" else -1
+    return min(candidates, key=lambda t: sign * _fields(t)[target])
+
+
+def export(
+    run_dir: str | Path, pick: str, out: str | Path, where: Sequence[str] = ()
+) -> tuple[dict[str, Any], Path]:
+    """Write the chosen trial's full TrainConfig to `out` (YAML); returns (record, path)."""
+    config, trials = load_run(run_dir)
+    record = select(trials, config.metrics, config.modes, pick, where)
+    train_config = build(TrainConfig, record["config"])  # validates what is written
+    path = Path(out)
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    header = (
+        f"# AutoMLA export: trial {record['trial_id']} of {Path(run_dir).name}, pick {pick}"
+        + (f", where {' and '.join(where)}" if where else "")
+        + "\n# "
+        + ", ".join(f"{m}={record['metrics'][m]:.6g}" for m in config.metrics)
+        + "\n"
+    )
+    path.write_text(header + yaml.safe_dump(to_dict(train_config), sort_keys=False))
+    return record, path
+
+
+def _fields(t: dict[str, Any]) -> dict[str, Any]:
+    return {**t.get("params", {}), **t.get("metrics", {})}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -1,0 +1,542 @@
+"""Run a search: Ray Tune trials proposed by a multi-objective OptunaSearch.
+
+`run_search` starts a local Ray with its dashboard (or joins `address` / RAY_ADDRESS), keeps the
+Optuna study in `<run>/study.db`, runs every trial as a thin wrapper around
+`automla.trainers.train`, shows live progress, and writes the run folder (see `report`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+import yaml
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from automla import report as report_mod
+from automla.schema import Domain, SearchConfig, SpaceError, to_yaml_dict
+from automla.space import apply, decode, define_by_run, flat_values, ratio_label
+from automla.trainers.config import ConfigError, to_dict
+
+TrainFn = Callable[..., dict]
+
+# Ray's INFO lines would tear through the live table.
+_RAY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air")
+
+
+def default_name(space_file: str | Path) -> str:
+    """`<space stem>-<YYYYmmdd-HHMMSS>`."""
+    return f"{Path(space_file).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def run_search(
+    config: SearchConfig,
+    out_dir: str | Path,
+    name: str,
+    trials: int | None = None,
+    address: str | None = None,
+    *,
+    train_fn: TrainFn | None = None,
+    console: Console | None = None,
+) -> Path:
+    """Run the search described by `config`; returns the run folder `out_dir/name`.
+
+    Args:
+        trials: overrides `config.trials`.
+        address: a Ray cluster to join; None starts a local Ray with its dashboard unless
+            RAY_ADDRESS is set.
+        train_fn: the trainer (default `automla.trainers.train`); it must be importable or
+            picklable by value in Ray's workers.
+    """
+    console = console or Console()
+    if trials is not None and trials < 1:
+        raise SpaceError(config.source, "trials", f"expected an integer >= 1, got {trials}")
+    config = dataclasses.replace(
+        config, trials=trials or config.trials, fixed=copy.deepcopy(config.fixed)
+    )
+    sampler = make_sampler(config)
+    run_dir = Path(out_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir} already exists; choose another --name or --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_dir.resolve()
+    _absolute_paths(config)
+    (run_dir / "space.yaml").write_text(yaml.safe_dump(to_yaml_dict(config), sort_keys=False))
+    log = _log_to(run_dir / "search.log")
+    log.info(
+        "search %s: %d trials, concurrency %d, space %s",
+        name,
+        config.trials,
+        config.concurrency,
+        config.source,
+    )
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    started = time.time()
+    ctx = _start_ray(address)
+    try:
+        url = f"http://{ctx.dashboard_url}" if ctx.dashboard_url else None
+        _print_banner(console, run_dir, url, address)
+        log.info("ray dashboard: %s; ray session: %s", url, ctx.address_info.get("session_dir"))
+        with _ray_output_to(log):
+            searcher = _OptunaSearch(
+                space=define_by_run(config.space),
+                metric=config.metrics,
+                mode=config.modes,
+                sampler=sampler,
+                study_name=name,
+                storage=optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'study.db'}"),
+            )
+            trainable = tune.with_resources(
+                tune.with_parameters(
+                    _trial,
+                    fixed=config.fixed,
+                    space=config.space,
+                    cpus=config.resources.cpus,
+                    train_fn=train_fn,
+                ),
+                {"cpu": config.resources.cpus, "gpu": config.resources.gpus},
+            )
+            progress = _Progress(console, config, name, started, log)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    num_samples=config.trials,
+                    max_concurrent_trials=config.concurrency,
+                    trial_dirname_creator=_trial_dirname,
+                    # a fresh worker per trial would re-import torch each time (seconds on CPU)
+                    reuse_actors=True,
+                ),
+                run_config=tune.RunConfig(
+                    name="ray",
+                    storage_path=str(run_dir),
+                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    # trials write into a staging folder; bring train/, stdout, stderr home
+                    sync_config=tune.SyncConfig(sync_artifacts=True),
+                    callbacks=[progress],
+                    verbose=0,
+                    log_to_file=True,
+                ),
+            )
+            with progress:
+                results = tuner.fit()
+        records = _records(results, config, searcher)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    (run_dir / "trials.json").write_text(json.dumps(records, indent=1) + "\n")
+    summary = report_mod.write_outputs(run_dir, config, records)
+    wall = time.time() - started
+    log.info(
+        "done in %.1f s: %d completed, %d failed", wall, summary["completed"], summary["failed"]
+    )
+    console.print(report_mod.front_table(summary, name))
+    console.print(
+        f"{summary['trials']} trials ({summary['completed']} completed, {summary['failed']} "
+        f"failed) in {_duration(wall)} · hypervolume {summary['hypervolume']:.4f} · "
+        f"run folder {run_dir}"
+    )
+    return run_dir
+
+
+def make_sampler(config: SearchConfig) -> Any:
+    """The seeded Optuna sampler named in the file."""
+    s = config.sampler
+    startup = s.startup_trials
+    if startup is None:
+        # the samplers' defaults (10, 50) would leave a small budget entirely random
+        startup = max(2, min(10, config.trials // 2))
+    if s.name == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=s.seed, n_startup_trials=startup, multivariate=True, constant_liar=True
+        )
+    if s.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(2, startup))
+    if s.name == "gp":
+        try:
+            import scipy  # noqa: F401
+        except ImportError:
+            raise SpaceError(
+                config.source,
+                "sampler.name",
+                "'gp' needs scipy, which is not installed (pip install scipy)",
+            ) from None
+        return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=startup)
+    return optuna.samplers.RandomSampler(seed=s.seed)
+
+
+def _trial(
+    params: dict[str, Any],
+    *,
+    fixed: dict[str, Any],
+    space: dict[str, Domain],
+    cpus: float,
+    train_fn: TrainFn | None,
+) -> None:
+    """One Ray Tune trial: build the config, train, forward every evaluation to Tune."""
+    import torch
+
+    threads = max(1, int(cpus))
+    torch.set_num_threads(threads)
+    config = apply(fixed, decode(space, params))
+    if config.threads is None:
+        config.threads = threads
+    if train_fn is None:
+        from automla.trainers import train as train_fn
+    trial_dir = Path(tune.get_context().get_trial_dir())
+
+    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+        for key in ("train_loss", "val_loss"):
+            v = metrics.get(key)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise FloatingPointError(f"{key} is {v} at step {metrics.get('step')}")
+        checkpoint = None
+        if checkpoint_dir is not None:
+            checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir))
+        tune.report(dict(metrics), checkpoint=checkpoint)
+
+    train_fn(config, out_dir=trial_dir / "train", report=report)
+
+
+def _records(results: Any, config: SearchConfig, searcher: _OptunaSearch) -> list[dict]:
+    """One record per trial: id, state, reason, searched values, final metrics, full config."""
+    metrics = config.metrics
+    records = []
+    for result in results:
+        params = dict(result.config or {})
+        trial_id = _trial_id(result)
+        record: dict[str, Any] = {
+            "trial_id": trial_id,
+            "optuna_trial": searcher.numbers.get(trial_id),
+            "state": report_mod.COMPLETED,
+            "reason": "",
+            "label": "",
+            "params": {},
+            "metrics": {},
+            "config": None,
+            "finished": None,
+            "path": str(result.path) if result.path else None,
+        }
+        try:
+            values = decode(config.space, params)
+            trial_config = apply(config.fixed, values)
+            record["config"] = to_dict(trial_config)
+            record["params"] = flat_values(trial_config, config.space)
+            record["label"] = ratio_label(trial_config.model.mla.ratios)
+        except (ConfigError, ValueError) as e:
+            record["params"] = {k: v for k, v in params.items()}
+            record["state"], record["reason"] = report_mod.FAILED, f"invalid config: {e}"
+        last = result.metrics or {}
+        record["metrics"] = {k: last[k] for k in _metric_keys(last)}
+        record["finished"] = last.get("timestamp")
+        if result.error is not None:
+            record["state"], record["reason"] = report_mod.FAILED, _reason(result.error)
+        elif record["state"] == report_mod.COMPLETED:
+            missing = [m for m in metrics if not report_mod.finite_number(record["metrics"].get(m))]
+            steps = (record["config"] or {}).get("steps")
+            if missing:
+                record["state"] = report_mod.FAILED
+                record["reason"] = f"no finite {', '.join(missing)} reported"
+            elif steps and record["metrics"].get("step", steps) < steps:
+                # interrupted (Ctrl-C): its metrics are those of a shorter run
+                record["state"] = report_mod.STOPPED
+                record["reason"] = f"stopped at step {record['metrics']['step']} of {steps}"
+        records.append(record)
+    records.sort(key=lambda r: (r["optuna_trial"] is None, r["optuna_trial"] or 0, r["trial_id"]))
+    return records
+
+
+def _metric_keys(last: dict[str, Any]) -> list[str]:
+    keys = [k for k in last if k in report_mod.METRICS]
+    keys += [k for k in ("active_heads_per_layer", "time_total_s") if k in last]
+    return keys
+
+
+def _trial_id(result: Any) -> str:
+    tid = (result.metrics or {}).get("trial_id")
+    if tid:
+        return str(tid)
+    return Path(str(result.path)).name.removeprefix("trial_") if result.path else "?"
+
+
+def _reason(error: BaseException) -> str:
+    """The root cause in one line: 'FloatingPointError: val_loss is nan at step 40'."""
+    cause: BaseException | None = error
+    seen = set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        nxt = getattr(cause, "cause", None) or cause.__cause__
+        if nxt is None:
+            break
+        cause = nxt
+    text = str(cause or error).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # Ray's RayTaskError text ends with the original 'Type: message' line
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head:
+            return ln[:300]
+    name = type(cause or error).__name__
+    return f"{name}: {lines[-1] if lines else ''}"[:300]
+
+
+def _start_ray(address: str | None) -> Any:
+    for name in _RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if address:
+        return ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    # A new local cluster keeps Ray's default: token authentication on (~/.ray/auth_token).
+    return ray.init(
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+
+
+def _print_banner(console: Console, run_dir: Path, url: str | None, address: str | None) -> None:
+    from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR
+
+    rel = os.path.relpath(run_dir)
+    where = f"joined {address}" if address else "local Ray"
+    if url:
+        console.print(f"[bold]Ray dashboard[/] ({where}): {url}")
+        if os.environ.get(AUTH_MODE_ENV_VAR, "token").lower() == "token":
+            console.print(
+                "  token-protected: run `ray get-auth-token` (or read ~/.ray/auth_token) and "
+                "paste it when the page asks; API clients send "
+                "`Authorization: Bearer <token>`"
+            )
+    else:
+        console.print(f"[yellow]Ray dashboard not available[/] ({where})")
+    console.print(f"[bold]Optuna dashboard[/]: optuna-dashboard sqlite:///{rel}/study.db")
+    console.print(f"[bold]Run folder[/]: {rel}")
+
+
+class _OptunaSearch(OptunaSearch):
+    """OptunaSearch that records every trial's outcome in the study: a failed trial, or one that
+    reported a NaN or no objective, is told FAIL (the stock searcher leaves it RUNNING when
+    Optuna rejects the values); the Ray trial id is kept as a user attribute."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.numbers: dict[str, int] = {}
+
+    def suggest(self, trial_id: str) -> dict | None:
+        params = super().suggest(trial_id)
+        ot_trial = self._ot_trials[trial_id]
+        ot_trial.set_user_attr("ray_trial_id", trial_id)
+        self.numbers[trial_id] = ot_trial.number
+        return params
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        from optuna.trial import TrialState
+
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        values = [(result or {}).get(m) for m in self._metric]
+        ok = not error and all(report_mod.finite_number(v) for v in values)
+        if not ok:
+            ot_trial.set_user_attr("failure", "error" if error else f"objectives {values}")
+        self._ot_study.tell(
+            ot_trial, values if ok else None, state=TrialState.COMPLETE if ok else TrialState.FAIL
+        )
+        self._completed_trials.add(trial_id)
+
+
+class _Progress(tune.Callback):
+    """Live progress: a rich table on a terminal, one line per event otherwise."""
+
+    def __init__(
+        self, console: Console, config: SearchConfig, name: str, started: float, log: logging.Logger
+    ):
+        self.console = console
+        self.config = config
+        self.name = name
+        self.started = started
+        self.log = log
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.live = (
+            Live(
+                console=console, refresh_per_second=2, get_renderable=self._render, transient=False
+            )
+            if console.is_terminal
+            else None
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment state; the display does not travel.
+        return {k: v for k, v in self.__dict__.items() if k not in ("console", "live", "log")}
+
+    def __enter__(self) -> _Progress:
+        if self.live:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live:
+            self.live.stop()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        row = self._row(trial)
+        row["state"] = "running"
+        self._event(f"start  {trial.trial_id}  {row['desc']}")
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        self._row(trial)["last"] = result
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        row = self._row(trial)
+        row["state"] = "done"
+        last = row.get("last") or {}
+        shown = " ".join(f"{m}={_num(last.get(m))}" for m in self.config.metrics)
+        self._event(f"done   {trial.trial_id}  {shown}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        row = self._row(trial)
+        row["state"] = "failed"
+        reason = ""
+        try:  # the error files are still in the driver's staging folder at this point
+            if trial.pickled_error_file and os.path.exists(trial.pickled_error_file):
+                with open(trial.pickled_error_file, "rb") as f:
+                    reason = _reason(ray.cloudpickle.load(f))
+        except Exception:  # cosmetic here; trials.csv records the reason from the results
+            pass
+        row["reason"] = reason
+        self._event(f"FAILED {trial.trial_id}  {reason}")
+
+    def _row(self, trial: Any) -> dict[str, Any]:
+        if trial.trial_id not in self.rows:
+            desc = ""
+            try:
+                cfg = apply(self.config.fixed, decode(self.config.space, trial.config))
+                values = flat_values(cfg, self.config.space)
+                desc = " ".join(
+                    [ratio_label(cfg.model.mla.ratios)]
+                    + [
+                        f"{report_mod.short_name(k)}={v}"
+                        for k, v in values.items()
+                        if not k.startswith("model.mla.ratios.")
+                    ]
+                )
+            except Exception as e:  # shown as failed by the trial itself
+                desc = f"(invalid: {e})"
+            self.rows[trial.trial_id] = {"desc": desc, "state": "pending", "last": None}
+        return self.rows[trial.trial_id]
+
+    def _event(self, text: str) -> None:
+        self.log.info(text)
+        if not self.live:
+            self.console.print(f"[{_duration(time.time() - self.started)}] {text}", highlight=False)
+
+    def _render(self) -> Group:
+        states = [r["state"] for r in self.rows.values()]
+        done, failed = states.count("done"), states.count("failed")
+        running = states.count("running")
+        head = Text(
+            f"search {self.name} · {done + failed}/{self.config.trials} finished "
+            f"({done} completed, {failed} failed, {running} running) · "
+            f"{_duration(time.time() - self.started)}"
+        )
+        table = Table(box=None, pad_edge=False)
+        for col in ("trial", "state", "config", "step", *self.config.metrics):
+            table.add_column(
+                col, justify="right" if col not in ("trial", "state", "config") else "left"
+            )
+        for tid, r in list(self.rows.items())[-14:]:
+            last = r.get("last") or {}
+            style = {"failed": "red", "running": "cyan", "done": None}.get(r["state"])
+            table.add_row(
+                tid,
+                r["state"],
+                r["desc"] if r["state"] != "failed" else r.get("reason", "")[:70],
+                _num(last.get("step")),
+                *[_num(last.get(m)) for m in self.config.metrics],
+                style=style,
+            )
+        return Group(head, table)
+
+
+@contextlib.contextmanager
+def _ray_output_to(log: logging.Logger) -> Iterator[None]:
+    """Send Ray's and Optuna's log lines to search.log while the live display runs, and use
+    Tune's quiet legacy output (the new engine prints every trial's error block)."""
+    ray_log = logging.getLogger("ray")
+    saved = ray_log.handlers[:]
+    ray_log.handlers = log.handlers[:]
+    env = {
+        "RAY_AIR_NEW_OUTPUT": "0",
+        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    }
+    old_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    optuna_level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        ray_log.handlers = saved
+        optuna.logging.set_verbosity(optuna_level)
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _absolute_paths(config: SearchConfig) -> None:
+    # trials may run in another working directory
+    data = config.fixed.get("data", {})
+    if data.get("path") and not os.path.isabs(data["path"]):
+        data["path"] = os.path.abspath(data["path"])
+
+
+def _log_to(path: Path) -> logging.Logger:
+    log = logging.getLogger(f"automla.search.{path.parent.name}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.handlers = [handler]
+    return log
+
+
+def _num(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s"

@@ -1,0 +1,673 @@
+"""Search-space files: YAML -> a validated, typed `SearchConfig`.
+
+A file names the objectives, the sampler, the trial budget and concurrency, the resources of
+one trial, the fixed `data` / `train` / `model` settings of the trainer, and the `space`: dotted
+TrainConfig paths mapped to domains. Every problem raises `SpaceError` naming the file, the key
+path and what was expected, before anything starts.
+
+```yaml
+objectives: [{metric: val_loss, mode: min}, {metric: tokens_per_s, mode: max}]
+sampler: {name: tpe, seed: 0}
+trials: 16
+concurrency: 2
+resources: {cpus: 1, gpus: 0}
+data: {source: stdlib}
+train: {steps: 100, seq_len: 512}
+model: {d_model: 64, max_seq_len: 512}
+space:
+  model.mla.ratios: {simplex: {min_share: 0.1}}
+  model.mla.budget: {choice: [64, 128, 256]}
+  lr: {loguniform: [1.0e-3, 1.0e-2]}
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from automla.trainers.config import ConfigError, TrainConfig, build
+
+Mode = Literal["min", "max"]
+SamplerName = Literal["tpe", "nsga2", "gp", "random"]
+
+METRICS = (
+    "val_loss",
+    "val_ppl",
+    "train_loss",
+    "tokens_per_s",
+    "peak_mem_gb",
+    "attn_flops",
+    "active_heads",
+    "elapsed_s",
+    "tokens",
+    "step",
+    "mqar_acc",
+)
+"""Scalar metrics the trainer reports; objectives and filters name these."""
+
+SECTIONS = (
+    "objectives",
+    "sampler",
+    "trials",
+    "concurrency",
+    "resources",
+    "data",
+    "train",
+    "model",
+    "space",
+)
+
+
+class SpaceError(ValueError):
+    """A search-space file is wrong: `file`, the dotted key `path` in it, and what was expected."""
+
+    def __init__(self, file: str, path: str, message: str):
+        self.file = file
+        self.path = path
+        self.message = message
+        where = f"{file}: {path}" if path else file
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(kw_only=True)
+class Objective:
+    """One objective: a reported metric and whether it is minimised or maximised."""
+
+    metric: str
+    mode: Mode
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ConfigError(
+                "metric", f"unknown metric {self.metric!r}; expected one of {', '.join(METRICS)}"
+            )
+
+
+@dataclass(kw_only=True)
+class Sampler:
+    """The Optuna sampler that proposes trials."""
+
+    name: SamplerName = "tpe"
+    seed: int = 0
+    startup_trials: int | None = None
+    """Random trials before the model kicks in (TPE/GP n_startup_trials, NSGA-II population);
+    None keeps the sampler's default, capped at half the trial budget."""
+
+    def __post_init__(self) -> None:
+        if self.startup_trials is not None and self.startup_trials < 1:
+            raise ConfigError("startup_trials", f"must be >= 1, got {self.startup_trials}")
+
+
+@dataclass(kw_only=True)
+class Resources:
+    """What one trial reserves from Ray."""
+
+    cpus: float = 1.0
+    """Also the trial's torch thread count (at least 1)."""
+    gpus: float = 0.0
+    """Fractional below 1 (trials share a GPU), whole numbers above."""
+
+    def __post_init__(self) -> None:
+        if self.cpus <= 0:
+            raise ConfigError("cpus", f"must be > 0, got {self.cpus}")
+        if self.gpus < 0:
+            raise ConfigError("gpus", f"must be >= 0, got {self.gpus}")
+        if self.gpus > 1 and self.gpus != int(self.gpus):
+            raise ConfigError("gpus", f"above 1 must be a whole number, got {self.gpus}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class Uniform:
+    lo: float
+    hi: float
+
+
+@dataclass(kw_only=True, frozen=True)
+class LogUniform:
+    lo: float
+    hi: float
+
+
+@dataclass(kw_only=True, frozen=True)
+class IntRange:
+    lo: int
+    hi: int
+    step: int = 1
+    log: bool = False
+
+
+@dataclass(kw_only=True, frozen=True)
+class Choice:
+    values: tuple[Any, ...]
+
+
+@dataclass(kw_only=True, frozen=True)
+class Simplex:
+    """Shares summing to 1 (the ratios): one uniform weight per component, normalised; shares
+    below `min_share` are snapped to 0 so the sampler can reach corners where a branch is
+    absent (see `automla.space.simplex_shares`)."""
+
+    min_share: float = 0.05
+
+
+Domain = Uniform | LogUniform | IntRange | Choice | Simplex
+
+
+@dataclass(kw_only=True)
+class SearchConfig:
+    """A validated search-space file."""
+
+    objectives: list[Objective]
+    sampler: Sampler = field(default_factory=Sampler)
+    trials: int = 12
+    concurrency: int = 1
+    resources: Resources = field(default_factory=Resources)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    """The fixed trainer settings as a nested TrainConfig dict (defaults filled in, searched
+    paths left out); `automla.space.apply(fixed, values)` builds one trial's config."""
+    space: dict[str, Domain] = field(default_factory=dict)
+    source: str = ""
+    """The file it was read from, for messages."""
+
+    @property
+    def metrics(self) -> list[str]:
+        return [o.metric for o in self.objectives]
+
+    @property
+    def modes(self) -> list[str]:
+        return [o.mode for o in self.objectives]
+
+
+def load(path: str | Path) -> SearchConfig:
+    """Read and validate a search-space YAML file; raises SpaceError."""
+    file = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SpaceError(file, "", f"cannot read the file ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpaceError(file, "", f"not valid YAML{where}: {problem}") from None
+    return parse(data, file)
+
+
+def parse(data: Any, file: str = "<space>") -> SearchConfig:
+    """Validate a loaded search-space mapping (see `load`)."""
+    if not isinstance(data, dict):
+        raise SpaceError(
+            file, "", f"expected a mapping with keys {', '.join(SECTIONS)}, got {_kind(data)}"
+        )
+    unknown = sorted(set(map(str, data)) - set(SECTIONS))
+    if unknown:
+        raise SpaceError(file, unknown[0], f"unknown key; expected one of {', '.join(SECTIONS)}")
+    for key in ("objectives", "space"):
+        if key not in data:
+            raise SpaceError(file, key, "missing; it is required")
+
+    objectives = _objectives(data["objectives"], file)
+    sampler = _build(Sampler, data.get("sampler", {}), "sampler", file)
+    resources = _build(Resources, data.get("resources", {}), "resources", file)
+    trials = _positive_int(data.get("trials", 12), "trials", file)
+    concurrency = _positive_int(data.get("concurrency", 1), "concurrency", file)
+
+    sections = {}
+    for key in ("data", "train", "model"):
+        value = data.get(key) or {}
+        if not isinstance(value, dict):
+            raise SpaceError(file, key, f"expected a mapping of settings, got {_kind(value)}")
+        sections[key] = value
+    for key in ("model", "data"):
+        if key in sections["train"]:
+            raise SpaceError(file, f"train.{key}", f"set these in the top-level '{key}' section")
+    user_fixed = {**sections["train"], "model": sections["model"], "data": sections["data"]}
+    if any(o.metric == "mqar_acc" for o in objectives) and sections["data"].get("source") != "mqar":
+        raise SpaceError(file, "objectives", "metric 'mqar_acc' needs data.source: mqar")
+
+    raw_space = data["space"]
+    if not isinstance(raw_space, dict) or not raw_space:
+        raise SpaceError(
+            file,
+            "space",
+            "expected a non-empty mapping of dotted TrainConfig "
+            f"paths to domains, got {_kind(raw_space)}",
+        )
+    space: dict[str, Domain] = {}
+    for key, spec in raw_space.items():
+        key = str(key)
+        tp = _field_type(key, file)
+        space[key] = _domain(spec, tp, key, file)
+        if _get(user_fixed, key) is not _MISSING:
+            raise SpaceError(
+                file,
+                f"space.{key}",
+                f"also fixed in '{_section_path(key)}'; "
+                "a setting is either fixed or searched, not both",
+            )
+
+    fixed = _merge(_defaults(TrainConfig), user_fixed)
+    for key in space:
+        _pop(fixed, key)
+    config = SearchConfig(
+        objectives=objectives,
+        sampler=sampler,
+        trials=trials,
+        concurrency=concurrency,
+        resources=resources,
+        fixed=fixed,
+        space=space,
+        source=file,
+    )
+    _check_trials(config)
+    return config
+
+
+def to_yaml_dict(config: SearchConfig) -> dict[str, Any]:
+    """The resolved file: every fixed setting spelled out; `parse` reads it back unchanged."""
+    fixed = copy.deepcopy(config.fixed)
+    model, data = fixed.pop("model"), fixed.pop("data")
+    return {
+        "objectives": [{"metric": o.metric, "mode": o.mode} for o in config.objectives],
+        "sampler": dataclasses.asdict(config.sampler),
+        "trials": config.trials,
+        "concurrency": config.concurrency,
+        "resources": dataclasses.asdict(config.resources),
+        "data": data,
+        "train": fixed,
+        "model": model,
+        "space": {k: domain_to_dict(d) for k, d in config.space.items()},
+    }
+
+
+def domain_to_dict(domain: Domain) -> dict[str, Any]:
+    if isinstance(domain, Uniform):
+        return {"uniform": [domain.lo, domain.hi]}
+    if isinstance(domain, LogUniform):
+        return {"loguniform": [domain.lo, domain.hi]}
+    if isinstance(domain, IntRange):
+        out: dict[str, Any] = {"int": [domain.lo, domain.hi]}
+        if domain.step != 1:
+            out["step"] = domain.step
+        if domain.log:
+            out["log"] = True
+        return out
+    if isinstance(domain, Choice):
+        return {"choice": [_plain(v) for v in domain.values]}
+    return {"simplex": {"min_share": domain.min_share}}
+
+
+def field_type(path: str) -> Any:
+    """The type annotation of a dotted TrainConfig path; raises ConfigError if there is none."""
+    cls: Any = TrainConfig
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(path, f"'{'.'.join(parts[:i])}' is a setting, not a section")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        if part not in names:
+            raise ConfigError(
+                path, f"{cls.__name__} has no field {part!r}; it has: {', '.join(names)}"
+            )
+        cls = hints[part]
+    return cls
+
+
+def _objectives(value: Any, file: str) -> list[Objective]:
+    if not isinstance(value, list):
+        raise SpaceError(
+            file, "objectives", f"expected a list of {{metric, mode}} mappings, got {_kind(value)}"
+        )
+    if len(value) < 2:
+        raise SpaceError(file, "objectives", f"expected two or more objectives, got {len(value)}")
+    out = [_build(Objective, v, f"objectives[{i}]", file) for i, v in enumerate(value)]
+    metrics = [o.metric for o in out]
+    for i, m in enumerate(metrics):
+        if m in metrics[:i]:
+            raise SpaceError(file, f"objectives[{i}].metric", f"{m!r} is named twice")
+    return out
+
+
+def _build(cls: type, value: Any, path: str, file: str) -> Any:
+    if value is None:
+        value = {}
+    try:
+        return build(cls, value)
+    except ConfigError as e:
+        raise SpaceError(file, _join(path, e.path), e.message) from None
+
+
+def _positive_int(value: Any, path: str, file: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpaceError(file, path, f"expected an integer >= 1, got {_kind(value)}")
+    if value < 1:
+        raise SpaceError(file, path, f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _field_type(key: str, file: str) -> Any:
+    where = f"space.{key}"
+    if key.startswith("train."):
+        raise SpaceError(
+            file,
+            where,
+            f"paths start at TrainConfig's root: write '{key[len('train.') :]}', not '{key}'",
+        )
+    try:
+        tp = field_type(key)
+    except ConfigError as e:
+        raise SpaceError(file, where, f"not a TrainConfig setting: {e.message}") from None
+    if dataclasses.is_dataclass(tp):
+        names = ", ".join(f.name for f in dataclasses.fields(tp))
+        raise SpaceError(
+            file, where, f"is a section, not a setting; name one of its fields ({names})"
+        )
+    return tp
+
+
+def _domain(spec: Any, tp: Any, key: str, file: str) -> Domain:
+    where = f"space.{key}"
+    kinds = "uniform, loguniform, int, choice, simplex"
+    if not isinstance(spec, dict) or not spec:
+        raise SpaceError(file, where, f"expected a domain mapping ({kinds}), got {_kind(spec)}")
+    kind_keys = [k for k in spec if k in ("uniform", "loguniform", "int", "choice", "simplex")]
+    if len(kind_keys) != 1:
+        raise SpaceError(
+            file,
+            where,
+            f"expected exactly one domain kind ({kinds}), got {sorted(map(str, spec)) or 'none'}",
+        )
+    kind = kind_keys[0]
+    allowed_extra = {"int": {"step", "log"}}.get(kind, set())
+    extra = sorted(set(map(str, spec)) - {kind} - allowed_extra)
+    if extra:
+        raise SpaceError(file, f"{where}.{extra[0]}", f"unknown key for a {kind} domain")
+    arg = spec[kind]
+    leaf = _leaf_kind(tp)
+
+    if kind in ("uniform", "loguniform"):
+        if leaf != "float":
+            raise SpaceError(
+                file,
+                where,
+                f"{kind} needs a float setting; this one is {_type_name(tp)}: {_hint(leaf)}",
+            )
+        lo, hi = _pair(arg, where, kind, file, number=True)
+        if not lo < hi:
+            raise SpaceError(file, where, f"{kind} needs lo < hi, got [{lo}, {hi}]")
+        if kind == "loguniform":
+            if lo <= 0:
+                raise SpaceError(file, where, f"loguniform needs 0 < lo < hi, got [{lo}, {hi}]")
+            return LogUniform(lo=float(lo), hi=float(hi))
+        return Uniform(lo=float(lo), hi=float(hi))
+
+    if kind == "int":
+        if leaf not in ("int", "float"):
+            raise SpaceError(
+                file,
+                where,
+                f"int needs a numeric setting; this one is {_type_name(tp)}: {_hint(leaf)}",
+            )
+        lo, hi = _pair(arg, where, kind, file, number=False)
+        step = spec.get("step", 1)
+        log = spec.get("log", False)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise SpaceError(file, f"{where}.step", f"expected an integer >= 1, got {_kind(step)}")
+        if not isinstance(log, bool):
+            raise SpaceError(file, f"{where}.log", f"expected true or false, got {_kind(log)}")
+        if not lo < hi:
+            raise SpaceError(file, where, f"int needs lo < hi, got [{lo}, {hi}]")
+        if (hi - lo) % step:
+            raise SpaceError(
+                file, f"{where}.step", f"hi - lo ({hi - lo}) must be a multiple of step ({step})"
+            )
+        if log and (lo < 1 or step != 1):
+            raise SpaceError(file, where, "log: true needs lo >= 1 and step 1")
+        return IntRange(lo=lo, hi=hi, step=step, log=log)
+
+    if kind == "choice":
+        if not isinstance(arg, list) or not arg:
+            raise SpaceError(
+                file, where, f"choice needs a non-empty list of values, got {_kind(arg)}"
+            )
+        seen = set()
+        for i, v in enumerate(arg):
+            label = json.dumps(_plain(v), sort_keys=True)
+            if label in seen:
+                raise SpaceError(file, f"{where}.choice[{i}]", f"{v!r} is listed twice")
+            seen.add(label)
+        return Choice(values=tuple(_freeze(v) for v in arg))
+
+    # simplex
+    if leaf != "shares":
+        raise SpaceError(
+            file,
+            where,
+            f"simplex needs a tuple of shares (model.mla.ratios); this setting is {_type_name(tp)}",
+        )
+    n = len(typing.get_args(tp))
+    if arg is None:
+        arg = {}
+    if not isinstance(arg, dict):
+        raise SpaceError(
+            file,
+            f"{where}.simplex",
+            f"expected a mapping like {{min_share: 0.05}}, got {_kind(arg)}",
+        )
+    try:
+        simplex = build(Simplex, arg)
+    except ConfigError as e:
+        raise SpaceError(file, _join(f"{where}.simplex", e.path), e.message) from None
+    if not 0 <= simplex.min_share < 1 / n:
+        raise SpaceError(
+            file, f"{where}.simplex.min_share", f"must be in [0, 1/{n}), got {simplex.min_share}"
+        )
+    return simplex
+
+
+def _leaf_kind(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _leaf_kind(args[0])
+    if tp is float:
+        return "float"
+    if tp is int:
+        return "int"
+    if origin is tuple and args and all(a is float for a in args):
+        return "shares"
+    return "other"
+
+
+def _hint(leaf: str) -> str:
+    return {
+        "int": "use {int: [lo, hi]} or {choice: [...]}",
+        "float": "use {uniform: [lo, hi]}, {loguniform: [lo, hi]} or {choice: [...]}",
+        "shares": "use {simplex: {min_share: ...}} or {choice: [...]}",
+    }.get(leaf, "use {choice: [...]}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _pair(arg: Any, where: str, kind: str, file: str, *, number: bool) -> tuple[Any, Any]:
+    expected = "two numbers [lo, hi]" if number else "two integers [lo, hi]"
+    if not isinstance(arg, list) or len(arg) != 2:
+        raise SpaceError(file, where, f"{kind} needs {expected}, got {_kind(arg)}")
+    for i, v in enumerate(arg):
+        ok = isinstance(v, (int, float)) if number else isinstance(v, int)
+        if isinstance(v, bool) or not ok or (number and not math.isfinite(v)):
+            what = "a number" if number else "an integer"
+            raise SpaceError(file, f"{where}.{kind}[{i}]", f"expected {what}, got {_kind(v)}")
+    return arg[0], arg[1]
+
+
+def _check_trials(config: SearchConfig) -> None:
+    """Fail early when no trial can be valid, or when a domain offers an invalid value."""
+    from automla.space import apply  # the schema is imported by space; keep the cycle lazy
+
+    probes = {key: _probe_values(d) for key, d in config.space.items()}
+    rng = random.Random(0)
+    combos = [{k: v[len(v) // 2] for k, v in probes.items()}]
+    combos += [{k: rng.choice(v) for k, v in probes.items()} for _ in range(63)]
+    valid: list[dict[str, Any]] = []
+    first: ConfigError | None = None
+    for combo in combos:
+        try:
+            apply(config.fixed, combo)
+        except ConfigError as e:
+            first = first or e
+            continue
+        valid.append(combo)
+        if len(valid) == 8:
+            break
+    if not valid:
+        assert first is not None
+        message = first.message
+        if not message.startswith(("unknown key", "expected")):  # a value, not a typo
+            message = f"every trial would be invalid: {message}"
+        raise SpaceError(config.source, _locate(first.path, config.space), message)
+    # A value is wrong when it fails beside every valid setting of the others (tried: up to 8);
+    # values that fail only in some combinations are left to the trial, which is then
+    # recorded as failed with the reason.
+    for key, values in probes.items():
+        for v in values:
+            errors = []
+            for combo in valid:
+                try:
+                    apply(config.fixed, {**combo, key: v})
+                except ConfigError as e:
+                    errors.append(e)
+                    continue
+                break
+            if len(errors) == len(valid):
+                e = errors[0]
+                where = "" if _related(e.path, key) else f"{_section_path(e.path)}: "
+                raise SpaceError(
+                    config.source,
+                    f"space.{key}",
+                    f"value {_plain(v)!r} is invalid: {where}{e.message}",
+                )
+
+
+def _probe_values(domain: Domain) -> list[Any]:
+    from automla.space import simplex_shares
+
+    if isinstance(domain, Uniform):
+        return [domain.lo, (domain.lo + domain.hi) / 2, domain.hi]
+    if isinstance(domain, LogUniform):
+        return [domain.lo, math.sqrt(domain.lo * domain.hi), domain.hi]
+    if isinstance(domain, IntRange):
+        grid = range(domain.lo, domain.hi + 1, domain.step)
+        if len(grid) <= 256:
+            return list(grid)
+        return [domain.lo, grid[len(grid) // 2], domain.hi]
+    if isinstance(domain, Choice):
+        return list(domain.values)
+    corners = [(1.0, 1.0, 1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)]
+    return [simplex_shares(w, domain.min_share) for w in corners]
+
+
+def _related(error_path: str, key: str) -> bool:
+    return error_path == key or key.startswith(error_path + ".") or error_path.startswith(key)
+
+
+def _locate(error_path: str, space: dict[str, Domain]) -> str:
+    """Where in the file a TrainConfig error path lives."""
+    for key in space:
+        if _related(error_path, key):
+            return f"space.{key}"
+    return _section_path(error_path)
+
+
+def _section_path(path: str) -> str:
+    head = path.split(".")[0].split("[")[0]
+    return path if head in ("model", "data") else f"train.{path}" if path else "train"
+
+
+_MISSING = object()
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """Field defaults as a nested dict, without running __post_init__ (derived values stay
+    unset, e.g. head_dim None)."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            out[f.name] = _defaults(hints[f.name])
+        elif f.default is not dataclasses.MISSING:
+            out[f.name] = _plain(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = _plain(f.default_factory())
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _get(d: dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return _MISSING
+        d = d[part]
+    return d
+
+
+def _pop(d: dict[str, Any], path: str) -> None:
+    *head, last = path.split(".")
+    for part in head:
+        d = d.get(part, {})
+    d.pop(last, None)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+def _join(path: str, key: str) -> str:
+    if not key:
+        return path
+    if not path:
+        return key
+    return f"{path}{key}" if key.startswith("[") else f"{path}.{key}"
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    return f"{type(value).__name__} {value!r}"

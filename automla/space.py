@@ -1,0 +1,202 @@
+"""A validated space -> Optuna define-by-run suggestions, and suggestions -> a TrainConfig.
+
+`sample(trial, space)` is the one place that asks Optuna for values; it returns TrainConfig
+values keyed by dotted path. The searcher calls it through `define_by_run`, and the trial replays
+it on the parameters Ray hands over (`decode`), so both sides agree by construction.
+
+Two rules keep every sampled configuration valid:
+
+* **simplex** (`simplex_shares`): one uniform weight in [0, 1] per component; shares are the
+  weights over their sum; a share below `min_share` is snapped to 0 and the rest renormalised.
+  The sampler reaches a corner (a branch absent) by driving that weight down, without any
+  extra categorical switch. All-zero weights give equal shares.
+* **branches too small to exist** (`effective_ratios`): a branch whose share of the budget
+  rounds to nothing in `AttentionConfig.plan` (local: fewer than 0.5 keys, so window 0; global:
+  fewer than 1 compressed token; sparse: at most half a block, so 0 selected blocks) is absent:
+  its share is set to 0 and the others renormalised, so the budget is still spent. If no branch
+  is left, the budget is a plain sliding window, ratios (1, 0, 0).
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import optuna
+
+from automla.kernels import BRANCHES
+from automla.schema import Choice, Domain, IntRange, LogUniform, Simplex, Uniform, field_type
+from automla.trainers.config import ConfigError, TrainConfig, build, to_dict
+
+RATIOS = "model.mla.ratios"
+
+
+def param_names(path: str, domain: Domain) -> list[str]:
+    """The Optuna parameter names a domain uses."""
+    if isinstance(domain, Simplex):
+        return [f"{path}.{name}" for name in _components(path)]
+    return [path]
+
+
+def sample(trial: optuna.trial.BaseTrial, space: Mapping[str, Domain]) -> dict[str, Any]:
+    """Suggest every domain of `space` on `trial`; returns TrainConfig values by dotted path."""
+    values: dict[str, Any] = {}
+    for path, domain in space.items():
+        if isinstance(domain, Uniform):
+            values[path] = trial.suggest_float(path, domain.lo, domain.hi)
+        elif isinstance(domain, LogUniform):
+            values[path] = trial.suggest_float(path, domain.lo, domain.hi, log=True)
+        elif isinstance(domain, IntRange):
+            values[path] = trial.suggest_int(
+                path, domain.lo, domain.hi, step=domain.step, log=domain.log
+            )
+        elif isinstance(domain, Choice):
+            values[path] = _suggest_choice(trial, path, domain.values)
+        elif isinstance(domain, Simplex):
+            weights = [trial.suggest_float(name, 0.0, 1.0) for name in param_names(path, domain)]
+            values[path] = simplex_shares(weights, domain.min_share)
+        else:
+            raise TypeError(f"{path}: unknown domain {domain!r}")
+    return values
+
+
+def define_by_run(space: Mapping[str, Domain]) -> Callable[[optuna.trial.BaseTrial], None]:
+    """The define-by-run function for `OptunaSearch(space=...)` (picklable: Tune saves it)."""
+    return _DefineByRun(dict(space))
+
+
+class _DefineByRun:
+    def __init__(self, space: dict[str, Domain]):
+        self.space = space
+
+    def __call__(self, trial: optuna.trial.BaseTrial) -> None:
+        sample(trial, self.space)
+
+
+def decode(space: Mapping[str, Domain], params: Mapping[str, Any]) -> dict[str, Any]:
+    """TrainConfig values from the raw Optuna parameters (what Ray passes a trial)."""
+    return sample(optuna.trial.FixedTrial(dict(params)), space)
+
+
+def simplex_shares(weights: Sequence[float], min_share: float = 0.0) -> tuple[float, ...]:
+    """Shares summing to 1 from non-negative weights; shares below `min_share` become 0."""
+    w = [max(0.0, float(x)) for x in weights]
+    total = sum(w)
+    if total <= 0:
+        return tuple(1.0 / len(w) for _ in w)
+    shares = [x / total for x in w]
+    # min_share < 1/n, and the largest share is >= 1/n, so something always survives
+    kept = [s if s >= min_share else 0.0 for s in shares]
+    total = sum(kept)
+    return tuple(s / total for s in kept)
+
+
+def effective_ratios(
+    ratios: Sequence[float], budget: int, block_size: int
+) -> tuple[float, float, float]:
+    """Ratios with every branch that rounds to nothing removed (see the module docstring).
+
+    Mirrors `AttentionConfig.plan`: window = round(local * budget), n_select =
+    round(sparse * budget / block_size), and the global branch exists when global * budget >= 1.
+    """
+    shares = [float(r) for r in ratios]
+    while True:
+        local, glob, sparse = shares
+        present = (
+            round(local * budget) > 0,
+            glob * budget >= 1,
+            round(sparse * budget / block_size) > 0,
+        )
+        absent = [i for i in range(3) if shares[i] > 0 and not present[i]]
+        if not absent:
+            return (shares[0], shares[1], shares[2])
+        for i in absent:
+            shares[i] = 0.0
+        total = sum(shares)
+        if total <= 0:
+            return (1.0, 0.0, 0.0)
+        shares = [s / total for s in shares]
+
+
+def apply(base: TrainConfig | Mapping[str, Any], values: Mapping[str, Any]) -> TrainConfig:
+    """One trial's TrainConfig: `base` with `values` (dotted path -> value) set.
+
+    `base` is best the fixed-settings dict of a SearchConfig (`config.fixed`): a built
+    TrainConfig carries derived fields (model.head_dim) that would not follow a searched d_model.
+    Raises ConfigError naming the path of a value the trainer's config rejects.
+    """
+    data = to_dict(base) if not isinstance(base, Mapping) else json.loads(json.dumps(base))
+    for path, value in values.items():
+        _set(data, path, _plain(value))
+    mla = data.get("model", {}).get("mla", {})
+    try:
+        ratios = [float(r) for r in mla["ratios"]]
+        budget, block = int(mla["budget"]), int(mla["block_size"])
+        ok = len(ratios) == 3 and budget >= 1 and block >= 1 and min(ratios) >= 0
+    except (KeyError, TypeError, ValueError):
+        ok = False  # leave the error to build(), which names the path
+    if ok and abs(sum(ratios) - 1.0) <= 1e-6:
+        mla["ratios"] = list(effective_ratios(ratios, budget, block))
+    return build(TrainConfig, data)
+
+
+def ratio_label(ratios: Sequence[float]) -> str:
+    """A short label of the branch split: 'L50 G25 S25' (absent branches left out)."""
+    parts = [f"{name[0].upper()}{round(100 * r)}" for name, r in zip(BRANCHES, ratios) if r > 0]
+    return " ".join(parts) or "-"
+
+
+def flat_values(config: TrainConfig, space: Mapping[str, Domain]) -> dict[str, Any]:
+    """The searched settings of a built config, one column each (tuples split per component)."""
+    data = to_dict(config)
+    out: dict[str, Any] = {}
+    for path, domain in space.items():
+        value = _get(data, path)
+        if isinstance(domain, Simplex):
+            for name, v in zip(_components(path), value):
+                out[f"{path}.{name}"] = round(float(v), 6)
+        elif isinstance(value, (list, tuple)):
+            out[path] = json.dumps(list(value))
+        else:
+            out[path] = value
+    return out
+
+
+def _suggest_choice(trial: optuna.trial.BaseTrial, path: str, values: Sequence[Any]) -> Any:
+    if all(v is None or isinstance(v, (bool, int, float, str)) for v in values):
+        return trial.suggest_categorical(path, list(values))
+    # Optuna stores only scalars: lists (gate widths, ratio triples) travel as JSON labels.
+    labels = [json.dumps(_plain(v)) for v in values]
+    return values[labels.index(trial.suggest_categorical(path, labels))]
+
+
+def _components(path: str) -> tuple[str, ...]:
+    if path == RATIOS:
+        return BRANCHES
+    return tuple(str(i) for i in range(len(typing.get_args(field_type(path)))))
+
+
+def _set(data: dict[str, Any], path: str, value: Any) -> None:
+    *head, last = path.split(".")
+    d = data
+    for i, part in enumerate(head):
+        nxt = d.get(part)
+        if not isinstance(nxt, dict):
+            raise ConfigError(".".join(head[: i + 1]), "expected a section")
+        d = nxt
+    d[last] = value
+
+
+def _get(data: Mapping[str, Any], path: str) -> Any:
+    d: Any = data
+    for part in path.split("."):
+        d = d[part]
+    return d
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v

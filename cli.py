@@ -1,0 +1,3 @@
+from automla.cli import main
+
+main()
