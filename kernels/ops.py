@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 
 from .blocked import mla_blocked
+from .common import check_inputs
 from .config import AttentionConfig, Plan
 from .naive import mla_reference
 
@@ -40,7 +41,7 @@ def mla_attention(
     Returns:
         [B, T, HQ, D] in q's dtype.
     """
-    _check(q, k, v, gate, head_mask, t_max)
+    check_inputs(q, k, v, gate, head_mask, t_max)
     if backend == "auto":
         backend = "triton" if _triton_fits(q, config) else "torch"
     if backend == "reference":
@@ -75,30 +76,3 @@ def _triton_fits(q: torch.Tensor, config: AttentionConfig) -> bool:
     except ImportError:
         return False
     return True
-
-
-def _check(q, k, v, gate, head_mask, t_max) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"q, k, v must be [B, T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    B, T, HQ, D = q.shape
-    if k.shape != v.shape or k.shape[:2] != (B, T) or k.shape[3] != D:
-        raise ValueError(
-            f"k and v must be [B={B}, T={T}, HKV, D={D}]; got {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if HQ % k.shape[2]:
-        raise ValueError(f"KV heads ({k.shape[2]}) must divide query heads ({HQ})")
-    if gate.shape != (B, T, HQ, 3):
-        raise ValueError(f"gate must be [B, T, HQ, 3] = {(B, T, HQ, 3)}, got {tuple(gate.shape)}")
-    if head_mask is not None and (head_mask.shape != (HQ,) or head_mask.dtype != torch.bool):
-        raise ValueError(
-            f"head_mask must be a bool tensor of shape ({HQ},), got "
-            f"{head_mask.dtype} {tuple(head_mask.shape)}"
-        )
-    if t_max is not None and t_max < T:
-        raise ValueError(f"t_max ({t_max}) must be >= the sequence length T ({T})")
-    if not (q.device == k.device == v.device == gate.device):
-        raise ValueError(
-            f"q, k, v, gate must share a device; got {q.device}, {k.device}, {v.device}, {gate.device}"
-        )

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import check_inputs
 from .config import AttentionConfig, Plan
 
 LOG2E = 1.4426950408889634
@@ -1336,37 +1337,20 @@ def _check(q, k, v, gate, config, t_max, head_mask) -> None:
                 f"the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
                 f"{name} is on {x.device}"
             )
-    if not (q.device == k.device == v.device == gate.device):
-        raise ValueError(
-            f"q, k, v, gate must share a device; got {q.device}, {k.device}, {v.device}, "
-            f"{gate.device}"
-        )
+    check_inputs(q, k, v, gate, head_mask, t_max)
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(
             f"q, k, v must all be bfloat16, float16 or float32; got {q.dtype}, {k.dtype}, {v.dtype}"
         )
     if not gate.is_floating_point():
         raise ValueError(f"gate must be floating point, got {gate.dtype}")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"q, k, v must be [B, T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
-            f"{tuple(v.shape)}"
-        )
     B, T, HQ, D = q.shape
-    if k.shape != v.shape or k.shape[:2] != (B, T) or k.shape[3] != D:
-        raise ValueError(
-            f"k and v must be [B={B}, T={T}, HKV, D={D}]; got {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if HQ % k.shape[2]:
-        raise ValueError(f"KV heads ({k.shape[2]}) must divide query heads ({HQ})")
     if HQ // k.shape[2] > 64:
         raise ValueError(
             f"the kernels take at most 64 query heads per KV head, got {HQ // k.shape[2]}"
         )
     if D not in (16, 32, 64, 128):
         raise ValueError(f"the kernels take head dims 16, 32, 64 or 128, got {D}")
-    if gate.shape != (B, T, HQ, 3):
-        raise ValueError(f"gate must be [B, T, HQ, 3] = {(B, T, HQ, 3)}, got {tuple(gate.shape)}")
     # offsets inside one batch row are 32-bit
     if T * HQ * D >= 2**31 or (
         config.ratios[2] > 0 and T * k.shape[2] * (T // config.block_size) >= 2**31
@@ -1376,12 +1360,5 @@ def _check(q, k, v, gate, config, t_max, head_mask) -> None:
         )
     if config.ratios[2] > 0 and config.block_size > 128:
         raise ValueError(f"the sparse kernels take block_size <= 128, got {config.block_size}")
-    if t_max is not None and t_max < T:
-        raise ValueError(f"t_max ({t_max}) must be >= the sequence length T ({T})")
-    if head_mask is not None and (
-        head_mask.shape != (HQ,) or head_mask.dtype != torch.bool or head_mask.device != q.device
-    ):
-        raise ValueError(
-            f"head_mask must be a bool tensor of shape ({HQ},) on {q.device}, got "
-            f"{head_mask.dtype} {tuple(head_mask.shape)} on {head_mask.device}"
-        )
+    if head_mask is not None and head_mask.device != q.device:
+        raise ValueError(f"head_mask must be on {q.device}, got {head_mask.device}")
