@@ -1,9 +1,11 @@
-"""Single-process training loop: AdamW, warm-up + cosine schedule, evaluation, checkpoints.
+"""Training loop: AdamW, warm-up + cosine schedule, evaluation, checkpoints.
 
-The loop is split so that data parallelism can be added without rewriting it: `build_state`
-makes the model and optimizer (the place to wrap the model in DistributedDataParallel) and
-`train_step` runs one optimisation step on one batch. The trainer knows nothing of Ray Tune
-or Optuna: a search reads its metrics through the `report` callback.
+One process, or data-parallel when torch.distributed is initialised with several ranks (see
+`distributed`): then `build_state` wraps the model in DistributedDataParallel, each rank trains
+on its rows of every global batch (config.batch_size is the global batch), losses, validation
+metrics and pruning importance are averaged over the ranks, and only rank 0 writes the run
+folder and checkpoints and calls `report`. The trainer knows nothing of Ray Tune or Optuna: a
+search reads its metrics through the `report` callback.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from . import distributed as dist
 from .config import TrainConfig, build, to_dict
 from .data import IGNORE, load_data
 from .model import LanguageModel, build_model
@@ -70,9 +73,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_state(config: TrainConfig, device: torch.device) -> TrainState:
-    """Model (seeded by config.seed) and AdamW; decay only on the weight matrices."""
+    """Model (seeded by config.seed) and AdamW; decay only on the weight matrices. With several
+    ranks `model` is a DistributedDataParallel wrapper of `raw_model`."""
     torch.manual_seed(config.seed)
     model = build_model(config.model).to(device)
+    wrapped: nn.Module = model
+    if dist.is_distributed():
+        # buffers (head masks, rotary tables) are set identically on every rank
+        wrapped = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            forward_sync_buffers=False,
+        )
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():
@@ -95,7 +107,7 @@ def build_state(config: TrainConfig, device: torch.device) -> TrainState:
     if config.pruning.enabled:
         pruner = HeadPruner(model, config.pruning, config.steps)
     return TrainState(
-        model, model, optimizer, scaler, device, autocast_dtype, config.grad_clip, pruner
+        wrapped, model, optimizer, scaler, device, autocast_dtype, config.grad_clip, pruner
     )
 
 
@@ -151,8 +163,12 @@ def evaluate(
             correct += (logits.argmax(-1)[mask] == y[mask]).sum()
             asked += mask.sum()
     model.train(was_training)
+    # each rank holds its rows of every validation batch, with equal target counts per row
+    dist.all_reduce_mean(loss_sum)
     out = {"val_loss": (loss_sum / len(batches)).item()}
     if mqar:
+        dist.all_reduce_sum(correct)
+        dist.all_reduce_sum(asked)
         out["mqar_acc"] = (correct / asked.clamp_min(1)).item()
     return out
 
@@ -176,6 +192,10 @@ def train(
     after every evaluation; checkpoint_dir is the folder holding the checkpoint written at that
     evaluation, or None when none was written. resume continues exactly from a checkpoint (its
     folder or file), pruning state included.
+
+    Data-parallel (torch.distributed initialised, several ranks): every rank calls train with
+    the same config; config.batch_size is the global batch and must divide by the world size;
+    metrics are those of the whole world, and only rank 0 writes out_dir and calls report.
     Raises FloatingPointError, naming the step, when the loss stops being finite.
     """
     threads = torch.get_num_threads()
@@ -198,7 +218,10 @@ def _train(
     compact_model: bool,
 ) -> dict:
     t_start = time.perf_counter()
-    device = resolve_device(config.device)
+    device = dist.local_device(resolve_device(config.device))
+    dist.check_batch(config.batch_size)
+    if not dist.is_main():
+        out_dir, report, progress, compact_model = None, None, False, False
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
         torch.cuda.reset_peak_memory_stats(device)
@@ -228,7 +251,9 @@ def _train(
     is_mqar = config.data.source == "mqar"
     val_batches = [
         (x.to(device), y.to(device))
-        for x, y in val_data.fixed_batches(config.eval_batches, config.batch_size)
+        for x, y in (
+            dist.shard(*b) for b in val_data.fixed_batches(config.eval_batches, config.batch_size)
+        )
     ]
     tokens_per_step = config.batch_size * config.seq_len
     model = state.raw_model
@@ -245,11 +270,12 @@ def _train(
             for step in range(start_step + 1, config.steps + 1):
                 if step - start_step == config.throughput_warmup + 1:
                     clock.steady()
-                x, y = train_data.sample(config.batch_size, generator)
+                x, y = dist.shard(*train_data.sample(config.batch_size, generator))
                 if pruner is not None:
                     pruner.begin_step(step)
                 loss = train_step(state, x.to(device), y.to(device), lr_at(step, config))
                 if pruner is not None:
+                    dist.all_reduce_mean(pruner.acc)  # the global batch's Taylor scores
                     record = pruner.end_step(step)
                     if pruning_file is not None:
                         pruning_file.write(json.dumps(record) + "\n")
@@ -272,6 +298,7 @@ def _train(
                         )
                     heads = model.active_heads_per_layer()
                     mem, mem_kind = _peak_memory(device)
+                    mem = dist.all_max(mem)
                     metrics = {
                         "step": step,
                         "tokens": step * tokens_per_step,
@@ -422,7 +449,9 @@ class _LossLog:
         self.pending.append((step, loss))
         if not flush and len(self.pending) < self.sync_every:
             return False
-        values = torch.stack([loss for _, loss in self.pending]).tolist()
+        # averaged over ranks: every rank sees, and raises on, the same values
+        stacked = torch.stack([loss.float() for _, loss in self.pending])
+        values = dist.all_reduce_mean(stacked).tolist()
         for (s, _), value in zip(self.pending, values):
             if not math.isfinite(value):
                 raise FloatingPointError(
