@@ -140,7 +140,8 @@ def _sparse(q, k, v, idx, block_size: int, scale: float) -> torch.Tensor:
     # one extra zero row serves the padding slots of the tiles
     qrows = F.pad(q.transpose(2, 3).reshape(rows, G, D), (0, 0, 0, 0, 0, 1))
     qt = qrows[slot_query].view(n_tiles, M * G, D)
-    s = torch.bmm(qt, kb[tile_block].transpose(1, 2)).view(-1, G, block_size) * scale
+    # the scale goes on the (few) keys rather than on the (many) scores
+    s = torch.bmm(qt, (kb * scale)[tile_block].transpose(1, 2)).view(-1, G, block_size)
     with torch.no_grad():
         # any per-query constant works as the shift; the max keeps exp() in range
         m = s.new_full((rows + 1, G), float("-inf"))
