@@ -16,6 +16,7 @@ from pathlib import Path
 EXAMPLES = """\
 examples:
   automla search --space search_spaces/default.yaml
+  automla search --resume runs/<run>
   automla report runs/<run>
   automla export runs/<run> --pick knee -o best.yaml
   automla train --config best.yaml
@@ -32,7 +33,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from automla.export import ExportError
-    from automla.report import RunError
+    from automla.report import RunError, SearchFailed
     from automla.schema import SpaceError
     from automla.trainers.config import ConfigError
 
@@ -41,6 +42,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     except (SpaceError, RunError, ExportError, ConfigError, FileExistsError) as e:
         print(f"automla {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except SearchFailed as e:
+        print(f"automla {args.command}: {e}", file=sys.stderr)
+        return 1
     except FloatingPointError as e:
         print(f"automla {args.command}: the run diverged: {e}", file=sys.stderr)
         return 1
@@ -65,9 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a multi-objective search: Ray Tune runs the trials, Optuna proposes "
         "them. Starts a local Ray with its dashboard (or joins --address / RAY_ADDRESS) and "
         "writes the run folder OUT/NAME: space.yaml, trials.csv, pareto.json, pareto.png, "
-        "study.db, hypervolume.csv, search.log, ray/.",
+        "study.db, hypervolume.csv, the plots, report.html, search.log, ray/. Exits 1 when every "
+        "trial failed, listing the reasons.",
     )
-    p.add_argument("--space", required=True, metavar="FILE", help="search-space YAML file")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--space", metavar="FILE", help="search-space YAML file")
+    what.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue an interrupted search from its run folder (finished trials are kept, "
+        "unfinished ones restart from their last checkpoint)",
+    )
     p.add_argument("--name", help="run name (default: <space file stem>-<date>-<time>)")
     p.add_argument(
         "--out", default="runs", metavar="DIR", help="parent of the run folder (default: runs)"
@@ -137,8 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _search(args: argparse.Namespace) -> int:
     from automla import schema
-    from automla.runner import default_name, run_search
+    from automla.runner import default_name, resume_search, run_search
 
+    if args.resume:
+        if args.trials is not None or args.name or args.out != "runs":
+            from automla.report import RunError
+
+            raise RunError(
+                "--resume continues the run with its own budget, name and folder; "
+                "drop --trials, --name and --out"
+            )
+        resume_search(args.resume, address=args.address, console=_console())
+        return 0
     config = schema.load(args.space)
     name = args.name or default_name(args.space)
     run_search(config, args.out, name, trials=args.trials, address=args.address, console=_console())

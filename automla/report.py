@@ -1,8 +1,9 @@
 """A run folder's results: the trial table, the Pareto front, hypervolume, and the plot.
 
 `trials.json` is the source of truth (one record per trial, with its full trainer config);
-`write_outputs` derives `trials.csv`, `pareto.json`, `hypervolume.csv` and `pareto.png` from it,
-so `automla report` can be run again on a folder at any time.
+`write_outputs` derives `trials.csv`, `pareto.json`, `hypervolume.csv`, the plots (`pareto.png`,
+`hypervolume.png`, `learning_curves.png`, `importances.png`) and `report.html` from it (and from
+Ray's per-trial `result.json` and the study), so `automla report` can be run again at any time.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,27 @@ from automla.schema import METRICS, SearchConfig, load
 
 _RATIOS = "model.mla.ratios"
 COMPLETED = "completed"
+PRUNED = "pruned"
 FAILED = "failed"
 STOPPED = "stopped"
-"""Trial states in trials.csv; only completed trials count for the front."""
+STATES = (COMPLETED, PRUNED, FAILED, STOPPED)
+"""Trial states in trials.csv: completed (trained to the end), pruned (stopped early by the
+scheduler), failed (with a reason), stopped (interrupted; `search --resume` continues it).
+Only completed trials count for the front."""
 
 
 class RunError(ValueError):
     """A run folder is missing or incomplete."""
+
+
+class SearchFailed(RuntimeError):
+    """Every trial of a search failed; `reasons` holds one line per trial."""
+
+    def __init__(self, run_dir: Path, reasons: list[str]):
+        self.run_dir = run_dir
+        self.reasons = reasons
+        lines = "\n".join(f"  {r}" for r in reasons)
+        super().__init__(f"every trial failed (run folder {run_dir}):\n{lines}")
 
 
 def load_run(run_dir: str | Path) -> tuple[SearchConfig, list[dict[str, Any]]]:
@@ -54,29 +70,63 @@ def completed(trials: list[dict[str, Any]], metrics: list[str]) -> list[dict[str
 
 
 def summarise(config: SearchConfig, trials: list[dict[str, Any]]) -> dict[str, Any]:
-    """The front (records), the knee, the hypervolume and its history over completions."""
+    """The front (records), the knee, the hypervolume and its history after every trial."""
     metrics, modes = config.metrics, config.modes
     done = completed(trials, metrics)
     points = [[t["metrics"][m] for m in metrics] for t in done]
     front_idx = pareto.non_dominated(points, modes) if points else []
     knee_id = done[pareto.knee(points, modes)]["trial_id"] if points else None
-    by_time = sorted(range(len(done)), key=lambda i: (done[i].get("finished") or 0, i))
-    history = pareto.hypervolume_history([points[i] for i in by_time], modes)
+    # every trial in the order Optuna proposed them; one that did not complete adds nothing
+    ordered = sorted(
+        trials,
+        key=lambda t: (t.get("optuna_trial") is None, t.get("optuna_trial") or 0, t["trial_id"]),
+    )
+    done_ids = {t["trial_id"] for t in done}
+    nan = [math.nan] * len(metrics)
+    history_points = [
+        [t["metrics"][m] for m in metrics] if t["trial_id"] in done_ids else nan for t in ordered
+    ]
+    history = pareto.hypervolume_history(history_points, modes)
     front = sorted((done[i] for i in front_idx), key=lambda t: t["metrics"][metrics[0]])
     return {
         "objectives": [{"metric": m, "mode": d} for m, d in zip(metrics, modes)],
         "trials": len(trials),
         "completed": len(done),
+        "pruned": sum(t.get("state") == PRUNED for t in trials),
         "failed": sum(t.get("state") == FAILED for t in trials),
+        "stopped": sum(t.get("state") == STOPPED for t in trials),
         "knee": knee_id,
         "hypervolume": history[-1] if history else 0.0,
         "hypervolume_note": "normalised objectives (0 best, 1 worst over completed trials), "
         "reference point 1.1 on every axis",
+        "hypervolume_reference": _reference(points, metrics, modes),
         "hypervolume_history": [
-            {"completed": n + 1, "trial_id": done[i]["trial_id"], "hypervolume": hv}
-            for n, (i, hv) in enumerate(zip(by_time, history))
+            {
+                "trial": n + 1,
+                "trial_id": t["trial_id"],
+                "state": t.get("state"),
+                "hypervolume": hv,
+            }
+            for n, (t, hv) in enumerate(zip(ordered, history))
         ],
         "front": [_front_entry(t, t["trial_id"] == knee_id) for t in front],
+    }
+
+
+def _reference(
+    points: list[list[float]], metrics: list[str], modes: list[str], margin: float = 0.1
+) -> dict[str, Any]:
+    """The reference point in each metric's own units, with the ideal and nadir it comes from."""
+    if not points:
+        return {}
+    ideal = [min(c) if m == "min" else max(c) for c, m in zip(zip(*points), modes)]
+    nadir = [max(c) if m == "min" else min(c) for c, m in zip(zip(*points), modes)]
+    ref = [n + margin * (n - i) for i, n in zip(ideal, nadir)]
+    return {
+        "reference": dict(zip(metrics, ref)),
+        "ideal": dict(zip(metrics, ideal)),
+        "nadir": dict(zip(metrics, nadir)),
+        "margin": margin,
     }
 
 
@@ -90,11 +140,186 @@ def write_outputs(
     (run / "pareto.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(run / "hypervolume.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["completed", "trial_id", "hypervolume"])
+        w.writerow(["trial", "trial_id", "state", "hypervolume"])
         for h in summary["hypervolume_history"]:
-            w.writerow([h["completed"], h["trial_id"], f"{h['hypervolume']:.6f}"])
+            w.writerow([h["trial"], h["trial_id"], h["state"], f"{h['hypervolume']:.6f}"])
     plot(run / "pareto.png", config, trials, summary)
+    plot_hypervolume(run / "hypervolume.png", summary)
+    plot_learning_curves(run / "learning_curves.png", config, trials)
+    summary_importances = importances(run, config)
+    plot_importances(run / "importances.png", summary_importances)
+    write_html(run / "report.html", run.name, summary, summary_importances)
     return summary
+
+
+def curves(trial: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every result a trial reported to Ray, from its `result.json` (empty when there is none)."""
+    path = Path(trial.get("path") or "") / "result.json"
+    if not trial.get("path") or not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a killed driver
+            continue
+    return out
+
+
+def plot_learning_curves(path: str | Path, config: SearchConfig, trials: list[dict[str, Any]]):
+    """One panel per objective: every trial's metric against its step; completed trials in
+    colour, pruned grey, failed red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = config.metrics
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 3.8), dpi=110)
+    styles = {PRUNED: ("0.6", "--"), FAILED: ("tab:red", ":"), STOPPED: ("tab:orange", ":")}
+    for t in trials:
+        points = [r for r in curves(t) if "step" in r]
+        colour, ls = styles.get(t.get("state"), (None, "-"))
+        for ax, m in zip(axes, metrics):
+            xy = [(r["step"], r[m]) for r in points if finite_number(r.get(m))]
+            if xy:
+                ax.plot(*zip(*xy), color=colour, ls=ls, lw=1.0, alpha=0.8)
+    for ax, m, mode in zip(axes, metrics, config.modes):
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{m} ({mode})")
+        ax.grid(alpha=0.3)
+    fig.suptitle("learning curves (grey dashed: pruned, red dotted: failed)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def importances(run_dir: str | Path, config: SearchConfig) -> dict[str, dict[str, float]]:
+    """Optuna's parameter importances of each objective over the study's completed trials
+    (empty for an objective when there are too few trials to fit them)."""
+    import optuna
+
+    db = Path(run_dir) / "study.db"
+    if not db.is_file():
+        return {}
+    storage = f"sqlite:///{db}"
+    names = optuna.study.get_all_study_names(storage)
+    if len(names) != 1:
+        return {}
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=names[0], storage=storage)
+        out = {}
+        for i, (m, mode) in enumerate(zip(config.metrics, config.modes)):
+            sign = 1.0 if mode == "min" else -1.0  # the evaluator looks for low target values
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    scores = optuna.importance.get_param_importances(
+                        study, target=lambda t, i=i, sign=sign: sign * t.values[i]
+                    )
+            except (ValueError, RuntimeError):  # fewer than two completed trials, one param
+                scores = {}
+            out[m] = {k: float(v) for k, v in scores.items()}
+        return out
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def plot_importances(path: str | Path, scores: dict[str, dict[str, float]]) -> None:
+    """Horizontal bars of each objective's parameter importances."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(scores) or ["(no study)"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 3.8), dpi=110)
+    axes = axes if len(metrics) > 1 else [axes]
+    for ax, m in zip(axes, metrics):
+        items = sorted(scores.get(m, {}).items(), key=lambda kv: kv[1])
+        if items:
+            ax.barh([short_name(k) for k, _ in items], [v for _, v in items], color="tab:blue")
+        else:
+            ax.text(0.5, 0.5, "too few completed trials", ha="center", transform=ax.transAxes)
+        ax.set_title(f"importance for {m}", fontsize=10)
+        ax.set_xlim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_html(
+    path: str | Path, name: str, summary: dict[str, Any], scores: dict[str, dict[str, float]]
+) -> None:
+    """One self-contained page: the front as a table and every plot embedded (base64 PNG)."""
+    import base64
+    import html
+
+    run = Path(path).parent
+    metrics = [o["metric"] for o in summary["objectives"]]
+    params = []
+    for e in summary["front"]:
+        params += [k for k in e["params"] if k not in params]
+    head = ["trial", *(f"{o['metric']} ({o['mode']})" for o in summary["objectives"]), "ratios"]
+    rows = []
+    for e in summary["front"]:
+        cells = [e["trial_id"] + (" (knee)" if e["knee"] else "")]
+        cells += [_fmt(e["metrics"][m]) for m in metrics] + [e["label"]]
+        cells += [_fmt(e["params"].get(p, "")) for p in params]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    images = []
+    for png in ("pareto.png", "hypervolume.png", "learning_curves.png", "importances.png"):
+        if (run / png).is_file():
+            data = base64.b64encode((run / png).read_bytes()).decode()
+            images.append(
+                f"<h2>{png[:-4].replace('_', ' ')}</h2>"
+                f'<img alt="{png}" src="data:image/png;base64,{data}">'
+            )
+    counts = ", ".join(f"{summary.get(s, 0)} {s}" for s in (COMPLETED, PRUNED, FAILED, STOPPED))
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>AutoMLA run {html.escape(name)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;text-align:right}}
+table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style></head>
+<body><h1>AutoMLA run {html.escape(name)}</h1>
+<p>{summary["trials"]} trials ({counts}); hypervolume {summary["hypervolume"]:.4f}
+(normalised, reference point 1.1 per axis).</p>
+<h2>Pareto front</h2><table><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}
+{"".join(f"<th>{html.escape(short_name(p))}</th>" for p in params)}</tr>
+{"".join(rows)}</table>
+{"".join(images)}
+<h2>parameter importances</h2><pre>{html.escape(json.dumps(scores, indent=1))}</pre>
+</body></html>
+"""
+    Path(path).write_text(page)
+
+
+def plot_hypervolume(path: str | Path, summary: dict[str, Any]) -> None:
+    """Hypervolume after every trial; trials that did not complete are marked on the axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = summary["hypervolume_history"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=120)
+    xs = [h["trial"] for h in hist]
+    ax.step(xs, [h["hypervolume"] for h in hist], where="post", color="tab:blue")
+    colours = {FAILED: "tab:red", PRUNED: "0.6", STOPPED: "tab:orange"}
+    for state, colour in colours.items():
+        marked = [h["trial"] for h in hist if h["state"] == state]
+        if marked:
+            ax.scatter(marked, [0] * len(marked), marker="x", color=colour, label=state)
+    ax.set_xlabel("trial (proposal order)")
+    ax.set_ylabel("hypervolume (normalised)")
+    ax.set_title(f"final hypervolume {summary['hypervolume']:.3f}", fontsize=10)
+    ax.grid(alpha=0.3)
+    if any(h["state"] in colours for h in hist):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def report(
@@ -111,7 +336,7 @@ def report(
         console.print(
             f"{summary['completed']} completed, {summary['failed']} failed of "
             f"{summary['trials']} trials · hypervolume {summary['hypervolume']:.4f} "
-            f"(normalised) · plot {Path(run_dir) / 'pareto.png'}"
+            f"(normalised) · page {Path(run_dir) / 'report.html'}"
         )
     return summary
 
@@ -197,7 +422,9 @@ def plot(
     failed = summary["failed"]
     ax.set_title(
         f"{summary['completed']} completed trials"
-        + (f", {failed} failed (not shown)" if failed else "")
+        + (f", {failed} failed" if failed else "")
+        + (f", {summary['pruned']} pruned" if summary["pruned"] else "")
+        + (" (not shown)" if failed or summary["pruned"] else "")
         + f" · hypervolume {summary['hypervolume']:.3f}",
         fontsize=10,
     )
@@ -226,7 +453,8 @@ def _write_csv(path: Path, trials: list[dict[str, Any]]) -> None:
     metrics = [m for m in METRICS if any(m in t.get("metrics", {}) for t in trials)]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["trial_id", "optuna_trial", "state", "reason", "ratios", *params, *metrics])
+        head = ["trial_id", "optuna_trial", "state", "reason", "failure", "retries", "node_ip"]
+        w.writerow([*head, "node_id", "ratios", *params, *metrics])
         for t in trials:
             w.writerow(
                 [
@@ -234,6 +462,10 @@ def _write_csv(path: Path, trials: list[dict[str, Any]]) -> None:
                     t.get("optuna_trial", ""),
                     t["state"],
                     t.get("reason", ""),
+                    t.get("failure", ""),
+                    t.get("retries", 0),
+                    t.get("node_ip", ""),
+                    t.get("node_id", ""),
                     t.get("label", ""),
                     *[_cell(t.get("params", {}).get(p)) for p in params],
                     *[_cell(t.get("metrics", {}).get(m)) for m in metrics],

@@ -3,6 +3,8 @@
 `run_search` starts a local Ray with its dashboard (or joins `address` / RAY_ADDRESS), keeps the
 Optuna study in `<run>/study.db`, runs every trial as a thin wrapper around
 `automla.trainers.train`, shows live progress, and writes the run folder (see `report`).
+`resume_search` continues an interrupted one from its run folder. Failed trials are recorded
+with a kind and a reason and told to Optuna as FAIL; early-stopped ones as PRUNED.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from rich.table import Table
 from rich.text import Text
 
 from automla import report as report_mod
-from automla.schema import Domain, SearchConfig, SpaceError, to_yaml_dict
+from automla.report import SearchFailed
+from automla.schema import Domain, SearchConfig, SpaceError, load, to_yaml_dict
 from automla.space import apply, decode, define_by_run, flat_values, ratio_label
 from automla.trainers.config import ConfigError, to_dict
 
@@ -64,46 +67,84 @@ def run_search(
             RAY_ADDRESS is set.
         train_fn: the trainer (default `automla.trainers.train`); it must be importable or
             picklable by value in Ray's workers.
+
+    Raises SearchFailed when no trial completed (the run folder is written first).
     """
-    console = console or Console()
     if trials is not None and trials < 1:
         raise SpaceError(config.source, "trials", f"expected an integer >= 1, got {trials}")
     config = dataclasses.replace(
         config, trials=trials or config.trials, fixed=copy.deepcopy(config.fixed)
     )
-    sampler = make_sampler(config)
+    make_sampler(config)  # a bad sampler stops the run before anything is written
     run_dir = Path(out_dir) / name
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir} already exists; choose another --name or --out")
+        raise FileExistsError(
+            f"{run_dir} already exists; choose another --name or --out, or continue it with "
+            f"--resume {run_dir}"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir = run_dir.resolve()
     _absolute_paths(config)
     (run_dir / "space.yaml").write_text(yaml.safe_dump(to_yaml_dict(config), sort_keys=False))
+    return _execute(config, run_dir, address, train_fn, console or Console(), resume=False)
+
+
+def resume_search(
+    run_dir: str | Path,
+    address: str | None = None,
+    *,
+    train_fn: TrainFn | None = None,
+    console: Console | None = None,
+) -> Path:
+    """Continue an interrupted search (Ctrl-C, a killed driver) from its run folder.
+
+    Ray Tune restores its experiment state and the searcher (the Optuna study with the
+    sampler's state): finished trials are kept, unfinished ones restart from their last
+    checkpoint, and the trial budget counts what is done. Optuna trials that the driver had
+    proposed after Ray's last experiment checkpoint are marked failed ("lost") so that they
+    are neither rerun nor counted.
+    """
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / "space.yaml").is_file():
+        raise report_mod.RunError(f"{run_dir}: not a run folder (space.yaml is missing)")
+    if not tune.Tuner.can_restore(str(run_dir / "ray")):
+        raise report_mod.RunError(
+            f"{run_dir}: Ray saved no experiment state before the search stopped; "
+            "start it again instead"
+        )
+    config = load(run_dir / "space.yaml")
+    return _execute(config, run_dir, address, train_fn, console or Console(), resume=True)
+
+
+def _execute(
+    config: SearchConfig,
+    run_dir: Path,
+    address: str | None,
+    train_fn: TrainFn | None,
+    console: Console,
+    *,
+    resume: bool,
+) -> Path:
+    name = run_dir.name
     log = _log_to(run_dir / "search.log")
     log.info(
-        "search %s: %d trials, concurrency %d, space %s",
+        "%s %s: %d trials, concurrency %d, space %s",
+        "resume" if resume else "search",
         name,
         config.trials,
         config.concurrency,
         config.source,
     )
-
     address = address or os.environ.get("RAY_ADDRESS") or None
     started = time.time()
-    ctx = _start_ray(address)
+    owns_ray = not ray.is_initialized()
+    ctx = _start_ray(address, name) if owns_ray else ray.get_runtime_context()
     try:
-        url = f"http://{ctx.dashboard_url}" if ctx.dashboard_url else None
+        dashboard = ctx.dashboard_url if owns_ray else ray._private.worker.get_dashboard_url()
+        url = f"http://{dashboard}" if dashboard else None
         _print_banner(console, run_dir, url, address)
-        log.info("ray dashboard: %s; ray session: %s", url, ctx.address_info.get("session_dir"))
+        log.info("ray dashboard: %s; ray gcs: %s", url, ray.get_runtime_context().gcs_address)
         with _ray_output_to(log):
-            searcher = _OptunaSearch(
-                space=define_by_run(config.space),
-                metric=config.metrics,
-                mode=config.modes,
-                sampler=sampler,
-                study_name=name,
-                storage=optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'study.db'}"),
-            )
             trainable = tune.with_resources(
                 tune.with_parameters(
                     _trial,
@@ -115,47 +156,90 @@ def run_search(
                 {"cpu": config.resources.cpus, "gpu": config.resources.gpus},
             )
             progress = _Progress(console, config, name, started, log)
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=searcher,
-                    num_samples=config.trials,
-                    max_concurrent_trials=config.concurrency,
-                    trial_dirname_creator=_trial_dirname,
-                    # a fresh worker per trial would re-import torch each time (seconds on CPU)
-                    reuse_actors=True,
-                ),
-                run_config=tune.RunConfig(
-                    name="ray",
-                    storage_path=str(run_dir),
-                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    # trials write into a staging folder; bring train/, stdout, stderr home
-                    sync_config=tune.SyncConfig(sync_artifacts=True),
-                    callbacks=[progress],
-                    verbose=0,
-                    log_to_file=True,
-                ),
-            )
+            if resume:
+                tuner = tune.Tuner.restore(
+                    str(run_dir / "ray"),
+                    trainable,
+                    resume_unfinished=True,
+                    resume_errored=False,
+                    restart_errored=False,
+                )
+                # the callbacks come back from Tune's pickle without the display
+                tuner._local_tuner.get_run_config().callbacks = [progress]
+            else:
+                tuner = _new_tuner(config, run_dir, trainable, progress)
             with progress:
                 results = tuner.fit()
-        records = _records(results, config, searcher)
+        numbers = _settle_study(run_dir, {_trial_id(r) for r in results})
+        records = _records(results, config, numbers)
     finally:
-        if ray.is_initialized():
+        if owns_ray and ray.is_initialized():  # a caller's Ray (a notebook, tests) stays up
             ray.shutdown()
     (run_dir / "trials.json").write_text(json.dumps(records, indent=1) + "\n")
     summary = report_mod.write_outputs(run_dir, config, records)
     wall = time.time() - started
-    log.info(
-        "done in %.1f s: %d completed, %d failed", wall, summary["completed"], summary["failed"]
-    )
+    counts = {s: sum(r["state"] == s for r in records) for s in report_mod.STATES}
+    log.info("done in %.1f s: %s", wall, counts)
     console.print(report_mod.front_table(summary, name))
+    shown = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     console.print(
-        f"{summary['trials']} trials ({summary['completed']} completed, {summary['failed']} "
-        f"failed) in {_duration(wall)} · hypervolume {summary['hypervolume']:.4f} · "
-        f"run folder {run_dir}"
+        f"{summary['trials']} trials ({shown}) in {_duration(wall)} · "
+        f"hypervolume {summary['hypervolume']:.4f} · run folder {run_dir}"
     )
+    if counts[report_mod.STOPPED] or len(records) < config.trials:
+        console.print(f"interrupted: continue with `automla search --resume {run_dir}`")
+    elif records and not counts[report_mod.COMPLETED] and not counts[report_mod.PRUNED]:
+        raise SearchFailed(run_dir, [f"{r['trial_id']}: {r['reason']}" for r in records])
     return run_dir
+
+
+def _new_tuner(config: SearchConfig, run_dir: Path, trainable: Any, progress: Any) -> Any:
+    searcher = _OptunaSearch(
+        space=define_by_run(config.space),
+        metric=config.metrics,
+        mode=config.modes,
+        sampler=make_sampler(config),
+        study_name=run_dir.name,
+        storage=optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'study.db'}"),
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=make_scheduler(config),
+            num_samples=config.trials,
+            max_concurrent_trials=config.concurrency,
+            trial_dirname_creator=_trial_dirname,
+            # a fresh worker per trial would re-import torch each time (seconds on CPU)
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name="ray",
+            storage_path=str(run_dir),
+            failure_config=tune.FailureConfig(max_failures=config.max_failures, fail_fast=False),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # trials write into a staging folder; bring train/, stdout, stderr home
+            sync_config=tune.SyncConfig(sync_artifacts=True),
+            callbacks=[progress],
+            verbose=0,
+            log_to_file=True,
+        ),
+    )
+
+
+def make_scheduler(config: SearchConfig) -> Any:
+    """ASHA on the file's scheduler metric, with trainer steps as its clock; None without one."""
+    s = config.scheduler
+    if s is None:
+        return None
+    return tune.schedulers.ASHAScheduler(
+        time_attr="step",
+        metric=s.metric,
+        mode=s.mode,
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
+        max_t=s.max_t or int(config.fixed.get("steps") or 1),
+    )
 
 
 def make_sampler(config: SearchConfig) -> Any:
@@ -184,6 +268,12 @@ def make_sampler(config: SearchConfig) -> Any:
     return optuna.samplers.RandomSampler(seed=s.seed)
 
 
+FAILURE = "automla_failure"
+"""Result key of a trial that ended without a usable result and must not be retried."""
+FINAL = "automla_final"
+"""Result key: True once the trainer reached its last step (an early-stopped trial never does)."""
+
+
 def _trial(
     params: dict[str, Any],
     *,
@@ -192,17 +282,26 @@ def _trial(
     cpus: float,
     train_fn: TrainFn | None,
 ) -> None:
-    """One Ray Tune trial: build the config, train, forward every evaluation to Tune."""
+    """One Ray Tune trial: build the config, train, forward every evaluation to Tune.
+
+    A diverged (NaN/inf loss), out-of-memory or invalid trial ends with a FAILURE result rather
+    than an exception: retrying it would fail the same way. Anything else raises, and Ray
+    retries the trial up to `max_failures` times from its last checkpoint.
+    """
     import torch
 
     threads = max(1, int(cpus))
     torch.set_num_threads(threads)
-    config = apply(fixed, decode(space, params))
+    node = {"node_id": ray.get_runtime_context().get_node_id()}
+    try:
+        config = apply(fixed, decode(space, params))
+    except ConfigError as e:
+        tune.report({FAILURE: "invalid", "reason": f"invalid config: {e}", **node})
+        return
     if config.threads is None:
         config.threads = threads
     if train_fn is None:
         from automla.trainers import train as train_fn
-    trial_dir = Path(tune.get_context().get_trial_dir())
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         for key in ("train_loss", "val_loss"):
@@ -212,28 +311,49 @@ def _trial(
         checkpoint = None
         if checkpoint_dir is not None:
             checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir))
-        tune.report(dict(metrics), checkpoint=checkpoint)
+        final = metrics.get("step", 0) >= config.steps
+        tune.report({**metrics, FINAL: final, **node}, checkpoint=checkpoint)
 
-    train_fn(config, out_dir=trial_dir / "train", report=report)
+    out_dir = Path(tune.get_context().get_trial_dir()) / "train"
+    try:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            train_fn(config, out_dir=out_dir, report=report)
+        else:  # a retry or a resumed search: continue from the last reported checkpoint
+            with checkpoint.as_directory() as path:
+                train_fn(config, out_dir=out_dir, report=report, resume=path)
+    except FloatingPointError as e:
+        tune.report({FAILURE: "diverged", "reason": f"FloatingPointError: {e}", **node})
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'out of memory'}"
+        tune.report({FAILURE: "out_of_memory", "reason": reason[:300], **node})
 
 
-def _records(results: Any, config: SearchConfig, searcher: _OptunaSearch) -> list[dict]:
-    """One record per trial: id, state, reason, searched values, final metrics, full config."""
+def _records(results: Any, config: SearchConfig, numbers: dict[str, int]) -> list[dict]:
+    """One record per trial: id, state, reason, failure kind, retries, node, searched values,
+    final metrics, full config."""
     metrics = config.metrics
+    retries = {t.trial_id: t.num_failures for t in results._experiment_analysis.trials}
     records = []
     for result in results:
         params = dict(result.config or {})
         trial_id = _trial_id(result)
+        last = result.metrics or {}
         record: dict[str, Any] = {
             "trial_id": trial_id,
-            "optuna_trial": searcher.numbers.get(trial_id),
+            "optuna_trial": numbers.get(trial_id),
             "state": report_mod.COMPLETED,
             "reason": "",
+            "failure": "",
+            # Ray counts failures; the last one of a failed trial was not followed by a retry
+            "retries": max(0, retries.get(trial_id, 0) - (result.error is not None)),
+            "node_ip": last.get("node_ip", ""),
+            "node_id": last.get("node_id", ""),
             "label": "",
             "params": {},
             "metrics": {},
             "config": None,
-            "finished": None,
+            "finished": last.get("timestamp"),
             "path": str(result.path) if result.path else None,
         }
         try:
@@ -245,24 +365,64 @@ def _records(results: Any, config: SearchConfig, searcher: _OptunaSearch) -> lis
         except (ConfigError, ValueError) as e:
             record["params"] = {k: v for k, v in params.items()}
             record["state"], record["reason"] = report_mod.FAILED, f"invalid config: {e}"
-        last = result.metrics or {}
+            record["failure"] = "invalid"
         record["metrics"] = {k: last[k] for k in _metric_keys(last)}
-        record["finished"] = last.get("timestamp")
+        steps = (record["config"] or {}).get("steps")
         if result.error is not None:
             record["state"], record["reason"] = report_mod.FAILED, _reason(result.error)
+            record["failure"] = failure_kind(result.error)
+        elif last.get(FAILURE):
+            record["state"], record["failure"] = report_mod.FAILED, last[FAILURE]
+            record["reason"] = last.get("reason", "")
         elif record["state"] == report_mod.COMPLETED:
             missing = [m for m in metrics if not report_mod.finite_number(record["metrics"].get(m))]
-            steps = (record["config"] or {}).get("steps")
-            if missing:
-                record["state"] = report_mod.FAILED
+            if not last.get(FINAL, True) or (steps and record["metrics"].get("step", 0) < steps):
+                at = f"at step {record['metrics'].get('step', 0)} of {steps}"
+                if last.get("done"):  # the scheduler stopped it
+                    record["state"], record["reason"] = report_mod.PRUNED, f"early-stopped {at}"
+                else:  # interrupted (Ctrl-C, a lost driver): resumable
+                    record["state"], record["reason"] = report_mod.STOPPED, f"interrupted {at}"
+            elif missing:
+                record["state"], record["failure"] = report_mod.FAILED, "no_result"
                 record["reason"] = f"no finite {', '.join(missing)} reported"
-            elif steps and record["metrics"].get("step", steps) < steps:
-                # interrupted (Ctrl-C): its metrics are those of a shorter run
-                record["state"] = report_mod.STOPPED
-                record["reason"] = f"stopped at step {record['metrics']['step']} of {steps}"
         records.append(record)
     records.sort(key=lambda r: (r["optuna_trial"] is None, r["optuna_trial"] or 0, r["trial_id"]))
     return records
+
+
+def failure_kind(error: BaseException) -> str:
+    """'out_of_memory', 'worker_died', 'diverged' or 'exception' for a trial's error."""
+    chain = []
+    cause: BaseException | None = error
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    names = " ".join(type(c).__name__ for c in chain) + " " + _reason(error)
+    if "OutOfMemoryError" in names or "MemoryError" in names:
+        return "out_of_memory"
+    if any(k in names for k in ("ActorDied", "ActorError", "WorkerCrashed", "ActorUnavailable")):
+        return "worker_died"
+    if "FloatingPointError" in names:
+        return "diverged"
+    return "exception"
+
+
+def _settle_study(run_dir: Path, ray_ids: set[str]) -> dict[str, int]:
+    """Mark Optuna trials Ray does not know (proposed after its last experiment checkpoint
+    before the driver died) as failed, so a resume neither reruns nor counts them; return
+    Ray trial id -> Optuna trial number."""
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=run_dir.name, storage=f"sqlite:///{run_dir / 'study.db'}")
+    numbers = {}
+    for t in study.get_trials(deepcopy=False):
+        rid = t.user_attrs.get("ray_trial_id")
+        if rid in ray_ids:
+            numbers[rid] = t.number
+        elif t.state == TrialState.RUNNING:
+            study._storage.set_trial_user_attr(t._trial_id, "failure", "lost with the driver")
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return numbers
 
 
 def _metric_keys(last: dict[str, Any]) -> list[str]:
@@ -299,17 +459,22 @@ def _reason(error: BaseException) -> str:
     return f"{name}: {lines[-1] if lines else ''}"[:300]
 
 
-def _start_ray(address: str | None) -> Any:
+def _start_ray(address: str | None, run_name: str) -> Any:
     for name in _RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # the run's name labels the driver job in the dashboard and in `ray list jobs`
+    job = ray.job_config.JobConfig(metadata={"automla_run": run_name})
     if address:
-        return ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        return ray.init(
+            address=address, log_to_driver=False, logging_level=logging.WARNING, job_config=job
+        )
     # A new local cluster keeps Ray's default: token authentication on (~/.ray/auth_token).
     return ray.init(
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         log_to_driver=False,
         logging_level=logging.WARNING,
+        job_config=job,
     )
 
 
@@ -335,17 +500,12 @@ def _print_banner(console: Console, run_dir: Path, url: str | None, address: str
 class _OptunaSearch(OptunaSearch):
     """OptunaSearch that records every trial's outcome in the study: a failed trial, or one that
     reported a NaN or no objective, is told FAIL (the stock searcher leaves it RUNNING when
-    Optuna rejects the values); the Ray trial id is kept as a user attribute."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.numbers: dict[str, int] = {}
+    Optuna rejects the values), an early-stopped one PRUNED; the Ray trial id is kept as a
+    user attribute."""
 
     def suggest(self, trial_id: str) -> dict | None:
         params = super().suggest(trial_id)
-        ot_trial = self._ot_trials[trial_id]
-        ot_trial.set_user_attr("ray_trial_id", trial_id)
-        self.numbers[trial_id] = ot_trial.number
+        self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
         return params
 
     def on_trial_complete(
@@ -356,14 +516,24 @@ class _OptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
-        values = [(result or {}).get(m) for m in self._metric]
-        ok = not error and all(report_mod.finite_number(v) for v in values)
-        if not ok:
-            ot_trial.set_user_attr("failure", "error" if error else f"objectives {values}")
-        self._ot_study.tell(
-            ot_trial, values if ok else None, state=TrialState.COMPLETE if ok else TrialState.FAIL
-        )
         self._completed_trials.add(trial_id)
+        # a resumed driver may replay a trial its predecessor already told the study
+        stored = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        if stored.state.is_finished():
+            return
+        result = result or {}
+        values = [result.get(m) for m in self._metric]
+        if error or result.get(FAILURE):
+            ot_trial.set_user_attr("failure", result.get(FAILURE) or "error")
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+        elif not result.get(FINAL, True):
+            # stopped early by the scheduler: its metrics are those of a shorter run
+            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+        elif all(report_mod.finite_number(v) for v in values):
+            self._ot_study.tell(ot_trial, values, state=TrialState.COMPLETE)
+        else:
+            ot_trial.set_user_attr("failure", f"objectives {values}")
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
 
 
 class _Progress(tune.Callback):
@@ -411,10 +581,17 @@ class _Progress(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         row = self._row(trial)
-        row["state"] = "done"
         last = row.get("last") or {}
-        shown = " ".join(f"{m}={_num(last.get(m))}" for m in self.config.metrics)
-        self._event(f"done   {trial.trial_id}  {shown}")
+        if last.get(FAILURE):
+            row["state"], row["reason"] = "failed", last.get("reason", "")
+            self._event(f"FAILED {trial.trial_id}  {row['reason']}")
+        elif not last.get(FINAL, True):
+            row["state"] = "pruned"
+            self._event(f"pruned {trial.trial_id}  at step {last.get('step')}")
+        else:
+            row["state"] = "done"
+            shown = " ".join(f"{m}={_num(last.get(m))}" for m in self.config.metrics)
+            self._event(f"done   {trial.trial_id}  {shown}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         row = self._row(trial)
@@ -456,10 +633,10 @@ class _Progress(tune.Callback):
     def _render(self) -> Group:
         states = [r["state"] for r in self.rows.values()]
         done, failed = states.count("done"), states.count("failed")
-        running = states.count("running")
+        running, pruned = states.count("running"), states.count("pruned")
         head = Text(
-            f"search {self.name} · {done + failed}/{self.config.trials} finished "
-            f"({done} completed, {failed} failed, {running} running) · "
+            f"search {self.name} · {done + failed + pruned}/{self.config.trials} finished "
+            f"({done} completed, {pruned} pruned, {failed} failed, {running} running) · "
             f"{_duration(time.time() - self.started)}"
         )
         table = Table(box=None, pad_edge=False)
@@ -469,7 +646,7 @@ class _Progress(tune.Callback):
             )
         for tid, r in list(self.rows.items())[-14:]:
             last = r.get("last") or {}
-            style = {"failed": "red", "running": "cyan", "done": None}.get(r["state"])
+            style = {"failed": "red", "running": "cyan", "pruned": "dim"}.get(r["state"])
             table.add_row(
                 tid,
                 r["state"],
@@ -490,6 +667,8 @@ def _ray_output_to(log: logging.Logger) -> Iterator[None]:
     ray_log.handlers = log.handlers[:]
     env = {
         "RAY_AIR_NEW_OUTPUT": "0",
+        # a failed trial's last result carries no objectives; _records checks them instead
+        "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     }
     old_env = {k: os.environ.get(k) for k in env}

@@ -10,7 +10,9 @@ objectives: [{metric: val_loss, mode: min}, {metric: tokens_per_s, mode: max}]
 sampler: {name: tpe, seed: 0}
 trials: 16
 concurrency: 2
+max_failures: 1            # retries of a trial that crashed or lost its worker
 resources: {cpus: 1, gpus: 0}
+scheduler: {name: asha, metric: val_loss, mode: min, grace_period: 50}   # optional
 data: {source: stdlib}
 train: {steps: 100, seq_len: 512}
 model: {d_model: 64, max_seq_len: 512}
@@ -61,7 +63,9 @@ SECTIONS = (
     "sampler",
     "trials",
     "concurrency",
+    "max_failures",
     "resources",
+    "scheduler",
     "data",
     "train",
     "model",
@@ -127,6 +131,35 @@ class Resources:
             raise ConfigError("gpus", f"above 1 must be a whole number, got {self.gpus}")
 
 
+@dataclass(kw_only=True)
+class Scheduler:
+    """Early stopping (ASHA) on one reported metric, in trainer steps."""
+
+    name: Literal["asha"] = "asha"
+    metric: str = "val_loss"
+    mode: Mode = "min"
+    grace_period: int = 1
+    """Steps a trial runs before it can be stopped."""
+    reduction_factor: float = 3.0
+    """Only the best 1/reduction_factor of the trials at a rung go on."""
+    max_t: int | None = None
+    """The step at which no trial is stopped any more; None: the trials' `steps`."""
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ConfigError(
+                "metric", f"unknown metric {self.metric!r}; expected one of {', '.join(METRICS)}"
+            )
+        if self.grace_period < 1:
+            raise ConfigError("grace_period", f"must be >= 1, got {self.grace_period}")
+        if self.reduction_factor <= 1:
+            raise ConfigError("reduction_factor", f"must be > 1, got {self.reduction_factor}")
+        if self.max_t is not None and self.max_t < self.grace_period:
+            raise ConfigError(
+                "max_t", f"must be >= grace_period ({self.grace_period}), got {self.max_t}"
+            )
+
+
 @dataclass(kw_only=True, frozen=True)
 class Uniform:
     lo: float
@@ -172,7 +205,11 @@ class SearchConfig:
     sampler: Sampler = field(default_factory=Sampler)
     trials: int = 12
     concurrency: int = 1
+    max_failures: int = 0
+    """Ray retries of a trial that raised or lost its worker, from its last checkpoint;
+    diverged (NaN/inf), out-of-memory and invalid trials are never retried."""
     resources: Resources = field(default_factory=Resources)
+    scheduler: Scheduler | None = None
     fixed: dict[str, Any] = field(default_factory=dict)
     """The fixed trainer settings as a nested TrainConfig dict (defaults filled in, searched
     paths left out); `automla.space.apply(fixed, values)` builds one trial's config."""
@@ -224,6 +261,10 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
     resources = _build(Resources, data.get("resources", {}), "resources", file)
     trials = _positive_int(data.get("trials", 12), "trials", file)
     concurrency = _positive_int(data.get("concurrency", 1), "concurrency", file)
+    max_failures = _positive_int(data.get("max_failures", 0), "max_failures", file, low=0)
+    scheduler = None
+    if data.get("scheduler") is not None:
+        scheduler = _build(Scheduler, data["scheduler"], "scheduler", file)
 
     sections = {}
     for key in ("data", "train", "model"):
@@ -267,11 +308,21 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
         sampler=sampler,
         trials=trials,
         concurrency=concurrency,
+        max_failures=max_failures,
         resources=resources,
+        scheduler=scheduler,
         fixed=fixed,
         space=space,
         source=file,
     )
+    if scheduler is not None:
+        steps = fixed.get("steps")
+        if scheduler.max_t is not None and isinstance(steps, int) and scheduler.max_t > steps:
+            raise SpaceError(
+                file, "scheduler.max_t", f"must be <= train.steps ({steps}), got {scheduler.max_t}"
+            )
+        if scheduler.metric == "mqar_acc" and sections["data"].get("source") != "mqar":
+            raise SpaceError(file, "scheduler.metric", "metric 'mqar_acc' needs data.source: mqar")
     _check_trials(config)
     return config
 
@@ -285,7 +336,9 @@ def to_yaml_dict(config: SearchConfig) -> dict[str, Any]:
         "sampler": dataclasses.asdict(config.sampler),
         "trials": config.trials,
         "concurrency": config.concurrency,
+        "max_failures": config.max_failures,
         "resources": dataclasses.asdict(config.resources),
+        "scheduler": dataclasses.asdict(config.scheduler) if config.scheduler else None,
         "data": data,
         "train": fixed,
         "model": model,
@@ -351,11 +404,11 @@ def _build(cls: type, value: Any, path: str, file: str) -> Any:
         raise SpaceError(file, _join(path, e.path), e.message) from None
 
 
-def _positive_int(value: Any, path: str, file: str) -> int:
+def _positive_int(value: Any, path: str, file: str, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SpaceError(file, path, f"expected an integer >= 1, got {_kind(value)}")
-    if value < 1:
-        raise SpaceError(file, path, f"expected an integer >= 1, got {value}")
+        raise SpaceError(file, path, f"expected an integer >= {low}, got {_kind(value)}")
+    if value < low:
+        raise SpaceError(file, path, f"expected an integer >= {low}, got {value}")
     return value
 
 

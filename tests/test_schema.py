@@ -81,6 +81,98 @@ def test_resolved_file_reads_back_the_same():
         config.sampler,
         config.resources,
     )
+    assert (again.max_failures, again.scheduler) == (0, None)
+
+
+def test_faults_and_scheduler_are_typed():
+    data = copy.deepcopy(GOOD)
+    data["max_failures"] = 2
+    data["scheduler"] = {
+        "name": "asha",
+        "metric": "val_loss",
+        "mode": "min",
+        "grace_period": 2,
+        "reduction_factor": 2,
+        "max_t": 8,
+    }
+    config = schema.parse(data)
+    assert config.max_failures == 2
+    assert config.scheduler == schema.Scheduler(
+        name="asha", metric="val_loss", mode="min", grace_period=2, reduction_factor=2.0, max_t=8
+    )
+    again = schema.parse(yaml.safe_load(yaml.safe_dump(schema.to_yaml_dict(config))))
+    assert (again.max_failures, again.scheduler) == (2, config.scheduler)
+
+
+@pytest.mark.parametrize(
+    "mutate, path, expected",
+    [
+        pytest.param(
+            lambda d: d.update(max_failures=-1),
+            "max_failures",
+            "expected an integer >= 0, got -1",
+            id="max-failures-negative",
+        ),
+        pytest.param(
+            lambda d: d.update(max_failures="2"),
+            "max_failures",
+            "expected an integer >= 0",
+            id="max-failures-str",
+        ),
+        pytest.param(
+            lambda d: d.update(scheduler={"name": "hyperband"}),
+            "scheduler.name",
+            "asha",
+            id="scheduler-name",
+        ),
+        pytest.param(
+            lambda d: d.update(scheduler={"metric": "loss"}),
+            "scheduler.metric",
+            "unknown metric 'loss'",
+            id="scheduler-metric",
+        ),
+        pytest.param(
+            lambda d: d.update(scheduler={"mode": "up"}),
+            "scheduler.mode",
+            "min",
+            id="scheduler-mode",
+        ),
+        pytest.param(
+            lambda d: d.update(scheduler={"grace_period": 0}),
+            "scheduler.grace_period",
+            "must be >= 1",
+            id="scheduler-grace",
+        ),
+        pytest.param(
+            lambda d: d.update(scheduler={"reduction_factor": 1}),
+            "scheduler.reduction_factor",
+            "must be > 1",
+            id="scheduler-rf",
+        ),
+        pytest.param(
+            lambda d: d.update(scheduler={"grace_period": 4, "max_t": 2}),
+            "scheduler.max_t",
+            "must be >= grace_period (4)",
+            id="scheduler-max-t",
+        ),
+        pytest.param(
+            lambda d: d.update(scheduler={"max_t": 11}),
+            "scheduler.max_t",
+            "must be <= train.steps (10)",
+            id="scheduler-max-t-steps",
+        ),
+        pytest.param(
+            lambda d: d.update(scheduler={"patience": 3}),
+            "scheduler.patience",
+            "unknown key",
+            id="scheduler-unknown",
+        ),
+    ],
+)
+def test_bad_faults_and_scheduler(mutate, path, expected):
+    e = bad(mutate)
+    assert e.path == path
+    assert expected in e.message
 
 
 @pytest.mark.parametrize(

@@ -91,6 +91,7 @@ def test_run_folder_is_complete(run_dir: Path):
         "pareto.json",
         "pareto.png",
         "hypervolume.csv",
+        "hypervolume.png",
         "study.db",
         "search.log",
     ):
@@ -140,7 +141,21 @@ def test_pareto_json_holds_the_front(run_dir: Path):
     for entry in summary["front"]:
         build(TrainConfig, entry["config"])  # the full trainer config
         assert set(entry["metrics"]) >= {"val_loss", "tokens_per_s"}
-    assert len(summary["hypervolume_history"]) == 3
+    # one entry per trial, in proposal order; the failed one adds nothing
+    history = summary["hypervolume_history"]
+    assert [h["trial"] for h in history] == [1, 2, 3, 4]
+    assert all(a["hypervolume"] <= b["hypervolume"] for a, b in zip(history, history[1:]))
+    failed = next(h for h in history if h["state"] == "failed")
+    before = history[failed["trial"] - 2]["hypervolume"] if failed["trial"] > 1 else 0.0
+    assert failed["hypervolume"] == before
+    ref = summary["hypervolume_reference"]
+    for m, mode in (("val_loss", "min"), ("tokens_per_s", "max")):
+        worse = (
+            ref["reference"][m] > ref["nadir"][m]
+            if mode == "min"
+            else (ref["reference"][m] < ref["nadir"][m])
+        )
+        assert worse, m
     assert 0 < summary["hypervolume"] <= 1.1**2
 
 

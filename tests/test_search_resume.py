@@ -1,0 +1,165 @@
+"""Interrupt and resume: a search driver is SIGKILLed mid-search (with its whole process group,
+Ray included, as in a machine restart), then `automla search --resume` finishes it. Finished
+trials are kept and not rerun, unfinished ones continue from their last checkpoint, the budget
+counts what was done, and no result is lost or counted twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from automla import cli, schema
+
+pytestmark = pytest.mark.slow
+
+TRIALS = 6
+STEPS = 8
+
+SPACE = {
+    "objectives": [
+        {"metric": "val_loss", "mode": "min"},
+        {"metric": "tokens_per_s", "mode": "max"},
+    ],
+    "sampler": {"name": "tpe", "seed": 0, "startup_trials": 2},
+    "trials": TRIALS,
+    "concurrency": 2,
+    "resources": {"cpus": 1},
+    "data": {"source": "stdlib", "max_bytes": 100_000},
+    "train": {"steps": STEPS, "eval_every": 1, "seq_len": 64},
+    "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 64},
+    "space": {"model.mla.budget": {"choice": [16, 32]}, "lr": {"loguniform": [1e-3, 1e-2]}},
+}
+
+
+def slow_trainer(config, *, out_dir=None, report=None, resume=None, log=""):
+    """Reports every step (with a checkpoint) and takes a while; appends 'start <trial> <step>'
+    and 'end <trial>' lines to `log` so the test can see what ran and from where."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    start = 0 if resume is None else json.loads((Path(resume) / "state.json").read_text())["step"]
+    with open(log, "a") as f:
+        f.write(f"start {trial_id} {start}\n")
+    for step in range(start + 1, config.steps + 1):
+        time.sleep(0.4)
+        ckpt = Path(out_dir) / f"ckpt-{step}"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "state.json").write_text(json.dumps({"step": step}))
+        loss = 1.0 + config.lr * 100 + 1.0 / step
+        speed = 1000.0 / config.model.mla.budget
+        report({"step": step, "train_loss": loss, "val_loss": loss, "tokens_per_s": speed}, ckpt)
+        with open(log, "a") as f:
+            f.write(f"step {trial_id} {step}\n")
+    with open(log, "a") as f:
+        f.write(f"end {trial_id}\n")
+    return {}
+
+
+DRIVER = """
+import functools, sys
+from ray import cloudpickle
+sys.path.insert(0, {tests!r})
+import test_search_resume as m
+cloudpickle.register_pickle_by_value(m)
+from automla import schema
+from automla.runner import run_search
+config = schema.load({space!r})
+run_search(config, {out!r}, "r", train_fn=functools.partial(m.slow_trainer, log={log!r}))
+"""
+
+
+def lines(log: Path, kind: str) -> list[list[str]]:
+    if not log.exists():
+        return []
+    return [ln.split() for ln in log.read_text().splitlines() if ln.startswith(kind)]
+
+
+def test_kill_the_driver_then_resume(tmp_path: Path):
+    from ray import cloudpickle
+
+    space, log, out = tmp_path / "space.yaml", tmp_path / "trainer.log", tmp_path / "runs"
+    space.write_text(yaml.safe_dump(SPACE))
+    script = DRIVER.format(
+        tests=str(Path(__file__).parent), space=str(space), out=str(out), log=str(log)
+    )
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    driver = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env,
+        start_new_session=True,  # the driver and the Ray it starts: one group to kill
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 240
+        # kill once two trials have finished and another is a couple of checkpoints in
+        while time.time() < deadline and driver.poll() is None:
+            ended = {e[1] for e in lines(log, "end")}
+            midway = {s[1] for s in lines(log, "step") if int(s[2]) >= 2} - ended
+            if len(ended) >= 2 and midway:
+                time.sleep(1.2)  # past Ray's next experiment checkpoint, still mid-trial
+                break
+            time.sleep(0.1)
+        assert driver.poll() is None, "the search finished before it could be interrupted"
+        os.killpg(driver.pid, signal.SIGKILL)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    ended_before = {e[1] for e in lines(log, "end")}
+    assert 2 <= len(ended_before) < TRIALS
+    run_dir = out / "r"
+    assert not (run_dir / "trials.json").exists()  # the driver never got to write results
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    import functools
+
+    from automla.runner import resume_search
+
+    resume_search(run_dir, train_fn=functools.partial(slow_trainer, log=str(log)))
+
+    records = json.loads((run_dir / "trials.json").read_text())
+    ids = [r["trial_id"] for r in records]
+    assert len(records) == TRIALS and len(set(ids)) == TRIALS
+    assert all(r["state"] == "completed" for r in records), [r["state"] for r in records]
+    assert all(r["metrics"]["step"] == STEPS for r in records)
+    # each trial started from scratch once; after the kill, a trial Ray had not recorded as
+    # finished starts once more, from its last checkpoint Ray recorded (from scratch if none)
+    starts = lines(log, "start")
+    assert [s[2] for s in starts].count("0") >= TRIALS
+    assert {s[1] for s in starts if s[2] == "0"} == set(ids)
+    assert all(sum(s[1] == i for s in starts) <= 2 for i in ids)
+    assert {e[1] for e in lines(log, "end")} == set(ids)
+    assert any(0 < int(s[2]) < STEPS for s in starts), "no trial continued from a checkpoint"
+    study = optuna.load_study(study_name="r", storage=f"sqlite:///{run_dir / 'study.db'}")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(t.user_attrs["ray_trial_id"] for t in complete) == sorted(ids)
+    # anything else was proposed after Ray's last checkpoint and is marked lost, not rerun
+    others = [t for t in study.trials if t.state.name != "COMPLETE"]
+    assert all(
+        t.state.name == "FAIL" and t.user_attrs.get("failure") == "lost with the driver"
+        for t in others
+    )
+    # the numbers in the records are the study's, each once
+    assert sorted(r["optuna_trial"] for r in records) == sorted(t.number for t in complete)
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path: Path, capsys):
+    assert cli.run(["search", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "space.yaml").write_text(
+        yaml.safe_dump(schema.to_yaml_dict(schema.parse(SPACE)))
+    )
+    assert cli.run(["search", "--resume", str(tmp_path / "r")]) == 2
+    assert "no experiment state" in capsys.readouterr().err
