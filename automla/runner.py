@@ -33,6 +33,13 @@ from rich.table import Table
 from rich.text import Text
 
 from automla import report as report_mod
+from automla.distributed import (
+    ResourceError,
+    max_concurrent_trials,
+    run_distributed_trial,
+    trial_resources,
+    validate_resources,
+)
 from automla.report import SearchFailed
 from automla.schema import Domain, SearchConfig, SpaceError, load, to_yaml_dict
 from automla.space import apply, decode, define_by_run, flat_values, ratio_label
@@ -144,16 +151,31 @@ def _execute(
         url = f"http://{dashboard}" if dashboard else None
         _print_banner(console, run_dir, url, address)
         log.info("ray dashboard: %s; ray gcs: %s", url, ray.get_runtime_context().gcs_address)
+        res = config.resources
+        workers, gpus = res.n_workers, res.gpus_per_worker
+        cluster = ray.cluster_resources()
+        try:
+            validate_resources(res.cpus, gpus, workers, cluster)
+        except ResourceError as e:
+            raise SpaceError(config.source, "resources", str(e)) from None
+        fit = max_concurrent_trials(res.cpus, gpus, workers, cluster)
+        if fit < config.concurrency:
+            log.info(
+                "concurrency %d capped at %d: the cluster fits no more", config.concurrency, fit
+            )
+            config = dataclasses.replace(config, concurrency=fit)
         with _ray_output_to(log):
             trainable = tune.with_resources(
                 tune.with_parameters(
                     _trial,
                     fixed=config.fixed,
                     space=config.space,
-                    cpus=config.resources.cpus,
+                    cpus=res.cpus,
                     train_fn=train_fn,
+                    workers=workers,
+                    use_gpu=gpus > 0,
                 ),
-                {"cpu": config.resources.cpus, "gpu": config.resources.gpus},
+                trial_resources(res.cpus, gpus, workers),
             )
             progress = _Progress(console, config, name, started, log)
             if resume:
@@ -281,8 +303,13 @@ def _trial(
     space: dict[str, Domain],
     cpus: float,
     train_fn: TrainFn | None,
+    workers: int = 1,
+    use_gpu: bool = False,
 ) -> None:
     """One Ray Tune trial: build the config, train, forward every evaluation to Tune.
+
+    With several workers the trial starts them through Ray Train and forwards rank 0's
+    evaluations.
 
     A diverged (NaN/inf loss), out-of-memory or invalid trial ends with a FAILURE result rather
     than an exception: retrying it would fail the same way. Anything else raises, and Ray
@@ -315,13 +342,31 @@ def _trial(
         tune.report({**metrics, FINAL: final, **node}, checkpoint=checkpoint)
 
     out_dir = Path(tune.get_context().get_trial_dir()) / "train"
+
+    def run(resume: str | None = None) -> None:
+        if workers > 1:
+            run_distributed_trial(
+                config,
+                workers,
+                use_gpu,
+                report,
+                out_dir=out_dir,
+                cpus_per_worker=cpus,
+                resume=resume,
+                train_fn=train_fn,
+            )
+        elif resume is None:
+            train_fn(config, out_dir=out_dir, report=report)
+        else:
+            train_fn(config, out_dir=out_dir, report=report, resume=resume)
+
     try:
         checkpoint = tune.get_checkpoint()
         if checkpoint is None:
-            train_fn(config, out_dir=out_dir, report=report)
+            run()
         else:  # a retry or a resumed search: continue from the last reported checkpoint
             with checkpoint.as_directory() as path:
-                train_fn(config, out_dir=out_dir, report=report, resume=path)
+                run(path)
     except FloatingPointError as e:
         tune.report({FAILURE: "diverged", "reason": f"FloatingPointError: {e}", **node})
     except (torch.OutOfMemoryError, MemoryError) as e:

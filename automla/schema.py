@@ -118,9 +118,12 @@ class Resources:
     """What one trial reserves from Ray."""
 
     cpus: float = 1.0
-    """Also the trial's torch thread count (at least 1)."""
+    """Per worker; also each worker's torch thread count (at least 1)."""
     gpus: float = 0.0
-    """Fractional below 1 (trials share a GPU), whole numbers above."""
+    """Per trial: a fraction below 1 (trials share a GPU) or N >= 1 whole GPUs (the trial trains
+    on N data-parallel workers, one GPU each)."""
+    workers: int = 1
+    """Data-parallel workers per trial (Ray Train; gloo on CPU). With gpus >= 1 it is gpus."""
 
     def __post_init__(self) -> None:
         if self.cpus <= 0:
@@ -129,6 +132,26 @@ class Resources:
             raise ConfigError("gpus", f"must be >= 0, got {self.gpus}")
         if self.gpus > 1 and self.gpus != int(self.gpus):
             raise ConfigError("gpus", f"above 1 must be a whole number, got {self.gpus}")
+        if self.workers < 1:
+            raise ConfigError("workers", f"must be >= 1, got {self.workers}")
+        if self.gpus >= 1 and self.workers not in (1, int(self.gpus)):
+            raise ConfigError(
+                "workers",
+                f"with gpus: {self.gpus:g} a trial has {int(self.gpus)} workers "
+                f"(one per GPU), got workers: {self.workers}",
+            )
+        if 0 < self.gpus < 1 and self.workers > 1:
+            raise ConfigError(
+                "workers", f"a GPU fraction ({self.gpus}) is for one-worker trials sharing a GPU"
+            )
+
+    @property
+    def n_workers(self) -> int:
+        return int(self.gpus) if self.gpus >= 1 else self.workers
+
+    @property
+    def gpus_per_worker(self) -> float:
+        return 1.0 if self.gpus >= 1 else self.gpus
 
 
 @dataclass(kw_only=True)

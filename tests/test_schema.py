@@ -473,3 +473,28 @@ def test_every_command_has_help(command, capsys):
         cli.run([command, "--help"])
     assert info.value.code == 0
     assert f"usage: automla {command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "resources,expected",
+    [
+        ({"cpus": 1, "gpus": 2, "workers": 3}, "one per GPU"),
+        ({"cpus": 1, "gpus": 0.5, "workers": 2}, "sharing a GPU"),
+        ({"cpus": 1, "workers": 0}, "must be >= 1"),
+        ({"cpus": 1, "gpus": 1.5}, "whole number"),
+    ],
+)
+def test_bad_worker_resources(resources, expected):
+    err = bad(lambda d: d.update(resources=resources))
+    assert err.path.startswith("resources")
+    assert expected in str(err)
+
+
+def test_workers_follow_whole_gpus():
+    good = copy.deepcopy(GOOD)
+    good["resources"] = {"cpus": 2, "gpus": 4}
+    res = schema.parse(good, "space.yaml").resources
+    assert (res.n_workers, res.gpus_per_worker) == (4, 1.0)
+    good["resources"] = {"cpus": 1, "gpus": 0.25}
+    res = schema.parse(good, "space.yaml").resources
+    assert (res.n_workers, res.gpus_per_worker) == (1, 0.25)
