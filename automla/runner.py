@@ -167,7 +167,7 @@ def _execute(
         with _ray_output_to(log):
             trainable = tune.with_resources(
                 tune.with_parameters(
-                    _trial,
+                    automla_trial,
                     fixed=config.fixed,
                     space=config.space,
                     cpus=res.cpus,
@@ -296,7 +296,7 @@ FINAL = "automla_final"
 """Result key: True once the trainer reached its last step (an early-stopped trial never does)."""
 
 
-def _trial(
+def automla_trial(
     params: dict[str, Any],
     *,
     fixed: dict[str, Any],

@@ -57,9 +57,7 @@ def main() -> None:
         rows[name] = {"run": str(run), "wall_s": wall, "trials": trials}
 
     metrics, modes = base.metrics, base.modes
-    done = {
-        name: [t for t in r["trials"] if t["state"] == "completed"] for name, r in rows.items()
-    }
+    done = {name: [t for t in r["trials"] if t["state"] == "completed"] for name, r in rows.items()}
     union = [[t["metrics"][m] for m in metrics] for ts in done.values() for t in ts]
     mins = pareto.to_min(union, modes)
     bounds = ([min(c) for c in zip(*mins)], [max(c) for c in zip(*mins)])

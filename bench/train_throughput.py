@@ -101,10 +101,14 @@ def main() -> None:
         for attention in ("dense", "mla"):
             rows.append(measure(attention, T, args.steps, args.warmup, args.tiny, device))
             r = rows[-1]
-            print(f"{attention:5s} T={T:6d} {r['step_ms']:9.1f} ms/step {r['tokens_per_s']:10.0f} tok/s")
+            print(
+                f"{attention:5s} T={T:6d} {r['step_ms']:9.1f} ms/step {r['tokens_per_s']:10.0f} tok/s"
+            )
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\n{name}, torch {torch.__version__}, params {rows[0]['params'] / 1e6:.1f}M, batch 1\n")
-    print("| T | attention | step ms | tokens/s | peak GB | MLA/dense tokens/s | MLA/dense memory |")
+    print(
+        "| T | attention | step ms | tokens/s | peak GB | MLA/dense tokens/s | MLA/dense memory |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for dense, mla in zip(rows[::2], rows[1::2]):
         for r in (dense, mla):

@@ -164,5 +164,5 @@ def test_trials_run_on_both_nodes_and_the_dashboard_lists_them(cluster, tmp_path
     job_id = ours[0]["job_id"]
     actors = get(f"{url}/api/v0/actors?detail=1&limit=1000")["data"]["result"]["result"]
     trials = [a for a in actors if a.get("job_id") == job_id and a["class_name"] == "ImplicitFunc"]
-    assert trials and all(a.get("repr_name") == "_trial" for a in trials)
+    assert trials and all(a.get("repr_name") == "automla_trial" for a in trials)
     assert {a["node_id"] for a in trials} == node_ids
