@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import yaml
 
-from automla.trainers.config import ConfigError, TrainConfig, build
+from automla.trainers.config import ConfigError, TrainConfig, build, join_path
 
 Mode = Literal["min", "max"]
 SamplerName = Literal["tpe", "nsga2", "gp", "random"]
@@ -424,7 +424,7 @@ def _build(cls: type, value: Any, path: str, file: str) -> Any:
     try:
         return build(cls, value)
     except ConfigError as e:
-        raise SpaceError(file, _join(path, e.path), e.message) from None
+        raise SpaceError(file, join_path(path, e.path), e.message) from None
 
 
 def _positive_int(value: Any, path: str, file: str, low: int = 1) -> int:
@@ -547,7 +547,7 @@ def _domain(spec: Any, tp: Any, key: str, file: str) -> Domain:
     try:
         simplex = build(Simplex, arg)
     except ConfigError as e:
-        raise SpaceError(file, _join(f"{where}.simplex", e.path), e.message) from None
+        raise SpaceError(file, join_path(f"{where}.simplex", e.path), e.message) from None
     if not 0 <= simplex.min_share < 1 / n:
         raise SpaceError(
             file, f"{where}.simplex.min_share", f"must be in [0, 1/{n}), got {simplex.min_share}"
@@ -733,14 +733,6 @@ def _freeze(v: Any) -> Any:
     if isinstance(v, list):
         return tuple(_freeze(x) for x in v)
     return v
-
-
-def _join(path: str, key: str) -> str:
-    if not key:
-        return path
-    if not path:
-        return key
-    return f"{path}{key}" if key.startswith("[") else f"{path}.{key}"
 
 
 def _kind(value: Any) -> str:

@@ -291,15 +291,17 @@ def build(cls: type, data: Any, path: str = "") -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            _join(path, str(unknown[0])),
+            join_path(path, str(unknown[0])),
             f"unknown key; {cls.__name__} takes: {', '.join(sorted(fields))}",
         )
     hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(hints[name], value, _join(path, name)) for name, value in data.items()}
+    kwargs = {
+        name: _coerce(hints[name], value, join_path(path, name)) for name, value in data.items()
+    }
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        raise ConfigError(_join(path, e.path), e.message) from None
+        raise ConfigError(join_path(path, e.path), e.message) from None
     except (ValueError, TypeError) as e:
         raise ConfigError(path, str(e)) from None
 
@@ -369,7 +371,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     return value
 
 
-def _join(path: str, key: str) -> str:
+def join_path(path: str, key: str) -> str:
+    """Dotted key path: join_path('model', 'mla') == 'model.mla', join_path('a', '[0]') == 'a[0]'."""
     if not key:
         return path
     if not path:
