@@ -19,7 +19,10 @@ from rich.console import Console
 from rich.table import Table
 
 from automla import pareto
-from automla.schema import METRICS, SearchConfig, load
+from automla.gpu_usage import summarize_csv
+from automla.schema import SearchConfig, known_metrics, load, throughput_method
+
+GPU_USAGE_FILE = "gpu_usage.csv"
 
 _RATIOS = "model.mla.ratios"
 COMPLETED = "completed"
@@ -96,6 +99,7 @@ def summarise(config: SearchConfig, trials: list[dict[str, Any]]) -> dict[str, A
         "failed": sum(t.get("state") == FAILED for t in trials),
         "stopped": sum(t.get("state") == STOPPED for t in trials),
         "knee": knee_id,
+        "throughput": throughput_method(config.fixed),
         "hypervolume": history[-1] if history else 0.0,
         "hypervolume_note": "normalised objectives (0 best, 1 worst over completed trials), "
         "reference point 1.1 on every axis",
@@ -136,6 +140,7 @@ def write_outputs(
     """(Re)write trials.csv, pareto.json, hypervolume.csv and pareto.png; return the summary."""
     run = Path(run_dir)
     summary = summarise(config, trials)
+    summary["gpu_usage"] = summarize_csv(run / GPU_USAGE_FILE)
     _write_csv(run / "trials.csv", trials)
     (run / "pareto.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(run / "hypervolume.csv", "w", newline="") as f:
@@ -285,6 +290,8 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style
 <body><h1>AutoMLA run {html.escape(name)}</h1>
 <p>{summary["trials"]} trials ({counts}); hypervolume {summary["hypervolume"]:.4f}
 (normalised, reference point 1.1 per axis).</p>
+<p>tokens_per_s: {html.escape(summary.get("throughput", ""))}.</p>
+{_gpu_line(summary.get("gpu_usage"))}
 <h2>Pareto front</h2><table><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}
 {"".join(f"<th>{html.escape(short_name(p))}</th>" for p in params)}</tr>
 {"".join(rows)}</table>
@@ -293,6 +300,17 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style
 </body></html>
 """
     Path(path).write_text(page)
+
+
+def _gpu_line(usage: dict[str, Any] | None) -> str:
+    if not usage:
+        return ""
+    per_gpu = ", ".join(f"GPU {g}: {u:.0f}%" for g, u in usage["mean_util_pct_per_gpu"].items())
+    return (
+        f"<p>GPU utilisation over the search: {usage['mean_util_pct']:.0f}% mean ({per_gpu}; "
+        f"{usage['samples']} samples of the driver's machine), peak memory "
+        f"{usage['peak_mem_mib'] / 1024:.1f} GiB.</p>"
+    )
 
 
 def plot_hypervolume(path: str | Path, summary: dict[str, Any]) -> None:
@@ -450,7 +468,7 @@ def _write_csv(path: Path, trials: list[dict[str, Any]]) -> None:
     params: list[str] = []
     for t in trials:
         params += [k for k in t.get("params", {}) if k not in params]
-    metrics = [m for m in METRICS if any(m in t.get("metrics", {}) for t in trials)]
+    metrics = known_metrics(k for t in trials for k in t.get("metrics", {}))
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         head = ["trial_id", "optuna_trial", "state", "reason", "failure", "retries", "node_ip"]

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -40,8 +41,17 @@ from automla.distributed import (
     trial_resources,
     validate_resources,
 )
-from automla.report import SearchFailed
-from automla.schema import Domain, SearchConfig, SpaceError, load, to_yaml_dict
+from automla.gpu_usage import GpuSampler
+from automla.report import GPU_USAGE_FILE, SearchFailed
+from automla.schema import (
+    Domain,
+    SearchConfig,
+    SpaceError,
+    known_metrics,
+    load,
+    throughput_method,
+    to_yaml_dict,
+)
 from automla.space import apply, decode, define_by_run, flat_values, ratio_label
 from automla.trainers.config import ConfigError, to_dict
 
@@ -142,6 +152,7 @@ def _execute(
         config.concurrency,
         config.source,
     )
+    log.info("tokens_per_s: %s", throughput_method(config.fixed))
     address = address or os.environ.get("RAY_ADDRESS") or None
     started = time.time()
     owns_ray = not ray.is_initialized()
@@ -190,7 +201,8 @@ def _execute(
                 tuner._local_tuner.get_run_config().callbacks = [progress]
             else:
                 tuner = _new_tuner(config, run_dir, trainable, progress)
-            with progress:
+            # GPU utilisation of the driver's machine, sampled while trials run
+            with progress, GpuSampler(run_dir / GPU_USAGE_FILE):
                 results = tuner.fit()
         numbers = _settle_study(run_dir, {_trial_id(r) for r in results})
         records = _records(results, config, numbers)
@@ -208,7 +220,16 @@ def _execute(
         f"{summary['trials']} trials ({shown}) in {_duration(wall)} · "
         f"hypervolume {summary['hypervolume']:.4f} · run folder {run_dir}"
     )
-    if counts[report_mod.STOPPED] or len(records) < config.trials:
+    if summary.get("gpu_usage"):
+        u = summary["gpu_usage"]
+        console.print(
+            f"GPU utilisation {u['mean_util_pct']:.0f}% (mean over {len(u['gpus'])} GPUs, "
+            f"{u['samples']} samples), peak memory {u['peak_mem_mib'] / 1024:.1f} GiB"
+        )
+    interrupted = counts[report_mod.STOPPED] or len(records) < config.trials
+    if not interrupted:  # nothing left to resume: only each trial's newest checkpoint stays
+        _prune_checkpoints(run_dir / "ray")
+    if interrupted:
         console.print(f"interrupted: continue with `automla search --resume {run_dir}`")
     elif records and not counts[report_mod.COMPLETED] and not counts[report_mod.PRUNED]:
         raise SearchFailed(run_dir, [f"{r['trial_id']}: {r['reason']}" for r in records])
@@ -239,7 +260,10 @@ def _new_tuner(config: SearchConfig, run_dir: Path, trainable: Any, progress: An
             name="ray",
             storage_path=str(run_dir),
             failure_config=tune.FailureConfig(max_failures=config.max_failures, fail_fast=False),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # every checkpoint is kept while the search runs: Ray deletes superseded ones as
+            # soon as a newer one registers, but its experiment state (what --resume reads) may
+            # still name the old one; `_prune_checkpoints` trims them once the search ends
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             # trials write into a staging folder; bring train/, stdout, stderr home
             sync_config=tune.SyncConfig(sync_artifacts=True),
             callbacks=[progress],
@@ -452,6 +476,14 @@ def failure_kind(error: BaseException) -> str:
     return "exception"
 
 
+def _prune_checkpoints(ray_dir: Path) -> None:
+    """Keep only each trial's newest checkpoint, after Ray has written its final state."""
+    for trial_dir in ray_dir.glob("trial_*"):
+        checkpoints = sorted(trial_dir.glob("checkpoint_*"))
+        for old in checkpoints[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _settle_study(run_dir: Path, ray_ids: set[str]) -> dict[str, int]:
     """Mark Optuna trials Ray does not know (proposed after its last experiment checkpoint
     before the driver died) as failed, so a resume neither reruns nor counts them; return
@@ -471,7 +503,7 @@ def _settle_study(run_dir: Path, ray_ids: set[str]) -> dict[str, int]:
 
 
 def _metric_keys(last: dict[str, Any]) -> list[str]:
-    keys = [k for k in last if k in report_mod.METRICS]
+    keys = known_metrics(last)
     keys += [k for k in ("active_heads_per_layer", "time_total_s") if k in last]
     return keys
 

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -55,8 +56,40 @@ METRICS = (
     "tokens",
     "step",
     "mqar_acc",
+    "train_tokens_per_s",
+    "benchmark_wait_s",
 )
-"""Scalar metrics the trainer reports; objectives and filters name these."""
+"""Scalar metrics the trainer reports; objectives and filters name these, and
+`tokens_per_s@T` (throughput measured at context T, see `trainers.benchmark`)."""
+
+_AT_CONTEXT = re.compile(r"tokens_per_s@([1-9][0-9]*)")
+
+
+def is_metric(name: str) -> bool:
+    return name in METRICS or _AT_CONTEXT.fullmatch(name) is not None
+
+
+def known_metrics(names: typing.Iterable[str]) -> list[str]:
+    """The metric names among `names`: METRICS' order, then tokens_per_s@T by T."""
+    names = set(names)
+    at = sorted((n for n in names if _AT_CONTEXT.fullmatch(n)), key=metric_context)
+    return [m for m in METRICS if m in names] + at
+
+
+def metric_context(name: str) -> int | None:
+    """T of a `tokens_per_s@T` metric, else None."""
+    m = _AT_CONTEXT.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def _check_metric(name: str) -> None:
+    if not is_metric(name):
+        raise ConfigError(
+            "metric",
+            f"unknown metric {name!r}; expected one of {', '.join(METRICS)} or tokens_per_s@T "
+            "(T a context length)",
+        )
+
 
 SECTIONS = (
     "objectives",
@@ -92,10 +125,7 @@ class Objective:
     mode: Mode
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ConfigError(
-                "metric", f"unknown metric {self.metric!r}; expected one of {', '.join(METRICS)}"
-            )
+        _check_metric(self.metric)
 
 
 @dataclass(kw_only=True)
@@ -169,10 +199,7 @@ class Scheduler:
     """The step at which no trial is stopped any more; None: the trials' `steps`."""
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ConfigError(
-                "metric", f"unknown metric {self.metric!r}; expected one of {', '.join(METRICS)}"
-            )
+        _check_metric(self.metric)
         if self.grace_period < 1:
             raise ConfigError("grace_period", f"must be >= 1, got {self.grace_period}")
         if self.reduction_factor <= 1:
@@ -299,8 +326,11 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
         if key in sections["train"]:
             raise SpaceError(file, f"train.{key}", f"set these in the top-level '{key}' section")
     user_fixed = {**sections["train"], "model": sections["model"], "data": sections["data"]}
-    if any(o.metric == "mqar_acc" for o in objectives) and sections["data"].get("source") != "mqar":
-        raise SpaceError(file, "objectives", "metric 'mqar_acc' needs data.source: mqar")
+    has_mqar = sections["data"].get("source") == "mqar" or bool(sections["data"].get("mqar_mix"))
+    if any(o.metric == "mqar_acc" for o in objectives) and not has_mqar:
+        raise SpaceError(
+            file, "objectives", "metric 'mqar_acc' needs data.source: mqar or data.mqar_mix > 0"
+        )
 
     raw_space = data["space"]
     if not isinstance(raw_space, dict) or not raw_space:
@@ -326,6 +356,7 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
     fixed = _merge(_defaults(TrainConfig), user_fixed)
     for key in space:
         _pop(fixed, key)
+    _plan_benchmark(fixed, sections["train"], objectives, scheduler, resources)
     config = SearchConfig(
         objectives=objectives,
         sampler=sampler,
@@ -344,8 +375,12 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
             raise SpaceError(
                 file, "scheduler.max_t", f"must be <= train.steps ({steps}), got {scheduler.max_t}"
             )
-        if scheduler.metric == "mqar_acc" and sections["data"].get("source") != "mqar":
-            raise SpaceError(file, "scheduler.metric", "metric 'mqar_acc' needs data.source: mqar")
+        if scheduler.metric == "mqar_acc" and not has_mqar:
+            raise SpaceError(
+                file,
+                "scheduler.metric",
+                "metric 'mqar_acc' needs data.source: mqar or data.mqar_mix > 0",
+            )
     _check_trials(config)
     return config
 
@@ -401,6 +436,50 @@ def field_type(path: str) -> Any:
             )
         cls = hints[part]
     return cls
+
+
+def _plan_benchmark(
+    fixed: dict,
+    user_train: dict,
+    objectives: list[Objective],
+    scheduler: Scheduler | None,
+    resources: Resources,
+) -> None:
+    """Ask the trainer for what the objectives need: `tokens_per_s@T` adds T to the benchmark's
+    contexts; trials sharing a GPU get the exclusive benchmark unless the file says otherwise
+    (their training clock would measure the neighbours)."""
+    bench = fixed.setdefault("benchmark", {})
+    names = [o.metric for o in objectives] + ([scheduler.metric] if scheduler else [])
+    wanted = {t for t in map(metric_context, names) if t is not None}
+    if wanted:
+        bench["contexts"] = sorted(set(bench.get("contexts") or []) | wanted)
+    user = user_train.get("benchmark")
+    explicit = isinstance(user, dict) and "enabled" in user
+    if not explicit and 0 < resources.gpus < 1:
+        bench["enabled"] = True
+
+
+def throughput_method(fixed: dict) -> str:
+    """How a search's tokens_per_s is measured, in words (for the run folder)."""
+    bench = fixed.get("benchmark") or {}
+    contexts = bench.get("contexts") or []
+    if bench.get("enabled"):
+        text = (
+            f"exclusive benchmark at each evaluation: median of {bench.get('steps')} training "
+            f"steps after {bench.get('warmup')} warm-up, on a copy of the model, with every "
+            "other trial on the device paused; the training clock's figure is "
+            "train_tokens_per_s"
+        )
+    else:
+        text = (
+            "training clock: steady-state steps between evaluations (shared with whatever "
+            "else runs on the device)"
+        )
+    if contexts:
+        text += "; tokens_per_s@T: the same benchmark at context T, batch " + str(
+            bench.get("context_batch", 1)
+        )
+    return text
 
 
 def _objectives(value: Any, file: str) -> list[Objective]:

@@ -141,6 +141,9 @@ def test_kill_the_driver_then_resume(tmp_path: Path):
     assert all(sum(s[1] == i for s in starts) <= 2 for i in ids)
     assert {e[1] for e in lines(log, "end")} == set(ids)
     assert any(0 < int(s[2]) < STEPS for s in starts), "no trial continued from a checkpoint"
+    # all checkpoints are kept while the search may still be resumed; then only the newest
+    kept = [len(list(d.glob("checkpoint_*"))) for d in (run_dir / "ray").glob("trial_*")]
+    assert len(kept) == TRIALS and max(kept) == 1, kept
     study = optuna.load_study(study_name="r", storage=f"sqlite:///{run_dir / 'study.db'}")
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert sorted(t.user_attrs["ray_trial_id"] for t in complete) == sorted(ids)

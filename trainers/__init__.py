@@ -1,6 +1,8 @@
 """Model, data, head pruning and trainer for MLA language models."""
 
+from .benchmark import DeviceLock, measure_throughput
 from .config import (
+    BenchmarkConfig,
     ConfigError,
     DataConfig,
     ModelConfig,
@@ -15,6 +17,8 @@ from .pruning import HeadPruner, compact
 from .trainer import load_checkpoint, train
 
 __all__ = [
+    "BenchmarkConfig",
+    "DeviceLock",
     "ConfigError",
     "DataConfig",
     "HeadPruner",
@@ -29,6 +33,7 @@ __all__ = [
     "compact",
     "load_checkpoint",
     "load_data",
+    "measure_throughput",
     "to_dict",
     "train",
 ]

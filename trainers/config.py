@@ -117,6 +117,11 @@ class DataConfig:
     """MQAR: training sequences generated from `seed` (a fixed set, as in Zoology)."""
     mqar_val_examples: int = 1_024
     """MQAR: validation sequences, generated from a seed derived from `seed`."""
+    mqar_mix: float = 0.0
+    """With another source: this share of every training batch's rows is MQAR, its token ids
+    moved to the top `mqar_vocab` ids of the model's vocabulary (above the main data's), and
+    each evaluation also reports mqar_acc on the MQAR validation set; val_loss stays the main
+    data's."""
     seed: int = 0
     """Seeds the MQAR sets and the fixed validation windows."""
 
@@ -135,6 +140,10 @@ class DataConfig:
             )
         if self.mqar_examples < 1 or self.mqar_val_examples < 1:
             raise ConfigError("mqar_examples", "mqar_examples and mqar_val_examples must be >= 1")
+        if not 0.0 <= self.mqar_mix < 1.0:
+            raise ConfigError("mqar_mix", f"must be in [0, 1), got {self.mqar_mix}")
+        if self.mqar_mix > 0 and self.source == "mqar":
+            raise ConfigError("mqar_mix", "mixes MQAR into another source; source is mqar")
         if self.max_bytes is not None and self.max_bytes < 1:
             raise ConfigError("max_bytes", f"must be >= 1 or null, got {self.max_bytes}")
 
@@ -205,6 +214,32 @@ class PruningConfig:
 
 
 @dataclass(kw_only=True)
+class BenchmarkConfig:
+    """The exclusive throughput benchmark run at each evaluation (see `trainers.benchmark`):
+    `tokens_per_s` then is the configuration's speed alone on the device, and the training
+    clock's figure moves to `train_tokens_per_s`."""
+
+    enabled: bool = False
+    steps: int = 5
+    """Timed steps; the median counts."""
+    warmup: int = 2
+    """Steps before timing (kernel compilation, allocator, optimiser state)."""
+    contexts: list[int] = field(default_factory=list)
+    """Also measure at these sequence lengths (batch `context_batch`), as `tokens_per_s@T`:
+    the speed at the length the model will be deployed at, longer than it trains at."""
+    context_batch: int = 1
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.warmup < 0:
+            raise ConfigError("steps", "needs steps >= 1 and warmup >= 0")
+        if self.context_batch < 1:
+            raise ConfigError("context_batch", f"must be >= 1, got {self.context_batch}")
+        for i, t in enumerate(self.contexts):
+            if t < 1:
+                raise ConfigError(f"contexts[{i}]", f"must be >= 1, got {t}")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """One training run: model, data and optimisation."""
 
@@ -235,6 +270,8 @@ class TrainConfig:
     """torch.set_num_threads on CPU; None leaves torch's default."""
     pruning: PruningConfig = field(default_factory=PruningConfig)
     """Off by default."""
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    """Off by default: tokens_per_s is the training clock's."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
@@ -246,6 +283,15 @@ class TrainConfig:
             raise ConfigError(
                 "seq_len", f"{self.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}"
             )
+        d = self.data
+        if d.mqar_mix > 0 and d.source in ("stdlib", "text"):
+            need = 256 + d.mqar_vocab  # bytes, then MQAR's ids
+            if self.model.vocab_size < need:
+                raise ConfigError(
+                    "model.vocab_size",
+                    f"data.mqar_mix puts MQAR's {d.mqar_vocab} ids above the 256 byte ids: "
+                    f"needs at least {need}, got {self.model.vocab_size}",
+                )
         if self.pruning.enabled:
             self._check_pruning()
 

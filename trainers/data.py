@@ -75,7 +75,7 @@ class MQARSource:
     whose target is the value that follows them.
     """
 
-    def __init__(self, cfg: DataConfig, seq_len: int, n_examples: int, seed: int):
+    def __init__(self, cfg: DataConfig, seq_len: int, n_examples: int, seed: int, offset: int = 0):
         pairs, vocab = cfg.mqar_pairs, cfg.mqar_vocab
         slots = (seq_len + 1 - 2 * pairs) // 2
         if slots < pairs:
@@ -97,12 +97,12 @@ class MQARSource:
         seq[:, 1 : 2 * pairs : 2] = values
         seq.scatter_(1, qpos, keys.gather(1, order))
         seq.scatter_(1, qpos + 1, values.gather(1, order))
-        self.x = seq[:, :-1].contiguous()
+        self.x = seq[:, :-1].contiguous() + offset
         y = torch.full((n, seq_len), IGNORE, dtype=torch.long)
-        y.scatter_(1, qpos, values.gather(1, order))
+        y.scatter_(1, qpos, values.gather(1, order) + offset)
         self.y = y
         self.seq_len = seq_len
-        self.vocab_size = vocab
+        self.vocab_size = vocab + offset
 
     def __len__(self) -> int:
         return len(self.x)
@@ -121,7 +121,41 @@ class MQARSource:
         return [(self.x[r], self.y[r]) for r in rows.split(batch_size)]
 
 
-Source = WindowSource | MQARSource
+class MixedSource:
+    """Training batches of which a fixed number of rows (`share` of the batch, rounded) come
+    from an MQAR set, the rest from `main`; the rows keep their order (MQAR last)."""
+
+    def __init__(self, main: WindowSource, mqar: MQARSource, share: float):
+        self.main, self.mqar, self.share = main, mqar, share
+        self.seq_len = main.seq_len
+
+    def __len__(self) -> int:
+        return len(self.main)
+
+    def sample(
+        self, batch_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n_mqar = min(batch_size, round(self.share * batch_size))
+        xm, ym = self.main.sample(batch_size - n_mqar, generator)
+        xq, yq = self.mqar.sample(n_mqar, generator)
+        return torch.cat([xm, xq]), torch.cat([ym, yq])
+
+    def fixed_batches(
+        self, n_batches: int, batch_size: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.main.fixed_batches(n_batches, batch_size)
+
+
+Source = WindowSource | MQARSource | MixedSource
+
+
+def mqar_probe(cfg: DataConfig, seq_len: int, vocab_size: int) -> MQARSource | None:
+    """The MQAR validation set of a mixed source (`cfg.mqar_mix` > 0), ids shifted as in
+    training; None without a mix."""
+    if cfg.mqar_mix <= 0:
+        return None
+    offset = vocab_size - cfg.mqar_vocab
+    return MQARSource(cfg, seq_len, cfg.mqar_val_examples, cfg.seed + _VAL_SEED_OFFSET, offset)
 
 
 def load_data(
@@ -140,6 +174,7 @@ def load_data(
         val = MQARSource(cfg, seq_len, cfg.mqar_val_examples, val_seed)
         return train, val
 
+    max_id = 255  # bytes, unless a token file says otherwise
     if cfg.source == "stdlib":
         where = "the stdlib corpus"
         _check_vocab(255, vocab_size, f"{where} (bytes)")
@@ -151,13 +186,31 @@ def load_data(
     elif cfg.source == "tokens":
         where = f"tokens file {cfg.path}"
         tokens = _read_tokens(cfg.path)
-        _check_vocab(_max_token(tokens), vocab_size, where)
+        max_id = _max_token(tokens)
+        _check_vocab(max_id, vocab_size, where)
         train_tok, val_tok = _split_tail(tokens, cfg.val_fraction)
     else:
         raise ValueError(f"data.source must be stdlib|text|tokens|mqar, got {cfg.source!r}")
     train = WindowSource(train_tok, seq_len, seed=cfg.seed, name=f"training split of {where}")
     val = WindowSource(val_tok, seq_len, seed=val_seed, name=f"validation split of {where}")
+    if cfg.mqar_mix > 0:
+        return _mix_mqar(cfg, train, seq_len, vocab_size, max_id), val
     return train, val
+
+
+def _mix_mqar(
+    cfg: DataConfig, train: WindowSource, seq_len: int, vocab_size: int | None, max_id: int
+) -> MixedSource:
+    if vocab_size is None or vocab_size - cfg.mqar_vocab <= max_id:
+        raise ValueError(
+            f"data.mqar_mix puts MQAR's {cfg.mqar_vocab} token ids above the main data's "
+            f"(max id {max_id}): model.vocab_size must be at least "
+            f"{max_id + 1 + cfg.mqar_vocab}, got {vocab_size}"
+        )
+    offset = vocab_size - cfg.mqar_vocab
+    return MixedSource(
+        train, MQARSource(cfg, seq_len, cfg.mqar_examples, cfg.seed, offset), cfg.mqar_mix
+    )
 
 
 def stdlib_root() -> Path:

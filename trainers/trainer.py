@@ -27,8 +27,9 @@ import torch.nn as nn
 import yaml
 
 from . import distributed as dist
+from .benchmark import DeviceLock, StepGate, measure_throughput
 from .config import TrainConfig, build, to_dict
-from .data import IGNORE, load_data
+from .data import IGNORE, load_data, mqar_probe
 from .model import LanguageModel, build_model
 from .pruning import HeadPruner, compact
 
@@ -249,18 +250,16 @@ def _train(
             pruning_file = open(run_dir / PRUNING_LOG, mode)
 
     is_mqar = config.data.source == "mqar"
-    val_batches = [
-        (x.to(device), y.to(device))
-        for x, y in (
-            dist.shard(*b) for b in val_data.fixed_batches(config.eval_batches, config.batch_size)
-        )
-    ]
+    val_batches = _on_device(val_data, config, device)
+    probe = mqar_probe(config.data, config.seq_len, config.model.vocab_size)
+    probe_batches = _on_device(probe, config, device) if probe is not None else None
     tokens_per_step = config.batch_size * config.seq_len
     model = state.raw_model
     # losses are checked in groups, so that a GPU is not synchronised every step
     losses = _LossLog(sync_every=1 if device.type == "cpu" else 16)
     clock = _StepClock(device)
     metrics: dict[str, Any] = {}
+    bench = _Benchmarks(config, state)
 
     bar = _progress_bar(progress, config.steps, start_step)
     try:
@@ -273,7 +272,9 @@ def _train(
                 x, y = dist.shard(*train_data.sample(config.batch_size, generator))
                 if pruner is not None:
                     pruner.begin_step(step)
+                bench.before_step()
                 loss = train_step(state, x.to(device), y.to(device), lr_at(step, config))
+                bench.after_step()
                 if pruner is not None:
                     dist.all_reduce_mean(pruner.acc)  # the global batch's Taylor scores
                     record = pruner.end_step(step)
@@ -289,16 +290,18 @@ def _train(
                     continue
 
                 clock.stop()  # evaluation and checkpoint writes are not training throughput
+                bench.pause()
                 elapsed = prior_elapsed + time.perf_counter() - t_start
                 if is_eval:
                     ev = evaluate(state, val_batches, mqar=is_mqar)
+                    if probe_batches is not None:  # MQAR mixed into the training data
+                        ev["mqar_acc"] = evaluate(state, probe_batches, mqar=True)["mqar_acc"]
                     if not math.isfinite(ev["val_loss"]):
                         raise FloatingPointError(
                             f"validation loss is {ev['val_loss']} at step {step}"
                         )
                     heads = model.active_heads_per_layer()
-                    mem, mem_kind = _peak_memory(device)
-                    mem = dist.all_max(mem)
+                    mem, mem_kind = bench.peak_memory()
                     metrics = {
                         "step": step,
                         "tokens": step * tokens_per_step,
@@ -306,6 +309,7 @@ def _train(
                         "val_loss": ev["val_loss"],
                         "val_ppl": math.exp(min(ev["val_loss"], 700.0)),
                         "tokens_per_s": clock.tokens_per_s(tokens_per_step),
+                        **bench.measure(clock.tokens_per_s(tokens_per_step)),
                         "peak_mem_gb": mem,
                         "peak_mem_kind": mem_kind,
                         "attn_flops": model.attn_flops_per_token(config.seq_len),
@@ -315,7 +319,7 @@ def _train(
                         "elapsed_s": elapsed,
                         "lr": lr_at(step, config),
                         "params": model.num_params(),
-                        **({"mqar_acc": ev["mqar_acc"]} if is_mqar else {}),
+                        **({"mqar_acc": ev["mqar_acc"]} if "mqar_acc" in ev else {}),
                     }
                 if is_checkpoint:
                     save_checkpoint(ckpt_dir, state, generator, config, step, elapsed)
@@ -331,12 +335,19 @@ def _train(
                         bar.update(_TASK, val=f"{ev['val_loss']:.4f}")
                 clock.start()
     finally:
+        bench.close()
         for f in (metrics_file, pruning_file):
             if f is not None:
                 f.close()
     if compact_model and run_dir is not None:
         save_compact(run_dir / COMPACT_FILE, model, config)
     return metrics
+
+
+def _on_device(source: Any, config: TrainConfig, device: torch.device) -> list:
+    """The fixed evaluation batches of a source, this rank's rows of each, on the device."""
+    batches = source.fixed_batches(config.eval_batches, config.batch_size)
+    return [(x.to(device), y.to(device)) for x, y in (dist.shard(*b) for b in batches)]
 
 
 def save_compact(path: Path, model: LanguageModel, config: TrainConfig) -> Path:
@@ -469,6 +480,76 @@ class _LossLog:
         mean = self.total / max(1, self.count)
         self.total, self.count = 0.0, 0
         return mean
+
+
+class _Benchmarks:
+    """The exclusive throughput benchmark at each evaluation (config.benchmark), and the
+    per-device lock that training steps share with the benchmarks of other processes.
+
+    With several ranks the trial owns its GPUs, so the training clock already is the honest
+    figure: only the `contexts` are measured, by rank 0 on its device, while the other ranks
+    wait at the next gradient all-reduce.
+    """
+
+    def __init__(self, config: TrainConfig, state: TrainState):
+        self.cfg, self.state, self.config = config.benchmark, state, config
+        self.replace = self.cfg.enabled and not dist.is_distributed()
+        self.active = self.replace or bool(self.cfg.contexts)
+        self.lock = self.gate = None
+        if self.active and not dist.is_distributed():
+            self.lock = DeviceLock.for_device(state.device)
+            # a GPU runs ahead of Python: sync and release only every few steps
+            self.gate = StepGate(self.lock, state.device, 8 if state.device.type == "cuda" else 1)
+        self._peak = 0.0
+
+    def before_step(self) -> None:
+        if self.gate is not None:
+            self.gate.before_step()
+
+    def after_step(self) -> None:
+        if self.gate is not None:
+            self.gate.after_step()
+
+    def pause(self) -> None:
+        if self.gate is not None:
+            self.gate.pause()
+
+    def peak_memory(self) -> tuple[float, str]:
+        """The training peak: benchmarks at a longer context reset CUDA's counter after them."""
+        mem, kind = _peak_memory(self.state.device)
+        self._peak = max(self._peak, dist.all_max(mem))
+        return self._peak, kind
+
+    def measure(self, train_tps: float) -> dict[str, float]:
+        """Metrics to merge: tokens_per_s (replaced), train_tokens_per_s, tokens_per_s@T."""
+        if not self.active:
+            return {}
+        out: dict[str, float] = {"train_tokens_per_s": train_tps}
+        runs = []
+        if self.replace:
+            runs.append(("tokens_per_s", self.config.seq_len, self.config.batch_size))
+        runs += [(f"tokens_per_s@{t}", t, self.cfg.context_batch) for t in self.cfg.contexts]
+        if dist.is_main():
+            wait = 0.0
+            for key, seq_len, batch in runs:
+                r = measure_throughput(
+                    self.state,
+                    seq_len,
+                    batch,
+                    steps=self.cfg.steps,
+                    warmup=self.cfg.warmup,
+                    lock=self.lock,
+                )
+                out[key] = r["tokens_per_s"]
+                wait += r["wait_s"]
+            out["benchmark_wait_s"] = wait
+            if self.state.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.state.device)
+        return out
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
 
 
 class _StepClock:
