@@ -546,8 +546,10 @@ def _start_ray(address: str | None, run_name: str) -> Any:
             address=address, log_to_driver=False, logging_level=logging.WARNING, job_config=job
         )
     # A new local cluster keeps Ray's default: token authentication on (~/.ray/auth_token).
+    # None: the dashboard starts wherever its packages are installed (ray[default]); where
+    # they are not, the search runs without it rather than failing
     return ray.init(
-        include_dashboard=True,
+        include_dashboard=None,
         dashboard_host="127.0.0.1",
         log_to_driver=False,
         logging_level=logging.WARNING,

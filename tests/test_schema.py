@@ -498,3 +498,9 @@ def test_workers_follow_whole_gpus():
     good["resources"] = {"cpus": 1, "gpus": 0.25}
     res = schema.parse(good, "space.yaml").resources
     assert (res.n_workers, res.gpus_per_worker) == (1, 0.25)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("search_spaces/*.yaml")))
+def test_shipped_space_files_load(path: Path):
+    config = schema.load(path)
+    assert config.trials >= 16 and len(config.objectives) >= 2

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issue 5's GPU run on one H200, end to end, in one device call:
+#   1. the GPU-marked test: two trials sharing the GPU (fractional resources) complete;
+#   2. the search on search_spaces/gpu.yaml (16 trials), Ctrl-C'd if it outruns SEARCH_S;
+#   3. the knee's exported config trained for a longer budget (LONG_STEPS, cut at TRAIN_S).
+# Usage (device): source .devicepkgs/setup .devicepkgs && bash bench/search_gpu.sh OUTDIR
+# The figures go to bench/search_gpu.md by hand, with this command.
+set -uo pipefail
+out=${1:?usage: search_gpu.sh OUTDIR}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python -c "import torch, triton, ray, optuna; print('torch', torch.__version__, 'triton', triton.__version__, 'ray', ray.__version__, 'optuna', optuna.__version__)"
+
+python -m pytest -q -m gpu -p no:cacheprovider tests/test_search_shared_gpu.py 2>&1 | tail -3 | tee "$out/gpu_test.log"
+
+t0=$(date +%s)
+timeout -s INT -k 30 "${SEARCH_S:-330}" python -m automla.cli search --space search_spaces/gpu.yaml \
+  --out runs --name gpu
+echo "search exit $? after $(( $(date +%s) - t0 )) s"
+run=runs/gpu
+cp "$run"/trials.json "$run"/pareto.json "$run"/report.html "$run"/search.log "$out"/
+cp "$run"/gpu_usage.csv "$out"/ 2>/dev/null
+
+python -m automla.cli export "$run" --pick knee -o "$out/best.yaml"
+t1=$(date +%s)
+timeout -s INT -k 10 "${TRAIN_S:-75}" python -m automla.cli train --config "$out/best.yaml" \
+  --steps "${LONG_STEPS:-1000}" --out runs/best-long >/dev/null 2>&1
+echo "long training exit $? after $(( $(date +%s) - t1 )) s"
+cp runs/best-long/metrics.jsonl "$out/best_long_metrics.jsonl" 2>/dev/null
+
+python - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+s = json.load(open(f"{out}/pareto.json"))
+print("trials", s["trials"], {k: s[k] for k in ("completed", "pruned", "failed", "stopped")})
+print("gpu usage", s.get("gpu_usage"))
+for e in s["front"]:
+    print("front", e["trial_id"], {k: round(v, 4) for k, v in e["metrics"].items()
+          if k in ("val_loss", "tokens_per_s", "mqar_acc", "train_tokens_per_s")}, e.get("knee"))
+for line in open(f"{out}/best_long_metrics.jsonl"):
+    m = json.loads(line)
+    print("long", m["step"], round(m["val_loss"], 4), round(m.get("mqar_acc", -1), 3), round(m["tokens_per_s"]))
+PY
