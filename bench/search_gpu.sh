@@ -16,8 +16,8 @@ python -m pytest -q -m gpu -p no:cacheprovider tests/test_search_shared_gpu.py 2
 
 t0=$(date +%s)
 timeout -s INT -k 30 "${SEARCH_S:-330}" python -m automla.cli search --space search_spaces/gpu.yaml \
-  --out runs --name gpu
-echo "search exit $? after $(( $(date +%s) - t0 )) s"
+  --out runs --name gpu 2>&1 | tail -n 30
+echo "search exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s"
 run=runs/gpu
 cp "$run"/trials.json "$run"/pareto.json "$run"/report.html "$run"/search.log "$out"/
 cp "$run"/gpu_usage.csv "$out"/ 2>/dev/null
