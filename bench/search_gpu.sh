@@ -12,22 +12,26 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python -c "import torch, triton, ray, optuna; print('torch', torch.__version__, 'triton', triton.__version__, 'ray', ray.__version__, 'optuna', optuna.__version__)"
 
-python -m pytest -q -m gpu -p no:cacheprovider tests/test_search_shared_gpu.py 2>&1 | tail -3 | tee "$out/gpu_test.log"
+if [ -z "${SKIP_TEST:-}" ]; then
+  python -m pytest -q -m gpu -p no:cacheprovider tests/test_search_shared_gpu.py 2>&1 | tail -3 |
+    tee "$out/gpu_test.log"
+fi
 
+RUN_NAME=${RUN_NAME:-gpu-$(date +%Y%m%d-%H%M%S)}  # a warm machine keeps runs/ of earlier calls
 t0=$(date +%s)
 timeout -s INT -k 30 "${SEARCH_S:-330}" python -m automla.cli search --space search_spaces/gpu.yaml \
-  --out runs --name gpu 2>&1 | tail -n 30
+  --out runs --name "$RUN_NAME" 2>&1 | tail -n 30
 echo "search exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s"
-run=runs/gpu
+run=runs/$RUN_NAME
 cp "$run"/trials.json "$run"/pareto.json "$run"/report.html "$run"/search.log "$out"/
 cp "$run"/gpu_usage.csv "$out"/ 2>/dev/null
 
 python -m automla.cli export "$run" --pick knee -o "$out/best.yaml"
 t1=$(date +%s)
 timeout -s INT -k 10 "${TRAIN_S:-75}" python -m automla.cli train --config "$out/best.yaml" \
-  --steps "${LONG_STEPS:-1000}" --out runs/best-long >/dev/null 2>&1
+  --steps "${LONG_STEPS:-1000}" --out "runs/$RUN_NAME-long" >/dev/null 2>&1
 echo "long training exit $? after $(( $(date +%s) - t1 )) s"
-cp runs/best-long/metrics.jsonl "$out/best_long_metrics.jsonl" 2>/dev/null
+cp "runs/$RUN_NAME-long/metrics.jsonl" "$out/best_long_metrics.jsonl" 2>/dev/null
 
 python - "$out" <<'PY'
 import json, sys

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,9 +293,10 @@ def _train(
                 bench.pause()
                 elapsed = prior_elapsed + time.perf_counter() - t_start
                 if is_eval:
-                    ev = evaluate(state, val_batches, mqar=is_mqar)
-                    if probe_batches is not None:  # MQAR mixed into the training data
-                        ev["mqar_acc"] = evaluate(state, probe_batches, mqar=True)["mqar_acc"]
+                    with bench.holding_device():
+                        ev = evaluate(state, val_batches, mqar=is_mqar)
+                        if probe_batches is not None:  # MQAR mixed into the training data
+                            ev["mqar_acc"] = evaluate(state, probe_batches, mqar=True)["mqar_acc"]
                     if not math.isfinite(ev["val_loss"]):
                         raise FloatingPointError(
                             f"validation loss is {ev['val_loss']} at step {step}"
@@ -512,6 +513,18 @@ class _Benchmarks:
 
     def pause(self) -> None:
         if self.gate is not None:
+            self.gate.pause()
+
+    @contextlib.contextmanager
+    def holding_device(self) -> Iterator[None]:
+        """Evaluations use the device too: a neighbour's benchmark waits for them."""
+        if self.gate is None:
+            yield
+            return
+        self.gate.before_step()
+        try:
+            yield
+        finally:
             self.gate.pause()
 
     def peak_memory(self) -> tuple[float, str]:
