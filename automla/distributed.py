@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import queue
+import re
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -127,7 +128,8 @@ def run_distributed_trial(
     checkpoint_dir) is called in this process for each of rank 0's evaluations, with
     `world_size` added to the metrics; checkpoint_dir is the folder rank 0 wrote (under out_dir)
     or None. Returns rank 0's final metrics. A worker's failure (or a NaN loss, raised on every
-    rank alike) is raised here, so the trial fails with it.
+    rank alike) is raised here, so the trial fails with it; a worker whose process died raises
+    WorkerDiedError naming its rank.
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -215,11 +217,48 @@ def run_distributed_trial(
     finally:
         channel.shutdown(force=True)
     if "error" in outcome:
-        raise outcome["error"]
+        raise _worker_death(outcome["error"], workers) or outcome["error"]
     result = outcome["result"]
     if getattr(result, "error", None) is not None:
-        raise result.error
+        raise _worker_death(result.error, workers) or result.error
     return final
+
+
+class WorkerDiedError(RuntimeError):
+    """A Ray Train worker of a multi-worker trial died (its process exited, was killed, or its
+    node went away). Raised in the trial, so Tune retries it or records it failed."""
+
+
+def _worker_death(error: BaseException, workers: int) -> WorkerDiedError | None:
+    """A WorkerDiedError naming the dead rank when `error` (Ray Train's WorkerGroupError) says
+    that a worker's process died; None for any other failure.
+
+    Why: when one rank dies, the others fail too, on their next collective (gloo's "Connection
+    reset by peer"), and the WorkerGroupError lists every rank. Its text ends with such a
+    surviving rank's error, so the trial's recorded reason would blame a network error (and
+    carry "[/path/pair.cc:537]", which rich reads as markup). The reason must name the death.
+    """
+    from ray.exceptions import RayActorError
+
+    dead = []
+    for rank, failure in sorted((getattr(error, "worker_failures", None) or {}).items()):
+        # a dead worker fails Ray Train's health check with the actor's own error inside
+        cause = getattr(failure, "health_check_failure", None) or failure
+        if isinstance(cause, RayActorError):
+            dead.append((rank, cause))
+    if not dead:
+        return None
+    rank, cause = dead[0]
+    how = re.search(r"Worker exit type: (\w+)", str(cause))
+    died = WorkerDiedError(
+        f"worker rank {rank} of {workers} died ({type(cause).__name__}"
+        + (f", exit type {how.group(1)}" if how else "")
+        + ")"
+    )
+    # not chained: the recorded reason is the innermost cause's last line, so the original
+    # error travels as a note (shown in tracebacks, e.g. search.log), not as __cause__
+    died.__notes__ = [str(error)]
+    return died
 
 
 def _replace(config: TrainConfig, **changes: Any) -> TrainConfig:

@@ -707,7 +707,9 @@ class _Progress(tune.Callback):
     def _event(self, text: str) -> None:
         self.log.info(text)
         if not self.live:
-            self.console.print(f"[{_duration(time.time() - self.started)}] {text}", highlight=False)
+            # markup off: a failure's text may hold "[/path...]", which rich would parse as a tag
+            stamp = f"[{_duration(time.time() - self.started)}]"
+            self.console.print(f"{stamp} {text}", highlight=False, markup=False)
 
     def _render(self) -> Group:
         states = [r["state"] for r in self.rows.values()]
@@ -729,7 +731,7 @@ class _Progress(tune.Callback):
             table.add_row(
                 tid,
                 r["state"],
-                r["desc"] if r["state"] != "failed" else r.get("reason", "")[:70],
+                Text(r["desc"] if r["state"] != "failed" else r.get("reason", "")[:70]),
                 _num(last.get("step")),
                 *[_num(last.get(m)) for m in self.config.metrics],
                 style=style,
