@@ -362,22 +362,25 @@ def report(
 def front_table(summary: dict[str, Any], title: str = "") -> Table:
     """The Pareto front as a rich table, best first on the first objective; knee marked."""
     metrics = [o["metric"] for o in summary["objectives"]]
-    params = []
-    for entry in summary["front"]:
-        params += [k for k in entry["params"] if k not in params and not k.startswith(_RATIOS)]
     table = Table(title=f"Pareto front {title}".strip(), title_justify="left")
+    # the trial, its objectives and ratios keep their width in a narrow terminal; the searched
+    # settings share one column that folds
     table.add_column("trial", no_wrap=True)
     for o in summary["objectives"]:
-        table.add_column(f"{o['metric']} ({o['mode']})", justify="right")
+        table.add_column(f"{o['metric']}\n({o['mode']})", justify="right", no_wrap=True)
     table.add_column("ratios", no_wrap=True)
-    for p in params:
-        table.add_column(short_name(p), justify="left" if p.endswith(".hidden") else "right")
+    table.add_column("settings", overflow="fold")
     for entry in summary["front"]:
+        settings = "  ".join(
+            f"{short_name(k)}={_fmt(v)}"
+            for k, v in entry["params"].items()
+            if not k.startswith(_RATIOS)
+        )
         table.add_row(
             entry["trial_id"] + (" (knee)" if entry["knee"] else ""),
             *[_fmt(entry["metrics"][m]) for m in metrics],
             entry["label"],
-            *[_fmt(entry["params"].get(p, "")) for p in params],
+            settings,
             style="bold" if entry["knee"] else None,
         )
     return table

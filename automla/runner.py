@@ -103,7 +103,13 @@ def run_search(
     run_dir = run_dir.resolve()
     _absolute_paths(config)
     (run_dir / "space.yaml").write_text(yaml.safe_dump(to_yaml_dict(config), sort_keys=False))
-    return _execute(config, run_dir, address, train_fn, console or Console(), resume=False)
+    try:
+        return _execute(config, run_dir, address, train_fn, console or Console(), resume=False)
+    except SpaceError:
+        # the cluster cannot run this search (checked before any trial): leave no half folder
+        if not (run_dir / "ray").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def resume_search(

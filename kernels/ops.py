@@ -35,6 +35,8 @@ def mla_attention(
         t_max: the longest sequence the layer is built for (fixes the global stride);
             defaults to T.
         head_mask: [HQ] bool, the active query heads; pruned heads output zeros and cost nothing.
+            On q's device or on the CPU: the Triton path reads a CPU mask without waiting for
+            the device (a mask on the GPU costs a sync per call to learn which heads run).
         backend: "reference" (naive O(T^2) oracle), "torch" (budget-cost PyTorch),
             "triton" (CUDA kernels), or "auto" (triton on CUDA, torch elsewhere).
 
@@ -44,6 +46,8 @@ def mla_attention(
     check_inputs(q, k, v, gate, head_mask, t_max)
     if backend == "auto":
         backend = "triton" if _triton_fits(q, config) else "torch"
+    if backend != "triton" and head_mask is not None:
+        head_mask = head_mask.to(q.device)
     if backend == "reference":
         return mla_reference(q, k, v, gate, config, t_max=t_max, head_mask=head_mask)
     if backend == "torch":

@@ -849,13 +849,16 @@ class _Layout:
         self.has_global = self.NC > 0
         self.has_sparse = plan.has_sparse and self.NB > 0
         dev = q.device
-        mask = torch.ones(self.HQ, dtype=torch.bool, device=dev) if head_mask is None else head_mask
+        # the head lists are worked out on the host: a CPU mask costs no device sync, and the
+        # small index tensors travel by asynchronous copies
+        host = torch.ones(self.HQ, dtype=torch.bool) if head_mask is None else head_mask.cpu()
         self.partial = head_mask is not None
-        self.active = mask.to(torch.int32)
-        self.heads = mask.nonzero().flatten().to(torch.int32)
-        self.groups = mask.view(self.HKV, self.G).any(1).nonzero().flatten().to(torch.int32)
-        self.A = self.heads.numel()
-        self.NA = self.groups.numel()
+        heads = host.nonzero().flatten().to(torch.int32)
+        groups = host.view(self.HKV, self.G).any(1).nonzero().flatten().to(torch.int32)
+        self.A, self.NA = heads.numel(), groups.numel()
+        self.active = host.to(torch.int32).to(dev, non_blocking=True)
+        self.heads = heads.to(dev, non_blocking=True)
+        self.groups = groups.to(dev, non_blocking=True)
         self.any = self.A > 0 and (self.has_local or self.has_global or self.has_sparse)
         # padded group sizes: tl.dot needs 16 rows; the score and dk/dv kernels stack tokens
         self.GP = triton.next_power_of_2(self.G)
@@ -1323,7 +1326,7 @@ def mla_triton(
     _check(q, k, v, gate, config, t_max, head_mask)
     T = q.shape[1]
     plan = config.plan(t_max or T)
-    if head_mask is not None and bool(head_mask.all()):
+    if head_mask is not None and bool(head_mask.cpu().all()):
         head_mask = None
     return MLATritonFunction.apply(q, k, v, gate.to(q.dtype), plan, head_mask)
 
@@ -1360,5 +1363,5 @@ def _check(q, k, v, gate, config, t_max, head_mask) -> None:
         )
     if config.ratios[2] > 0 and config.block_size > 128:
         raise ValueError(f"the sparse kernels take block_size <= 128, got {config.block_size}")
-    if head_mask is not None and head_mask.device != q.device:
-        raise ValueError(f"head_mask must be on {q.device}, got {head_mask.device}")
+    if head_mask is not None and head_mask.device not in (q.device, torch.device("cpu")):
+        raise ValueError(f"head_mask must be on {q.device} or the CPU, got {head_mask.device}")

@@ -100,3 +100,13 @@ def test_two_trials_share_one_gpu(tmp_path: Path):
     finally:
         ray.shutdown()
     assert kinds == ["cuda_max_allocated"] * 2
+
+
+def test_gpus_the_cluster_lacks_stop_the_search_and_leave_no_folder(tmp_path: Path):
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(schema.SpaceError, match="resources.*GPU"):
+            run_search(schema.parse(SPACE, "shared.yaml"), tmp_path / "runs", "nogpu")
+    finally:
+        ray.shutdown()
+    assert not (tmp_path / "runs" / "nogpu").exists()

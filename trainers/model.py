@@ -223,7 +223,8 @@ class Attention(nn.Module):
             gate_rows=None if all_stored else dev([3 * i + c for i in active for c in range(3)]),
             cols=None if all_stored else dev([i * d + j for i in active for j in range(d)]),
             slots=None if in_order else dev(slots),
-            slot_mask=None if slot_mask is None else dev(slot_mask),
+            # stays on the CPU: the Triton op reads it there without a device sync
+            slot_mask=slot_mask,
             kv_of=None if in_order else dev([rank[h // G] for h in heads]),
             scale=None if unit else dev(scale),
             inv_scale=None if unit else dev(inv),
