@@ -1,5 +1,6 @@
-"""Interrupt and resume: a search driver is SIGKILLed mid-search (with its whole process group,
-Ray included, as in a machine restart), then `automla search --resume` finishes it. Finished
+"""Interrupt and resume: a search driver is stopped mid-search by Ctrl-C, or SIGKILLed with its
+whole process group, Ray included (as in a machine restart); then `automla search --resume`
+finishes it. Finished
 trials are kept and not rerun, unfinished ones continue from their last checkpoint, the budget
 counts what was done, and no result is lost or counted twice."""
 
@@ -84,9 +85,9 @@ def lines(log: Path, kind: str) -> list[list[str]]:
     return [ln.split() for ln in log.read_text().splitlines() if ln.startswith(kind)]
 
 
-def test_kill_the_driver_then_resume(tmp_path: Path):
-    from ray import cloudpickle
-
+def _start_driver(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """A search driver in its own process group (with the Ray it starts); its trainer log and
+    run folder."""
     space, log, out = tmp_path / "space.yaml", tmp_path / "trainer.log", tmp_path / "runs"
     space.write_text(yaml.safe_dump(SPACE))
     script = DRIVER.format(
@@ -96,47 +97,45 @@ def test_kill_the_driver_then_resume(tmp_path: Path):
     driver = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(script)],
         env=env,
-        start_new_session=True,  # the driver and the Ray it starts: one group to kill
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # the driver and the Ray it starts: one group to signal
+        stdout=open(tmp_path / "driver.out", "w"),
+        stderr=subprocess.STDOUT,
     )
-    try:
-        deadline = time.time() + 240
-        # kill once two trials have finished and another is a couple of checkpoints in
-        while time.time() < deadline and driver.poll() is None:
-            ended = {e[1] for e in lines(log, "end")}
-            midway = {s[1] for s in lines(log, "step") if int(s[2]) >= 2} - ended
-            if len(ended) >= 2 and midway:
-                time.sleep(1.2)  # past Ray's next experiment checkpoint, still mid-trial
-                break
-            time.sleep(0.1)
-        assert driver.poll() is None, "the search finished before it could be interrupted"
-        os.killpg(driver.pid, signal.SIGKILL)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    ended_before = {e[1] for e in lines(log, "end")}
-    assert 2 <= len(ended_before) < TRIALS
-    run_dir = out / "r"
-    assert not (run_dir / "trials.json").exists()  # the driver never got to write results
+    return driver, log, out / "r"
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+def _wait_until_midway(driver: subprocess.Popen, log: Path) -> None:
+    """Until two trials have finished and another is a couple of checkpoints in."""
+    deadline = time.time() + 240
+    while time.time() < deadline and driver.poll() is None:
+        ended = {e[1] for e in lines(log, "end")}
+        midway = {s[1] for s in lines(log, "step") if int(s[2]) >= 2} - ended
+        if len(ended) >= 2 and midway:
+            time.sleep(1.2)  # past Ray's next experiment checkpoint, still mid-trial
+            break
+        time.sleep(0.1)
+    assert driver.poll() is None, "the search finished before it could be interrupted"
+
+
+def _resume(run_dir: Path, log: Path) -> list[dict]:
+    """Finish the search; check every trial completed once, from its checkpoint where it had
+    one; return the records."""
     import functools
+
+    from ray import cloudpickle
 
     from automla.runner import resume_search
 
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     resume_search(run_dir, train_fn=functools.partial(slow_trainer, log=str(log)))
-
     records = json.loads((run_dir / "trials.json").read_text())
     ids = [r["trial_id"] for r in records]
     assert len(records) == TRIALS and len(set(ids)) == TRIALS
     assert all(r["state"] == "completed" for r in records), [r["state"] for r in records]
     assert all(r["metrics"]["step"] == STEPS for r in records)
-    # each trial started from scratch once; after the kill, a trial Ray had not recorded as
-    # finished starts once more, from its last checkpoint Ray recorded (from scratch if none)
+    # each trial started from scratch once; after the interruption, a trial Ray had not
+    # recorded as finished starts once more, from its last checkpoint Ray recorded
     starts = lines(log, "start")
-    assert [s[2] for s in starts].count("0") >= TRIALS
     assert {s[1] for s in starts if s[2] == "0"} == set(ids)
     assert all(sum(s[1] == i for s in starts) <= 2 for i in ids)
     assert {e[1] for e in lines(log, "end")} == set(ids)
@@ -144,6 +143,45 @@ def test_kill_the_driver_then_resume(tmp_path: Path):
     # all checkpoints are kept while the search may still be resumed; then only the newest
     kept = [len(list(d.glob("checkpoint_*"))) for d in (run_dir / "ray").glob("trial_*")]
     assert len(kept) == TRIALS and max(kept) == 1, kept
+    return records
+
+
+def test_ctrl_c_then_resume(tmp_path: Path):
+    driver, log, run_dir = _start_driver(tmp_path)
+    try:
+        _wait_until_midway(driver, log)
+        os.killpg(driver.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    printed = (tmp_path / "driver.out").read_text()
+    assert driver.returncode == 0, printed[-2000:]
+    assert "automla search --resume" in printed  # the way on is told
+    before = json.loads((run_dir / "trials.json").read_text())
+    done = {r["trial_id"] for r in before if r["state"] == "completed"}
+    assert len(done) >= 2 and len(done) < TRIALS
+    records = _resume(run_dir, log)
+    # what had completed is kept as it was, not rerun
+    assert [s[1] for s in lines(log, "start")].count(next(iter(done))) == 1
+    assert done <= {r["trial_id"] for r in records}
+
+
+def test_kill_the_driver_then_resume(tmp_path: Path):
+    driver, log, run_dir = _start_driver(tmp_path)
+    try:
+        _wait_until_midway(driver, log)
+        os.killpg(driver.pid, signal.SIGKILL)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    ended_before = {e[1] for e in lines(log, "end")}
+    assert 2 <= len(ended_before) < TRIALS
+    assert not (run_dir / "trials.json").exists()  # the driver never got to write results
+    records = _resume(run_dir, log)
+    ids = [r["trial_id"] for r in records]
     study = optuna.load_study(study_name="r", storage=f"sqlite:///{run_dir / 'study.db'}")
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert sorted(t.user_attrs["ray_trial_id"] for t in complete) == sorted(ids)

@@ -23,6 +23,7 @@ SPACE = {
     "objectives": [
         {"metric": "val_loss", "mode": "min"},
         {"metric": "tokens_per_s", "mode": "max"},
+        {"metric": "tokens_per_s@256", "mode": "max"},  # twice the training context
     ],
     "sampler": {"name": "random", "seed": 0},
     "trials": 2,
@@ -67,6 +68,9 @@ def _search(tmp_path: Path) -> list[str]:
     for r in records:
         m = r["metrics"]
         assert m["step"] == 16 and m["tokens_per_s"] > 0 and m["train_tokens_per_s"] > 0
+        assert m["tokens_per_s@256"] > 0
+    with open(run_dir / "trials.csv") as f:
+        assert "tokens_per_s@256" in f.readline().strip().split(",")
     # side by side: both trials started before either one was done
     events = [line.split()[2] for line in (run_dir / "search.log").read_text().splitlines()]
     events = [e for e in events if e in ("start", "done")]
