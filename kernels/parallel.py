@@ -66,6 +66,83 @@ def _dot_kmean(b_q, b_k, SPLIT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _kmean_scores(
+    km,
+    b_q,
+    o_n,
+    o_d,
+    n_vis,
+    NB,
+    scale2,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # Scores [rows, BN] of the rows against the block means o_n; blocks not yet complete: -inf.
+    # [BN, D]
+    b_k = tl.load(
+        km + (o_n * (HKV * D))[:, None] + o_d[None, :], mask=(o_n < NB)[:, None], other=0.0
+    )
+    # [rows, BN]
+    b_s = _dot_kmean(b_q, b_k, SPLIT, PREC) * scale2
+    return tl.where(o_n[None, :] < n_vis[:, None], b_s, float("-inf"))
+
+
+@triton.jit
+def _load_block(k, v, p_idx, o_k, o_d, BS: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+    # The selected key block at *p_idx (-1: none, all masked): mask [BSP], k and v [BSP, D].
+    i_n = tl.load(p_idx)
+    # broadcast before comparing: the interpreter mis-types a scalar mask in `&`
+    m_k = (o_k < BS) & (i_n + tl.zeros_like(o_k) >= 0)
+    o_kv = ((i_n * BS + o_k) * (HKV * D))[:, None] + o_d[None, :]
+    b_k = tl.load(k + o_kv, mask=m_k[:, None], other=0.0)
+    b_v = tl.load(v + o_kv, mask=m_k[:, None], other=0.0)
+    return m_k, b_k, b_v
+
+
+@triton.jit
+def _group_rows(
+    k,
+    v,
+    idx,
+    active,
+    groups,
+    T,
+    NA,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    NSEL: tl.constexpr,
+):
+    # The program's token and KV group: k, v and idx moved to them, the token's row offset
+    # o_tq, the group's GP (padded) query heads o_h and m_g, which of them are active.
+    i_t, i_bg = tl.program_id(0), tl.program_id(1)
+    i_b = i_bg // NA
+    i_hk = tl.load(groups + i_bg % NA)
+    o_tq = (i_b * T + i_t).to(tl.int64) * HQ
+    k += (i_b * T * HKV + i_hk).to(tl.int64) * D
+    v += (i_b * T * HKV + i_hk).to(tl.int64) * D
+    idx += ((i_b * T + i_t) * HKV + i_hk).to(tl.int64) * NSEL
+    o_g = tl.arange(0, GP)
+    o_h = i_hk * G + o_g
+    m_g = o_g < G
+    m_g = m_g & (tl.load(active + o_h, mask=m_g, other=0) != 0)
+    return k, v, idx, o_tq, o_h, m_g
+
+
+@triton.jit
+def _gate_grad(b_do, p_o, p_gate, p_dgate, p_delta, m_t):
+    # One branch's dgate = <do, o_b> and softmax delta g_b * dgate over a tile of rows.
+    b_dg = tl.sum(b_do * tl.load(p_o, mask=m_t[:, None], other=0.0).to(tl.float32), 1)
+    b_g = tl.load(p_gate, mask=m_t, other=0.0).to(tl.float32)
+    tl.store(p_dgate, b_dg, mask=m_t)
+    tl.store(p_delta, b_g * b_dg, mask=m_t)
+
+
+@triton.jit
 def _score_kernel(
     q,
     km,
@@ -115,13 +192,8 @@ def _score_kernel(
     b_l = tl.zeros([BTOK * GP], dtype=tl.float32)
     for i_n in range(0, hi, BN):
         o_n = i_n + tl.arange(0, BN)
-        # [BN, D]
-        b_k = tl.load(
-            km + (o_n * (HKV * D))[:, None] + o_d[None, :], mask=(o_n < NB)[:, None], other=0.0
-        )
         # [BTOK * GP, BN]
-        b_s = _dot_kmean(b_q, b_k, SPLIT, PREC) * scale2
-        b_s = tl.where(o_n[None, :] < n_vis[:, None], b_s, float("-inf"))
+        b_s = _kmean_scores(km, b_q, o_n, o_d, n_vis, NB, scale2, HKV, D, SPLIT, PREC)
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
         b_mu = tl.where(b_mn == float("-inf"), 0.0, b_mn)
         b_l = b_l * tl.exp2(b_m - b_mu) + tl.sum(tl.exp2(b_s - b_mu[:, None]), 1)
@@ -134,11 +206,7 @@ def _score_kernel(
     p_out = score + (o_tk * (HKV * NB))[:, None]
     for i_n in range(0, hi, BN):
         o_n = i_n + tl.arange(0, BN)
-        b_k = tl.load(
-            km + (o_n * (HKV * D))[:, None] + o_d[None, :], mask=(o_n < NB)[:, None], other=0.0
-        )
-        b_s = _dot_kmean(b_q, b_k, SPLIT, PREC) * scale2
-        b_s = tl.where(o_n[None, :] < n_vis[:, None], b_s, float("-inf"))
+        b_s = _kmean_scores(km, b_q, o_n, o_d, n_vis, NB, scale2, HKV, D, SPLIT, PREC)
         # [BTOK, BN]: probabilities summed over the group's heads
         b_p = tl.sum(tl.reshape(tl.exp2(b_s - b_lse[:, None]), (BTOK, GP, BN)), 1)
         m_c = o_n[None, :] < n_vis_t[:, None]
@@ -310,19 +378,11 @@ def _sparse_fwd_kernel(
     PREC: tl.constexpr,
 ):
     # One token and one KV group: the group's GP (padded) query heads share each key block.
-    i_t, i_bg = tl.program_id(0), tl.program_id(1)
-    i_b = i_bg // NA
-    i_hk = tl.load(groups + i_bg % NA)
-    o_tq = (i_b * T + i_t).to(tl.int64) * HQ
-    k += (i_b * T * HKV + i_hk).to(tl.int64) * D
-    v += (i_b * T * HKV + i_hk).to(tl.int64) * D
-    idx += ((i_b * T + i_t) * HKV + i_hk).to(tl.int64) * NSEL
-    o_g = tl.arange(0, GP)
-    o_h = i_hk * G + o_g
+    k, v, idx, o_tq, o_h, m_g = _group_rows(
+        k, v, idx, active, groups, T, NA, HQ, HKV, G, GP, D, NSEL
+    )
     o_d = tl.arange(0, D)
     o_k = tl.arange(0, BSP)
-    m_g = o_g < G
-    m_g = m_g & (tl.load(active + o_h, mask=m_g, other=0) != 0)
     o_x = (o_h * D)[:, None] + o_d[None, :]
     # [GP, D]
     b_q = tl.load(q + o_tq * D + o_x, mask=m_g[:, None], other=0.0)
@@ -331,13 +391,8 @@ def _sparse_fwd_kernel(
     b_l = tl.zeros([GP], dtype=tl.float32)
     b_acc = tl.zeros([GP, D], dtype=tl.float32)
     for i in range(NSEL):
-        i_n = tl.load(idx + i)
-        # broadcast before comparing: the interpreter mis-types a scalar mask in `&`
-        m_k = (o_k < BS) & (i_n + tl.zeros_like(o_k) >= 0)
-        o_kv = ((i_n * BS + o_k) * (HKV * D))[:, None] + o_d[None, :]
-        # [BSP, D]
-        b_k = tl.load(k + o_kv, mask=m_k[:, None], other=0.0)
-        b_v = tl.load(v + o_kv, mask=m_k[:, None], other=0.0)
+        # [BSP], [BSP, D]
+        m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, BS, HKV, D)
         # [GP, BSP]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
@@ -387,20 +442,11 @@ def _prep_bwd_kernel(
     # [BT, D]
     b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0).to(tl.float32)
     if HAS_LOCAL:
-        b_dg = tl.sum(b_do * tl.load(o_l + o_x, mask=m_t[:, None], other=0.0).to(tl.float32), 1)
-        b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
-        tl.store(dgate + o_r * 3, b_dg, mask=m_t)
-        tl.store(delta_l + o_r, b_g * b_dg, mask=m_t)
+        _gate_grad(b_do, o_l + o_x, gate + o_r * 3, dgate + o_r * 3, delta_l + o_r, m_t)
     if HAS_GLOBAL:
-        b_dg = tl.sum(b_do * tl.load(o_g + o_x, mask=m_t[:, None], other=0.0).to(tl.float32), 1)
-        b_g = tl.load(gate + o_r * 3 + 1, mask=m_t, other=0.0).to(tl.float32)
-        tl.store(dgate + o_r * 3 + 1, b_dg, mask=m_t)
-        tl.store(delta_g + o_r, b_g * b_dg, mask=m_t)
+        _gate_grad(b_do, o_g + o_x, gate + o_r * 3 + 1, dgate + o_r * 3 + 1, delta_g + o_r, m_t)
     if HAS_SPARSE:
-        b_dg = tl.sum(b_do * tl.load(o_s + o_x, mask=m_t[:, None], other=0.0).to(tl.float32), 1)
-        b_g = tl.load(gate + o_r * 3 + 2, mask=m_t, other=0.0).to(tl.float32)
-        tl.store(dgate + o_r * 3 + 2, b_dg, mask=m_t)
-        tl.store(delta_s + o_r, b_g * b_dg, mask=m_t)
+        _gate_grad(b_do, o_s + o_x, gate + o_r * 3 + 2, dgate + o_r * 3 + 2, delta_s + o_r, m_t)
 
 
 @triton.jit
@@ -681,19 +727,11 @@ def _sparse_bwd_dq_kernel(
     ACCUMULATE: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    i_t, i_bg = tl.program_id(0), tl.program_id(1)
-    i_b = i_bg // NA
-    i_hk = tl.load(groups + i_bg % NA)
-    o_tq = (i_b * T + i_t).to(tl.int64) * HQ
-    k += (i_b * T * HKV + i_hk).to(tl.int64) * D
-    v += (i_b * T * HKV + i_hk).to(tl.int64) * D
-    idx += ((i_b * T + i_t) * HKV + i_hk).to(tl.int64) * NSEL
-    o_g = tl.arange(0, GP)
-    o_h = i_hk * G + o_g
+    k, v, idx, o_tq, o_h, m_g = _group_rows(
+        k, v, idx, active, groups, T, NA, HQ, HKV, G, GP, D, NSEL
+    )
     o_d = tl.arange(0, D)
     o_k = tl.arange(0, BSP)
-    m_g = o_g < G
-    m_g = m_g & (tl.load(active + o_h, mask=m_g, other=0) != 0)
     o_x = o_tq * D + (o_h * D)[:, None] + o_d[None, :]
     # [GP, D]
     b_q = tl.load(q + o_x, mask=m_g[:, None], other=0.0)
@@ -704,12 +742,8 @@ def _sparse_bwd_dq_kernel(
     b_delta = tl.load(delta_s + o_tq + o_h, mask=m_g, other=0.0)
     b_dq = tl.zeros([GP, D], dtype=tl.float32)
     for i in range(NSEL):
-        i_n = tl.load(idx + i)
-        m_k = (o_k < BS) & (i_n + tl.zeros_like(o_k) >= 0)
-        o_kv = ((i_n * BS + o_k) * (HKV * D))[:, None] + o_d[None, :]
-        # [BSP, D]
-        b_k = tl.load(k + o_kv, mask=m_k[:, None], other=0.0)
-        b_v = tl.load(v + o_kv, mask=m_k[:, None], other=0.0)
+        # [BSP], [BSP, D]
+        m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, BS, HKV, D)
         # [GP, BSP]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
         b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
@@ -829,6 +863,11 @@ def _tiles(kernel: str) -> dict:
     return {"num_stages": 2, **_GPU_TILES[kernel]}
 
 
+def _options(tiles: dict) -> dict:
+    """The launch options (warps, stages) of a `_tiles` entry."""
+    return {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
+
+
 class _Layout:
     """Sizes, effective branches and active heads of one call."""
 
@@ -854,15 +893,23 @@ class _Layout:
         host = torch.ones(self.HQ, dtype=torch.bool) if head_mask is None else head_mask.cpu()
         self.partial = head_mask is not None
         heads = host.nonzero().flatten().to(torch.int32)
-        groups = host.view(self.HKV, self.G).any(1).nonzero().flatten().to(torch.int32)
+        self.group_any = host.view(self.HKV, self.G).any(1)  # on the host
+        groups = self.group_any.nonzero().flatten().to(torch.int32)
         self.A, self.NA = heads.numel(), groups.numel()
         self.active = host.to(torch.int32).to(dev, non_blocking=True)
         self.heads = heads.to(dev, non_blocking=True)
         self.groups = groups.to(dev, non_blocking=True)
-        self.any = self.A > 0 and (self.has_local or self.has_global or self.has_sparse)
+        self.has_window = self.has_local or self.has_global  # the window kernels run
+        self.any = self.A > 0 and (self.has_window or self.has_sparse)
         # padded group sizes: tl.dot needs 16 rows; the score and dk/dv kernels stack tokens
         self.GP = triton.next_power_of_2(self.G)
         self.GP16 = max(16, self.GP)
+        self.stride = max(plan.stride, 1)  # 1 stands in when the global branch is absent
+        self.BSP = max(16, plan.block_size)  # key block padded to tl.dot's 16 rows
+        # arguments that every attention kernel takes
+        self.args = dict(
+            scale2=self.scale2, HQ=self.HQ, HKV=self.HKV, G=self.G, D=self.D, PREC=self.prec
+        )
 
 
 def _select(q: torch.Tensor, k: torch.Tensor, lay: _Layout) -> torch.Tensor:
@@ -884,24 +931,20 @@ def _select(q: torch.Tensor, k: torch.Tensor, lay: _Layout) -> torch.Tensor:
         NB=NB,
         NA=lay.NA,
         window=lay.plan.window,
-        scale2=lay.scale2,
-        HQ=lay.HQ,
-        HKV=HKV,
-        G=lay.G,
+        **lay.args,
         GP=lay.GP,
-        D=D,
         BS=bs,
         BTOK=BTOK,
         BN=t["BN"],
         HAS_LOCAL=lay.has_local,
         SPLIT=q.dtype != torch.float32,
-        PREC=lay.prec,
-        num_warps=t["num_warps"],
-        num_stages=t["num_stages"],
+        **_options(t),
     )
     if lay.NA < HKV:
-        # fully pruned groups are not scored; they select nothing
-        score[:, :, lay.active.view(HKV, lay.G).sum(1) == 0] = float("-inf")
+        # fully pruned groups are not scored; they select nothing (indices known on the host:
+        # a device mask here would cost a sync)
+        pruned = (~lay.group_any).nonzero().flatten().to(q.device, non_blocking=True)
+        score.index_fill_(2, pruned, float("-inf"))
     idx = torch.empty(B, T, HKV, nsel, dtype=torch.int32, device=q.device)
     R, BR = B * T * HKV, 4
     _topk_kernel[(triton.cdiv(R, BR),)](
@@ -976,7 +1019,7 @@ def mla_fwd(
         st, NC = lay.plan.stride, lay.NC
         kc = k[:, : NC * st].float().reshape(B, NC, st, HKV, D).mean(2).to(q.dtype)
         vc = v[:, : NC * st].float().reshape(B, NC, st, HKV, D).mean(2).to(q.dtype)
-    if lay.has_local or lay.has_global:
+    if lay.has_window:
         t = _tiles("window_fwd")
         _window_fwd_kernel[(triton.cdiv(T, t["BT"]), B * lay.A)](
             q=q,
@@ -995,26 +1038,19 @@ def mla_fwd(
             NC=lay.NC,
             A=lay.A,
             window=lay.plan.window,
-            stride=max(lay.plan.stride, 1),
-            scale2=lay.scale2,
-            HQ=HQ,
-            HKV=HKV,
-            G=lay.G,
-            D=D,
+            stride=lay.stride,
+            **lay.args,
             BT=t["BT"],
             BK=t["BK"],
             BC=t["BC"],
             HAS_LOCAL=lay.has_local,
             HAS_GLOBAL=lay.has_global,
             STORE=store,
-            PREC=lay.prec,
-            num_warps=t["num_warps"],
-            num_stages=t["num_stages"],
+            **_options(t),
         )
     idx = lse_l
     if lay.has_sparse:
         idx = _select(q, k, lay)
-        bs = lay.plan.block_size
         t = _tiles("sparse_fwd")
         _sparse_fwd_kernel[(T, B * lay.NA)](
             q=q,
@@ -1029,20 +1065,14 @@ def mla_fwd(
             lse_s=lse_s,
             T=T,
             NA=lay.NA,
-            scale2=lay.scale2,
-            HQ=HQ,
-            HKV=HKV,
-            G=lay.G,
+            **lay.args,
             GP=lay.GP16,
-            D=D,
             NSEL=lay.plan.n_select,
-            BS=bs,
-            BSP=max(16, bs),
-            ACCUMULATE=lay.has_local or lay.has_global,
+            BS=lay.plan.block_size,
+            BSP=lay.BSP,
+            ACCUMULATE=lay.has_window,
             STORE=store,
-            PREC=lay.prec,
-            num_warps=t["num_warps"],
-            num_stages=t["num_stages"],
+            **_options(t),
         )
     saved = {"o_l": o_l, "o_g": o_g, "o_s": o_s, "lse_l": lse_l, "lse_g": lse_g}
     saved.update({"lse_s": lse_s, "kc": kc, "vc": vc, "idx": idx})
@@ -1098,11 +1128,9 @@ def mla_bwd(
         HAS_LOCAL=lay.has_local,
         HAS_GLOBAL=lay.has_global,
         HAS_SPARSE=lay.has_sparse,
-        num_warps=t["num_warps"],
-        num_stages=t["num_stages"],
+        **_options(t),
     )
-    stride = max(lay.plan.stride, 1)
-    if lay.has_local or lay.has_global:
+    if lay.has_window:
         t = _tiles("window_dq")
         _window_bwd_dq_kernel[(triton.cdiv(T, t["BT"]), B * lay.A)](
             q=q,
@@ -1122,21 +1150,15 @@ def mla_bwd(
             NC=lay.NC,
             A=lay.A,
             window=lay.plan.window,
-            stride=stride,
-            scale2=lay.scale2,
+            stride=lay.stride,
+            **lay.args,
             scale=lay.scale,
-            HQ=HQ,
-            HKV=HKV,
-            G=lay.G,
-            D=D,
             BT=t["BT"],
             BK=t["BK"],
             BC=t["BC"],
             HAS_LOCAL=lay.has_local,
             HAS_GLOBAL=lay.has_global,
-            PREC=lay.prec,
-            num_warps=t["num_warps"],
-            num_stages=t["num_stages"],
+            **_options(t),
         )
     if lay.has_local:
         t = _tiles("local_dkv")
@@ -1155,17 +1177,11 @@ def mla_bwd(
             T=T,
             NA=lay.NA,
             window=lay.plan.window,
-            scale2=lay.scale2,
+            **lay.args,
             scale=lay.scale,
-            HQ=HQ,
-            HKV=HKV,
-            G=lay.G,
-            D=D,
             BT=t["BT"],
             BK=t["BK"],
-            PREC=lay.prec,
-            num_warps=t["num_warps"],
-            num_stages=t["num_stages"],
+            **_options(t),
         )
     if lay.has_global:
         t = _tiles("global_dkv")
@@ -1192,25 +1208,19 @@ def mla_bwd(
             T=T,
             NC=NC,
             NA=lay.NA,
-            stride=stride,
+            stride=lay.stride,
             chunk=chunk,
-            scale2=lay.scale2,
+            **lay.args,
             scale=lay.scale,
-            HQ=HQ,
-            HKV=HKV,
-            G=lay.G,
-            D=D,
             BT=t["BT"],
             BC=t["BC"],
-            PREC=lay.prec,
-            num_warps=t["num_warps"],
-            num_stages=t["num_stages"],
+            **_options(t),
         )
         # each pooled key receives 1/stride of its compressed token's gradient
+        stride = lay.stride
         dk[:, : NC * stride].view(B, NC, stride, HKV, D).add_(dkc.sum(0).unsqueeze(2) / stride)
         dv[:, : NC * stride].view(B, NC, stride, HKV, D).add_(dvc.sum(0).unsqueeze(2) / stride)
     if lay.has_sparse:
-        bs = lay.plan.block_size
         idx = saved["idx"]
         t = _tiles("sparse_dq")
         _sparse_bwd_dq_kernel[(T, B * lay.NA)](
@@ -1227,20 +1237,14 @@ def mla_bwd(
             dq=dq,
             T=T,
             NA=lay.NA,
-            scale2=lay.scale2,
+            **lay.args,
             scale=lay.scale,
-            HQ=HQ,
-            HKV=HKV,
-            G=lay.G,
             GP=lay.GP16,
-            D=D,
             NSEL=lay.plan.n_select,
-            BS=bs,
-            BSP=max(16, bs),
-            ACCUMULATE=lay.has_local or lay.has_global,
-            PREC=lay.prec,
-            num_warps=t["num_warps"],
-            num_stages=t["num_stages"],
+            BS=lay.plan.block_size,
+            BSP=lay.BSP,
+            ACCUMULATE=lay.has_window,
+            **_options(t),
         )
         t = _tiles("sparse_dkv")
         chunks, tokens = _invert(idx, lay.NB, t["CH"])
@@ -1259,19 +1263,13 @@ def mla_bwd(
             dv=dv,
             T=T,
             NB=lay.NB,
-            scale2=lay.scale2,
+            **lay.args,
             scale=lay.scale,
-            HQ=HQ,
-            HKV=HKV,
-            G=lay.G,
             GP=lay.GP,
-            D=D,
-            BS=bs,
-            BSP=max(16, bs),
+            BS=lay.plan.block_size,
+            BSP=lay.BSP,
             BQ=max(1, t["ROWS"] // lay.GP),
-            PREC=lay.prec,
-            num_warps=t["num_warps"],
-            num_stages=t["num_stages"],
+            **_options(t),
         )
     return dq, dk.to(k.dtype), dv.to(v.dtype), dgate.to(gate.dtype)
 
@@ -1326,8 +1324,10 @@ def mla_triton(
     _check(q, k, v, gate, config, t_max, head_mask)
     T = q.shape[1]
     plan = config.plan(t_max or T)
-    if head_mask is not None and bool(head_mask.cpu().all()):
-        head_mask = None
+    if head_mask is not None:
+        head_mask = head_mask.cpu()  # once: _Layout reads it on the host too
+        if bool(head_mask.all()):
+            head_mask = None
     return MLATritonFunction.apply(q, k, v, gate.to(q.dtype), plan, head_mask)
 
 
