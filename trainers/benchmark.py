@@ -109,8 +109,7 @@ class StepGate:
     def pause(self) -> None:
         """Let a waiting benchmark in: finish the queued GPU work, then release."""
         if self.lock.shared_held:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            sync(self.device)
             self.lock.release_shared()
         self._steps = 0
 
@@ -149,13 +148,15 @@ def measure_throughput(
     y = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen).to(device)
     times = []
     with lock.exclusive() if lock is not None else contextlib.nullcontext(0.0) as waited:
+        sync(device)
+        t0 = time.perf_counter()
         for i in range(warmup + steps):
-            _sync(device)
-            t0 = time.perf_counter()
             train_step(bench, x, y, lr=1e-6)
-            _sync(device)
+            sync(device)  # one sync per step: it ends this step's interval and opens the next
+            t1 = time.perf_counter()
             if i >= warmup:
-                times.append(time.perf_counter() - t0)
+                times.append(t1 - t0)
+            t0 = t1
     del bench, copy, optimizer
     median = statistics.median(times)
     return {
@@ -165,6 +166,7 @@ def measure_throughput(
     }
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the queued work of a GPU (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from automla.kernels import AttentionConfig
+from automla.kernels.ops import Backend  # the op's own list, so the two cannot drift apart
 
-Backend = Literal["auto", "reference", "torch", "triton"]
 DataSource = Literal["stdlib", "text", "tokens", "mqar"]
 
 

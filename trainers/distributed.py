@@ -33,10 +33,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
 def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> bool:
     """Join the process group described by torchrun-style environment variables (RANK,
     WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK); returns True when one is running.
@@ -112,8 +108,3 @@ def all_max(value: float) -> float:
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()

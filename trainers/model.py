@@ -91,8 +91,6 @@ class HeadLayout:
     """
 
     device: torch.device
-    full: bool
-    """Every stored head active at scale 1 in complete groups: the plain path."""
     n_active: int
     n_kv: int
     n_slots: int
@@ -124,7 +122,7 @@ class Attention(nn.Module):
         self.group = cfg.n_heads // cfg.n_kv_heads  # G of the uncompacted layer
         self.heads = list(kept) if kept is not None else list(range(cfg.n_heads))
         """Original ids of the stored query heads."""
-        self.kv_heads = sorted({h // self.group for h in self.heads})
+        self.kv_heads = self.kv_ids(self.heads)
         """Original ids of the stored KV heads."""
         self.n_heads, self.n_kv_heads = len(self.heads), len(self.kv_heads)
         hq, hkv = self.n_heads, self.n_kv_heads
@@ -177,7 +175,17 @@ class Attention(nn.Module):
 
     def active_kv_heads(self) -> int:
         """KV heads computed: those with at least one active query head."""
-        return len({self.heads[i] // self.group for i in self._mask.nonzero().flatten().tolist()})
+        return len(self.kv_ids(self.head_ids()))
+
+    def head_ids(self, mask: torch.Tensor | None = None) -> list[int]:
+        """Original ids of the stored heads that `mask` (bool [n_heads], default: the active
+        heads) selects."""
+        mask = self._mask if mask is None else mask
+        return [self.heads[i] for i in mask.nonzero().flatten().tolist()]
+
+    def kv_ids(self, heads: list[int]) -> list[int]:
+        """Original ids of the KV heads that the query heads `heads` (original ids) read."""
+        return sorted({h // self.group for h in heads})
 
     def layout(self, device: torch.device) -> HeadLayout:
         if self._layout is None or self._layout.device != device:
@@ -188,7 +196,7 @@ class Attention(nn.Module):
         d, G, hq, hkv = self.head_dim, self.group, self.n_heads, self.n_kv_heads
         active = self._mask.nonzero().flatten().tolist()
         heads = [self.heads[i] for i in active]  # original ids
-        kept_kv = sorted({h // G for h in heads})
+        kept_kv = self.kv_ids(heads)
         kv_pos = [self.kv_heads.index(g) for g in kept_kv]  # stored index of each kept KV head
         rank = {g: r for r, g in enumerate(kept_kv)}
         slots = [rank[h // G] * G + h % G for h in heads]
@@ -201,9 +209,10 @@ class Attention(nn.Module):
             t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
             return to_device(t, device)
 
-        rows = None
+        rows = cols = None
         if not all_stored:
-            rows = [i * d + j for i in active for j in range(d)]
+            cols = [i * d + j for i in active for j in range(d)]  # also the q rows of qkv
+            rows = list(cols)
             for base in (hq, hq + hkv):
                 rows += [(base + p) * d + j for p in kv_pos for j in range(d)]
         slot_mask = None
@@ -214,14 +223,13 @@ class Attention(nn.Module):
         inv = torch.where(scale > 0, 1 / scale.clamp_min(1e-30), torch.zeros_like(scale))
         return HeadLayout(
             device=device,
-            full=all_stored and in_order and unit,
             n_active=len(active),
             n_kv=len(kept_kv),
             n_slots=G * len(kept_kv),
             active=dev(active),
             rows=None if rows is None else dev(rows),
             gate_rows=None if all_stored else dev([3 * i + c for i in active for c in range(3)]),
-            cols=None if all_stored else dev([i * d + j for i in active for j in range(d)]),
+            cols=None if cols is None else dev(cols),
             slots=None if in_order else dev(slots),
             # stays on the CPU: the Triton op reads it there without a device sync
             slot_mask=slot_mask,
@@ -232,9 +240,9 @@ class Attention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        # One path for every layout: with all heads active at scale 1 the index tensors are
+        # None and it reduces to the plain projections and attention.
         lay = self.layout(x.device)
-        if lay.full:
-            return self._forward_full(x, rot)
         if lay.n_active == 0:
             return torch.zeros_like(x)
         B, T, _ = x.shape
@@ -242,6 +250,7 @@ class Attention(nn.Module):
         w = self.qkv.weight if lay.rows is None else self.qkv.weight.index_select(0, lay.rows)
         # only the active query heads and the KV heads of their groups are projected
         qkv = F.linear(x, w).view(B, T, A + 2 * K, d)
+        # rotary on q and k together: one set of elementwise ops
         qk = apply_rotary(qkv[:, :, : A + K], rot)
         qa, k = qk.split([A, K], dim=2)  # (B, T, A, D), (B, T, K, D)
         v = qkv[:, :, A + K :]  # (B, T, K, D)
@@ -254,6 +263,7 @@ class Attention(nn.Module):
             if self.cfg.mla.gate.input == "hidden":
                 logits = self.gate(x, lay.gate_rows).view(B, T, A, 3)
             else:
+                # the query before rotary: its content, not its position
                 logits = self.gate(qkv[:, :, :A])
             gate = torch.sigmoid(logits)  # (B, T, A, 3)
             q = qa
@@ -274,36 +284,6 @@ class Attention(nn.Module):
             ya = y if lay.slots is None else y.index_select(2, lay.slots)  # (B, T, A, D)
         w = self.proj.weight if lay.cols is None else self.proj.weight.index_select(1, lay.cols)
         return F.linear(self._scale_and_track(ya, lay).reshape(B, T, A * d), w)
-
-    def _forward_full(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.qkv(x).view(B, T, hq + 2 * hkv, d)
-        # rotary on q and k together: one set of elementwise ops
-        qk = apply_rotary(qkv[:, :, : hq + hkv], rot)
-        q, k = qk.split([hq, hkv], dim=2)  # (B, T, HQ, D), (B, T, HKV, D)
-        v = qkv[:, :, hq + hkv :]  # (B, T, HKV, D)
-        if self.gate is None:
-            y = self._sdpa(q, k, v, self.group)
-        else:
-            if self.cfg.mla.gate.input == "hidden":
-                logits = self.gate(x).view(B, T, hq, 3)
-            else:
-                # the query before rotary: its content, not its position
-                logits = self.gate(qkv[:, :, :hq])
-            gate = torch.sigmoid(logits)  # (B, T, HQ, 3)
-            y = mla_attention(
-                q,
-                k,
-                v,
-                gate,
-                self.cfg.mla,
-                t_max=self.cfg.max_seq_len,
-                backend=self.cfg.attn_backend,
-            )  # (B, T, HQ, D)
-        if self.importance is not None:
-            y = self._scale_and_track(y, self.layout(x.device))
-        return self.proj(y.reshape(B, T, hq * d))
 
     def _scale_and_track(self, ya: torch.Tensor, lay: HeadLayout) -> torch.Tensor:
         """Multiply each active head's output by its mask value; while pruning tracks

@@ -44,27 +44,20 @@ class HeadPruner:
         self.full_at = cfg.end_step if cfg.end_step is not None else max(1, total_steps // 2)
         self.ramp = max(cfg.ramp_steps, 1)
         self.valid = torch.zeros(L, H, dtype=torch.bool)
-        for i, n in enumerate(self.sizes):
-            self.valid[i, :n] = True
+        self.keep = torch.zeros(L, H, dtype=torch.bool)
         # the layers add their Taylor scores into rows of one tensor: one EMA update per step
         self.acc = torch.zeros(L, H, device=self.device)
-        for i, attn in enumerate(self.layers):
-            attn.importance = self.acc[i, : self.sizes[i]]
+        for i, (attn, n) in enumerate(zip(self.layers, self.sizes)):
+            self.valid[i, :n] = True
+            self.keep[i, :n] = attn._mask  # heads masked already count as pruned
+            attn.importance = self.acc[i, :n]
         self.ema = torch.zeros(L, H, device=self.device)
         self.last_seen = torch.full((L, H), -1, dtype=torch.long)
-        self.keep = self.valid.clone()
-        for i, attn in enumerate(self.layers):
-            self.keep[i, : self.sizes[i]] = attn._mask  # heads masked already count as pruned
         self.level = torch.where(self.keep, self.ramp, 0)
         self.probe = torch.zeros(L, H, dtype=torch.bool)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pushed: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * L
         self._push()
-
-    def detach(self) -> None:
-        """Stop tracking importance (removes the backward hooks)."""
-        for attn in self.layers:
-            attn.importance = None
 
     def is_decision(self, step: int) -> bool:
         w = self.cfg.warmup_steps
@@ -87,9 +80,10 @@ class HeadPruner:
         record: dict = {"step": step, **self._counts(running)}
         self._update_importance(step, (running | self.probe) & self.valid)
         if self.is_decision(step):
-            self._decide(step)
+            imp = self.ema.cpu()  # the one device sync per decision: ranking and log share it
+            self._decide(step, imp)
             record["importance"] = [
-                [round(v, 4) for v in row[:n]] for row, n in zip(self.ema.tolist(), self.sizes)
+                [round(v, 4) for v in row[:n]] for row, n in zip(imp.tolist(), self.sizes)
             ]
             record["removed"] = self.removed()
         self.level = torch.where(self.keep, self.level + 1, self.level - 1).clamp(0, self.ramp)
@@ -101,9 +95,9 @@ class HeadPruner:
     def _counts(self, running: torch.Tensor) -> dict:
         heads, kv = [], []
         for i, attn in enumerate(self.layers):
-            ids = [attn.heads[h] for h in running[i, : self.sizes[i]].nonzero().flatten().tolist()]
+            ids = attn.head_ids(running[i, : self.sizes[i]])
             heads.append(len(ids))
-            kv.append(len({h // attn.group for h in ids}))
+            kv.append(len(attn.kv_ids(ids)))
         return {"active_heads_per_layer": heads, "active_kv_heads_per_layer": kv}
 
     def removed(self) -> list[list[int]]:
@@ -138,8 +132,8 @@ class HeadPruner:
         self.last_seen = torch.where(measured, step, self.last_seen)
         self.acc.zero_()
 
-    def _decide(self, step: int) -> None:
-        imp = self.ema.cpu()  # the one device sync per decision
+    def _decide(self, step: int, imp: torch.Tensor) -> None:
+        """Choose the heads to keep from `imp`, the importance EMA on the CPU."""
         target = self.target(step)
         threshold = self.cfg.threshold
         # without regrow only kept heads are candidates; with it every head is re-ranked
@@ -217,11 +211,10 @@ def compact(model: LanguageModel) -> LanguageModel:
     """
     kept = []
     for block in model.blocks:
-        attn = block.attn
-        active = attn._mask.nonzero().flatten().tolist()
-        if not active:
+        heads = block.attn.head_ids()
+        if not heads:
             raise ValueError("a layer has no active head; compaction needs at least one")
-        kept.append([attn.heads[i] for i in active])
+        kept.append(heads)
     cfg = dataclasses.replace(model.cfg, kept_heads=kept)
     new = LanguageModel(cfg).to(model.embed.weight.device)
     state = model.state_dict()

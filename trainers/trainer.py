@@ -27,10 +27,10 @@ import torch.nn as nn
 import yaml
 
 from . import distributed as dist
-from .benchmark import DeviceLock, StepGate, measure_throughput
+from .benchmark import DeviceLock, StepGate, measure_throughput, sync
 from .config import TrainConfig, build, to_dict
 from .data import IGNORE, load_data, mqar_probe
-from .model import LanguageModel, build_model
+from .model import LanguageModel, build_model, to_device
 from .pruning import HeadPruner, compact
 
 CHECKPOINT_DIR = "checkpoint"
@@ -161,7 +161,8 @@ def evaluate(
         loss_sum += loss.float()
         if mqar:
             mask = y != IGNORE
-            correct += (logits.argmax(-1)[mask] == y[mask]).sum()
+            # masked sums, not boolean indexing: indexing waits for the device to learn sizes
+            correct += ((logits.argmax(-1) == y) & mask).sum()
             asked += mask.sum()
     model.train(was_training)
     # each rank holds its rows of every validation batch, with equal target counts per row
@@ -273,7 +274,9 @@ def _train(
                 if pruner is not None:
                     pruner.begin_step(step)
                 bench.before_step()
-                loss = train_step(state, x.to(device), y.to(device), lr_at(step, config))
+                # a plain host-to-GPU copy waits for the GPU's queue; a pinned one does not
+                x, y = to_device(x, device), to_device(y, device)
+                loss = train_step(state, x, y, lr_at(step, config))
                 bench.after_step()
                 if pruner is not None:
                     dist.all_reduce_mean(pruner.acc)  # the global batch's Taylor scores
@@ -303,14 +306,15 @@ def _train(
                         )
                     heads = model.active_heads_per_layer()
                     mem, mem_kind = bench.peak_memory()
+                    tps = clock.tokens_per_s(tokens_per_step)
                     metrics = {
                         "step": step,
                         "tokens": step * tokens_per_step,
                         "train_loss": losses.mean(),
                         "val_loss": ev["val_loss"],
                         "val_ppl": math.exp(min(ev["val_loss"], 700.0)),
-                        "tokens_per_s": clock.tokens_per_s(tokens_per_step),
-                        **bench.measure(clock.tokens_per_s(tokens_per_step)),
+                        "tokens_per_s": tps,
+                        **bench.measure(tps),
                         "peak_mem_gb": mem,
                         "peak_mem_kind": mem_kind,
                         "attn_flops": model.attn_flops_per_token(config.seq_len),
@@ -577,8 +581,7 @@ class _StepClock:
         self.t0: float | None = None
 
     def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
         return time.perf_counter()
 
     def start(self) -> None:
