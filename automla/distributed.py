@@ -13,6 +13,7 @@ Ray 2.60 runs Ray Train v2, which no longer accepts a TorchTrainer as a Tune tra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import re
@@ -80,7 +81,7 @@ def validate_resources(
             f"{total_gpus:g} GPUs per trial{each.format(f'{gpus:g}')} asked for, but the "
             f"cluster has {have_gpus:g}"
         )
-    if total_cpus + (DRIVER_CPUS if workers > 1 else 0) > have_cpus + 1e-9:
+    if _trial_cpus(cpus, workers) > have_cpus + 1e-9:
         raise ResourceError(
             f"{total_cpus:g} CPUs per trial{each.format(f'{cpus:g}')} asked for, but the "
             f"cluster has {have_cpus:g}"
@@ -92,13 +93,16 @@ def max_concurrent_trials(
 ) -> int:
     """How many such trials fit on the cluster at once (at least 1). A multi-worker trial whose
     workers cannot be placed waits with its driver started: cap concurrency at this."""
-    fits = [
-        (float(cluster_resources.get("CPU", 0.0)) + 1e-9)
-        // (workers * cpus + (DRIVER_CPUS if workers > 1 else 0))
-    ]
+    fits = [(float(cluster_resources.get("CPU", 0.0)) + 1e-9) // _trial_cpus(cpus, workers)]
     if gpus > 0:
         fits.append((float(cluster_resources.get("GPU", 0.0)) + 1e-9) // (workers * gpus))
     return max(1, int(min(fits)))
+
+
+def _trial_cpus(cpus: float, workers: int) -> float:
+    """CPUs one trial takes from the cluster: its workers', plus its own process's token share
+    when that process only waits on them."""
+    return workers * cpus + (DRIVER_CPUS if workers > 1 else 0)
 
 
 def trial_resources(cpus: float, gpus: float, workers: int) -> dict[str, float]:
@@ -156,7 +160,7 @@ def run_distributed_trial(
         world = ctx.get_world_size()
         cfg = config
         if cfg.threads is None:
-            cfg = _replace(cfg, threads=threads)
+            cfg = dataclasses.replace(cfg, threads=threads)
 
         def forward(metrics: dict, checkpoint_dir: Path | None) -> None:
             # the trainer reports on rank 0 only
@@ -259,12 +263,6 @@ def _worker_death(error: BaseException, workers: int) -> WorkerDiedError | None:
     # error travels as a note (shown in tracebacks, e.g. search.log), not as __cause__
     died.__notes__ = [str(error)]
     return died
-
-
-def _replace(config: TrainConfig, **changes: Any) -> TrainConfig:
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
 
 
 def _trial_dir() -> str | None:

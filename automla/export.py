@@ -8,7 +8,6 @@ trials.csv). `--pick` then chooses: `knee` (of the Pareto front of what is left)
 
 from __future__ import annotations
 
-import math
 import operator
 import re
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from typing import Any
 import yaml
 
 from automla import pareto
-from automla.report import completed, load_run
+from automla.report import completed, finite_number, load_run
 from automla.trainers.config import TrainConfig, build, to_dict
 
 _OPS = {
@@ -78,31 +77,32 @@ def select(
     """The chosen trial record among the completed `trials`."""
     kind, target = parse_pick(pick)
     conditions = parse_where(where)
-    pool = completed(trials, metrics)
+    # each record beside its settings and metrics merged once: --where and --pick look names up
+    pool = [(t, _fields(t)) for t in completed(trials, metrics)]
     if not pool:
         raise ExportError("the run has no completed trial to pick from")
-    names = sorted({k for t in pool for k, v in _fields(t).items() if _number(v)})
+    names = sorted({k for _, f in pool for k, v in f.items() if finite_number(v)})
     for name, _, _ in conditions:
         if name not in names:
             raise ExportError(f"--where: unknown name {name!r}; expected one of {', '.join(names)}")
     if target is not None and target not in names:
         raise ExportError(f"--pick: unknown metric {target!r}; expected one of {', '.join(names)}")
     left = [
-        t
-        for t in pool
-        if all(_number(_fields(t).get(n)) and _OPS[op](_fields(t)[n], v) for n, op, v in conditions)
+        (t, f)
+        for t, f in pool
+        if all(finite_number(f.get(n)) and _OPS[op](f[n], v) for n, op, v in conditions)
     ]
     if not left:
         shown = ", ".join(f"{n}{op}{v:g}" for n, op, v in conditions)
         raise ExportError(f"no completed trial satisfies {shown} ({len(pool)} completed)")
     if kind == "knee":
-        points = [[t["metrics"][m] for m in metrics] for t in left]
-        return left[pareto.knee(points, modes)]
-    candidates = [t for t in left if _number(_fields(t).get(target))]
+        points = [[t["metrics"][m] for m in metrics] for t, _ in left]
+        return left[pareto.knee(points, modes)][0]
+    candidates = [(t, f) for t, f in left if finite_number(f.get(target))]
     if not candidates:
         raise ExportError(f"--pick: no remaining trial reports {target!r}")
     sign = 1 if kind == "min" else -1
-    return min(candidates, key=lambda t: sign * _fields(t)[target])
+    return min(candidates, key=lambda tf: sign * tf[1][target])[0]
 
 
 def export(
@@ -128,7 +128,3 @@ def export(
 
 def _fields(t: dict[str, Any]) -> dict[str, Any]:
     return {**t.get("params", {}), **t.get("metrics", {})}
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -20,11 +20,10 @@ from rich.table import Table
 
 from automla import pareto
 from automla.gpu_usage import summarize_csv
-from automla.schema import SearchConfig, known_metrics, load, throughput_method
+from automla.schema import RATIOS, SearchConfig, known_metrics, load, throughput_method
 
 GPU_USAGE_FILE = "gpu_usage.csv"
 
-_RATIOS = "model.mla.ratios"
 COMPLETED = "completed"
 PRUNED = "pruned"
 FAILED = "failed"
@@ -80,10 +79,7 @@ def summarise(config: SearchConfig, trials: list[dict[str, Any]]) -> dict[str, A
     front_idx = pareto.non_dominated(points, modes) if points else []
     knee_id = done[pareto.knee(points, modes)]["trial_id"] if points else None
     # every trial in the order Optuna proposed them; one that did not complete adds nothing
-    ordered = sorted(
-        trials,
-        key=lambda t: (t.get("optuna_trial") is None, t.get("optuna_trial") or 0, t["trial_id"]),
-    )
+    ordered = sorted(trials, key=proposal_order)
     done_ids = {t["trial_id"] for t in done}
     nan = [math.nan] * len(metrics)
     history_points = [
@@ -115,6 +111,12 @@ def summarise(config: SearchConfig, trials: list[dict[str, Any]]) -> dict[str, A
         ],
         "front": [_front_entry(t, t["trial_id"] == knee_id) for t in front],
     }
+
+
+def proposal_order(trial: dict[str, Any]) -> tuple[bool, int, str]:
+    """Sort key of trial records: Optuna's proposal order, trials Optuna never saw last."""
+    number = trial.get("optuna_trial")
+    return (number is None, number or 0, trial["trial_id"])
 
 
 def _reference(
@@ -271,8 +273,8 @@ def write_html(
     rows = []
     for e in summary["front"]:
         cells = [e["trial_id"] + (" (knee)" if e["knee"] else "")]
-        cells += [_fmt(e["metrics"][m]) for m in metrics] + [e["label"]]
-        cells += [_fmt(e["params"].get(p, "")) for p in params]
+        cells += [format_value(e["metrics"][m]) for m in metrics] + [e["label"]]
+        cells += [format_value(e["params"].get(p, "")) for p in params]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     images = []
     for png in ("pareto.png", "hypervolume.png", "learning_curves.png", "importances.png"):
@@ -282,7 +284,7 @@ def write_html(
                 f"<h2>{png[:-4].replace('_', ' ')}</h2>"
                 f'<img alt="{png}" src="data:image/png;base64,{data}">'
             )
-    counts = ", ".join(f"{summary.get(s, 0)} {s}" for s in (COMPLETED, PRUNED, FAILED, STOPPED))
+    counts = ", ".join(f"{summary.get(s, 0)} {s}" for s in STATES)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>AutoMLA run {html.escape(name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;text-align:right}}
@@ -372,13 +374,13 @@ def front_table(summary: dict[str, Any], title: str = "") -> Table:
     table.add_column("settings", overflow="fold")
     for entry in summary["front"]:
         settings = "  ".join(
-            f"{short_name(k)}={_fmt(v)}"
+            f"{short_name(k)}={format_value(v)}"
             for k, v in entry["params"].items()
-            if not k.startswith(_RATIOS)
+            if not k.startswith(RATIOS)
         )
         table.add_row(
             entry["trial_id"] + (" (knee)" if entry["knee"] else ""),
-            *[_fmt(entry["metrics"][m]) for m in metrics],
+            *[format_value(entry["metrics"][m]) for m in metrics],
             entry["label"],
             settings,
             style="bold" if entry["knee"] else None,
@@ -507,7 +509,8 @@ def finite_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _fmt(v: Any) -> str:
+def format_value(v: Any) -> str:
+    """A table cell: a float to 4 significant digits, from 1000 up whole with separators."""
     if isinstance(v, float):
         return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)

@@ -44,6 +44,7 @@ from automla.distributed import (
 from automla.gpu_usage import GpuSampler
 from automla.report import GPU_USAGE_FILE, SearchFailed
 from automla.schema import (
+    RATIOS,
     Domain,
     SearchConfig,
     SpaceError,
@@ -232,12 +233,11 @@ def _execute(
             f"GPU utilisation {u['mean_util_pct']:.0f}% (mean over {len(u['gpus'])} GPUs, "
             f"{u['samples']} samples), peak memory {u['peak_mem_mib'] / 1024:.1f} GiB"
         )
-    interrupted = counts[report_mod.STOPPED] or len(records) < config.trials
-    if not interrupted:  # nothing left to resume: only each trial's newest checkpoint stays
-        _prune_checkpoints(run_dir / "ray")
-    if interrupted:
+    if counts[report_mod.STOPPED] or len(records) < config.trials:
         console.print(f"interrupted: continue with `automla search --resume {run_dir}`")
-    elif records and not counts[report_mod.COMPLETED] and not counts[report_mod.PRUNED]:
+        return run_dir
+    _prune_checkpoints(run_dir / "ray")  # nothing left to resume: keep each trial's newest
+    if records and not counts[report_mod.COMPLETED] and not counts[report_mod.PRUNED]:
         raise SearchFailed(run_dir, [f"{r['trial_id']}: {r['reason']}" for r in records])
     return run_dir
 
@@ -438,7 +438,7 @@ def _records(results: Any, config: SearchConfig, numbers: dict[str, int]) -> lis
             record["params"] = flat_values(trial_config, config.space)
             record["label"] = ratio_label(trial_config.model.mla.ratios)
         except (ConfigError, ValueError) as e:
-            record["params"] = {k: v for k, v in params.items()}
+            record["params"] = params
             record["state"], record["reason"] = report_mod.FAILED, f"invalid config: {e}"
             record["failure"] = "invalid"
         record["metrics"] = {k: last[k] for k in _metric_keys(last)}
@@ -461,18 +461,13 @@ def _records(results: Any, config: SearchConfig, numbers: dict[str, int]) -> lis
                 record["state"], record["failure"] = report_mod.FAILED, "no_result"
                 record["reason"] = f"no finite {', '.join(missing)} reported"
         records.append(record)
-    records.sort(key=lambda r: (r["optuna_trial"] is None, r["optuna_trial"] or 0, r["trial_id"]))
+    records.sort(key=report_mod.proposal_order)
     return records
 
 
 def failure_kind(error: BaseException) -> str:
     """'out_of_memory', 'worker_died', 'diverged' or 'exception' for a trial's error."""
-    chain = []
-    cause: BaseException | None = error
-    while cause is not None and cause not in chain:
-        chain.append(cause)
-        cause = getattr(cause, "cause", None) or cause.__cause__
-    names = " ".join(type(c).__name__ for c in chain) + " " + _reason(error)
+    names = " ".join(type(c).__name__ for c in _causes(error)) + " " + _reason(error)
     if "OutOfMemoryError" in names or "MemoryError" in names:
         return "out_of_memory"
     if any(k in names for k in ("ActorDied", "ActorError", "WorkerCrashed", "ActorUnavailable")):
@@ -521,24 +516,28 @@ def _trial_id(result: Any) -> str:
     return Path(str(result.path)).name.removeprefix("trial_") if result.path else "?"
 
 
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and what caused it, outermost first: Ray's wrappers keep the original error in
+    `.cause`, plain Python chains in `__cause__`."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and all(cause is not c for c in chain):
+        chain.append(cause)
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    return chain
+
+
 def _reason(error: BaseException) -> str:
     """The root cause in one line: 'FloatingPointError: val_loss is nan at step 40'."""
-    cause: BaseException | None = error
-    seen = set()
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        nxt = getattr(cause, "cause", None) or cause.__cause__
-        if nxt is None:
-            break
-        cause = nxt
-    text = str(cause or error).strip()
+    cause = _causes(error)[-1]
+    text = str(cause).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     # Ray's RayTaskError text ends with the original 'Type: message' line
     for ln in reversed(lines):
         head = ln.split(":", 1)[0]
         if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head:
             return ln[:300]
-    name = type(cause or error).__name__
+    name = type(cause).__name__
     return f"{name}: {lines[-1] if lines else ''}"[:300]
 
 
@@ -702,7 +701,7 @@ class _Progress(tune.Callback):
                     + [
                         f"{report_mod.short_name(k)}={v}"
                         for k, v in values.items()
-                        if not k.startswith("model.mla.ratios.")
+                        if not k.startswith(RATIOS + ".")
                     ]
                 )
             except Exception as e:  # shown as failed by the trial itself
@@ -796,11 +795,7 @@ def _log_to(path: Path) -> logging.Logger:
 
 
 def _num(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
-    return str(v)
+    return "" if v is None else report_mod.format_value(v)
 
 
 def _duration(seconds: float) -> str:

@@ -39,10 +39,13 @@ from typing import Any, Literal
 
 import yaml
 
-from automla.trainers.config import ConfigError, TrainConfig, build, join_path
+from automla.trainers.config import ConfigError, TrainConfig, build, join_path, to_dict
 
 Mode = Literal["min", "max"]
 SamplerName = Literal["tpe", "nsga2", "gp", "random"]
+
+RATIOS = "model.mla.ratios"
+"""The branch shares, searched as a simplex and shown as a label ('L50 G25 S25')."""
 
 METRICS = (
     "val_loss",
@@ -327,10 +330,8 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
             raise SpaceError(file, f"train.{key}", f"set these in the top-level '{key}' section")
     user_fixed = {**sections["train"], "model": sections["model"], "data": sections["data"]}
     has_mqar = sections["data"].get("source") == "mqar" or bool(sections["data"].get("mqar_mix"))
-    if any(o.metric == "mqar_acc" for o in objectives) and not has_mqar:
-        raise SpaceError(
-            file, "objectives", "metric 'mqar_acc' needs data.source: mqar or data.mqar_mix > 0"
-        )
+    for o in objectives:
+        _check_mqar(o.metric, has_mqar, file, "objectives")
 
     raw_space = data["space"]
     if not isinstance(raw_space, dict) or not raw_space:
@@ -375,12 +376,7 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
             raise SpaceError(
                 file, "scheduler.max_t", f"must be <= train.steps ({steps}), got {scheduler.max_t}"
             )
-        if scheduler.metric == "mqar_acc" and not has_mqar:
-            raise SpaceError(
-                file,
-                "scheduler.metric",
-                "metric 'mqar_acc' needs data.source: mqar or data.mqar_mix > 0",
-            )
+        _check_mqar(scheduler.metric, has_mqar, file, "scheduler.metric")
     _check_trials(config)
     return config
 
@@ -417,7 +413,7 @@ def domain_to_dict(domain: Domain) -> dict[str, Any]:
             out["log"] = True
         return out
     if isinstance(domain, Choice):
-        return {"choice": [_plain(v) for v in domain.values]}
+        return {"choice": [to_dict(v) for v in domain.values]}
     return {"simplex": {"min_share": domain.min_share}}
 
 
@@ -482,6 +478,13 @@ def throughput_method(fixed: dict) -> str:
     return text
 
 
+def _check_mqar(metric: str, has_mqar: bool, file: str, path: str) -> None:
+    if metric == "mqar_acc" and not has_mqar:
+        raise SpaceError(
+            file, path, "metric 'mqar_acc' needs data.source: mqar or data.mqar_mix > 0"
+        )
+
+
 def _objectives(value: Any, file: str) -> list[Objective]:
     if not isinstance(value, list):
         raise SpaceError(
@@ -534,12 +537,15 @@ def _field_type(key: str, file: str) -> Any:
     return tp
 
 
+_DOMAIN_KINDS = ("uniform", "loguniform", "int", "choice", "simplex")
+
+
 def _domain(spec: Any, tp: Any, key: str, file: str) -> Domain:
     where = f"space.{key}"
-    kinds = "uniform, loguniform, int, choice, simplex"
+    kinds = ", ".join(_DOMAIN_KINDS)
     if not isinstance(spec, dict) or not spec:
         raise SpaceError(file, where, f"expected a domain mapping ({kinds}), got {_kind(spec)}")
-    kind_keys = [k for k in spec if k in ("uniform", "loguniform", "int", "choice", "simplex")]
+    kind_keys = [k for k in spec if k in _DOMAIN_KINDS]
     if len(kind_keys) != 1:
         raise SpaceError(
             file,
@@ -601,7 +607,7 @@ def _domain(spec: Any, tp: Any, key: str, file: str) -> Domain:
             )
         seen = set()
         for i, v in enumerate(arg):
-            label = json.dumps(_plain(v), sort_keys=True)
+            label = json.dumps(to_dict(v), sort_keys=True)
             if label in seen:
                 raise SpaceError(file, f"{where}.choice[{i}]", f"{v!r} is listed twice")
             seen.add(label)
@@ -716,7 +722,7 @@ def _check_trials(config: SearchConfig) -> None:
                 raise SpaceError(
                     config.source,
                     f"space.{key}",
-                    f"value {_plain(v)!r} is invalid: {where}{e.message}",
+                    f"value {to_dict(v)!r} is invalid: {where}{e.message}",
                 )
 
 
@@ -769,9 +775,9 @@ def _defaults(cls: type) -> dict[str, Any]:
         if dataclasses.is_dataclass(hints[f.name]):
             out[f.name] = _defaults(hints[f.name])
         elif f.default is not dataclasses.MISSING:
-            out[f.name] = _plain(f.default)
+            out[f.name] = to_dict(f.default)
         elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = _plain(f.default_factory())
+            out[f.name] = to_dict(f.default_factory())
     return out
 
 
@@ -798,14 +804,6 @@ def _pop(d: dict[str, Any], path: str) -> None:
     for part in head:
         d = d.get(part, {})
     d.pop(last, None)
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
 
 
 def _freeze(v: Any) -> Any:

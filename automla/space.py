@@ -27,10 +27,17 @@ from typing import Any
 import optuna
 
 from automla.kernels import BRANCHES
-from automla.schema import Choice, Domain, IntRange, LogUniform, Simplex, Uniform, field_type
+from automla.schema import (
+    RATIOS,
+    Choice,
+    Domain,
+    IntRange,
+    LogUniform,
+    Simplex,
+    Uniform,
+    field_type,
+)
 from automla.trainers.config import ConfigError, TrainConfig, build, to_dict
-
-RATIOS = "model.mla.ratios"
 
 
 def param_names(path: str, domain: Domain) -> list[str]:
@@ -129,7 +136,7 @@ def apply(base: TrainConfig | Mapping[str, Any], values: Mapping[str, Any]) -> T
     """
     data = to_dict(base) if not isinstance(base, Mapping) else json.loads(json.dumps(base))
     for path, value in values.items():
-        _set(data, path, _plain(value))
+        _set(data, path, to_dict(value))
     mla = data.get("model", {}).get("mla", {})
     try:
         ratios = [float(r) for r in mla["ratios"]]
@@ -168,7 +175,7 @@ def _suggest_choice(trial: optuna.trial.BaseTrial, path: str, values: Sequence[A
     if all(v is None or isinstance(v, (bool, int, float, str)) for v in values):
         return trial.suggest_categorical(path, list(values))
     # Optuna stores only scalars: lists (gate widths, ratio triples) travel as JSON labels.
-    labels = [json.dumps(_plain(v)) for v in values]
+    labels = [json.dumps(to_dict(v)) for v in values]
     return values[labels.index(trial.suggest_categorical(path, labels))]
 
 
@@ -194,9 +201,3 @@ def _get(data: Mapping[str, Any], path: str) -> Any:
     for part in path.split("."):
         d = d[part]
     return d
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
