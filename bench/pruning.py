@@ -23,9 +23,9 @@ import argparse
 import json
 import math
 import statistics
-import time
 
 import torch
+from timing import median_ms
 
 from automla.kernels import AttentionConfig, mla_attention
 from automla.trainers import (
@@ -57,22 +57,6 @@ def masks(cfg: ModelConfig, fraction: float, grouped: bool) -> list[torch.Tensor
     total = math.floor(fraction * cfg.n_heads * cfg.n_layers + 0.5)
     per = [total // cfg.n_layers + (i < total % cfg.n_layers) for i in range(cfg.n_layers)]
     return [pattern(cfg.n_heads, cfg.n_kv_heads, n, grouped) for n in per]
-
-
-def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median milliseconds of fn(), the device synchronised around each call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -123,10 +107,10 @@ def bench_layer(model, mask, x, device, dtype, repeats) -> dict:
     out = {
         "active_heads": attn.active_heads(),
         "active_kv_heads": attn.active_kv_heads(),
-        "layer_fwd_ms": timed(module_fwd, device, repeats),
-        "layer_fwd_bwd_ms": timed(module_fwd_bwd, device, repeats),
-        "op_fwd_ms": timed(op_fwd, device, repeats),
-        "op_fwd_bwd_ms": timed(op_fwd_bwd, device, repeats),
+        "layer_fwd_ms": median_ms(module_fwd, repeats, warmup=2, device=device),
+        "layer_fwd_bwd_ms": median_ms(module_fwd_bwd, repeats, warmup=2, device=device),
+        "op_fwd_ms": median_ms(op_fwd, repeats, warmup=2, device=device),
+        "op_fwd_bwd_ms": median_ms(op_fwd_bwd, repeats, warmup=2, device=device),
     }
     attn.set_head_mask(torch.ones(attn.n_heads, dtype=torch.bool))
     return out
@@ -170,7 +154,7 @@ def bench_step(config: TrainConfig, layer_masks, repeats: int) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    ms = timed(one, device, repeats, warmup=1)
+    ms = median_ms(one, repeats, warmup=1, device=device)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     out = {
         "step_ms": ms,
@@ -192,12 +176,12 @@ def hook_overhead(config: TrainConfig, repeats: int) -> dict:
     off, _ = step_runner(config, None, track=False)
     on, _ = step_runner(config, None, track=True)
     for fn in (off, on):
-        timed(fn, device, 1, warmup=1)
+        median_ms(fn, 1, warmup=1, device=device)
     t_off, t_on, ratios = [], [], []
     for i in range(repeats):
         pair = [(off, t_off), (on, t_on)]
         for fn, times in pair if i % 2 == 0 else pair[::-1]:
-            times.append(timed(fn, device, 1, warmup=0))
+            times.append(median_ms(fn, 1, warmup=0, device=device))
         ratios.append(t_on[-1] / t_off[-1])
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return {

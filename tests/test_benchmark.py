@@ -9,13 +9,12 @@ import uuid
 
 import pytest
 import torch
+from helpers import TINY_MODEL, objectives
 
 from automla.schema import SpaceError, known_metrics, parse, throughput_method
 from automla.trainers import DeviceLock, TrainConfig, build, measure_throughput, train
 from automla.trainers.benchmark import StepGate
 from automla.trainers.trainer import build_state
-
-MODEL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 64}
 
 
 def _locks(n: int) -> list[DeviceLock]:
@@ -90,7 +89,7 @@ def _config(**over) -> TrainConfig:
         "eval_every": 6,
         "eval_batches": 1,
         "data": {"source": "stdlib", "max_bytes": 100_000},
-        "model": {**MODEL, "attention": "mla"},
+        "model": {**TINY_MODEL, "attention": "mla"},
     }
     return build(TrainConfig, {**data, **over})
 
@@ -132,13 +131,10 @@ def test_the_trainer_reports_benchmarked_throughput_only_when_asked():
 
 
 SPACE = {
-    "objectives": [
-        {"metric": "val_loss", "mode": "min"},
-        {"metric": "tokens_per_s", "mode": "max"},
-    ],
+    "objectives": objectives(),
     "trials": 2,
     "train": {"steps": 10, "seq_len": 64},
-    "model": MODEL,
+    "model": TINY_MODEL,
     "space": {"lr": {"loguniform": [1e-3, 1e-2]}},
 }
 
@@ -209,7 +205,7 @@ def test_mqar_mixed_into_another_source():
     with pytest.raises(Exception, match="vocab_size"):
         build(
             TrainConfig,
-            {"seq_len": 64, "data": {"source": "stdlib", "mqar_mix": 0.5}, "model": MODEL},
+            {"seq_len": 64, "data": {"source": "stdlib", "mqar_mix": 0.5}, "model": TINY_MODEL},
         )
     m = train(
         _config(
@@ -220,11 +216,11 @@ def test_mqar_mixed_into_another_source():
                 "mqar_vocab": 32,
                 "mqar_pairs": 4,
             },
-            model={**MODEL, "attention": "mla", "vocab_size": 288},
+            model={**TINY_MODEL, "attention": "mla", "vocab_size": 288},
         )
     )
     assert 0.0 <= m["mqar_acc"] <= 1.0
     space = {**SPACE, "objectives": [*SPACE["objectives"], {"metric": "mqar_acc", "mode": "max"}]}
     with pytest.raises(SpaceError, match="mqar_mix"):
         parse(space)
-    parse({**space, "data": {"mqar_mix": 0.25}, "model": {**MODEL, "vocab_size": 384}})
+    parse({**space, "data": {"mqar_mix": 0.25}, "model": {**TINY_MODEL, "vocab_size": 384}})

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
+from helpers import cpu_train_config, local_ray
 
 from automla.distributed import ResourceError, validate_resources
 from automla.kernels import AttentionConfig
@@ -24,12 +25,11 @@ def tiny(**overrides) -> TrainConfig:
         mla=AttentionConfig(budget=16, ratios=(0.5, 0.25, 0.25), block_size=4),
     )  # fmt: skip
     fields = dict(
-        model=model, data=DataConfig(max_bytes=200_000, val_fraction=0.1), steps=10,
-        batch_size=8, seq_len=32, lr=1e-2, warmup_steps=3, eval_every=2, eval_batches=2,
-        throughput_warmup=2, device="cpu", threads=1,
+        model=model, steps=10, batch_size=8, seq_len=32, warmup_steps=3, eval_every=2,
+        throughput_warmup=2,
     )  # fmt: skip
     fields.update(overrides)
-    return TrainConfig(**fields)
+    return cpu_train_config(max_bytes=200_000, **fields)
 
 
 CONFIGS = {
@@ -184,7 +184,7 @@ def test_gpus_asked_on_a_cpu_cluster():
 
 
 def test_ray_train_workers_inside_a_tune_trial(tmp_path):
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     from ray import tune
 
     from automla.distributed import run_distributed_trial, trial_resources
@@ -201,15 +201,12 @@ def test_ray_train_workers_inside_a_tune_trial(tmp_path):
             out_dir=os.path.join(tune.get_context().get_trial_dir(), "train"),
         )
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray(num_cpus=2):
         tuner = tune.Tuner(
             tune.with_resources(trainable, trial_resources(0.5, 0, 2)),
             run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
         )
         results = tuner.fit()
-    finally:
-        ray.shutdown()
     result = results[0]
     assert result.error is None, result.error
     history = result.metrics_dataframe

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tokens
 
 from automla.kernels import AttentionConfig, GateConfig
 from automla.trainers import LanguageModel, ModelConfig, build_model
@@ -24,10 +25,6 @@ def tiny(attention="mla", **mla) -> ModelConfig:
 def model_of(cfg: ModelConfig, seed=0) -> LanguageModel:
     torch.manual_seed(seed)
     return build_model(cfg).eval()
-
-
-def tokens(B, T, vocab=64, seed=1):
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 GATES = [

@@ -6,6 +6,7 @@ import math
 import random
 
 import pytest
+from helpers import objectives
 
 from automla import pareto
 
@@ -120,10 +121,7 @@ def test_summary_and_selection_on_records():
 
     config = parse(
         {
-            "objectives": [
-                {"metric": "val_loss", "mode": "min"},
-                {"metric": "tokens_per_s", "mode": "max"},
-            ],
+            "objectives": objectives(),
             "space": {"lr": {"loguniform": [1e-3, 1e-2]}},
         }
     )

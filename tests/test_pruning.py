@@ -9,12 +9,12 @@ import shutil
 
 import pytest
 import torch
+from helpers import cpu_train_config, tokens
 
 import automla.trainers.model as model_module
 from automla.kernels import AttentionConfig, GateConfig
 from automla.trainers import (
     ConfigError,
-    DataConfig,
     HeadPruner,
     ModelConfig,
     PruningConfig,
@@ -42,10 +42,6 @@ def tiny(attention="mla", heads=4, kv=2, ratios=(0.5, 0.25, 0.25), gate=None) ->
 def model_of(cfg: ModelConfig, seed=0):
     torch.manual_seed(seed)
     return build_model(cfg)
-
-
-def tokens(B, T, vocab=64, seed=1):
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def mask(*bits) -> torch.Tensor:
@@ -419,12 +415,11 @@ def small_run(**overrides) -> TrainConfig:
         enabled=True, fraction=0.3, warmup_steps=4, interval=3, end_step=10, ramp_steps=3
     )
     fields = dict(
-        model=model, data=DataConfig(max_bytes=300_000, val_fraction=0.1), steps=16,
-        batch_size=4, seq_len=64, lr=1e-2, warmup_steps=4, eval_every=5, eval_batches=2,
-        throughput_warmup=1, device="cpu", threads=1, pruning=pruning,
+        model=model, steps=16, batch_size=4, seq_len=64, warmup_steps=4, eval_every=5,
+        throughput_warmup=1, pruning=pruning,
     )  # fmt: skip
     fields.update(overrides)
-    return TrainConfig(**fields)
+    return cpu_train_config(max_bytes=300_000, **fields)
 
 
 def test_resume_with_pruning_is_exact_and_compacts(tmp_path):

@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import objectives
 
 from automla import cli, schema
 from automla.schema import Choice, IntRange, LogUniform, Simplex, SpaceError, Uniform
 
 GOOD = {
-    "objectives": [
-        {"metric": "val_loss", "mode": "min"},
-        {"metric": "tokens_per_s", "mode": "max"},
-    ],
+    "objectives": objectives(),
     "sampler": {"name": "tpe", "seed": 3},
     "trials": 6,
     "concurrency": 2,

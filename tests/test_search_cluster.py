@@ -20,23 +20,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import search_space
 
 pytestmark = pytest.mark.slow
 
-SPACE = {
-    "objectives": [
-        {"metric": "val_loss", "mode": "min"},
-        {"metric": "tokens_per_s", "mode": "max"},
-    ],
-    "sampler": {"name": "random", "seed": 0},
-    "trials": 4,
-    "concurrency": 2,
-    "resources": {"cpus": 1},
-    "data": {"source": "stdlib", "max_bytes": 100_000},
-    "train": {"steps": 2, "eval_every": 1, "seq_len": 64},
-    "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 64},
-    "space": {"model.mla.budget": {"choice": [16, 32]}, "lr": {"loguniform": [1e-3, 1e-2]}},
-}
+SPACE = search_space(trials=4, train={"steps": 2, "eval_every": 1, "seq_len": 64})
 
 
 def napping_trainer(config, *, out_dir=None, report=None, resume=None):

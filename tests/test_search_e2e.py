@@ -11,9 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-import optuna
 import pytest
 import yaml
+from helpers import search_space, study_of
 
 from automla import cli, schema
 from automla.runner import run_search
@@ -21,17 +21,10 @@ from automla.trainers.config import TrainConfig, build
 
 pytestmark = pytest.mark.slow
 
-SPACE = {
-    "objectives": [
-        {"metric": "val_loss", "mode": "min"},
-        {"metric": "tokens_per_s", "mode": "max"},
-    ],
-    "sampler": {"name": "tpe", "seed": 0},
-    "trials": 4,
-    "concurrency": 2,
-    "resources": {"cpus": 1},
-    "data": {"source": "stdlib", "max_bytes": 300_000},
-    "train": {
+SPACE = search_space(
+    sampler={"name": "tpe", "seed": 0},
+    data={"source": "stdlib", "max_bytes": 300_000},
+    train={
         "steps": 12,
         "eval_every": 6,
         "eval_batches": 2,
@@ -40,15 +33,14 @@ SPACE = {
         "warmup_steps": 2,
         "throughput_warmup": 2,
     },
-    "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 64},
-    "space": {
+    space={
         "model.mla.ratios": {"simplex": {"min_share": 0.1}},
         "model.mla.budget": {"choice": [16, 32]},
         "model.mla.block_size": {"choice": [8, 16]},
         "model.mla.gate.hidden": {"choice": [[], [8]]},
         "model.mla.gate.activation": {"choice": ["silu", "tanh"]},
     },
-}
+)
 
 
 def fail_once(marker: str):
@@ -126,7 +118,7 @@ def test_run_folder_is_complete(run_dir: Path):
 
 
 def test_study_records_every_trial(run_dir: Path):
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{run_dir / 'study.db'}")
+    study = study_of(run_dir)
     states = sorted(t.state.name for t in study.trials)
     assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"]
     assert all("ray_trial_id" in t.user_attrs for t in study.trials)

@@ -17,33 +17,16 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 import yaml
+from helpers import local_ray, search_space, study_of
 
 from automla import cli, schema
 from automla.runner import SearchFailed, run_search
 
 pytestmark = pytest.mark.slow
 
-SPACE = {
-    "objectives": [
-        {"metric": "val_loss", "mode": "min"},
-        {"metric": "tokens_per_s", "mode": "max"},
-    ],
-    "sampler": {"name": "random", "seed": 0},
-    "trials": 6,
-    "concurrency": 2,
-    "max_failures": 1,
-    "resources": {"cpus": 1},
-    "data": {"source": "stdlib", "max_bytes": 100_000},
-    "train": {"steps": 4, "eval_every": 1, "seq_len": 64},
-    "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 64},
-    "space": {
-        "model.mla.budget": {"choice": [16, 32]},
-        "lr": {"loguniform": [1e-3, 1e-2]},
-    },
-}
+SPACE = search_space(trials=6, max_failures=1, train={"steps": 4, "eval_every": 1, "seq_len": 64})
 
 
 def claim(folder: str, behaviours: list[str]) -> tuple[int, str, int]:
@@ -100,14 +83,9 @@ def stand_in(config, *, out_dir=None, report=None, resume=None, folder="", behav
 
 @pytest.fixture(scope="module")
 def shared_ray():
-    import ray
-    from ray import cloudpickle
-
     # the test module is not importable in Ray's workers: ship the stand-ins by value
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with local_ray(sys.modules[__name__], num_cpus=2):
+        yield
 
 
 def search(tmp: Path, name: str, behaviours: list[str], **changes) -> Path:
@@ -125,10 +103,6 @@ def rows_by_behaviour(run_dir: Path, tmp: Path, name: str, behaviours: list[str]
     rows = list(csv.DictReader(open(run_dir / "trials.csv")))
     assert len(rows) == len(behaviours)
     return {owners[r["trial_id"]]: r for r in rows}
-
-
-def study_of(run_dir: Path) -> optuna.Study:
-    return optuna.load_study(study_name=run_dir.name, storage=f"sqlite:///{run_dir / 'study.db'}")
 
 
 def test_each_fault_is_recorded_and_the_search_goes_on(shared_ray, tmp_path: Path):

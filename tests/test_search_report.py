@@ -12,14 +12,12 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from helpers import objectives
 
 from automla import cli, schema
 
 SPACE = {
-    "objectives": [
-        {"metric": "val_loss", "mode": "min"},
-        {"metric": "tokens_per_s", "mode": "max"},
-    ],
+    "objectives": objectives(),
     "train": {"steps": 4, "seq_len": 128},
     "model": {"d_model": 32, "max_seq_len": 128},
     "space": {"model.mla.budget": {"choice": [16, 32]}, "lr": {"loguniform": [1e-3, 1e-2]}},

@@ -15,9 +15,9 @@ import textwrap
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 import yaml
+from helpers import search_space, study_of
 
 from automla import cli, schema
 
@@ -26,20 +26,11 @@ pytestmark = pytest.mark.slow
 TRIALS = 6
 STEPS = 8
 
-SPACE = {
-    "objectives": [
-        {"metric": "val_loss", "mode": "min"},
-        {"metric": "tokens_per_s", "mode": "max"},
-    ],
-    "sampler": {"name": "tpe", "seed": 0, "startup_trials": 2},
-    "trials": TRIALS,
-    "concurrency": 2,
-    "resources": {"cpus": 1},
-    "data": {"source": "stdlib", "max_bytes": 100_000},
-    "train": {"steps": STEPS, "eval_every": 1, "seq_len": 64},
-    "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 64},
-    "space": {"model.mla.budget": {"choice": [16, 32]}, "lr": {"loguniform": [1e-3, 1e-2]}},
-}
+SPACE = search_space(
+    sampler={"name": "tpe", "seed": 0, "startup_trials": 2},
+    trials=TRIALS,
+    train={"steps": STEPS, "eval_every": 1, "seq_len": 64},
+)
 
 
 def slow_trainer(config, *, out_dir=None, report=None, resume=None, log=""):
@@ -182,7 +173,7 @@ def test_kill_the_driver_then_resume(tmp_path: Path):
     assert not (run_dir / "trials.json").exists()  # the driver never got to write results
     records = _resume(run_dir, log)
     ids = [r["trial_id"] for r in records]
-    study = optuna.load_study(study_name="r", storage=f"sqlite:///{run_dir / 'study.db'}")
+    study = study_of(run_dir)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert sorted(t.user_attrs["ray_trial_id"] for t in complete) == sorted(ids)
     # anything else was proposed after Ray's last checkpoint and is marked lost, not rerun

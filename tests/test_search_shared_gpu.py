@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 import torch
+from helpers import local_ray, objectives
 
 from automla import schema
 from automla.runner import run_search
@@ -21,8 +21,7 @@ pytestmark = pytest.mark.slow
 
 SPACE = {
     "objectives": [
-        {"metric": "val_loss", "mode": "min"},
-        {"metric": "tokens_per_s", "mode": "max"},
+        *objectives(),
         {"metric": "tokens_per_s@256", "mode": "max"},  # twice the training context
     ],
     "sampler": {"name": "random", "seed": 0},
@@ -87,30 +86,21 @@ def _memory_kind(run_dir: Path, trial_id: str) -> str:
 def test_two_trials_share_one_gpu_cpu_fallback(tmp_path: Path):
     if torch.cuda.is_available():
         pytest.skip("the GPU variant runs on this machine")
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray(num_cpus=2, num_gpus=1):
         kinds = _search(tmp_path)
-    finally:
-        ray.shutdown()
     assert kinds == ["cpu_peak_rss"] * 2
 
 
 @pytest.mark.gpu
 def test_two_trials_share_one_gpu(tmp_path: Path):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray(num_cpus=4) as ray:
         assert ray.cluster_resources().get("GPU", 0) >= 1
         kinds = _search(tmp_path)
-    finally:
-        ray.shutdown()
     assert kinds == ["cuda_max_allocated"] * 2
 
 
 def test_gpus_the_cluster_lacks_stop_the_search_and_leave_no_folder(tmp_path: Path):
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray(num_cpus=2, num_gpus=0):
         with pytest.raises(schema.SpaceError, match="resources.*GPU"):
             run_search(schema.parse(SPACE, "shared.yaml"), tmp_path / "runs", "nogpu")
-    finally:
-        ray.shutdown()
     assert not (tmp_path / "runs" / "nogpu").exists()

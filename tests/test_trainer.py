@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 import yaml
+from helpers import cpu_train_config
 
 from automla.kernels import AttentionConfig
 from automla.trainers import DataConfig, ModelConfig, TrainConfig, build, load_checkpoint, train
@@ -26,12 +27,11 @@ def small(attention="mla", **overrides) -> TrainConfig:
         mla=AttentionConfig(budget=32, ratios=(0.5, 0.25, 0.25), block_size=8),
     )  # fmt: skip
     fields = dict(
-        model=model, data=DataConfig(max_bytes=300_000, val_fraction=0.1), steps=30,
-        batch_size=8, seq_len=64, lr=1e-2, warmup_steps=5, eval_every=10, eval_batches=2,
-        throughput_warmup=2, device="cpu", threads=1,
+        model=model, steps=30, batch_size=8, seq_len=64, warmup_steps=5, eval_every=10,
+        throughput_warmup=2,
     )  # fmt: skip
     fields.update(overrides)
-    return TrainConfig(**fields)
+    return cpu_train_config(max_bytes=300_000, **fields)
 
 
 def test_run_learns_and_writes_its_folder(tmp_path):

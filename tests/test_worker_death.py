@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_search_faults import SPACE, study_of
+from helpers import local_ray, search_space, study_of
 
 from automla import schema
 from automla.runner import run_search
@@ -65,28 +65,22 @@ def dies_once(config, *, out_dir=None, report=None, resume=None, marker="", die_
 
 @pytest.fixture(scope="module")
 def ray_for_two_workers():
-    import ray
-    from ray import cloudpickle
-
-    # the test module is not importable in Ray's workers: ship dies_once by value
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    # logical CPUs: a trial takes 2 workers x 1 CPU plus its driver's token share; 5 lets both
-    # trials of a search run at once (most of a trial's time is starting its workers)
-    ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    # the test module is not importable in Ray's workers: ship dies_once by value; logical
+    # CPUs: a trial takes 2 workers x 1 CPU plus its driver's token share; 5 lets both trials of
+    # a search run at once (most of a trial's time is starting its workers)
+    with local_ray(sys.modules[__name__], num_cpus=5):
+        yield
 
 
 def search(tmp: Path, name: str, max_failures: int) -> tuple[list[dict], Path, str]:
     """Run a two-trial, two-worker search where one worker dies once; return its records, run
     folder and the lr of the trial whose worker died."""
-    data = {
-        **SPACE,
-        "trials": 2,
-        "max_failures": max_failures,
-        "resources": {"cpus": 1, "workers": 2},
-        "train": {"steps": STEPS, "eval_every": 1, "seq_len": 64, "batch_size": 4},
-    }
+    data = search_space(
+        trials=2,
+        max_failures=max_failures,
+        resources={"cpus": 1, "workers": 2},
+        train={"steps": STEPS, "eval_every": 1, "seq_len": 64, "batch_size": 4},
+    )
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(data))
     config = schema.load(tmp / f"{name}.yaml")
     marker = tmp / f"{name}-died"

@@ -1,0 +1,82 @@
+"""Helpers shared by several test modules (`tests/` is on sys.path: pytest puts it there, and the
+driver scripts of the slow tests insert it).
+
+Nothing here is shipped to Ray's workers: trainers they run stay in the test modules, which
+register themselves with cloudpickle to be pickled by value."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+
+def objectives() -> list[dict]:
+    """The usual two objectives, a fresh list each call: lower val_loss, higher tokens_per_s."""
+    return [
+        {"metric": "val_loss", "mode": "min"},
+        {"metric": "tokens_per_s", "mode": "max"},
+    ]
+
+
+# the smallest model the searches train: one layer, two query heads sharing one KV head
+TINY_MODEL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 64}
+
+_SEARCH = {
+    "sampler": {"name": "random", "seed": 0},
+    "trials": 4,
+    "concurrency": 2,
+    "resources": {"cpus": 1},
+    "data": {"source": "stdlib", "max_bytes": 100_000},
+    "train": {"steps": 2, "eval_every": 1, "seq_len": 64},
+    "model": TINY_MODEL,
+    "space": {"model.mla.budget": {"choice": [16, 32]}, "lr": {"loguniform": [1e-3, 1e-2]}},
+}
+
+
+def search_space(**changes) -> dict:
+    """A small search-space mapping on one CPU a trial, two at a time, over the MLA budget and lr;
+    `changes` replace whole top-level keys. A fresh deep copy each call."""
+    return copy.deepcopy({"objectives": objectives(), **_SEARCH, **changes})
+
+
+def study_of(run_dir: Path):
+    """The Optuna study a search kept in its run folder (named after the folder)."""
+    import optuna
+
+    return optuna.load_study(study_name=run_dir.name, storage=f"sqlite:///{run_dir / 'study.db'}")
+
+
+@contextlib.contextmanager
+def local_ray(ship_by_value=None, **init):
+    """A Ray started in this process for the block, without its dashboard or worker logs.
+    `ship_by_value`: a test module Ray's workers cannot import, pickled by value instead."""
+    import ray
+    from ray import cloudpickle
+
+    if ship_by_value is not None:
+        cloudpickle.register_pickle_by_value(ship_by_value)
+    ray.init(include_dashboard=False, log_to_driver=False, **init)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def tokens(B, T, vocab=64, seed=1):
+    """(B, T) random token ids, the same for the same seed."""
+    import torch
+
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def cpu_train_config(*, max_bytes: int, **fields):
+    """A TrainConfig for a short run on one CPU thread (lr 1e-2, a tenth of `max_bytes` held out
+    for validation, two eval batches); `fields` give the model and the rest, or replace these."""
+    from automla.trainers import DataConfig, TrainConfig
+
+    base = dict(
+        data=DataConfig(max_bytes=max_bytes, val_fraction=0.1), lr=1e-2, eval_batches=2,
+        device="cpu", threads=1,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **fields})
