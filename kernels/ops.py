@@ -45,7 +45,7 @@ def mla_attention(
     """
     check_inputs(q, k, v, gate, head_mask, t_max)
     if backend == "auto":
-        backend = "triton" if _triton_fits(q, config) else "torch"
+        backend = "triton" if _triton_fits(q, k, v, config, t_max) else "torch"
     if backend != "triton" and head_mask is not None:
         head_mask = head_mask.to(q.device)
     if backend == "reference":
@@ -69,14 +69,14 @@ def attention_flops(plan: Plan, T: int, head_dim: int, n_heads: int, backward: b
     return int(fwd * 3.5) if backward else fwd
 
 
-def _triton_fits(q: torch.Tensor, config: AttentionConfig) -> bool:
+def _triton_fits(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: AttentionConfig, t_max: int | None
+) -> bool:
     """Whether the Triton kernels take these inputs; "auto" falls back to torch otherwise."""
-    if not q.is_cuda or q.shape[-1] not in (16, 32, 64, 128):
-        return False
-    if config.plan(q.shape[1]).has_sparse and config.block_size > 128:
+    if not q.is_cuda:
         return False
     try:
-        import triton  # noqa: F401
-    except ImportError:
+        from .parallel import unsupported
+    except ImportError:  # no Triton
         return False
-    return True
+    return unsupported(q, k, v, config, t_max) is None

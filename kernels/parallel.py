@@ -1331,6 +1331,29 @@ def mla_triton(
     return MLATritonFunction.apply(q, k, v, gate.to(q.dtype), plan, head_mask)
 
 
+def unsupported(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: AttentionConfig, t_max: int | None
+) -> str | None:
+    """Why the kernels cannot take inputs of this kind (None: they can). Shared by the checks
+    of `mla_triton` and by the "auto" backend, which falls back to torch instead."""
+    B, T, HQ, D = q.shape
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return (
+            f"q, k, v must all be bfloat16, float16 or float32; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if HQ // k.shape[2] > 64:
+        return f"the kernels take at most 64 query heads per KV head, got {HQ // k.shape[2]}"
+    if D not in (16, 32, 64, 128):
+        return f"the kernels take head dims 16, 32, 64 or 128, got {D}"
+    sparse = config.plan(t_max or T).has_sparse
+    # offsets inside one batch row are 32-bit
+    if T * HQ * D >= 2**31 or (sparse and T * k.shape[2] * (T // config.block_size) >= 2**31):
+        return f"sequence too long for the kernels' 32-bit offsets: T={T}, HQ={HQ}, D={D}"
+    if sparse and config.block_size > 128:
+        return f"the sparse kernels take block_size <= 128, got {config.block_size}"
+    return None
+
+
 def _check(q, k, v, gate, config, t_max, head_mask) -> None:
     for name, x in (("q", q), ("k", k), ("v", v), ("gate", gate)):
         if not isinstance(x, torch.Tensor):
@@ -1341,27 +1364,10 @@ def _check(q, k, v, gate, config, t_max, head_mask) -> None:
                 f"{name} is on {x.device}"
             )
     check_inputs(q, k, v, gate, head_mask, t_max)
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(
-            f"q, k, v must all be bfloat16, float16 or float32; got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
     if not gate.is_floating_point():
         raise ValueError(f"gate must be floating point, got {gate.dtype}")
-    B, T, HQ, D = q.shape
-    if HQ // k.shape[2] > 64:
-        raise ValueError(
-            f"the kernels take at most 64 query heads per KV head, got {HQ // k.shape[2]}"
-        )
-    if D not in (16, 32, 64, 128):
-        raise ValueError(f"the kernels take head dims 16, 32, 64 or 128, got {D}")
-    # offsets inside one batch row are 32-bit
-    if T * HQ * D >= 2**31 or (
-        config.ratios[2] > 0 and T * k.shape[2] * (T // config.block_size) >= 2**31
-    ):
-        raise ValueError(
-            f"sequence too long for the kernels' 32-bit offsets: T={T}, HQ={HQ}, D={D}"
-        )
-    if config.ratios[2] > 0 and config.block_size > 128:
-        raise ValueError(f"the sparse kernels take block_size <= 128, got {config.block_size}")
+    reason = unsupported(q, k, v, config, t_max)
+    if reason is not None:
+        raise ValueError(reason)
     if head_mask is not None and head_mask.device not in (q.device, torch.device("cpu")):
         raise ValueError(f"head_mask must be on {q.device} or the CPU, got {head_mask.device}")

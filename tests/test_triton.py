@@ -211,3 +211,21 @@ def test_gpu_selection_matches_select_blocks():
     want = select_blocks(q, k, plan).sort(-1).values
     # float32 scores summed in another order may swap a near tie; allow one slot in 10^4
     assert (got != want).float().mean().item() < 1e-4
+
+
+def test_unsupported_inputs_are_named_for_the_auto_fallback():
+    from automla.kernels.parallel import unsupported
+
+    def why(HQ=4, HKV=2, D=16, dtype=torch.float32, T=64, **cfg):
+        q = torch.zeros(1, T, HQ, D, dtype=dtype)
+        k = torch.zeros(1, T, HKV, D, dtype=dtype)
+        config = AttentionConfig(**{"budget": 32, "ratios": (0.5, 0.25, 0.25), **cfg})
+        return unsupported(q, k, k, config, None)
+
+    assert why() is None
+    assert "head dims" in why(D=24)
+    assert "bfloat16" in why(dtype=torch.float64)
+    assert "64 query heads" in why(HQ=65, HKV=1)
+    assert "block_size <= 128" in why(budget=1024, block_size=256, T=1024)
+    # a sparse share too small for one block: no sparse branch, so the block size is no limit
+    assert why(budget=256, block_size=256, T=1024) is None
