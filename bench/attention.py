@@ -39,6 +39,7 @@ except ImportError:  # not installed: import the folder directly
     from kernels.parallel import _Layout, _select, mla_triton
 
 import triton
+from timing import kernel_ms
 from triton.testing import do_bench
 
 HQ, HKV, D = 64, 4, 128
@@ -202,19 +203,7 @@ def kernel_times(T: int, runs: int = 3, hkv: int = HKV) -> dict[str, float]:
     """Device ms per kernel of one MLA fwd+bwd (mean of `runs`), from the profiler."""
     cfg = nsa_config(T)
     q, k, v, gate, do = inputs(T, HQ, hkv)
-    for _ in range(2):
-        mla_triton(q, k, v, gate, cfg).backward(do)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(runs):
-            mla_triton(q, k, v, gate, cfg).backward(do)
-        torch.cuda.synchronize()
-    times: dict[str, float] = {}
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t > 0:
-            times[e.key[:60]] = times.get(e.key[:60], 0.0) + t / 1e3 / runs
-    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+    return kernel_ms(lambda: mla_triton(q, k, v, gate, cfg).backward(do), runs=runs)
 
 
 # Tile candidates per kernel for --sweep, the current default first (earlier rounds in

@@ -25,7 +25,7 @@ import math
 import statistics
 
 import torch
-from timing import median_ms
+from timing import device_ms, kernel_ms, median_ms, print_kernels
 
 from automla.kernels import AttentionConfig, mla_attention
 from automla.trainers import (
@@ -63,7 +63,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def bench_layer(model, mask, x, device, dtype, repeats) -> dict:
+def bench_layer(model, mask, x, device, dtype, repeats, profile=False) -> dict:
     """One attention layer with `mask`: the module (projections + op) and the op alone."""
     attn = model.blocks[0].attn
     attn.set_head_mask(mask)
@@ -104,14 +104,23 @@ def bench_layer(model, mask, x, device, dtype, repeats) -> dict:
     def op_fwd_bwd():
         op().float().sum().backward()
 
+    def timed(fn):
+        # on CUDA the calls are queued back to back: what the GPU spends, which a training
+        # loop sees; a sync around each call would add the host's launch time of ~25 kernels
+        if device.type == "cuda":
+            return device_ms(fn, repeats, warmup=2)
+        return median_ms(fn, repeats, warmup=2, device=device)
+
     out = {
         "active_heads": attn.active_heads(),
         "active_kv_heads": attn.active_kv_heads(),
-        "layer_fwd_ms": median_ms(module_fwd, repeats, warmup=2, device=device),
-        "layer_fwd_bwd_ms": median_ms(module_fwd_bwd, repeats, warmup=2, device=device),
-        "op_fwd_ms": median_ms(op_fwd, repeats, warmup=2, device=device),
-        "op_fwd_bwd_ms": median_ms(op_fwd_bwd, repeats, warmup=2, device=device),
+        "layer_fwd_ms": timed(module_fwd),
+        "layer_fwd_bwd_ms": timed(module_fwd_bwd),
+        "op_fwd_ms": timed(op_fwd),
+        "op_fwd_bwd_ms": timed(op_fwd_bwd),
     }
+    if profile and device.type == "cuda":
+        out["op_kernels"] = kernel_ms(op_fwd_bwd)
     attn.set_head_mask(torch.ones(attn.n_heads, dtype=torch.bool))
     return out
 
@@ -146,7 +155,7 @@ def step_runner(config: TrainConfig, layer_masks, track: bool):
     return one, state.raw_model
 
 
-def bench_step(config: TrainConfig, layer_masks, repeats: int) -> dict:
+def bench_step(config: TrainConfig, layer_masks, repeats: int, profile=False) -> dict:
     """Training step time (median) and peak memory of one model."""
     device = torch.device(config.device)
     one, model = step_runner(config, layer_masks, track=False)
@@ -163,6 +172,8 @@ def bench_step(config: TrainConfig, layer_masks, repeats: int) -> dict:
         "active_kv_heads": sum(model.active_kv_heads_per_layer()),
         "params": model.num_params(),
     }
+    if profile and device.type == "cuda":
+        out["step_kernels"] = kernel_ms(one, runs=2, warmup=0)
     del one, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -266,6 +277,7 @@ def main() -> None:
     ap.add_argument("--max-bytes", type=int, default=8_000_000)
     ap.add_argument("--skip-ablation", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--profile", action="store_true", help="CUDA: print each variant's kernels")
     ap.add_argument("--json", default="pruning_bench.json")
     args = ap.parse_args()
     if args.tiny:
@@ -295,7 +307,9 @@ def main() -> None:
     layer_rows = []
     for name, ms in patterns.items():
         m = ms[0] if ms is not None else torch.ones(cfg.n_heads, dtype=torch.bool)
-        layer_rows.append({"model": name, **bench_layer(model, m, x, device, dtype, args.repeats)})
+        layer_rows.append(
+            {"model": name, **bench_layer(model, m, x, device, dtype, args.repeats, args.profile)}
+        )
     del model
 
     train_cfg = TrainConfig(
@@ -304,7 +318,7 @@ def main() -> None:
     )  # fmt: skip
     step_rows = []
     for name, ms in patterns.items():
-        step_rows.append({"model": name, **bench_step(train_cfg, ms, args.repeats)})
+        step_rows.append({"model": name, **bench_step(train_cfg, ms, args.repeats, args.profile)})
     hook = hook_overhead(train_cfg, max(args.repeats, 2 * args.repeats))
     ablation_rows = [] if args.skip_ablation else ablation(args, device)
 
@@ -314,6 +328,10 @@ def main() -> None:
         f"T={args.seq}, budget {args.budget} ratios {tuple(round(r, 3) for r in args.ratios)} "
         f"block {args.block_size}; {args.fraction:.0%} of heads removed"
     )
+    for r in layer_rows + step_rows:
+        for part in ("op_kernels", "step_kernels"):
+            if part in r:
+                print_kernels(f"{r['model']}, {part.replace('_', ' ')}", r[part])
     print(f"\n{title}\n")
     print(
         "| layer 0 | q / KV heads | layer fwd ms | layer fwd+bwd ms | op fwd ms | op fwd+bwd ms |"

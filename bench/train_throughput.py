@@ -16,6 +16,7 @@ import statistics
 import time
 
 import torch
+from timing import kernel_ms, print_kernels
 
 from automla.kernels import AttentionConfig
 from automla.trainers import DataConfig, ModelConfig, TrainConfig
@@ -31,19 +32,27 @@ def nsa_sized(T: int) -> AttentionConfig:
     )
 
 
-def model_config(attention: str, T: int, tiny: bool) -> ModelConfig:
+def model_config(attention: str, T: int, tiny: bool, heads: tuple[int, int, int]) -> ModelConfig:
     if tiny:
         size = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2)
     else:
         # GPT-2 small sized: ~124M parameters with a 50k vocabulary
-        size = dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4)
+        n_heads, n_kv_heads, head_dim = heads
+        size = dict(
+            vocab_size=50304,
+            d_model=768,
+            n_layers=12,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
+        )
     mla = nsa_sized(T) if not tiny else AttentionConfig(budget=64, block_size=16)
     return ModelConfig(**size, max_seq_len=T, attention=attention, mla=mla)
 
 
-def measure(attention: str, T: int, steps: int, warmup: int, tiny: bool, device: torch.device):
+def measure(attention, T, steps, warmup, tiny, device, heads, profile=False):
     cfg = TrainConfig(
-        model=model_config(attention, T, tiny),
+        model=model_config(attention, T, tiny, heads),
         data=DataConfig(),
         steps=steps,
         batch_size=1,
@@ -71,6 +80,10 @@ def measure(attention: str, T: int, steps: int, warmup: int, tiny: bool, device:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{attention} at T={T}: loss {loss.item()}")
     step_s = statistics.median(times)
+    if profile and device.type == "cuda":
+        print_kernels(
+            f"{attention} T={T} step", kernel_ms(lambda s=state: train_step(s, x, y, 1e-4))
+        )
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     params = sum(p.numel() for p in state.raw_model.parameters())
     del state
@@ -92,6 +105,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="small model on CPU: checks the script")
+    ap.add_argument(
+        "--heads",
+        type=int,
+        nargs=3,
+        default=[12, 4, 64],
+        metavar=("Q", "KV", "DIM"),
+        help="query heads, KV heads, head dim (the sparse branch is cheapest per query at G=16)",
+    )
+    ap.add_argument("--profile", action="store_true", help="CUDA: print each step's kernels")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -99,13 +121,27 @@ def main() -> None:
     rows = []
     for T in seqs:
         for attention in ("dense", "mla"):
-            rows.append(measure(attention, T, args.steps, args.warmup, args.tiny, device))
+            rows.append(
+                measure(
+                    attention,
+                    T,
+                    args.steps,
+                    args.warmup,
+                    args.tiny,
+                    device,
+                    tuple(args.heads),
+                    args.profile,
+                )  # fmt: skip
+            )
             r = rows[-1]
             print(
                 f"{attention:5s} T={T:6d} {r['step_ms']:9.1f} ms/step {r['tokens_per_s']:10.0f} tok/s"
             )
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"\n{name}, torch {torch.__version__}, params {rows[0]['params'] / 1e6:.1f}M, batch 1\n")
+    print(
+        f"\n{name}, torch {torch.__version__}, params {rows[0]['params'] / 1e6:.1f}M, "
+        f"heads {args.heads[0]} q / {args.heads[1]} KV of {args.heads[2]}, batch 1\n"
+    )
     print(
         "| T | attention | step ms | tokens/s | peak GB | MLA/dense tokens/s | MLA/dense memory |"
     )
