@@ -280,9 +280,6 @@ def main() -> None:
     ap.add_argument("--peers", default="flash,cudnn,flex", help="comma list; '' for none")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="tune tiles at 32k first, then measure")
-    ap.add_argument(
-        "--unfused", action="store_true", help="also time MLA with the sparse dq in its own kernel"
-    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -318,8 +315,6 @@ def main() -> None:
         entries = [
             ("mla", lambda T, cfg=cfg: lambda q, k, v, g: mla_triton(q, k, v, g, cfg), HKV, fl_mla)
         ]
-        if args.unfused:
-            entries.append(("mla_unfused", entries[0][1], HKV, fl_mla))
         for name in filter(None, args.peers.split(",")):
             fl = dense_flops(T, WINDOW if name == "flex" else None)
             entries.append((name, peers[name], HKV, fl))
@@ -334,8 +329,6 @@ def main() -> None:
             )
         for name, make, hkv, flops in entries:
             row = {"T": T, "impl": name, "flops_fwd": flops}
-            # read by the backward, so it stays set while this entry is timed
-            parallel.FUSE_SPARSE_DQ = name != "mla_unfused"
             try:
                 fn = make(T)
                 ms_f, ms_fb, peak = timed(fn, inputs(T, HQ, hkv), args.rep)

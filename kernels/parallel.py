@@ -8,12 +8,11 @@ fused per query tile of one head, then the sparse branch per token and KV group 
 output. Each branch keeps its log-sum-exp and, when gradients are wanted, its own output (the
 gate's gradient is <do, o_branch>); the selected block indices are kept too.
 
-Backward: dq per query tile (local + global); dk/dv per key tile for the local branch, per
-compressed tile for the global one (its gradient spread back over the pooled keys), and for the
-sparse one per chunk of the tokens that chose a key block (the selection inverted by one sort on
-the device), added atomically; that pass also adds the sparse branch's dq atomically, so the
-selected blocks are read once in the backward. The forward is deterministic; the sparse sums
-are not bitwise (atomic order).
+Backward: dq per query tile (local + global) and per token (sparse); dk/dv per key tile for the
+local branch, per compressed tile for the global one (its gradient spread back over the pooled
+keys), and for the sparse one per chunk of the tokens that chose a key block (the selection
+inverted by one sort on the device), added atomically. The forward is deterministic; the
+sparse dk/dv sums are not bitwise (atomic order).
 
 Scores run in log2 units (exp2); a row with no key stores lse = +inf so that its probabilities
 in the backward are exactly zero.
@@ -31,9 +30,6 @@ from .common import check_inputs
 from .config import AttentionConfig, Plan
 
 LOG2E = 1.4426950408889634
-FUSE_SPARSE_DQ = True
-"""Sparse dq inside the sparse dk/dv pass (atomic float32 adds) instead of its own kernel; a
-module switch so that bench/attention.py can time both."""
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -468,7 +464,6 @@ def _window_bwd_dq_kernel(
     delta_l,
     delta_g,
     dq,
-    dq_add,
     T,
     NC,
     A,
@@ -485,7 +480,6 @@ def _window_bwd_dq_kernel(
     BC: tl.constexpr,
     HAS_LOCAL: tl.constexpr,
     HAS_GLOBAL: tl.constexpr,
-    ADD: tl.constexpr,
     PREC: tl.constexpr,
 ):
     i_t, i_ba = tl.program_id(0), tl.program_id(1)
@@ -548,10 +542,7 @@ def _window_bwd_dq_kernel(
             b_ds = b_p * (b_dp - b_delta[:, None])
             b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
 
-    b_dq = b_dq * scale
-    if ADD:
-        b_dq += tl.load(dq_add + o_qh * D + o_x, mask=m_t[:, None], other=0.0)
-    tl.store(dq + o_qh * D + o_x, b_dq.to(dq.dtype.element_ty), mask=m_t[:, None])
+    tl.store(dq + o_qh * D + o_x, (b_dq * scale).to(dq.dtype.element_ty), mask=m_t[:, None])
 
 
 @triton.jit
@@ -779,7 +770,6 @@ def _sparse_bwd_dkv_kernel(
     delta_s,
     dk,
     dv,
-    dq32,
     T,
     NB,
     scale2,
@@ -792,15 +782,12 @@ def _sparse_bwd_dkv_kernel(
     BS: tl.constexpr,
     BSP: tl.constexpr,
     BQ: tl.constexpr,
-    FUSE_DQ: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # One chunk of the tokens that selected one key block of one KV head: chunks[pid] =
     # (segment, first, end) with segment = (b * HKV + hkv) * NB + block and tokens[first:end].
     # Early blocks are chosen by many more tokens than late ones; fixed-size chunks keep the
-    # programs even, and each adds its partial dk/dv atomically. With FUSE_DQ the rows' dq
-    # share from this block is added atomically to dq32 too: 8 KB of float32 adds per token
-    # and block instead of a second pass that reads the block's K and V (32 KB at D = 128).
+    # programs even, and each adds its partial dk/dv atomically.
     i_c = tl.program_id(0)
     seg = tl.load(chunks + i_c * 3)
     p_lo = tl.load(chunks + i_c * 3 + 1)
@@ -845,10 +832,6 @@ def _sparse_bwd_dkv_kernel(
             b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
             b_dst = b_pt * (b_dpt - b_delta[None, :])
             b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
-            if FUSE_DQ:
-                # [BQ * GP, D]
-                b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k, input_precision=PREC)
-                tl.atomic_add(dq32 + o_x, b_dq * scale, mask=m_r[:, None])
         tl.atomic_add(dk + o_kv, b_dk * scale, mask=m_k[:, None])
         tl.atomic_add(dv + o_kv, b_dv, mask=m_k[:, None])
 
@@ -1147,44 +1130,6 @@ def mla_bwd(
         HAS_SPARSE=lay.has_sparse,
         **_options(t),
     )
-    # Sparse dq fused into the dk/dv pass (FUSE_SPARSE_DQ): it runs first and leaves its dq
-    # in float32 for the window dq kernel to add, or to be the whole dq without that kernel.
-    fuse = lay.has_sparse and FUSE_SPARSE_DQ
-    dq32 = torch.zeros(B, T, HQ, D, dtype=torch.float32, device=dev) if fuse else dk
-
-    def sparse_dkv() -> None:
-        t = _tiles("sparse_dkv")
-        chunks, tokens = _invert(saved["idx"], lay.NB, t["CH"])
-        _sparse_bwd_dkv_kernel[(chunks.shape[0],)](
-            q=q,
-            k=k,
-            v=v,
-            gate=gate,
-            active=lay.active,
-            chunks=chunks,
-            tokens=tokens,
-            do=do,
-            lse_s=saved["lse_s"],
-            delta_s=delta_s,
-            dk=dk,
-            dv=dv,
-            dq32=dq32,
-            T=T,
-            NB=lay.NB,
-            **lay.args,
-            scale=lay.scale,
-            GP=lay.GP,
-            BS=lay.plan.block_size,
-            BSP=lay.BSP,
-            BQ=max(1, t["ROWS"] // lay.GP),
-            FUSE_DQ=fuse,
-            **_options(t),
-        )
-
-    if fuse:
-        sparse_dkv()
-        if not lay.has_window:
-            dq.copy_(dq32)
     if lay.has_window:
         t = _tiles("window_dq")
         _window_bwd_dq_kernel[(triton.cdiv(T, t["BT"]), B * lay.A)](
@@ -1201,7 +1146,6 @@ def mla_bwd(
             delta_l=delta_l,
             delta_g=delta_g,
             dq=dq,
-            dq_add=dq32,
             T=T,
             NC=lay.NC,
             A=lay.A,
@@ -1214,7 +1158,6 @@ def mla_bwd(
             BC=t["BC"],
             HAS_LOCAL=lay.has_local,
             HAS_GLOBAL=lay.has_global,
-            ADD=fuse,
             **_options(t),
         )
     if lay.has_local:
@@ -1277,14 +1220,15 @@ def mla_bwd(
         stride = lay.stride
         dk[:, : NC * stride].view(B, NC, stride, HKV, D).add_(dkc.sum(0).unsqueeze(2) / stride)
         dv[:, : NC * stride].view(B, NC, stride, HKV, D).add_(dvc.sum(0).unsqueeze(2) / stride)
-    if lay.has_sparse and not fuse:
+    if lay.has_sparse:
+        idx = saved["idx"]
         t = _tiles("sparse_dq")
         _sparse_bwd_dq_kernel[(T, B * lay.NA)](
             q=q,
             k=k,
             v=v,
             gate=gate,
-            idx=saved["idx"],
+            idx=idx,
             active=lay.active,
             groups=lay.groups,
             do=do,
@@ -1302,7 +1246,31 @@ def mla_bwd(
             ACCUMULATE=lay.has_window,
             **_options(t),
         )
-        sparse_dkv()
+        t = _tiles("sparse_dkv")
+        chunks, tokens = _invert(idx, lay.NB, t["CH"])
+        _sparse_bwd_dkv_kernel[(chunks.shape[0],)](
+            q=q,
+            k=k,
+            v=v,
+            gate=gate,
+            active=lay.active,
+            chunks=chunks,
+            tokens=tokens,
+            do=do,
+            lse_s=saved["lse_s"],
+            delta_s=delta_s,
+            dk=dk,
+            dv=dv,
+            T=T,
+            NB=lay.NB,
+            **lay.args,
+            scale=lay.scale,
+            GP=lay.GP,
+            BS=lay.plan.block_size,
+            BSP=lay.BSP,
+            BQ=max(1, t["ROWS"] // lay.GP),
+            **_options(t),
+        )
     return dq, dk.to(k.dtype), dv.to(v.dtype), dgate.to(gate.dtype)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from automla.kernels import AttentionConfig, mla_attention, mla_reference, parallel, select_blocks
+from automla.kernels import AttentionConfig, mla_attention, mla_reference, select_blocks
 from automla.kernels.parallel import _Layout, _select, mla_triton
 
 
@@ -83,22 +83,6 @@ def test_matches_reference_float32(B, T, HQ, HKV, D, budget, ratios, bs):
 def test_matches_reference_float16():
     cfg = AttentionConfig(budget=40, ratios=(0.4, 0.2, 0.4), block_size=16)
     check(1, 63, 4, 2, 32, cfg, torch.float16, tol=5e-3)
-
-
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "own-kernel"])
-@pytest.mark.parametrize(
-    "ratios,mask",
-    [
-        pytest.param((0.5, 0.0, 0.5), None, id="local-sparse"),
-        pytest.param((0.0, 0.0, 1.0), [False, True, True, False], id="sparse-only-masked"),
-    ],
-)
-def test_sparse_dq_paths(monkeypatch, fuse, ratios, mask):
-    # the sparse dq is added inside the dk/dv pass, or computed by its own kernel: both exact
-    monkeypatch.setattr(parallel, "FUSE_SPARSE_DQ", fuse)
-    cfg = AttentionConfig(budget=32, ratios=ratios, block_size=8)
-    head_mask = None if mask is None else torch.tensor(mask)
-    check(1, 45, 4, 2, 16, cfg, torch.float32, tol=1e-5, head_mask=head_mask, seed=3)
 
 
 @pytest.mark.parametrize(
