@@ -27,7 +27,7 @@ import statistics
 import torch
 from timing import device_ms, kernel_ms, median_ms, print_kernels
 
-from automla.kernels import AttentionConfig, mla_attention
+from automla.kernels import AttentionConfig
 from automla.trainers import (
     DataConfig,
     HeadPruner,
@@ -91,11 +91,8 @@ def bench_layer(model, mask, x, device, dtype, repeats, profile=False) -> dict:
     gate = torch.rand(B, T, lay.n_slots, 3, device=device, dtype=op_dtype, generator=g)
     gate.requires_grad_()
 
-    def op():
-        return mla_attention(
-            q, k, v, gate, model.cfg.mla, t_max=model.cfg.max_seq_len,
-            head_mask=lay.slot_mask, backend=model.cfg.attn_backend,
-        )  # fmt: skip
+    def op():  # as the layer calls it (from CUDA graphs with --cuda-graphs)
+        return attn._attend(q, k, v, gate, lay.slot_mask)
 
     def op_fwd():
         with torch.no_grad():
@@ -245,7 +242,7 @@ def model_config(args, seq: int, vocab: int) -> ModelConfig:
         mla=AttentionConfig(
             budget=args.budget, ratios=tuple(args.ratios), block_size=args.block_size
         ),
-        attn_backend=args.backend,
+        attn_backend=args.backend, cuda_graphs=args.cuda_graphs,
     )  # fmt: skip
 
 
@@ -278,6 +275,7 @@ def main() -> None:
     ap.add_argument("--skip-ablation", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--profile", action="store_true", help="CUDA: print each variant's kernels")
+    ap.add_argument("--cuda-graphs", action="store_true", help="the MLA op replayed from graphs")
     ap.add_argument("--json", default="pruning_bench.json")
     args = ap.parse_args()
     if args.tiny:

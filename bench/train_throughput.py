@@ -47,7 +47,10 @@ def model_config(attention: str, T: int, tiny: bool, heads: tuple[int, int, int]
             head_dim=head_dim,
         )
     mla = nsa_sized(T) if not tiny else AttentionConfig(budget=64, block_size=16)
-    return ModelConfig(**size, max_seq_len=T, attention=attention, mla=mla)
+    graphs = attention == "mla+graphs"
+    return ModelConfig(
+        **size, max_seq_len=T, attention="mla" if graphs else attention, mla=mla, cuda_graphs=graphs
+    )
 
 
 def measure(attention, T, steps, warmup, tiny, device, heads, profile=False):
@@ -114,13 +117,17 @@ def main() -> None:
         help="query heads, KV heads, head dim (the sparse branch is cheapest per query at G=16)",
     )
     ap.add_argument("--profile", action="store_true", help="CUDA: print each step's kernels")
+    ap.add_argument(
+        "--cuda-graphs", action="store_true", help="also MLA with the op replayed from CUDA graphs"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     seqs = [128, 256] if args.tiny else args.seq
+    variants = ["dense", "mla"] + (["mla+graphs"] if args.cuda_graphs else [])
     rows = []
     for T in seqs:
-        for attention in ("dense", "mla"):
+        for attention in variants:
             rows.append(
                 measure(
                     attention,
@@ -135,31 +142,30 @@ def main() -> None:
             )
             r = rows[-1]
             print(
-                f"{attention:5s} T={T:6d} {r['step_ms']:9.1f} ms/step {r['tokens_per_s']:10.0f} tok/s"
+                f"{attention:10s} T={T:6d} {r['step_ms']:9.1f} ms/step "
+                f"{r['tokens_per_s']:10.0f} tok/s",
+                flush=True,
             )
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(
         f"\n{name}, torch {torch.__version__}, params {rows[0]['params'] / 1e6:.1f}M, "
         f"heads {args.heads[0]} q / {args.heads[1]} KV of {args.heads[2]}, batch 1\n"
     )
-    print(
-        "| T | attention | step ms | tokens/s | peak GB | MLA/dense tokens/s | MLA/dense memory |"
-    )
+    print("| T | attention | step ms | tokens/s | peak GB | tokens/s vs dense | memory vs dense |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for dense, mla in zip(rows[::2], rows[1::2]):
-        for r in (dense, mla):
-            ratio = ""
-            if r is mla:
-                ratio = (
-                    f"{mla['tokens_per_s'] / dense['tokens_per_s']:.2f}x | "
-                    f"{mla['peak_mem_gb'] / dense['peak_mem_gb']:.2f}x"
-                )
-            else:
-                ratio = " | "
-            print(
-                f"| {r['T']} | {r['attention']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
-                f"{r['peak_mem_gb']:.2f} | {ratio} |"
+    dense = {r["T"]: r for r in rows if r["attention"] == "dense"}
+    for r in rows:
+        d = dense[r["T"]]
+        ratio = " | "
+        if r is not d:
+            ratio = (
+                f"{r['tokens_per_s'] / d['tokens_per_s']:.2f}x | "
+                f"{r['peak_mem_gb'] / d['peak_mem_gb']:.2f}x"
             )
+        print(
+            f"| {r['T']} | {r['attention']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
+            f"{r['peak_mem_gb']:.2f} | {ratio} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -2,7 +2,7 @@
 
 from .config import BRANCHES, AttentionConfig, GateConfig, Plan
 from .naive import mla_reference
-from .ops import attention_flops, mla_attention
+from .ops import attention_flops, mla_attention, resolve_backend
 from .selection import block_scores, select_blocks
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "block_scores",
     "mla_attention",
     "mla_reference",
+    "resolve_backend",
     "select_blocks",
 ]

@@ -44,8 +44,7 @@ def mla_attention(
         [B, T, HQ, D] in q's dtype.
     """
     check_inputs(q, k, v, gate, head_mask, t_max)
-    if backend == "auto":
-        backend = "triton" if _triton_fits(q, k, v, config, t_max) else "torch"
+    backend = resolve_backend(q, k, v, config, t_max, backend)
     if backend != "triton" and head_mask is not None:
         head_mask = head_mask.to(q.device)
     if backend == "reference":
@@ -57,6 +56,21 @@ def mla_attention(
 
         return mla_triton(q, k, v, gate, config, t_max=t_max, head_mask=head_mask)
     raise ValueError(f"backend must be auto|reference|torch|triton, got {backend!r}")
+
+
+def resolve_backend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: AttentionConfig,
+    t_max: int | None,
+    backend: Backend,
+) -> Backend:
+    """The implementation `mla_attention` runs for these inputs: "auto" becomes "triton" where
+    the kernels take them (CUDA, supported dtype and sizes), "torch" elsewhere."""
+    if backend == "auto":
+        return "triton" if _triton_fits(q, k, v, config, t_max) else "torch"
+    return backend
 
 
 def attention_flops(plan: Plan, T: int, head_dim: int, n_heads: int, backward: bool = False) -> int:

@@ -21,6 +21,7 @@ in the backward are exactly zero.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -868,6 +869,47 @@ def _options(tiles: dict) -> dict:
     return {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
 
 
+@dataclass(frozen=True)
+class _HeadLists:
+    group_any: torch.Tensor  # [HKV] bool on the host: groups with an active head
+    A: int
+    NA: int
+    active: torch.Tensor  # [HQ] int32 on the device, 1 where a head is active
+    heads: torch.Tensor  # [A] int32, the active query heads
+    groups: torch.Tensor  # [NA] int32, the KV heads of the groups with an active head
+    pruned_groups: torch.Tensor  # int64, the KV heads whose whole group is pruned
+
+
+_HEAD_LISTS: dict[tuple, _HeadLists] = {}
+
+
+def _head_lists(
+    head_mask: torch.Tensor | None, HQ: int, HKV: int, device: torch.device
+) -> _HeadLists:
+    """The device's head and group lists for a host mask, built once per mask: no copy to the
+    device per call (nor any while a CUDA graph is being captured)."""
+    key = (None if head_mask is None else tuple(head_mask.tolist()), HQ, HKV, str(device))
+    lists = _HEAD_LISTS.get(key)
+    if lists is None:
+        host = torch.ones(HQ, dtype=torch.bool) if head_mask is None else head_mask
+        heads = host.nonzero().flatten().to(torch.int32)
+        group_any = host.view(HKV, HQ // HKV).any(1)
+        groups = group_any.nonzero().flatten().to(torch.int32)
+        lists = _HeadLists(
+            group_any=group_any,
+            A=heads.numel(),
+            NA=groups.numel(),
+            active=host.to(torch.int32).to(device),
+            heads=heads.to(device),
+            groups=groups.to(device),
+            pruned_groups=(~group_any).nonzero().flatten().to(device),
+        )
+        if len(_HEAD_LISTS) > 1024:  # masks change only at pruning decisions
+            _HEAD_LISTS.clear()
+        _HEAD_LISTS[key] = lists
+    return lists
+
+
 class _Layout:
     """Sizes, effective branches and active heads of one call."""
 
@@ -887,18 +929,11 @@ class _Layout:
         self.has_local = plan.has_local
         self.has_global = self.NC > 0
         self.has_sparse = plan.has_sparse and self.NB > 0
-        dev = q.device
-        # the head lists are worked out on the host: a CPU mask costs no device sync, and the
-        # small index tensors travel by asynchronous copies
-        host = torch.ones(self.HQ, dtype=torch.bool) if head_mask is None else head_mask.cpu()
+        heads = _head_lists(head_mask, self.HQ, self.HKV, q.device)
         self.partial = head_mask is not None
-        heads = host.nonzero().flatten().to(torch.int32)
-        self.group_any = host.view(self.HKV, self.G).any(1)  # on the host
-        groups = self.group_any.nonzero().flatten().to(torch.int32)
-        self.A, self.NA = heads.numel(), groups.numel()
-        self.active = host.to(torch.int32).to(dev, non_blocking=True)
-        self.heads = heads.to(dev, non_blocking=True)
-        self.groups = groups.to(dev, non_blocking=True)
+        self.group_any, self.A, self.NA = heads.group_any, heads.A, heads.NA
+        self.active, self.heads, self.groups = heads.active, heads.heads, heads.groups
+        self.pruned_groups = heads.pruned_groups
         self.has_window = self.has_local or self.has_global  # the window kernels run
         self.any = self.A > 0 and (self.has_window or self.has_sparse)
         # padded group sizes: tl.dot needs 16 rows; the score and dk/dv kernels stack tokens
@@ -943,8 +978,7 @@ def _select(q: torch.Tensor, k: torch.Tensor, lay: _Layout) -> torch.Tensor:
     if lay.NA < HKV:
         # fully pruned groups are not scored; they select nothing (indices known on the host:
         # a device mask here would cost a sync)
-        pruned = (~lay.group_any).nonzero().flatten().to(q.device, non_blocking=True)
-        score.index_fill_(2, pruned, float("-inf"))
+        score.index_fill_(2, lay.pruned_groups, float("-inf"))
     idx = torch.empty(B, T, HKV, nsel, dtype=torch.int32, device=q.device)
     R, BR = B * T * HKV, 4
     _topk_kernel[(triton.cdiv(R, BR),)](

@@ -52,6 +52,10 @@ class ModelConfig:
     mla: AttentionConfig = field(default_factory=AttentionConfig)
     attn_backend: Backend = "auto"
     """auto: Triton kernels on CUDA, the budget-cost PyTorch path elsewhere."""
+    cuda_graphs: bool = False
+    """Replay each layer's MLA op (its ~25 kernel launches, forward and backward) from CUDA
+    graphs, captured once per input shape and head mask: for small layers whose kernels take
+    less time than Python needs to launch them. Only where the op runs on the Triton kernels."""
     kept_heads: list[list[int]] | None = None
     """A compacted model (see `pruning.compact`): per layer, the original ids of the query heads
     whose weights remain; a KV head remains while any head of its group does. None: all."""

@@ -15,9 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from automla.kernels import GateConfig, Plan, attention_flops, mla_attention
+from automla.kernels import GateConfig, Plan, attention_flops, mla_attention, resolve_backend
 
 from .config import ModelConfig
+from .graphs import GraphedOp
 
 _ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -142,6 +143,7 @@ class Attention(nn.Module):
         self._mask = torch.ones(hq, dtype=torch.bool)
         self._scale = torch.ones(hq)
         self._layout: HeadLayout | None = None
+        self._graphed = GraphedOp() if cfg.cuda_graphs else None
         self.importance: torch.Tensor | None = None
         """[n_heads] float32 accumulator set by the pruner: each backward adds, per stored
         head, sum over tokens of <o_h, dL/d(xi_h o_h)>. None: not tracked (no hook)."""
@@ -271,19 +273,21 @@ class Attention(nn.Module):
                 # the op's layout: G slots per kept KV head, zeros where a head is pruned
                 q = qa.new_zeros(B, T, lay.n_slots, d).index_copy(2, lay.slots, qa)
                 gate = gate.new_zeros(B, T, lay.n_slots, 3).index_copy(2, lay.slots, gate)
-            y = mla_attention(
-                q,
-                k,
-                v,
-                gate,
-                self.cfg.mla,
-                t_max=self.cfg.max_seq_len,
-                head_mask=lay.slot_mask,
-                backend=self.cfg.attn_backend,
-            )  # (B, T, slots, D)
+            y = self._attend(q, k, v, gate, lay.slot_mask)  # (B, T, slots, D)
             ya = y if lay.slots is None else y.index_select(2, lay.slots)  # (B, T, A, D)
         w = self.proj.weight if lay.cols is None else self.proj.weight.index_select(1, lay.cols)
         return F.linear(self._scale_and_track(ya, lay).reshape(B, T, A * d), w)
+
+    def _attend(self, q, k, v, gate, mask: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.cfg
+        t_max = cfg.max_seq_len
+        if self._graphed is not None and (
+            resolve_backend(q, k, v, cfg.mla, t_max, cfg.attn_backend) == "triton"
+        ):
+            return self._graphed(q, k, v, gate, cfg.mla, t_max, mask)
+        return mla_attention(
+            q, k, v, gate, cfg.mla, t_max=t_max, head_mask=mask, backend=cfg.attn_backend
+        )
 
     def _scale_and_track(self, ya: torch.Tensor, lay: HeadLayout) -> torch.Tensor:
         """Multiply each active head's output by its mask value; while pruning tracks
