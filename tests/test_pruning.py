@@ -256,6 +256,53 @@ def test_threshold_respects_the_floor():
     assert pruner.removed() == [[min(range(4), key=row.__getitem__)] for row in imp]
 
 
+def test_group_granularity_removes_whole_groups():
+    cfg = PruningConfig(
+        enabled=True, fraction=0.5, warmup_steps=2, interval=3, end_step=8, ramp_steps=0,
+        granularity="group",
+    )  # fmt: skip
+    model = model_of(tiny(heads=8, kv=4)).train()  # 2 layers of 4 groups of 2 heads
+    pruner = HeadPruner(model, cfg, total_steps=12)
+    records = run_steps(model, pruner, 12)
+    removed = pruner.removed()
+    assert sum(map(len, removed)) == 8  # half of the 16 heads: 4 whole groups
+    for heads in removed:
+        assert all(h ^ 1 in heads for h in heads)  # each head's partner in its group went too
+    assert records[-1]["active_heads_per_layer"] == [8 - len(r) for r in removed]
+    assert records[-1]["active_kv_heads_per_layer"] == [4 - len(r) // 2 for r in removed]
+    # each decision removes the groups of lowest mean importance among the remaining ones
+    gone: set = set()
+    for rec in records:
+        if "removed" not in rec:
+            continue
+        now = {(i, h // 2) for i, hs in enumerate(rec["removed"]) for h in hs}
+        new = now - gone
+        imp = rec["importance"]
+        left = sorted(
+            (sum(imp[i][2 * g : 2 * g + 2]) / 2, i, g)
+            for i in range(2) for g in range(4) if (i, g) not in gone
+        )  # fmt: skip
+        assert new == {(i, g) for _, i, g in left[: len(new)]}, rec["step"]
+        gone = now
+    assert len(gone) == 4
+
+
+def test_group_granularity_keeps_the_floor():
+    model = model_of(tiny(heads=4, kv=2)).train()  # 2 groups of 2 per layer
+    cfg = PruningConfig(
+        enabled=True, threshold=10.0, warmup_steps=1, interval=1, ramp_steps=0,
+        granularity="group",
+    )  # fmt: skip
+    pruner = HeadPruner(model, cfg, total_steps=10)
+    records = run_steps(model, pruner, 3)
+    # every group is below the threshold; one group per layer must stay (floor of 1 head)
+    assert records[-1]["active_heads_per_layer"] == [2, 2]
+    assert records[-1]["active_kv_heads_per_layer"] == [1, 1]
+    imp = records[1]["importance"]  # step 2, the first decision
+    weaker = [min((0, 1), key=lambda g, row=row: row[2 * g] + row[2 * g + 1]) for row in imp]
+    assert pruner.removed() == [[2 * g, 2 * g + 1] for g in weaker]
+
+
 def test_regrow_probes_removed_heads_and_brings_them_back(monkeypatch):
     cfg_model = tiny(heads=4, kv=2, ratios=NO_SPARSE)
     model = model_of(cfg_model).train()
@@ -377,6 +424,13 @@ def train_dict(**pruning) -> dict:
             "pruning.fraction",
             "removes 6 of 8 query heads.*only 4 removable",
         ),
+        # in whole groups of 2, a floor of 3 heads keeps both groups of each layer
+        (
+            {"fraction": 0.25, "min_heads_per_layer": 3, "granularity": "group"},
+            "pruning.fraction",
+            "only 0 removable in whole groups",
+        ),
+        ({"granularity": "block"}, "pruning.granularity", "head"),
         ({"warmup_steps": 100}, "pruning.warmup_steps", "no head would ever be pruned"),
         ({"end_step": 10, "warmup_steps": 10}, "pruning.end_step", "exceed warmup_steps"),
         ({"end_step": 101}, "pruning.end_step", "past the run's last step"),

@@ -96,9 +96,17 @@ class ModelConfig:
 
     def heads_per_layer(self) -> list[int]:
         """Query heads each layer holds weights for."""
+        return [sum(groups) for groups in self.group_sizes()]
+
+    def group_sizes(self) -> list[list[int]]:
+        """Per layer, the query heads held in each GQA group that still has any."""
+        G = self.n_heads // self.n_kv_heads
         if self.kept_heads is None:
-            return [self.n_heads] * self.n_layers
-        return [len(heads) for heads in self.kept_heads]
+            return [[G] * self.n_kv_heads for _ in range(self.n_layers)]
+        return [
+            [sum(1 for h in heads if h // G == g) for g in sorted({h // G for h in heads})]
+            for heads in self.kept_heads
+        ]
 
 
 @dataclass(kw_only=True)
@@ -186,6 +194,10 @@ class PruningConfig:
     by ema**n."""
     min_heads_per_layer: int = 1
     """No layer keeps fewer query heads than this."""
+    granularity: Literal["head", "group"] = "head"
+    """What one decision removes: a query head, or a whole GQA group (its query heads, and with
+    them their KV head) ranked by its heads' mean importance. Only whole groups shrink the
+    sparse branch's kernels, which work per KV head (bench/RESULTS.md, head pruning)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fraction < 1.0:
@@ -215,6 +227,17 @@ class PruningConfig:
     def heads_to_remove(self, n_heads: int) -> int:
         """Heads the whole fraction removes out of n_heads."""
         return math.floor(self.fraction * n_heads + 0.5)
+
+
+def _removable_in_groups(groups: list[int], floor: int) -> int:
+    """Query heads a layer with these group sizes can lose in whole groups, keeping >= floor:
+    the fewest groups that reach the floor stay (the largest ones)."""
+    kept = 0
+    for size in sorted(groups, reverse=True):
+        if kept >= floor:
+            break
+        kept += size
+    return sum(groups) - kept
 
 
 @dataclass(kw_only=True)
@@ -313,12 +336,18 @@ class TrainConfig:
             )
         total = sum(sizes)
         removable = total - p.min_heads_per_layer * len(sizes)
+        unit = ""
+        if p.granularity == "group":
+            removable = sum(
+                _removable_in_groups(g, p.min_heads_per_layer) for g in self.model.group_sizes()
+            )
+            unit = " in whole groups"
         if p.heads_to_remove(total) > removable:
             raise ConfigError(
                 "pruning.fraction",
                 f"{p.fraction} removes {p.heads_to_remove(total)} of {total} query heads, but "
-                f"min_heads_per_layer={p.min_heads_per_layer} leaves only {removable} removable "
-                f"({len(sizes)} layers of {sizes}); lower the fraction or the floor",
+                f"min_heads_per_layer={p.min_heads_per_layer} leaves only {removable} "
+                f"removable{unit} ({len(sizes)} layers of {sizes}); lower the fraction or the floor",
             )
         if p.warmup_steps >= self.steps:
             raise ConfigError(

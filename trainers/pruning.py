@@ -13,7 +13,9 @@ Schedule, per decision step s (s > warmup_steps, every `interval` steps):
 * threshold: heads whose normalised importance is below it are removed (with a fraction too,
   at most that many);
 * never below `min_heads_per_layer` in any layer; heads are ranked across all layers, which
-  the per-layer normalisation makes comparable.
+  the per-layer normalisation makes comparable;
+* with granularity "group" the unit is a GQA group (its candidate heads at their mean
+  importance), so KV heads go with their groups and the sparse kernels shrink.
 """
 
 from __future__ import annotations
@@ -143,18 +145,35 @@ class HeadPruner:
         candidates = keep & (self.last_seen >= 0)
         n_removed = int((self.valid & ~keep).sum())
         per_layer = keep.sum(1)
-        order = sorted((float(imp[i, h]), i, h) for i, h in candidates.nonzero().tolist())
-        for value, i, h in order:
+        for value, i, heads in self._units(candidates, imp):
             if target is not None and n_removed >= target:
                 break
             if threshold is not None and value >= threshold:
                 break
-            if per_layer[i] <= self.cfg.min_heads_per_layer:
+            if per_layer[i] - len(heads) < self.cfg.min_heads_per_layer:
                 continue
-            keep[i, h] = False
-            per_layer[i] -= 1
-            n_removed += 1
+            if target is not None and n_removed + len(heads) > target:
+                continue  # a group larger than what is left of the target
+            keep[i, heads] = False
+            per_layer[i] -= len(heads)
+            n_removed += len(heads)
         self.keep = keep
+
+    def _units(self, candidates: torch.Tensor, imp: torch.Tensor) -> list[tuple]:
+        """What a decision may remove, least important first: (importance, layer, heads) for
+        each candidate head, or with granularity "group" for the candidate heads of each GQA
+        group, at their mean importance."""
+        pairs = candidates.nonzero().tolist()
+        if self.cfg.granularity == "head":
+            return sorted((float(imp[i, h]), i, [h]) for i, h in pairs)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, h in pairs:
+            attn = self.layers[i]
+            groups.setdefault((i, attn.heads[h] // attn.group), []).append(h)
+        return sorted(
+            (sum(float(imp[i, h]) for h in heads) / len(heads), i, heads)
+            for (i, _), heads in groups.items()
+        )
 
     def _push(self) -> None:
         """Hand each layer its mask and mask values (only where they changed)."""
