@@ -68,26 +68,13 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).norm() / ref.norm()).item()
 
 
-SMOOTH = 0
-"""--smooth W: q and k are moving sums over W tokens of i.i.d. noise (0: i.i.d., the default)."""
-
-
 def inputs(T: int, hq: int, hkv: int, seed: int = 0, grad: bool = True):
     g = torch.Generator(device="cuda").manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, device="cuda", dtype=DTYPE, generator=g)
 
-    def smooth(x):
-        # a moving sum over SMOOTH tokens (unit variance; neighbours correlate by 1 - 1/SMOOTH):
-        # neighbouring tokens then select many of the same blocks, as on text, where i.i.d.
-        # inputs share almost none
-        if SMOOTH <= 1:
-            return x
-        c = torch.nn.functional.pad(x.float().cumsum(1), (0, 0, 0, 0, SMOOTH, 0))
-        return ((c[:, SMOOTH:] - c[:, :-SMOOTH]) / SMOOTH**0.5).to(DTYPE)
-
-    q, k, v = smooth(randn(1, T, hq, D)), smooth(randn(1, T, hkv, D)), randn(1, T, hkv, D)
+    q, k, v = randn(1, T, hq, D), randn(1, T, hkv, D), randn(1, T, hkv, D)
     gate = torch.rand(1, T, hq, 3, device="cuda", generator=g).to(DTYPE)
     do = randn(1, T, hq, D)
     if grad:
@@ -207,17 +194,6 @@ def flex_window(T: int):
     return run
 
 
-def union_share(T: int, M: int) -> float:
-    """Blocks a tile of M tokens reads over the union of their selections, as a share of the
-    M * n_select that per-token programs read (1: nothing shared), on this run's inputs."""
-    q, k, *_ = inputs(T, HQ, HKV, grad=False)
-    cfg = nsa_config(T)
-    lay = _Layout(q, k, cfg.plan(T), None)
-    _, n = parallel._union(_select(q, k, lay), M, lay.NB)
-    full = n[:, T // 4 // M :]  # past the first quarter, where every token has full selections
-    return full.float().mean().item() / (M * N_SELECT)
-
-
 def dense_flops(T: int, window: int | None = None) -> int:
     keys = sum(min(t + 1, window or t + 1) for t in range(T))
     return 4 * D * keys * HQ
@@ -263,14 +239,14 @@ SWEEP = {
     "score": [{"BN": 32, "num_warps": 4}, {"BN": 64, "num_warps": 4}],
 }
 KERNEL_OF = {
-    "score": ("_score_kernel",),
-    "window_fwd": ("_window_fwd_kernel",),
-    "sparse_fwd": ("_sparse_fwd_kernel", "_sparse_tile_fwd_kernel"),
-    "window_dq": ("_window_bwd_dq_kernel",),
-    "local_dkv": ("_local_bwd_dkv_kernel",),
-    "global_dkv": ("_global_bwd_dkv_kernel",),
-    "sparse_dq": ("_sparse_bwd_dq_kernel", "_sparse_tile_dq_kernel"),
-    "sparse_dkv": ("_sparse_bwd_dkv_kernel",),
+    "score": "_score_kernel",
+    "window_fwd": "_window_fwd_kernel",
+    "sparse_fwd": "_sparse_fwd_kernel",
+    "window_dq": "_window_bwd_dq_kernel",
+    "local_dkv": "_local_bwd_dkv_kernel",
+    "global_dkv": "_global_bwd_dkv_kernel",
+    "sparse_dq": "_sparse_bwd_dq_kernel",
+    "sparse_dkv": "_sparse_bwd_dkv_kernel",
 }
 
 
@@ -282,8 +258,7 @@ def sweep(T: int) -> dict:
         for cand in candidates:
             parallel._GPU_TILES[name] = cand
             try:
-                times = kernel_times(T, runs=2)
-                ms = sum(times.get(kernel, 0.0) for kernel in KERNEL_OF[name])
+                ms = kernel_times(T, runs=2)[KERNEL_OF[name]]
             except Exception as e:
                 print(f"sweep {name} {cand}: {type(e).__name__} {str(e)[:120]}", flush=True)
                 continue
@@ -305,17 +280,7 @@ def main() -> None:
     ap.add_argument("--peers", default="flash,cudnn,flex", help="comma list; '' for none")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="tune tiles at 32k first, then measure")
-    ap.add_argument(
-        "--sparse-tiles", type=int, nargs="*", default=[],
-        help="also time MLA with the sparse fwd and dq over tiles of M tokens (union of blocks)",
-    )  # fmt: skip
-    ap.add_argument(
-        "--smooth", type=int, default=0, metavar="W",
-        help="q and k as moving sums over W tokens (0: i.i.d.), so that neighbours share blocks",
-    )  # fmt: skip
     args = ap.parse_args()
-    global SMOOTH
-    SMOOTH = args.smooth
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.cuda.get_device_name()
@@ -326,7 +291,6 @@ def main() -> None:
         "triton": triton.__version__,
         "command": "python bench/attention.py " + " ".join(sys.argv[1:]),
     }
-    result["smooth"] = args.smooth
     result["ceilings"] = ceilings()
     print("ceilings", result["ceilings"], flush=True)
     if args.sweep:
@@ -351,8 +315,6 @@ def main() -> None:
         entries = [
             ("mla", lambda T, cfg=cfg: lambda q, k, v, g: mla_triton(q, k, v, g, cfg), HKV, fl_mla)
         ]
-        for M in args.sparse_tiles:
-            entries.append((f"mla_tile{M}", entries[0][1], HKV, fl_mla))
         for name in filter(None, args.peers.split(",")):
             fl = dense_flops(T, WINDOW if name == "flex" else None)
             entries.append((name, peers[name], HKV, fl))
@@ -367,12 +329,6 @@ def main() -> None:
             )
         for name, make, hkv, flops in entries:
             row = {"T": T, "impl": name, "flops_fwd": flops}
-            # the sparse tile is read when the op runs (the backward too): set per entry
-            M = int(name[len("mla_tile") :]) if name.startswith("mla_tile") else 1
-            for kernel in ("sparse_fwd", "sparse_dq"):
-                parallel._GPU_TILES[kernel]["M"] = M
-            if M > 1:
-                row["union_share"] = union_share(T, M)
             try:
                 fn = make(T)
                 ms_f, ms_fb, peak = timed(fn, inputs(T, HQ, hkv), args.rep)
@@ -401,8 +357,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"{result['gpu']}, torch {result['torch']}, triton {result['triton']}, {result['date']}; "
         f"bf16 matmul {result['ceilings']['matmul_tflops']:.0f} TFLOP/s, "
-        f"copy {result['ceilings']['copy_tbs']:.2f} TB/s; inputs: "
-        + (f"moving sums over {result['smooth']} tokens" if result.get("smooth") else "i.i.d."),
+        f"copy {result['ceilings']['copy_tbs']:.2f} TB/s",
         "",
         "| T | impl | fwd ms | fwd+bwd ms | peak GB | TFLOP/s fwd | TFLOP/s fwd+bwd "
         "| impl / MLA time, fwd / fwd+bwd |",
@@ -418,11 +373,8 @@ def markdown(result: dict) -> str:
             ratio = (
                 f"{r['fwd_ms'] / mla['fwd_ms']:.2f}x / {r['fwd_bwd_ms'] / mla['fwd_bwd_ms']:.2f}x"
             )
-        impl = r["impl"]
-        if "union_share" in r:  # blocks read per tile, as a share of per-token reads
-            impl += f" (reads {r['union_share']:.2f})"
         lines.append(
-            f"| {r['T']} | {impl} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} "
+            f"| {r['T']} | {r['impl']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} "
             f"| {r['peak_gb']:.2f} | {r['tflops_fwd']:.0f} | {r['tflops_fwd_bwd']:.0f} | {ratio} |"
         )
     return "\n".join(lines) + "\n"

@@ -5,10 +5,7 @@ Layout as in the reference: q [B, T, HQ, D], k/v [B, T, HKV, D], gate [B, T, HQ,
 Forward: block scores and their top-k for the sparse selection, the local and global branches
 fused per query tile of one head, then the sparse branch per token and KV group (the group's
 [G, D] queries share each selected key block), which also applies its gate and finishes the
-output. With the sparse tile M > 1 (`_GPU_TILES`, not yet timed on a GPU) the sparse forward
-and dq take M consecutive tokens per program and read each block of the union of their
-selections once, for tokens whose neighbours chose the same blocks (text; see
-bench/selection_overlap.py). Each branch keeps its log-sum-exp and, when gradients are wanted, its own output (the
+output. Each branch keeps its log-sum-exp and, when gradients are wanted, its own output (the
 gate's gradient is <do, o_branch>); the selected block indices are kept too.
 
 Backward: dq per query tile (local + global) and per token (sparse); dk/dv per key tile for the
@@ -410,183 +407,6 @@ def _sparse_fwd_kernel(
     if ACCUMULATE:
         b_o += tl.load(o + o_tq * D + o_x, mask=m_g[:, None], other=0.0).to(tl.float32)
     tl.store(o + o_tq * D + o_x, b_o.to(o.dtype.element_ty), mask=m_g[:, None])
-
-
-@triton.jit
-def _tile_rows(
-    k,
-    v,
-    idx,
-    union,
-    n_union,
-    active,
-    groups,
-    T,
-    NT,
-    NA,
-    HQ: tl.constexpr,
-    HKV: tl.constexpr,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    M: tl.constexpr,
-    R: tl.constexpr,
-    D: tl.constexpr,
-    NSEL: tl.constexpr,
-):
-    # A tile of M consecutive tokens and one KV group: rows r = (token m, head g), R >= M * GP
-    # (tl.dot wants 16). Returns k, v and the union list moved to the group, its length, the
-    # rows' element offsets o_x [R, D], row ids o_row, mask m_r and their tokens' own
-    # selections sel [R, NSEL] (-1 where a slot or the token is empty).
-    i_tile, i_bg = tl.program_id(0), tl.program_id(1)
-    i_b = i_bg // NA
-    i_hk = tl.load(groups + i_bg % NA)
-    k += (i_b * T * HKV + i_hk).to(tl.int64) * D
-    v += (i_b * T * HKV + i_hk).to(tl.int64) * D
-    o_u = ((i_b * NT + i_tile) * HKV + i_hk).to(tl.int64)
-    union += o_u * (M * NSEL)
-    n = tl.load(n_union + o_u)
-    o_r = tl.arange(0, R)
-    o_g = o_r % GP
-    o_t = i_tile * M + o_r // GP
-    m_r = (o_r < M * GP) & (o_g < G) & (o_t < T)
-    o_h = i_hk * G + o_g
-    m_r = m_r & (tl.load(active + o_h, mask=m_r, other=0) != 0)
-    o_row = (i_b * T + o_t).to(tl.int64) * HQ + o_h
-    o_d = tl.arange(0, D)
-    o_x = (o_row * D)[:, None] + o_d[None, :]
-    o_s = tl.arange(0, NSEL)
-    p_sel = idx + (((i_b * T + o_t) * HKV + i_hk).to(tl.int64) * NSEL)[:, None] + o_s[None, :]
-    sel = tl.load(p_sel, mask=m_r[:, None], other=-1)
-    return k, v, union, n, o_x, o_row, m_r, sel
-
-
-@triton.jit
-def _member(sel, p_blk, o_k, BS: tl.constexpr):
-    # [R, BSP]: which (row, key) pairs see the union block at *p_blk: rows whose token chose it
-    i_n = tl.load(p_blk)
-    chose = tl.sum((sel == i_n).to(tl.int32), 1) > 0
-    return chose[:, None] & (o_k < BS)[None, :]
-
-
-@triton.jit
-def _sparse_tile_fwd_kernel(
-    q,
-    k,
-    v,
-    gate,
-    idx,
-    union,
-    n_union,
-    active,
-    groups,
-    o,
-    o_s,
-    lse_s,
-    T,
-    NT,
-    NA,
-    scale2,
-    HQ: tl.constexpr,
-    HKV: tl.constexpr,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    M: tl.constexpr,
-    R: tl.constexpr,
-    D: tl.constexpr,
-    NSEL: tl.constexpr,
-    BS: tl.constexpr,
-    BSP: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
-    STORE: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    # The sparse branch for M consecutive tokens at once: each block in the union of their
-    # selections is read once for all of them, rows of tokens that did not choose it masked.
-    # Same result as _sparse_fwd_kernel; fewer block reads where neighbours share blocks.
-    k, v, union, n, o_x, o_row, m_r, sel = _tile_rows(
-        k, v, idx, union, n_union, active, groups, T, NT, NA, HQ, HKV, G, GP, M, R, D, NSEL
-    )
-    o_d = tl.arange(0, D)
-    o_k = tl.arange(0, BSP)
-    # [R, D]
-    b_q = tl.load(q + o_x, mask=m_r[:, None], other=0.0)
-    b_m = tl.full([R], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([R], dtype=tl.float32)
-    b_acc = tl.zeros([R, D], dtype=tl.float32)
-    for i in range(n):
-        _, b_k, b_v = _load_block(k, v, union + i, o_k, o_d, BS, HKV, D)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
-        b_s = tl.where(_member(sel, union + i, o_k, BS), b_s, float("-inf"))
-        b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
-    b_ob, b_lse = _softmax_finish(b_m, b_l, b_acc)
-    tl.store(lse_s + o_row, b_lse, mask=m_r)
-    if STORE:
-        tl.store(o_s + o_x, b_ob.to(o_s.dtype.element_ty), mask=m_r[:, None])
-    b_g = tl.load(gate + o_row * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
-    b_o = b_g[:, None] * b_ob
-    if ACCUMULATE:
-        b_o += tl.load(o + o_x, mask=m_r[:, None], other=0.0).to(tl.float32)
-    tl.store(o + o_x, b_o.to(o.dtype.element_ty), mask=m_r[:, None])
-
-
-@triton.jit
-def _sparse_tile_dq_kernel(
-    q,
-    k,
-    v,
-    gate,
-    idx,
-    union,
-    n_union,
-    active,
-    groups,
-    do,
-    lse_s,
-    delta_s,
-    dq,
-    T,
-    NT,
-    NA,
-    scale2,
-    scale,
-    HQ: tl.constexpr,
-    HKV: tl.constexpr,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    M: tl.constexpr,
-    R: tl.constexpr,
-    D: tl.constexpr,
-    NSEL: tl.constexpr,
-    BS: tl.constexpr,
-    BSP: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    # The sparse dq of M consecutive tokens over the union of their blocks (as the forward).
-    k, v, union, n, o_x, o_row, m_r, sel = _tile_rows(
-        k, v, idx, union, n_union, active, groups, T, NT, NA, HQ, HKV, G, GP, M, R, D, NSEL
-    )
-    o_d = tl.arange(0, D)
-    o_k = tl.arange(0, BSP)
-    # [R, D]
-    b_q = tl.load(q + o_x, mask=m_r[:, None], other=0.0)
-    b_do = tl.load(do + o_x, mask=m_r[:, None], other=0.0)
-    b_g = tl.load(gate + o_row * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
-    b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
-    b_lse = tl.load(lse_s + o_row, mask=m_r, other=float("inf"))
-    b_delta = tl.load(delta_s + o_row, mask=m_r, other=0.0)
-    b_dq = tl.zeros([R, D], dtype=tl.float32)
-    for i in range(n):
-        _, b_k, b_v = _load_block(k, v, union + i, o_k, o_d, BS, HKV, D)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
-        b_p = tl.where(_member(sel, union + i, o_k, BS), tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
-    b_dq = b_dq * scale
-    if ACCUMULATE:
-        b_dq += tl.load(dq + o_x, mask=m_r[:, None], other=0.0).to(tl.float32)
-    tl.store(dq + o_x, b_dq.to(dq.dtype.element_ty), mask=m_r[:, None])
 
 
 @triton.jit
@@ -1026,19 +846,16 @@ def _interpret() -> bool:
 _GPU_TILES = {
     "score": {"BN": 32, "num_warps": 4},
     "window_fwd": {"BT": 64, "BK": 64, "BC": 64, "num_warps": 4, "num_stages": 3},
-    # M > 1: tiles of M tokens over the union of their blocks (_sparse_tile_*); not yet timed
-    "sparse_fwd": {"num_warps": 2, "M": 1},
+    "sparse_fwd": {"num_warps": 2},
     "prep": {"BT": 32, "num_warps": 8},
     "window_dq": {"BT": 64, "BK": 64, "BC": 64, "num_warps": 4},
     "local_dkv": {"BT": 64, "BK": 64, "num_warps": 4},
     "global_dkv": {"BT": 64, "BC": 64, "num_warps": 4},
-    "sparse_dq": {"num_warps": 2, "M": 1},
+    "sparse_dq": {"num_warps": 2},
     "sparse_dkv": {"ROWS": 64, "CH": 256, "num_warps": 4},
 }
 # Small tiles under the interpreter, so that every loop runs more than once in the tests.
-_CPU_TILES = {
-    "BT": 32, "BK": 16, "BC": 16, "BN": 16, "ROWS": 32, "CH": 8, "M": 1, "num_warps": 4,
-}  # fmt: skip
+_CPU_TILES = {"BT": 32, "BK": 16, "BC": 16, "BN": 16, "ROWS": 32, "CH": 8, "num_warps": 4}
 
 
 def _tiles(kernel: str) -> dict:
@@ -1203,35 +1020,6 @@ def _invert(idx: torch.Tensor, NB: int, CH: int) -> tuple[torch.Tensor, torch.Te
     return chunks, tokens
 
 
-def _union(idx: torch.Tensor, M: int, NB: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per tile of M consecutive tokens and KV head, the distinct blocks its tokens selected:
-    union [B, ceil(T / M), HKV, M * n_select] int32 (sorted, the n valid ones first) and n."""
-    B, T, HKV, nsel = idx.shape
-    NT = triton.cdiv(T, M)
-    pad = idx.new_full((B, NT * M - T, HKV, nsel), -1)
-    x = torch.cat((idx, pad), 1).view(B, NT, M, HKV, nsel).transpose(2, 3)
-    x = x.reshape(B, NT, HKV, M * nsel).long()
-    x = torch.where(x < 0, NB, x).sort(-1).values  # empty slots (NB) last
-    dup = torch.zeros_like(x, dtype=torch.bool)
-    dup[..., 1:] = x[..., 1:] == x[..., :-1]
-    x = torch.where(dup, NB, x).sort(-1).values
-    n = (x < NB).sum(-1, dtype=torch.int32)
-    return x.to(torch.int32).contiguous(), n.contiguous()
-
-
-def _tile_args(lay: _Layout, M: int, idx: torch.Tensor) -> tuple[tuple, dict]:
-    """Grid and arguments shared by the two tile kernels."""
-    union, n_union = _union(idx, M, lay.NB)
-    NT = union.shape[1]
-    R = triton.next_power_of_2(max(16, M * lay.GP))
-    args = dict(
-        idx=idx, union=union, n_union=n_union, active=lay.active, groups=lay.groups, T=lay.T,
-        NT=NT, NA=lay.NA, **lay.args, GP=lay.GP, M=M, R=R, NSEL=lay.plan.n_select,
-        BS=lay.plan.block_size, BSP=lay.BSP,
-    )  # fmt: skip
-    return (NT, lay.B * lay.NA), args
-
-
 def mla_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1298,35 +1086,28 @@ def mla_fwd(
     if lay.has_sparse:
         idx = _select(q, k, lay)
         t = _tiles("sparse_fwd")
-        if t["M"] > 1:
-            grid, args = _tile_args(lay, t["M"], idx)
-            _sparse_tile_fwd_kernel[grid](
-                q=q, k=k, v=v, gate=gate, o=o, o_s=o_s, lse_s=lse_s, **args,
-                ACCUMULATE=lay.has_window, STORE=store, **_options(t),
-            )  # fmt: skip
-        else:
-            _sparse_fwd_kernel[(T, B * lay.NA)](
-                q=q,
-                k=k,
-                v=v,
-                gate=gate,
-                idx=idx,
-                active=lay.active,
-                groups=lay.groups,
-                o=o,
-                o_s=o_s,
-                lse_s=lse_s,
-                T=T,
-                NA=lay.NA,
-                **lay.args,
-                GP=lay.GP16,
-                NSEL=lay.plan.n_select,
-                BS=lay.plan.block_size,
-                BSP=lay.BSP,
-                ACCUMULATE=lay.has_window,
-                STORE=store,
-                **_options(t),
-            )
+        _sparse_fwd_kernel[(T, B * lay.NA)](
+            q=q,
+            k=k,
+            v=v,
+            gate=gate,
+            idx=idx,
+            active=lay.active,
+            groups=lay.groups,
+            o=o,
+            o_s=o_s,
+            lse_s=lse_s,
+            T=T,
+            NA=lay.NA,
+            **lay.args,
+            GP=lay.GP16,
+            NSEL=lay.plan.n_select,
+            BS=lay.plan.block_size,
+            BSP=lay.BSP,
+            ACCUMULATE=lay.has_window,
+            STORE=store,
+            **_options(t),
+        )
     saved = {"o_l": o_l, "o_g": o_g, "o_s": o_s, "lse_l": lse_l, "lse_g": lse_g}
     saved.update({"lse_s": lse_s, "kc": kc, "vc": vc, "idx": idx})
     return o, saved
@@ -1476,36 +1257,29 @@ def mla_bwd(
     if lay.has_sparse:
         idx = saved["idx"]
         t = _tiles("sparse_dq")
-        if t["M"] > 1:
-            grid, args = _tile_args(lay, t["M"], idx)
-            _sparse_tile_dq_kernel[grid](
-                q=q, k=k, v=v, gate=gate, do=do, lse_s=saved["lse_s"], delta_s=delta_s, dq=dq,
-                **args, scale=lay.scale, ACCUMULATE=lay.has_window, **_options(t),
-            )  # fmt: skip
-        else:
-            _sparse_bwd_dq_kernel[(T, B * lay.NA)](
-                q=q,
-                k=k,
-                v=v,
-                gate=gate,
-                idx=idx,
-                active=lay.active,
-                groups=lay.groups,
-                do=do,
-                lse_s=saved["lse_s"],
-                delta_s=delta_s,
-                dq=dq,
-                T=T,
-                NA=lay.NA,
-                **lay.args,
-                scale=lay.scale,
-                GP=lay.GP16,
-                NSEL=lay.plan.n_select,
-                BS=lay.plan.block_size,
-                BSP=lay.BSP,
-                ACCUMULATE=lay.has_window,
-                **_options(t),
-            )
+        _sparse_bwd_dq_kernel[(T, B * lay.NA)](
+            q=q,
+            k=k,
+            v=v,
+            gate=gate,
+            idx=idx,
+            active=lay.active,
+            groups=lay.groups,
+            do=do,
+            lse_s=saved["lse_s"],
+            delta_s=delta_s,
+            dq=dq,
+            T=T,
+            NA=lay.NA,
+            **lay.args,
+            scale=lay.scale,
+            GP=lay.GP16,
+            NSEL=lay.plan.n_select,
+            BS=lay.plan.block_size,
+            BSP=lay.BSP,
+            ACCUMULATE=lay.has_window,
+            **_options(t),
+        )
         t = _tiles("sparse_dkv")
         chunks, tokens = _invert(idx, lay.NB, t["CH"])
         _sparse_bwd_dkv_kernel[(chunks.shape[0],)](

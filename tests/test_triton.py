@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from automla.kernels import AttentionConfig, mla_attention, mla_reference, parallel, select_blocks
+from automla.kernels import AttentionConfig, mla_attention, mla_reference, select_blocks
 from automla.kernels.parallel import _Layout, _select, mla_triton
 
 
@@ -83,31 +83,6 @@ def test_matches_reference_float32(B, T, HQ, HKV, D, budget, ratios, bs):
 def test_matches_reference_float16():
     cfg = AttentionConfig(budget=40, ratios=(0.4, 0.2, 0.4), block_size=16)
     check(1, 63, 4, 2, 32, cfg, torch.float16, tol=5e-3)
-
-
-@pytest.mark.parametrize(
-    "M,B,T,HQ,HKV,mask",
-    [
-        pytest.param(2, 1, 45, 4, 2, None, id="M2-G2"),
-        pytest.param(4, 2, 37, 4, 1, [True, False, True, True], id="M4-G4-masked-odd-T"),
-        pytest.param(16, 1, 45, 2, 2, None, id="M16-G1"),
-    ],
-)
-def test_sparse_token_tiles_match_reference(monkeypatch, M, B, T, HQ, HKV, mask):
-    # tiles of M tokens over the union of their blocks: the same output and gradients
-    monkeypatch.setitem(parallel._CPU_TILES, "M", M)
-    cfg = AttentionConfig(budget=32, ratios=(0.25, 0.25, 0.5), block_size=4)
-    head_mask = None if mask is None else torch.tensor(mask)
-    check(B, T, HQ, HKV, 16, cfg, torch.float32, tol=1e-5, head_mask=head_mask, seed=5)
-
-
-def test_union_lists_each_tile_s_distinct_blocks():
-    idx = torch.tensor([[3, 1], [1, -1], [2, 3], [-1, -1], [0, 0]], dtype=torch.int32)
-    union, n = parallel._union(idx.view(1, 5, 1, 2), M=2, NB=8)
-    assert n.flatten().tolist() == [2, 2, 1]  # tokens 0-1, 2-3, 4 (+ padding)
-    assert union[0, 0, 0, :2].tolist() == [1, 3]
-    assert union[0, 1, 0, :2].tolist() == [2, 3]
-    assert union[0, 2, 0, :1].tolist() == [0]
 
 
 @pytest.mark.parametrize(
@@ -216,20 +191,6 @@ def test_gpu_bf16_matches_reference(B, T, HQ, HKV, D, budget, ratios, bs, mask):
         assert torch.equal(o_host, o)
         # dk/dv add partial sums atomically, in no fixed order
         assert all(rel_err(a, b) <= 1e-3 for a, b in zip(grads_host, grads))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("M,HQ,HKV,D", [(4, 32, 2, 128), (4, 8, 2, 64), (16, 4, 4, 64)])
-def test_gpu_sparse_token_tiles_match_reference(monkeypatch, M, HQ, HKV, D):
-    for kernel in ("sparse_fwd", "sparse_dq"):
-        monkeypatch.setitem(parallel._GPU_TILES, kernel, {**parallel._GPU_TILES[kernel], "M": M})
-    cfg = AttentionConfig(budget=768, ratios=(0.25, 0.25, 0.5), block_size=64)
-    q, k, v, gate, do = make_inputs(1, 1999, HQ, HKV, D, torch.bfloat16, device="cuda", seed=2)
-    o, grads = run_triton(q, k, v, gate, do, cfg)
-    o_ref, grads_ref = run_reference(q, k, v, gate, do, cfg)
-    errs = {"o": rel_err(o, o_ref)}
-    errs.update({n: rel_err(x, r) for n, x, r in zip(("dq", "dk", "dv", "dg"), grads, grads_ref)})
-    assert all(e <= 1e-2 for e in errs.values()), errs
 
 
 @pytest.mark.gpu
