@@ -198,7 +198,8 @@ class PruningConfig:
     """What one decision removes: a query head, or a whole GQA group (its query heads, and with
     them their KV head) ranked by its heads' mean importance. Only whole groups shrink the
     sparse branch's kernels, which work per KV head (bench/RESULTS.md, head pruning). The
-    fraction still counts query heads: a group goes only while it fits in what is left of it."""
+    fraction still counts query heads: a group goes only while it fits in what is left of it,
+    and a threshold applies to the group's mean."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fraction < 1.0:
