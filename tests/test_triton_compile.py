@@ -1,0 +1,136 @@
+"""The Triton kernels compile for Hopper (sm_90) with the GPU tiles, without a GPU.
+
+The CPU tests run the kernels under the interpreter with small tiles; the GPU runs them with
+the tiles of `_GPU_TILES`, through the real compiler. Here the launches of one MLA forward and
+backward are recorded under the interpreter with the GPU's tiles, at awkward shapes (odd T
+and n_select, G = 3 and 16, a partial head mask), and each distinct kernel signature is then
+compiled for sm_90 by Triton's compiler in a process without the interpreter. (A kernel with
+a `tl.arange` over n_select reached the H200 untested: every CPU test had a power-of-two
+n_select.)
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from automla.kernels import AttentionConfig, parallel
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="records launches under the interpreter"
+)
+
+_TYPES = {
+    torch.bfloat16: "*bf16",
+    torch.float16: "*fp16",
+    torch.float32: "*fp32",
+    torch.int32: "*i32",
+    torch.int64: "*i64",
+    torch.bool: "*i1",
+}
+
+# (B, T, HQ, HKV, D, dtype, budget, ratios, block_size, mask)
+CASES = [
+    (1, 77, 16, 1, 128, torch.bfloat16, 96, (1 / 3, 1 / 6, 1 / 2), 16, [i % 5 != 2 for i in range(16)]),
+    (2, 45, 6, 2, 64, torch.float16, 80, (0.25, 0.125, 0.625), 16, None),
+]  # fmt: skip
+
+
+def _describe(fn, kwargs: dict) -> dict:
+    """Each parameter as the compiler's signature wants it: a type, or a constexpr value."""
+    params = inspect.signature(fn).parameters
+    out = {}
+    for name, param in params.items():
+        value = kwargs[name]
+        if "constexpr" in str(param.annotation):
+            out[name] = {"constexpr": value}
+        elif isinstance(value, torch.Tensor):
+            out[name] = {"type": _TYPES[value.dtype]}
+        elif isinstance(value, bool):
+            out[name] = {"type": "i1"}
+        elif isinstance(value, int):
+            out[name] = {"type": "i32" if abs(value) < 2**31 else "i64"}
+        else:
+            out[name] = {"type": "fp32"}
+    return out
+
+
+def record_launches(monkeypatch) -> list[dict]:
+    launches: list[dict] = []
+    gpu_tiles = dict(parallel._GPU_TILES)
+    monkeypatch.setattr(parallel, "_tiles", lambda kernel: {"num_stages": 2, **gpu_tiles[kernel]})
+    for name, kernel in vars(parallel).copy().items():
+        if not (name.endswith("_kernel") and hasattr(kernel, "fn")):
+            continue
+
+        class Recorder:
+            def __getitem__(self, grid, name=name, kernel=kernel):
+                def launch(**kwargs):
+                    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+                    launches.append(
+                        {"kernel": name, "params": _describe(kernel.fn, kwargs), "options": options}
+                    )
+                    return kernel[grid](**kwargs, **options)
+
+                return launch
+
+        monkeypatch.setattr(parallel, name, Recorder())
+    for B, T, HQ, HKV, D, dtype, budget, ratios, bs, mask in CASES:
+        cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs)
+        assert cfg.plan(T).n_select % 2 == 1  # odd on purpose
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, T, h, D, generator=g).to(dtype) for h in (HQ, HKV, HKV))
+        gate = torch.rand(B, T, HQ, 3, generator=g).to(dtype)
+        leaves = [x.requires_grad_() for x in (q, k, v, gate)]
+        head_mask = None if mask is None else torch.tensor(mask)
+        parallel.mla_triton(*leaves, cfg, head_mask=head_mask).float().sum().backward()
+    return launches
+
+
+COMPILE = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from automla.kernels import parallel
+
+failed = []
+for rec in json.load(open(sys.argv[1])):
+    fn = getattr(parallel, rec["kernel"])
+    names = list(rec["params"])
+    signature = {n: rec["params"][n].get("type", "constexpr") for n in names}
+    constexprs = {
+        (names.index(n),): p["constexpr"] for n, p in rec["params"].items() if "constexpr" in p
+    }
+    try:
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=rec["options"])
+    except Exception as e:
+        failed.append(f"{rec['kernel']}: {type(e).__name__}: {str(e)[-600:]}")
+print("\n\n".join(failed) if failed else "ok")
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_kernels_compile_for_sm90(monkeypatch, tmp_path):
+    launches = record_launches(monkeypatch)
+    unique = {json.dumps(x, sort_keys=True): x for x in launches}
+    kernels = {x["kernel"] for x in unique.values()}
+    assert len(kernels) >= 10, kernels  # every kernel of the forward and backward launched
+    path = tmp_path / "launches.json"
+    path.write_text(json.dumps(list(unique.values())))
+    script = tmp_path / "compile_kernels.py"
+    script.write_text(COMPILE)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    done = subprocess.run(
+        [sys.executable, str(script), str(path)], env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
