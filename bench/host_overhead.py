@@ -15,6 +15,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import statistics
 import time
 
 import torch
@@ -70,7 +71,7 @@ def main() -> None:
                 call()
             host.append((time.perf_counter() - t0) * 1e3 / args.calls)
             torch.cuda.synchronize()
-        host_ms = sorted(host)[len(host) // 2]
+        host_ms = statistics.median(host)
         dev_ms = sum(kernels.values())
         print(
             f"{name}: host {host_ms:.2f} ms per fwd+bwd, kernels {dev_ms:.2f} ms "
@@ -92,4 +93,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/host_overhead.py needs a CUDA GPU")
     main()

@@ -143,7 +143,7 @@ def main() -> None:
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as run_dir:
         # train() returns metrics only; its final checkpoint holds the trained model
-        metrics = train(config, out_dir=run_dir, progress=False)
+        metrics = train(config, out_dir=run_dir, progress=True)
         trained, _ = load_checkpoint(f"{run_dir}/checkpoint")
     t_train = time.perf_counter() - t0
     print(f"trained {args.steps} steps in {t_train:.0f}s, val_loss {metrics['val_loss']:.4f}")

@@ -83,11 +83,11 @@ def measure(attention, T, steps, warmup, tiny, device, heads, profile=False):
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{attention} at T={T}: loss {loss.item()}")
     step_s = statistics.median(times)
-    if profile and device.type == "cuda":
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    if profile and device.type == "cuda":  # after the peak: the profiler's steps are extra
         print_kernels(
             f"{attention} T={T} step", kernel_ms(lambda s=state: train_step(s, x, y, 1e-4))
         )
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     params = sum(p.numel() for p in state.raw_model.parameters())
     del state
     if device.type == "cuda":

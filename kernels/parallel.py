@@ -871,7 +871,6 @@ def _options(tiles: dict) -> dict:
 
 @dataclass(frozen=True)
 class _HeadLists:
-    group_any: torch.Tensor  # [HKV] bool on the host: groups with an active head
     A: int
     NA: int
     active: torch.Tensor  # [HQ] int32 on the device, 1 where a head is active
@@ -896,7 +895,6 @@ def _head_lists(
         group_any = host.view(HKV, HQ // HKV).any(1)
         groups = group_any.nonzero().flatten().to(torch.int32)
         lists = _HeadLists(
-            group_any=group_any,
             A=heads.numel(),
             NA=groups.numel(),
             active=host.to(torch.int32).to(device),
@@ -931,7 +929,7 @@ class _Layout:
         self.has_sparse = plan.has_sparse and self.NB > 0
         heads = _head_lists(head_mask, self.HQ, self.HKV, q.device)
         self.partial = head_mask is not None
-        self.group_any, self.A, self.NA = heads.group_any, heads.A, heads.NA
+        self.A, self.NA = heads.A, heads.NA
         self.active, self.heads, self.groups = heads.active, heads.heads, heads.groups
         self.pruned_groups = heads.pruned_groups
         self.has_window = self.has_local or self.has_global  # the window kernels run
