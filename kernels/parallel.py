@@ -11,8 +11,8 @@ gate's gradient is <do, o_branch>); the selected block indices are kept too.
 Backward: dq per query tile (local + global) and per token (sparse); dk/dv per key tile for the
 local branch, per compressed tile for the global one (its gradient spread back over the pooled
 keys), and for the sparse one per chunk of the tokens that chose a key block (the selection
-inverted by one sort on the device), added atomically. The forward is deterministic; the
-sparse dk/dv sums are not bitwise (atomic order).
+inverted on the device by a count, a scan and an atomic fill), added atomically. The forward
+is deterministic; the sparse dk/dv sums are not bitwise (atomic order).
 
 Scores run in log2 units (exp2); a row with no key stores lse = +inf so that its probabilities
 in the backward are exactly zero.
@@ -226,26 +226,72 @@ def _score_kernel(
 def _topk_kernel(
     score,
     idx,
+    groups,
     R,
+    NA,
     NB,
+    HKV: tl.constexpr,
     NSEL: tl.constexpr,
     NBP: tl.constexpr,
     BR: tl.constexpr,
 ):
-    # The NSEL best blocks of BR rows, best first; -1 once a row has no candidate left.
+    # The NSEL best blocks of BR rows, best first; -1 once a row has no candidate left. Rows
+    # are (batch * T + token) * NA + active group: pruned groups are neither read nor written.
     i_r = tl.program_id(0)
     o_r = i_r * BR + tl.arange(0, BR)
     o_n = tl.arange(0, NBP)
     m_r = o_r < R
+    o_row = (o_r // NA) * HKV + tl.load(groups + o_r % NA, mask=m_r, other=0)
     # [BR, NBP]
-    p_s = score + o_r[:, None].to(tl.int64) * NB + o_n[None, :]
+    p_s = score + o_row[:, None].to(tl.int64) * NB + o_n[None, :]
     b_s = tl.load(p_s, mask=m_r[:, None] & (o_n < NB)[None, :], other=float("-inf"))
     for i in range(NSEL):
         b_max = tl.max(b_s, 1)
         b_arg = tl.min(tl.where(b_s == b_max[:, None], o_n[None, :], NBP), 1)
         b_sel = tl.where(b_max == float("-inf"), -1, b_arg)
-        tl.store(idx + o_r.to(tl.int64) * NSEL + i, b_sel, mask=m_r)
+        tl.store(idx + o_row.to(tl.int64) * NSEL + i, b_sel, mask=m_r)
         b_s = tl.where(o_n[None, :] == b_arg[:, None], float("-inf"), b_s)
+
+
+@triton.jit
+def _pool_kernel(
+    k,
+    v,
+    out_k,
+    out_v,
+    out_k32,
+    T,
+    N,
+    S,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BR: tl.constexpr,
+    POOL_V: tl.constexpr,
+    OUT_K: tl.constexpr,
+    OUT_K32: tl.constexpr,
+):
+    # Pooled row n of one (batch, KV head): the float32 mean of keys (and values) n*S..n*S+S-1,
+    # stored in the outputs' dtypes (the global branch's kc/vc, the selection's float32 means).
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hk = i_bh // HKV, i_bh % HKV
+    o_in = (i_b * T * HKV + i_hk).to(tl.int64) * D
+    o_out = ((i_b * N + i_n) * HKV + i_hk).to(tl.int64) * D
+    o_d = tl.arange(0, D)
+    b_k = tl.zeros([D], dtype=tl.float32)
+    b_v = tl.zeros([D], dtype=tl.float32)
+    for i_s in range(0, S, BR):
+        o_s = i_s + tl.arange(0, BR)
+        o_x = o_in + ((i_n * S + o_s) * (HKV * D))[:, None] + o_d[None, :]
+        m_s = (o_s < S)[:, None]
+        b_k += tl.sum(tl.load(k + o_x, mask=m_s, other=0.0).to(tl.float32), 0)
+        if POOL_V:
+            b_v += tl.sum(tl.load(v + o_x, mask=m_s, other=0.0).to(tl.float32), 0)
+    if OUT_K:
+        tl.store(out_k + o_out + o_d, (b_k / S).to(out_k.dtype.element_ty))
+    if OUT_K32:
+        tl.store(out_k32 + o_out + o_d, b_k / S)
+    if POOL_V:
+        tl.store(out_v + o_out + o_d, (b_v / S).to(out_v.dtype.element_ty))
 
 
 @triton.jit
@@ -766,6 +812,7 @@ def _sparse_bwd_dkv_kernel(
     active,
     chunks,
     tokens,
+    used,
     do,
     lse_s,
     delta_s,
@@ -788,12 +835,12 @@ def _sparse_bwd_dkv_kernel(
     # One chunk of the tokens that selected one key block of one KV head: chunks[pid] =
     # (segment, first, end) with segment = (b * HKV + hkv) * NB + block and tokens[first:end].
     # Early blocks are chosen by many more tokens than late ones; fixed-size chunks keep the
-    # programs even, and each adds its partial dk/dv atomically.
+    # programs even, and each adds its partial dk/dv atomically. Rows from *used on are unset.
     i_c = tl.program_id(0)
-    seg = tl.load(chunks + i_c * 3)
-    p_lo = tl.load(chunks + i_c * 3 + 1)
-    p_hi = tl.load(chunks + i_c * 3 + 2)
-    if p_hi > p_lo:
+    if i_c < tl.load(used):
+        seg = tl.load(chunks + i_c * 3)
+        p_lo = tl.load(chunks + i_c * 3 + 1)
+        p_hi = tl.load(chunks + i_c * 3 + 2)
         i_n = seg % NB
         i_hk = (seg // NB) % HKV
         i_b = seg // (NB * HKV)
@@ -835,6 +882,112 @@ def _sparse_bwd_dkv_kernel(
             b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
         tl.atomic_add(dk + o_kv, b_dk * scale, mask=m_k[:, None])
         tl.atomic_add(dv + o_kv, b_dv, mask=m_k[:, None])
+
+
+@triton.jit
+def _spread_kernel(
+    dkc,
+    dvc,
+    groups,
+    dk,
+    dv,
+    T,
+    NC,
+    NA,
+    stride,
+    NSPLIT,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BK: tl.constexpr,
+):
+    # Each pooled key receives 1/stride of its compressed token's gradient, summed over the
+    # query splits of the global dk/dv kernel: one tile of keys of one batch and active group.
+    i_s, i_bg = tl.program_id(0), tl.program_id(1)
+    B = tl.num_programs(1) // NA
+    i_b = i_bg // NA
+    i_hk = tl.load(groups + i_bg % NA)
+    o_s = i_s * BK + tl.arange(0, BK)
+    o_d = tl.arange(0, D)
+    m_s = (o_s < NC * stride)[:, None]
+    o_kv = (i_b * T * HKV + i_hk).to(tl.int64) * D + (o_s * (HKV * D))[:, None] + o_d[None, :]
+    o_c = (i_b * NC * HKV + i_hk).to(tl.int64) * D + ((o_s // stride) * (HKV * D))[:, None]
+    o_c = o_c + o_d[None, :]
+    b_dk = tl.zeros([BK, D], dtype=tl.float32)
+    b_dv = tl.zeros([BK, D], dtype=tl.float32)
+    for i_p in range(NSPLIT):
+        o_p = (i_p * B * NC * HKV).to(tl.int64) * D
+        b_dk += tl.load(dkc + o_p + o_c, mask=m_s, other=0.0)
+        b_dv += tl.load(dvc + o_p + o_c, mask=m_s, other=0.0)
+    tl.store(dk + o_kv, tl.load(dk + o_kv, mask=m_s, other=0.0) + b_dk / stride, mask=m_s)
+    tl.store(dv + o_kv, tl.load(dv + o_kv, mask=m_s, other=0.0) + b_dv / stride, mask=m_s)
+
+
+@triton.jit
+def _invert_pass_kernel(
+    idx,
+    counts,
+    cursor,
+    ends,
+    tokens,
+    R,
+    T,
+    NB,
+    HKV: tl.constexpr,
+    NSEL: tl.constexpr,
+    NSP: tl.constexpr,
+    BR: tl.constexpr,
+    FILL: tl.constexpr,
+):
+    # BR selection rows (b * T + t) * HKV + hkv. Each selected block belongs to the segment
+    # (b * HKV + hkv) * NB + block. First pass: count each segment's tokens. Second (FILL):
+    # write each token at its segment's start (ends - counts) plus a slot taken atomically.
+    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    o_j = tl.arange(0, NSP)
+    m = (o_r < R)[:, None] & (o_j < NSEL)[None, :]
+    # [BR, NSP]
+    b_i = tl.load(idx + o_r[:, None].to(tl.int64) * NSEL + o_j[None, :], mask=m, other=-1)
+    m = m & (b_i >= 0)
+    o_bt = o_r // HKV
+    seg = ((o_bt // T) * HKV + o_r % HKV)[:, None] * NB + b_i
+    if FILL:
+        b_pos = tl.atomic_add(cursor + seg, 1, mask=m)
+        b_start = tl.load(ends + seg, mask=m, other=0) - tl.load(counts + seg, mask=m, other=0)
+        b_tok = (o_bt % T)[:, None] + tl.zeros([BR, NSP], dtype=tl.int32)
+        tl.store(tokens + b_start + b_pos, b_tok, mask=m)
+    else:
+        tl.atomic_add(counts + seg, 1, mask=m)
+
+
+@triton.jit
+def _scan_kernel(counts, ends, cends, NSEG, CH, BLOCK: tl.constexpr):
+    # One program: inclusive prefix sums of the segments' token counts (ends) and of their
+    # chunk counts, ceil(count / CH) (cends).
+    b_carry = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), 0)
+    b_ccarry = b_carry
+    for i in range(0, NSEG, BLOCK):
+        o = i + tl.arange(0, BLOCK)
+        m = o < NSEG
+        b_c = tl.load(counts + o, mask=m, other=0)
+        b_nc = (b_c + CH - 1) // CH
+        tl.store(ends + o, tl.cumsum(b_c, 0) + b_carry, mask=m)
+        tl.store(cends + o, tl.cumsum(b_nc, 0) + b_ccarry, mask=m)
+        b_carry += tl.sum(b_c, 0)
+        b_ccarry += tl.sum(b_nc, 0)
+
+
+@triton.jit
+def _chunk_kernel(counts, ends, cends, chunks, CH):
+    # One segment's rows of the chunk table: (segment, first, end) per CH of its tokens.
+    seg = tl.program_id(0)
+    n = tl.load(counts + seg)
+    end = tl.load(ends + seg)
+    nc = (n + CH - 1) // CH
+    row = tl.load(cends + seg) - nc
+    for j in range(nc):
+        first = end - n + j * CH
+        tl.store(chunks + (row + j) * 3, seg)
+        tl.store(chunks + (row + j) * 3 + 1, first)
+        tl.store(chunks + (row + j) * 3 + 2, tl.minimum(first + CH, end))
 
 
 def _interpret() -> bool:
@@ -945,13 +1098,36 @@ class _Layout:
         )
 
 
-def _select(q: torch.Tensor, k: torch.Tensor, lay: _Layout) -> torch.Tensor:
-    """Block indices [B, T, HKV, n_select] int32, as `selection.select_blocks` (-1: no block)."""
-    B, T, HKV, D, NB = lay.B, lay.T, lay.HKV, lay.D, lay.NB
+def _pool(k: torch.Tensor, v: torch.Tensor | None, S: int, N: int, kc_dtype, km: bool):
+    """Means over S consecutive keys (and values) of the first N * S: (kc, vc, km) with kc, vc
+    in kc_dtype ([B, N, HKV, D], None when kc_dtype or v is None) and km in float32 (None
+    unless asked). One launch for all of them."""
+    B, T, HKV, D = k.shape
+    kc = vc = k32 = None
+    if kc_dtype is not None:
+        kc = torch.empty(B, N, HKV, D, dtype=kc_dtype, device=k.device)
+        vc = torch.empty_like(kc)
+    if km:
+        k32 = torch.empty(B, N, HKV, D, dtype=torch.float32, device=k.device)
+    _pool_kernel[(N, B * HKV)](
+        k=k, v=v, out_k=kc, out_v=vc, out_k32=k32, T=T, N=N, S=S, HKV=HKV, D=D,
+        BR=min(64, triton.next_power_of_2(S)), POOL_V=vc is not None, OUT_K=kc is not None,
+        OUT_K32=km,
+    )  # fmt: skip
+    return kc, vc, k32
+
+
+def _select(
+    q: torch.Tensor, k: torch.Tensor, lay: _Layout, km: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Block indices [B, T, HKV, n_select] int32, as `selection.select_blocks` (-1: no block).
+    km: the float32 block means of k [B, NB, HKV, D] when the caller has them already."""
+    B, T, HKV, NB = lay.B, lay.T, lay.HKV, lay.NB
     bs, nsel = lay.plan.block_size, lay.plan.n_select
     t = _tiles("score")
-    # [B, NB, HKV, D], the same float32 means as the reference
-    km = k[:, : NB * bs].float().reshape(B, NB, bs, HKV, D).mean(2).contiguous()
+    if km is None:
+        km = _pool(k, None, bs, NB, None, km=True)[2]
+    # rows of fully pruned groups are neither scored nor ranked: they select nothing
     score = torch.empty(B, T, HKV, NB, dtype=torch.float32, device=q.device)
     BTOK = max(1, 64 // lay.GP)
     _score_kernel[(triton.cdiv(T, BTOK), B * lay.NA)](
@@ -973,49 +1149,52 @@ def _select(q: torch.Tensor, k: torch.Tensor, lay: _Layout) -> torch.Tensor:
         SPLIT=q.dtype != torch.float32,
         **_options(t),
     )
-    if lay.NA < HKV:
-        # fully pruned groups are not scored; they select nothing (indices known on the host:
-        # a device mask here would cost a sync)
-        score.index_fill_(2, lay.pruned_groups, float("-inf"))
-    idx = torch.empty(B, T, HKV, nsel, dtype=torch.int32, device=q.device)
-    R, BR = B * T * HKV, 4
+    alloc = torch.full if lay.NA < HKV else torch.empty
+    fill = {"fill_value": -1} if lay.NA < HKV else {}
+    idx = alloc((B, T, HKV, nsel), **fill, dtype=torch.int32, device=q.device)
+    R, BR = B * T * lay.NA, 4
     _topk_kernel[(triton.cdiv(R, BR),)](
-        score=score, idx=idx, R=R, NB=NB, NSEL=nsel, NBP=triton.next_power_of_2(NB), BR=BR
+        score=score,
+        idx=idx,
+        groups=lay.groups,
+        R=R,
+        NA=lay.NA,
+        NB=NB,
+        HKV=HKV,
+        NSEL=nsel,
+        NBP=triton.next_power_of_2(NB),
+        BR=BR,
     )
     return idx
 
 
-def _invert(idx: torch.Tensor, NB: int, CH: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _invert(idx: torch.Tensor, NB: int, CH: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The selection inverted, as chunks of at most CH tokens per selected block.
 
     Returns chunks [n, 3] int32 rows (segment, first, end), segment = (b * HKV + hkv) * NB +
-    block, indexing tokens [entries] int32 (grouped by segment, in time order inside one).
-    n is an upper bound known without a device sync; unused rows have first == end.
+    block, indexing tokens [entries] int32 (grouped by segment; the order inside a segment is
+    the order of the atomic slots); and the number of chunk rows used, a 1-element device
+    tensor: n is an upper bound known without a device sync. Five launches, no sort.
     """
     B, T, HKV, nsel = idx.shape
     dev = idx.device
     nseg = B * HKV * NB
-    seg = (
-        torch.arange(B, device=dev).view(B, 1, 1, 1) * HKV
-        + torch.arange(HKV, device=dev).view(1, 1, HKV, 1)
-    ) * NB + idx.long()
-    # empty slots sort past the last segment; the key keeps tokens in order inside a segment
-    seg = torch.where(idx >= 0, seg, nseg)
-    key = seg * T + torch.arange(T, device=dev).view(1, T, 1, 1)
-    key = key.flatten().sort().values
-    tokens = (key % T).to(torch.int32)
-    offsets = torch.searchsorted(key, torch.arange(nseg + 1, device=dev) * T)
-    counts = offsets[1:] - offsets[:-1]
-    n_chunks = (counts + CH - 1) // CH
-    ends = torch.cumsum(n_chunks, 0)
+    R = B * T * HKV
+    counts, cursor = torch.zeros(2, nseg, dtype=torch.int32, device=dev)
+    ends = torch.empty(nseg, dtype=torch.int32, device=dev)
+    cends = torch.empty(nseg, dtype=torch.int32, device=dev)
+    tokens = torch.empty(idx.numel(), dtype=torch.int32, device=dev)
     n = nseg + triton.cdiv(idx.numel(), CH)
-    pid = torch.arange(n, device=dev)
-    cseg = torch.searchsorted(ends, pid, right=True).clamp(max=nseg - 1)
-    first = offsets[cseg] + (pid - (ends[cseg] - n_chunks[cseg])) * CH
-    end = torch.minimum(first + CH, offsets[cseg + 1])
-    first = torch.where(pid < ends[-1], first, end)
-    chunks = torch.stack((cseg, first, end), 1).to(torch.int32).contiguous()
-    return chunks, tokens
+    chunks = torch.empty(n, 3, dtype=torch.int32, device=dev)
+    BR = max(1, 256 // triton.next_power_of_2(nsel))
+    grid = (triton.cdiv(R, BR),)
+    bufs = dict(idx=idx, counts=counts, cursor=cursor, ends=ends, tokens=tokens)
+    sizes = dict(R=R, T=T, NB=NB, HKV=HKV, NSEL=nsel, NSP=triton.next_power_of_2(nsel), BR=BR)
+    _invert_pass_kernel[grid](**bufs, **sizes, FILL=False)
+    _scan_kernel[(1,)](counts=counts, ends=ends, cends=cends, NSEG=nseg, CH=CH, BLOCK=1024)
+    _invert_pass_kernel[grid](**bufs, **sizes, FILL=True)
+    _chunk_kernel[(nseg,)](counts=counts, ends=ends, cends=cends, chunks=chunks, CH=CH)
+    return chunks, tokens, cends[-1:]
 
 
 def mla_fwd(
@@ -1027,7 +1206,7 @@ def mla_fwd(
     store: bool,
 ) -> tuple[torch.Tensor, dict]:
     """Forward launches; returns o and what the backward needs."""
-    B, T, HQ, HKV, D = lay.B, lay.T, lay.HQ, lay.HKV, lay.D
+    B, T, HQ, D = lay.B, lay.T, lay.HQ, lay.D
     dev = q.device
     if lay.partial or not lay.any:
         o = torch.zeros_like(q)
@@ -1047,10 +1226,11 @@ def mla_fwd(
     o_g, lse_g = branch_buffers(lay.has_global)
     o_s, lse_s = branch_buffers(lay.has_sparse)
     kc = vc = k
+    km = None
     if lay.has_global:
-        st, NC = lay.plan.stride, lay.NC
-        kc = k[:, : NC * st].float().reshape(B, NC, st, HKV, D).mean(2).to(q.dtype)
-        vc = v[:, : NC * st].float().reshape(B, NC, st, HKV, D).mean(2).to(q.dtype)
+        # with stride == block_size the selection's float32 block means come from the same pass
+        shared = lay.has_sparse and lay.plan.stride == lay.plan.block_size
+        kc, vc, km = _pool(k, v, lay.plan.stride, lay.NC, q.dtype, km=shared)
     if lay.has_window:
         t = _tiles("window_fwd")
         _window_fwd_kernel[(triton.cdiv(T, t["BT"]), B * lay.A)](
@@ -1082,7 +1262,7 @@ def mla_fwd(
         )
     idx = lse_l
     if lay.has_sparse:
-        idx = _select(q, k, lay)
+        idx = _select(q, k, lay, km)
         t = _tiles("sparse_fwd")
         _sparse_fwd_kernel[(T, B * lay.NA)](
             q=q,
@@ -1124,15 +1304,19 @@ def mla_bwd(
     B, T, HQ, HKV, D = lay.B, lay.T, lay.HQ, lay.HKV, lay.D
     dev = q.device
     do = do.contiguous()
-    dgate = torch.zeros(B, T, HQ, 3, dtype=torch.float32, device=dev)
-    dk = torch.zeros(B, T, HKV, D, dtype=torch.float32, device=dev)
-    dv = torch.zeros(B, T, HKV, D, dtype=torch.float32, device=dev)
+    # the prep kernel writes every (active head, present branch) entry of dgate
+    full = not lay.partial and lay.has_local and lay.has_global and lay.has_sparse
+    dgate = (torch.empty if full else torch.zeros)(B, T, HQ, 3, dtype=gate.dtype, device=dev)
+    # float32: the branches add into them (the sparse one atomically); one buffer, one cast
+    dkv = torch.zeros(2, B, T, HKV, D, dtype=torch.float32, device=dev)
+    dk, dv = dkv
     if lay.partial or not lay.any:
         dq = torch.zeros_like(q)
     else:
         dq = torch.empty(B, T, HQ, D, dtype=q.dtype, device=dev)
     if not lay.any:
-        return dq, dk.to(k.dtype), dv.to(v.dtype), dgate.to(gate.dtype)
+        dkv = dkv.to(k.dtype)
+        return dq, dkv[0], dkv[1], dgate
 
     def delta_buffer(present: bool) -> torch.Tensor:
         return torch.empty(B, T, HQ, dtype=torch.float32, device=dev) if present else dgate
@@ -1222,9 +1406,8 @@ def mla_bwd(
         # split the queries after each tile so that the launch fills the GPU
         nsplit = max(1, min(triton.cdiv(T, t["BT"]), triton.cdiv(1024, n_tiles * B * lay.NA)))
         chunk = triton.cdiv(triton.cdiv(T, nsplit), t["BT"]) * t["BT"]
-        alloc = torch.zeros if lay.NA < HKV else torch.empty
-        dkc = alloc(nsplit, B, NC, HKV, D, dtype=torch.float32, device=dev)
-        dvc = alloc(nsplit, B, NC, HKV, D, dtype=torch.float32, device=dev)
+        # fully pruned groups' rows stay unset: the spread below skips them too
+        dkc, dvc = torch.empty(2, nsplit, B, NC, HKV, D, dtype=torch.float32, device=dev)
         _global_bwd_dkv_kernel[(n_tiles, B * lay.NA, nsplit)](
             q=q,
             kc=saved["kc"],
@@ -1248,10 +1431,11 @@ def mla_bwd(
             BC=t["BC"],
             **_options(t),
         )
-        # each pooled key receives 1/stride of its compressed token's gradient
-        stride = lay.stride
-        dk[:, : NC * stride].view(B, NC, stride, HKV, D).add_(dkc.sum(0).unsqueeze(2) / stride)
-        dv[:, : NC * stride].view(B, NC, stride, HKV, D).add_(dvc.sum(0).unsqueeze(2) / stride)
+        BK = 64
+        _spread_kernel[(triton.cdiv(NC * lay.stride, BK), B * lay.NA)](
+            dkc=dkc, dvc=dvc, groups=lay.groups, dk=dk, dv=dv, T=T, NC=NC, NA=lay.NA,
+            stride=lay.stride, NSPLIT=nsplit, HKV=HKV, D=D, BK=BK,
+        )  # fmt: skip
     if lay.has_sparse:
         idx = saved["idx"]
         t = _tiles("sparse_dq")
@@ -1279,7 +1463,7 @@ def mla_bwd(
             **_options(t),
         )
         t = _tiles("sparse_dkv")
-        chunks, tokens = _invert(idx, lay.NB, t["CH"])
+        chunks, tokens, used = _invert(idx, lay.NB, t["CH"])
         _sparse_bwd_dkv_kernel[(chunks.shape[0],)](
             q=q,
             k=k,
@@ -1288,6 +1472,7 @@ def mla_bwd(
             active=lay.active,
             chunks=chunks,
             tokens=tokens,
+            used=used,
             do=do,
             lse_s=saved["lse_s"],
             delta_s=delta_s,
@@ -1303,7 +1488,8 @@ def mla_bwd(
             BQ=max(1, t["ROWS"] // lay.GP),
             **_options(t),
         )
-    return dq, dk.to(k.dtype), dv.to(v.dtype), dgate.to(gate.dtype)
+    dkv = dkv.to(k.dtype)
+    return dq, dkv[0], dkv[1], dgate
 
 
 class MLATritonFunction(torch.autograd.Function):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from automla.kernels import AttentionConfig, mla_attention, mla_reference, select_blocks
-from automla.kernels.parallel import _Layout, _select, mla_triton
+from automla.kernels.parallel import _invert, _Layout, _pool, _select, mla_triton
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -118,6 +118,53 @@ def test_selection_matches_select_blocks(dtype):
     got = _select(q, k, _Layout(q, k, plan, None)).long()
     want = select_blocks(q, k, plan)
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+@pytest.mark.parametrize("nsel, CH", [(3, 2), (5, 64)])
+def test_invert_lists_each_blocks_tokens_in_chunks(nsel, CH):
+    # the selection inverted on the device: every (batch, KV head, block) segment lists exactly
+    # the tokens that chose it, cut into chunks of at most CH; unused chunk rows come last
+    B, T, HKV, NB = 2, 37, 3, 9
+    g = torch.Generator().manual_seed(nsel)
+    idx = torch.stack([torch.randperm(NB, generator=g)[:nsel] for _ in range(B * T * HKV)])
+    idx = idx.view(B, T, HKV, nsel).int()
+    idx[torch.rand(idx.shape, generator=g) < 0.3] = -1  # empty slots
+    chunks, tokens, used = _invert(idx, NB, CH)
+    n_used = int(used)
+    assert n_used <= chunks.shape[0]
+    got: dict[int, list[int]] = {}
+    for seg, first, end in chunks[:n_used].tolist():
+        assert 0 < end - first <= CH
+        got.setdefault(seg, []).extend(tokens[first:end].tolist())
+    want: dict[int, list[int]] = {}
+    for b, t, h, j in (idx >= 0).nonzero().tolist():
+        want.setdefault((b * HKV + h) * NB + int(idx[b, t, h, j]), []).append(t)
+    assert {s: sorted(x) for s, x in got.items()} == {s: sorted(x) for s, x in want.items()}
+
+
+@pytest.mark.parametrize("S, N", [(4, 5), (3, 7), (128, 1)])
+def test_pool_matches_float32_means(S, N):
+    q, k, v, *_ = make_inputs(2, 5 * 4 + 3 if N == 5 else S * N + 2, 2, 2, 16, torch.float16)
+    kc, vc, km = _pool(k, v, S, N, torch.float16, km=True)
+    B, _, HKV, D = k.shape
+    want_k = k[:, : N * S].float().reshape(B, N, S, HKV, D).mean(2)
+    want_v = v[:, : N * S].float().reshape(B, N, S, HKV, D).mean(2)
+    assert kc.dtype == vc.dtype == torch.float16 and km.dtype == torch.float32
+    assert torch.allclose(km, want_k, atol=1e-6, rtol=1e-6)
+    assert torch.equal(kc, want_k.half()) or rel_err(kc, want_k) < 1e-3
+    assert rel_err(vc, want_v) < 1e-3
+
+
+def test_selection_with_a_pruned_group_selects_nothing_there():
+    cfg = AttentionConfig(budget=48, ratios=(0.25, 0.25, 0.5), block_size=4)
+    q, k, *_ = make_inputs(1, 63, 8, 4, 16, torch.float32, seed=4)
+    plan = cfg.plan(63)
+    mask = torch.tensor([True, False, False, False, True, True, False, True])  # group 1 gone
+    got = _select(q, k, _Layout(q, k, plan, mask)).long()
+    want = select_blocks(q * mask[:, None], k, plan)
+    assert (got[:, :, 1] == -1).all()
+    for h in (0, 2, 3):
+        assert torch.equal(got[:, :, h].sort(-1).values, want[:, :, h].sort(-1).values)
 
 
 def test_public_op_dispatches_to_triton():
