@@ -209,15 +209,19 @@ def kernel_times(T: int, runs: int = 3, hkv: int = HKV) -> dict[str, float]:
 # Tile candidates per kernel for --sweep, the current default first (earlier rounds in
 # bench/NOTES.md: 4 and 8 warps, 16 to 128 rows, 1 to 3 stages).
 SWEEP = {
+    # HP heads of one group per program share each key tile: HP x BT rows
     "window_fwd": [
-        {"BT": 64, "BK": 64, "BC": 64, "num_warps": 4, "num_stages": 3},
-        {"BT": 64, "BK": 32, "BC": 32, "num_warps": 4, "num_stages": 3},
-        {"BT": 64, "BK": 64, "BC": 64, "num_warps": 4},
+        {"BT": 64, "BK": 64, "BC": 64, "HP": 1, "num_warps": 4, "num_stages": 3},
+        {"BT": 64, "BK": 64, "BC": 64, "HP": 2, "num_warps": 8, "num_stages": 3},
+        {"BT": 64, "BK": 64, "BC": 64, "HP": 2, "num_warps": 8, "num_stages": 2},
+        {"BT": 32, "BK": 64, "BC": 64, "HP": 4, "num_warps": 8, "num_stages": 3},
+        {"BT": 64, "BK": 64, "BC": 64, "HP": 2, "num_warps": 4, "num_stages": 2},
     ],
     "window_dq": [
-        {"BT": 64, "BK": 64, "BC": 64, "num_warps": 4},
-        {"BT": 64, "BK": 64, "BC": 64, "num_warps": 4, "num_stages": 3},
-        {"BT": 64, "BK": 32, "BC": 32, "num_warps": 4},
+        {"BT": 64, "BK": 64, "BC": 64, "HP": 1, "num_warps": 4},
+        {"BT": 64, "BK": 64, "BC": 64, "HP": 2, "num_warps": 8},
+        {"BT": 64, "BK": 64, "BC": 64, "HP": 2, "num_warps": 8, "num_stages": 3},
+        {"BT": 32, "BK": 64, "BC": 64, "HP": 4, "num_warps": 8},
     ],
     "local_dkv": [
         {"BT": 64, "BK": 64, "num_warps": 4},
@@ -250,10 +254,13 @@ KERNEL_OF = {
 }
 
 
-def sweep(T: int) -> dict:
-    """Time each kernel's tile candidates at length T; keep the fastest of each."""
+def sweep(T: int, only: list[str] | None = None) -> dict:
+    """Time each kernel's tile candidates at length T (those in `only`, default all); keep
+    the fastest of each."""
     chosen, log = {}, []
     for name, candidates in SWEEP.items():
+        if only and name not in only:
+            continue
         best = None
         for cand in candidates:
             parallel._GPU_TILES[name] = cand
@@ -280,6 +287,7 @@ def main() -> None:
     ap.add_argument("--peers", default="flash,cudnn,flex", help="comma list; '' for none")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="tune tiles at 32k first, then measure")
+    ap.add_argument("--sweep-only", default="", help="comma list of SWEEP kernels (default all)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -294,7 +302,7 @@ def main() -> None:
     result["ceilings"] = ceilings()
     print("ceilings", result["ceilings"], flush=True)
     if args.sweep:
-        result["sweep_32k"] = sweep(32768)
+        result["sweep_32k"] = sweep(32768, [x for x in args.sweep_only.split(",") if x])
     result["tiles"] = {k: parallel._tiles(k) for k in parallel._GPU_TILES}
     if not args.skip_check:
         result["check_T4096"] = check_correctness()

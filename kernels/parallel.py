@@ -21,7 +21,7 @@ in the backward are exactly zero.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -100,6 +100,16 @@ def _load_block(k, v, p_idx, o_k, o_d, BS: tl.constexpr, HKV: tl.constexpr, D: t
     b_k = tl.load(k + o_kv, mask=m_k[:, None], other=0.0)
     b_v = tl.load(v + o_kv, mask=m_k[:, None], other=0.0)
     return m_k, b_k, b_v
+
+
+@triton.jit
+def _n_selected(idx, NSEL: tl.constexpr):
+    # Selections are best first with -1 only after the last block (top-k writes -1 once a row
+    # has no candidate left), so the loops stop there: early tokens have few candidates.
+    n = 0
+    for i in tl.static_range(NSEL):
+        n += (tl.load(idx + i) >= 0).to(tl.int32)
+    return n
 
 
 @triton.jit
@@ -295,6 +305,22 @@ def _pool_kernel(
 
 
 @triton.jit
+def _pack_rows(packs, T, NP, HQ: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr):
+    # The program's rows: BT tokens of each of the HP heads of one pack (heads of one KV group,
+    # -1 where the pack is short). Returns the batch, the KV head, each row's token o_t, its
+    # offset o_row = t * HQ + h inside the batch and m_t, whether it is a real row.
+    i_t, i_p = tl.program_id(0), tl.program_id(1)
+    i_b = i_p // NP
+    p_pack = packs + (i_p % NP) * HP
+    o_r = tl.arange(0, HP * BT)
+    o_t = i_t * BT + o_r % BT
+    o_h = tl.load(p_pack + o_r // BT)
+    m_t = (o_t < T) & (o_h >= 0)
+    o_row = o_t * HQ + tl.maximum(o_h, 0)
+    return i_b, tl.load(p_pack) // G, o_t, o_row, m_t
+
+
+@triton.jit
 def _window_fwd_kernel(
     q,
     k,
@@ -302,7 +328,7 @@ def _window_fwd_kernel(
     kc,
     vc,
     gate,
-    heads,
+    packs,
     o,
     o_l,
     o_g,
@@ -310,7 +336,7 @@ def _window_fwd_kernel(
     lse_g,
     T,
     NC,
-    A,
+    NP,
     window,
     stride,
     scale2,
@@ -321,30 +347,28 @@ def _window_fwd_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BC: tl.constexpr,
+    HP: tl.constexpr,
     HAS_LOCAL: tl.constexpr,
     HAS_GLOBAL: tl.constexpr,
     STORE: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # One query tile of one head: the local window, then the compressed prefix.
-    i_t, i_ba = tl.program_id(0), tl.program_id(1)
-    i_b = i_ba // A
-    i_h = tl.load(heads + i_ba % A)
-    i_hk = i_h // G
-    o_qh = (i_b * T * HQ + i_h).to(tl.int64)
-    o_t = i_t * BT + tl.arange(0, BT)
+    # One query tile of HP heads of one group (their rows share each key tile): the local
+    # window, then the compressed prefix.
+    i_b, i_hk, o_t, o_row, m_t = _pack_rows(packs, T, NP, HQ, G, BT, HP)
+    i_t = tl.program_id(0)
+    o_bq = (i_b * T * HQ).to(tl.int64)
     o_d = tl.arange(0, D)
-    m_t = o_t < T
-    o_x = (o_t * (HQ * D))[:, None] + o_d[None, :]
-    # [BT, D]
-    b_q = tl.load(q + o_qh * D + o_x, mask=m_t[:, None], other=0.0)
+    o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
+    # [HP * BT, D]
+    b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
 
     if HAS_LOCAL:
         k += (i_b * T * HKV + i_hk).to(tl.int64) * D
         v += (i_b * T * HKV + i_hk).to(tl.int64) * D
-        b_m = tl.full([BT], float("-inf"), dtype=tl.float32)
-        b_l = tl.zeros([BT], dtype=tl.float32)
-        b_acc = tl.zeros([BT, D], dtype=tl.float32)
+        b_m = tl.full([HP * BT], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([HP * BT], dtype=tl.float32)
+        b_acc = tl.zeros([HP * BT, D], dtype=tl.float32)
         lo = tl.maximum(i_t * BT - window + 1, 0) // BK * BK
         hi = tl.minimum((i_t + 1) * BT, T)
         for i_s in range(lo, hi, BK):
@@ -353,25 +377,25 @@ def _window_fwd_kernel(
             # [BK, D]
             b_k = tl.load(k + o_kv, mask=(o_s < T)[:, None], other=0.0)
             b_v = tl.load(v + o_kv, mask=(o_s < T)[:, None], other=0.0)
-            # [BT, BK]
+            # [HP * BT, BK]
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
             m_s = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - window)
             b_s = tl.where(m_s, b_s, float("-inf"))
             b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
         b_ob, b_lse = _softmax_finish(b_m, b_l, b_acc)
-        tl.store(lse_l + o_qh + o_t * HQ, b_lse, mask=m_t)
+        tl.store(lse_l + o_bq + o_row, b_lse, mask=m_t)
         if STORE:
-            tl.store(o_l + o_qh * D + o_x, b_ob.to(o_l.dtype.element_ty), mask=m_t[:, None])
-        b_g = tl.load(gate + o_qh * 3 + o_t * (HQ * 3), mask=m_t, other=0.0).to(tl.float32)
+            tl.store(o_l + o_x, b_ob.to(o_l.dtype.element_ty), mask=m_t[:, None])
+        b_g = tl.load(gate + (o_bq + o_row) * 3, mask=m_t, other=0.0).to(tl.float32)
         # held in q's dtype while the global branch runs, to save registers
         b_o = (b_g[:, None] * b_ob).to(b_q.dtype)
 
     if HAS_GLOBAL:
         kc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
         vc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
-        b_m = tl.full([BT], float("-inf"), dtype=tl.float32)
-        b_l = tl.zeros([BT], dtype=tl.float32)
-        b_acc = tl.zeros([BT, D], dtype=tl.float32)
+        b_m = tl.full([HP * BT], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([HP * BT], dtype=tl.float32)
+        b_acc = tl.zeros([HP * BT, D], dtype=tl.float32)
         n_vis = (o_t + 1) // stride
         hi = tl.minimum(((i_t + 1) * BT) // stride, NC)
         for i_c in range(0, hi, BC):
@@ -380,21 +404,21 @@ def _window_fwd_kernel(
             # [BC, D]
             b_k = tl.load(kc + o_kv, mask=(o_c < NC)[:, None], other=0.0)
             b_v = tl.load(vc + o_kv, mask=(o_c < NC)[:, None], other=0.0)
-            # [BT, BC]
+            # [HP * BT, BC]
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
             b_s = tl.where(o_c[None, :] < n_vis[:, None], b_s, float("-inf"))
             b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
         b_ob, b_lse = _softmax_finish(b_m, b_l, b_acc)
-        tl.store(lse_g + o_qh + o_t * HQ, b_lse, mask=m_t)
+        tl.store(lse_g + o_bq + o_row, b_lse, mask=m_t)
         if STORE:
-            tl.store(o_g + o_qh * D + o_x, b_ob.to(o_g.dtype.element_ty), mask=m_t[:, None])
-        b_g = tl.load(gate + o_qh * 3 + o_t * (HQ * 3) + 1, mask=m_t, other=0.0).to(tl.float32)
+            tl.store(o_g + o_x, b_ob.to(o_g.dtype.element_ty), mask=m_t[:, None])
+        b_g = tl.load(gate + (o_bq + o_row) * 3 + 1, mask=m_t, other=0.0).to(tl.float32)
         if HAS_LOCAL:
             b_o = b_o.to(tl.float32) + b_g[:, None] * b_ob
         else:
             b_o = b_g[:, None] * b_ob
 
-    tl.store(o + o_qh * D + o_x, b_o.to(o.dtype.element_ty), mask=m_t[:, None])
+    tl.store(o + o_x, b_o.to(o.dtype.element_ty), mask=m_t[:, None])
 
 
 @triton.jit
@@ -437,7 +461,7 @@ def _sparse_fwd_kernel(
     b_m = tl.full([GP], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([GP], dtype=tl.float32)
     b_acc = tl.zeros([GP, D], dtype=tl.float32)
-    for i in range(NSEL):
+    for i in range(_n_selected(idx, NSEL)):
         # [BSP], [BSP, D]
         m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, BS, HKV, D)
         # [GP, BSP]
@@ -504,7 +528,7 @@ def _window_bwd_dq_kernel(
     kc,
     vc,
     gate,
-    heads,
+    packs,
     do,
     lse_l,
     lse_g,
@@ -513,7 +537,7 @@ def _window_bwd_dq_kernel(
     dq,
     T,
     NC,
-    A,
+    NP,
     window,
     stride,
     scale2,
@@ -525,24 +549,22 @@ def _window_bwd_dq_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BC: tl.constexpr,
+    HP: tl.constexpr,
     HAS_LOCAL: tl.constexpr,
     HAS_GLOBAL: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    i_t, i_ba = tl.program_id(0), tl.program_id(1)
-    i_b = i_ba // A
-    i_h = tl.load(heads + i_ba % A)
-    i_hk = i_h // G
-    o_qh = (i_b * T * HQ + i_h).to(tl.int64)
-    o_t = i_t * BT + tl.arange(0, BT)
+    # dq of one query tile of HP heads of one group: local, then global.
+    i_b, i_hk, o_t, o_row, m_t = _pack_rows(packs, T, NP, HQ, G, BT, HP)
+    i_t = tl.program_id(0)
+    o_bq = (i_b * T * HQ).to(tl.int64)
     o_d = tl.arange(0, D)
-    m_t = o_t < T
-    o_x = (o_t * (HQ * D))[:, None] + o_d[None, :]
-    o_r = o_qh + o_t * HQ
-    # [BT, D]
-    b_q = tl.load(q + o_qh * D + o_x, mask=m_t[:, None], other=0.0)
-    b_do = tl.load(do + o_qh * D + o_x, mask=m_t[:, None], other=0.0)
-    b_dq = tl.zeros([BT, D], dtype=tl.float32)
+    o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
+    o_r = o_bq + o_row
+    # [HP * BT, D]
+    b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
+    b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
+    b_dq = tl.zeros([HP * BT, D], dtype=tl.float32)
 
     if HAS_LOCAL:
         k += (i_b * T * HKV + i_hk).to(tl.int64) * D
@@ -559,7 +581,7 @@ def _window_bwd_dq_kernel(
             # [BK, D]
             b_k = tl.load(k + o_kv, mask=(o_s < T)[:, None], other=0.0)
             b_v = tl.load(v + o_kv, mask=(o_s < T)[:, None], other=0.0)
-            # [BT, BK]
+            # [HP * BT, BK]
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
             m_s = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - window)
             b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
@@ -582,14 +604,14 @@ def _window_bwd_dq_kernel(
             # [BC, D]
             b_k = tl.load(kc + o_kv, mask=(o_c < NC)[:, None], other=0.0)
             b_v = tl.load(vc + o_kv, mask=(o_c < NC)[:, None], other=0.0)
-            # [BT, BC]
+            # [HP * BT, BC]
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
             b_p = tl.where(o_c[None, :] < n_vis[:, None], tl.exp2(b_s - b_lse[:, None]), 0.0)
             b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
             b_ds = b_p * (b_dp - b_delta[:, None])
             b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
 
-    tl.store(dq + o_qh * D + o_x, (b_dq * scale).to(dq.dtype.element_ty), mask=m_t[:, None])
+    tl.store(dq + o_x, (b_dq * scale).to(dq.dtype.element_ty), mask=m_t[:, None])
 
 
 @triton.jit
@@ -788,7 +810,7 @@ def _sparse_bwd_dq_kernel(
     b_lse = tl.load(lse_s + o_tq + o_h, mask=m_g, other=float("inf"))
     b_delta = tl.load(delta_s + o_tq + o_h, mask=m_g, other=0.0)
     b_dq = tl.zeros([GP, D], dtype=tl.float32)
-    for i in range(NSEL):
+    for i in range(_n_selected(idx, NSEL)):
         # [BSP], [BSP, D]
         m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, BS, HKV, D)
         # [GP, BSP]
@@ -998,17 +1020,19 @@ def _interpret() -> bool:
 # spill on Triton 3.6, timed at 32k by `bench/attention.py --sweep` (see bench/NOTES.md).
 _GPU_TILES = {
     "score": {"BN": 32, "num_warps": 4},
-    "window_fwd": {"BT": 64, "BK": 64, "BC": 64, "num_warps": 4, "num_stages": 3},
+    "window_fwd": {"BT": 64, "BK": 64, "BC": 64, "HP": 1, "num_warps": 4, "num_stages": 3},
     "sparse_fwd": {"num_warps": 2},
     "prep": {"BT": 32, "num_warps": 8},
-    "window_dq": {"BT": 64, "BK": 64, "BC": 64, "num_warps": 4},
+    "window_dq": {"BT": 64, "BK": 64, "BC": 64, "HP": 1, "num_warps": 4},
     "local_dkv": {"BT": 64, "BK": 64, "num_warps": 4},
     "global_dkv": {"BT": 64, "BC": 64, "num_warps": 4},
     "sparse_dq": {"num_warps": 2},
     "sparse_dkv": {"ROWS": 64, "CH": 256, "num_warps": 4},
 }
 # Small tiles under the interpreter, so that every loop runs more than once in the tests.
-_CPU_TILES = {"BT": 32, "BK": 16, "BC": 16, "BN": 16, "ROWS": 32, "CH": 8, "num_warps": 4}
+_CPU_TILES = {
+    "BT": 32, "BK": 16, "BC": 16, "BN": 16, "ROWS": 32, "CH": 8, "HP": 2, "num_warps": 4
+}  # fmt: skip
 
 
 def _tiles(kernel: str) -> dict:
@@ -1030,6 +1054,22 @@ class _HeadLists:
     heads: torch.Tensor  # [A] int32, the active query heads
     groups: torch.Tensor  # [NA] int32, the KV heads of the groups with an active head
     pruned_groups: torch.Tensor  # int64, the KV heads whose whole group is pruned
+    host: torch.Tensor  # [HQ] bool on the CPU
+    G: int
+    _packs: dict = field(default_factory=dict)
+
+    def packs(self, HP: int) -> torch.Tensor:
+        """[NP, HP] int32 on the device: the active heads of each group in packs of HP (the
+        window kernels' programs), -1 where a group's last pack is short."""
+        if HP not in self._packs:
+            rows = []
+            for g in self.groups.tolist():
+                heads = [g * self.G + j for j in range(self.G) if self.host[g * self.G + j]]
+                for i in range(0, len(heads), HP):
+                    rows.append((heads[i : i + HP] + [-1] * HP)[:HP])
+            rows = rows or [[-1] * HP]
+            self._packs[HP] = torch.tensor(rows, dtype=torch.int32).to(self.active.device)
+        return self._packs[HP]
 
 
 _HEAD_LISTS: dict[tuple, _HeadLists] = {}
@@ -1054,6 +1094,8 @@ def _head_lists(
             heads=heads.to(device),
             groups=groups.to(device),
             pruned_groups=(~group_any).nonzero().flatten().to(device),
+            host=host.clone(),
+            G=HQ // HKV,
         )
         if len(_HEAD_LISTS) > 1024:  # masks change only at pruning decisions
             _HEAD_LISTS.clear()
@@ -1084,6 +1126,7 @@ class _Layout:
         self.partial = head_mask is not None
         self.A, self.NA = heads.A, heads.NA
         self.active, self.heads, self.groups = heads.active, heads.heads, heads.groups
+        self.packs = heads.packs
         self.pruned_groups = heads.pruned_groups
         self.has_window = self.has_local or self.has_global  # the window kernels run
         self.any = self.A > 0 and (self.has_window or self.has_sparse)
@@ -1233,14 +1276,15 @@ def mla_fwd(
         kc, vc, km = _pool(k, v, lay.plan.stride, lay.NC, q.dtype, km=shared)
     if lay.has_window:
         t = _tiles("window_fwd")
-        _window_fwd_kernel[(triton.cdiv(T, t["BT"]), B * lay.A)](
+        packs = lay.packs(t["HP"])
+        _window_fwd_kernel[(triton.cdiv(T, t["BT"]), B * packs.shape[0])](
             q=q,
             k=k,
             v=v,
             kc=kc,
             vc=vc,
             gate=gate,
-            heads=lay.heads,
+            packs=packs,
             o=o,
             o_l=o_l,
             o_g=o_g,
@@ -1248,13 +1292,14 @@ def mla_fwd(
             lse_g=lse_g,
             T=T,
             NC=lay.NC,
-            A=lay.A,
+            NP=packs.shape[0],
             window=lay.plan.window,
             stride=lay.stride,
             **lay.args,
             BT=t["BT"],
             BK=t["BK"],
             BC=t["BC"],
+            HP=t["HP"],
             HAS_LOCAL=lay.has_local,
             HAS_GLOBAL=lay.has_global,
             STORE=store,
@@ -1348,14 +1393,15 @@ def mla_bwd(
     )
     if lay.has_window:
         t = _tiles("window_dq")
-        _window_bwd_dq_kernel[(triton.cdiv(T, t["BT"]), B * lay.A)](
+        packs = lay.packs(t["HP"])
+        _window_bwd_dq_kernel[(triton.cdiv(T, t["BT"]), B * packs.shape[0])](
             q=q,
             k=k,
             v=v,
             kc=saved["kc"],
             vc=saved["vc"],
             gate=gate,
-            heads=lay.heads,
+            packs=packs,
             do=do,
             lse_l=saved["lse_l"],
             lse_g=saved["lse_g"],
@@ -1364,7 +1410,7 @@ def mla_bwd(
             dq=dq,
             T=T,
             NC=lay.NC,
-            A=lay.A,
+            NP=packs.shape[0],
             window=lay.plan.window,
             stride=lay.stride,
             **lay.args,
@@ -1372,6 +1418,7 @@ def mla_bwd(
             BT=t["BT"],
             BK=t["BK"],
             BC=t["BC"],
+            HP=t["HP"],
             HAS_LOCAL=lay.has_local,
             HAS_GLOBAL=lay.has_global,
             **_options(t),
