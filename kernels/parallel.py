@@ -922,26 +922,29 @@ def _spread_kernel(
     D: tl.constexpr,
     BK: tl.constexpr,
 ):
-    # Each pooled key receives 1/stride of its compressed token's gradient, summed over the
-    # query splits of the global dk/dv kernel: one tile of keys of one batch and active group.
-    i_s, i_bg = tl.program_id(0), tl.program_id(1)
+    # One compressed token of one batch and active group: its gradient, summed over the query
+    # splits of the global dk/dv kernel, goes 1/stride to each of the keys it pooled.
+    i_c, i_bg = tl.program_id(0), tl.program_id(1)
     B = tl.num_programs(1) // NA
     i_b = i_bg // NA
     i_hk = tl.load(groups + i_bg % NA)
-    o_s = i_s * BK + tl.arange(0, BK)
     o_d = tl.arange(0, D)
-    m_s = (o_s < NC * stride)[:, None]
-    o_kv = (i_b * T * HKV + i_hk).to(tl.int64) * D + (o_s * (HKV * D))[:, None] + o_d[None, :]
-    o_c = (i_b * NC * HKV + i_hk).to(tl.int64) * D + ((o_s // stride) * (HKV * D))[:, None]
-    o_c = o_c + o_d[None, :]
-    b_dk = tl.zeros([BK, D], dtype=tl.float32)
-    b_dv = tl.zeros([BK, D], dtype=tl.float32)
+    o_c = ((i_b * NC + i_c) * HKV + i_hk).to(tl.int64) * D + o_d
+    b_dk = tl.zeros([D], dtype=tl.float32)
+    b_dv = tl.zeros([D], dtype=tl.float32)
     for i_p in range(NSPLIT):
         o_p = (i_p * B * NC * HKV).to(tl.int64) * D
-        b_dk += tl.load(dkc + o_p + o_c, mask=m_s, other=0.0)
-        b_dv += tl.load(dvc + o_p + o_c, mask=m_s, other=0.0)
-    tl.store(dk + o_kv, tl.load(dk + o_kv, mask=m_s, other=0.0) + b_dk / stride, mask=m_s)
-    tl.store(dv + o_kv, tl.load(dv + o_kv, mask=m_s, other=0.0) + b_dv / stride, mask=m_s)
+        b_dk += tl.load(dkc + o_p + o_c)
+        b_dv += tl.load(dvc + o_p + o_c)
+    b_dk = b_dk / stride
+    b_dv = b_dv / stride
+    o_kh = (i_b * T * HKV + i_hk).to(tl.int64) * D
+    for i_s in range(0, stride, BK):
+        o_s = i_c * stride + i_s + tl.arange(0, BK)
+        m_s = (i_s + tl.arange(0, BK) < stride)[:, None]
+        o_kv = o_kh + (o_s * (HKV * D))[:, None] + o_d[None, :]
+        tl.store(dk + o_kv, tl.load(dk + o_kv, mask=m_s, other=0.0) + b_dk[None, :], mask=m_s)
+        tl.store(dv + o_kv, tl.load(dv + o_kv, mask=m_s, other=0.0) + b_dv[None, :], mask=m_s)
 
 
 @triton.jit
@@ -1023,7 +1026,7 @@ _GPU_TILES = {
     "window_fwd": {"BT": 64, "BK": 64, "BC": 64, "HP": 1, "num_warps": 4, "num_stages": 3},
     "sparse_fwd": {"num_warps": 2},
     "prep": {"BT": 32, "num_warps": 8},
-    "window_dq": {"BT": 64, "BK": 64, "BC": 64, "HP": 1, "num_warps": 4},
+    "window_dq": {"BT": 32, "BK": 64, "BC": 64, "HP": 4, "num_warps": 8},
     "local_dkv": {"BT": 64, "BK": 64, "num_warps": 4},
     "global_dkv": {"BT": 64, "BC": 64, "num_warps": 4},
     "sparse_dq": {"num_warps": 2},
@@ -1478,8 +1481,8 @@ def mla_bwd(
             BC=t["BC"],
             **_options(t),
         )
-        BK = 64
-        _spread_kernel[(triton.cdiv(NC * lay.stride, BK), B * lay.NA)](
+        BK = min(64, triton.next_power_of_2(lay.stride))
+        _spread_kernel[(NC, B * lay.NA)](
             dkc=dkc, dvc=dvc, groups=lay.groups, dk=dk, dv=dv, T=T, NC=NC, NA=lay.NA,
             stride=lay.stride, NSPLIT=nsplit, HKV=HKV, D=D, BK=BK,
         )  # fmt: skip
