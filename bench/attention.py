@@ -218,6 +218,7 @@ SWEEP = {
         {"BT": 64, "BK": 64, "BC": 64, "HP": 2, "num_warps": 4, "num_stages": 2},
     ],
     "window_dq": [
+        {"BT": 32, "BK": 64, "BC": 64, "HP": 4, "num_warps": 8},
         {"BT": 64, "BK": 64, "BC": 64, "HP": 1, "num_warps": 4},
         {"BT": 64, "BK": 64, "BC": 64, "HP": 2, "num_warps": 8},
         {"BT": 64, "BK": 64, "BC": 64, "HP": 2, "num_warps": 8, "num_stages": 3},
@@ -233,12 +234,23 @@ SWEEP = {
         {"BT": 64, "BC": 64, "num_warps": 4, "num_stages": 3},
         {"BT": 64, "BC": 32, "num_warps": 4},
     ],
-    "sparse_fwd": [{"num_warps": 2}, {"num_warps": 4}],
-    "sparse_dq": [{"num_warps": 2}, {"num_warps": 4}],
+    "sparse_fwd": [
+        {"num_warps": 2},
+        {"num_warps": 2, "num_stages": 3},
+        {"num_warps": 2, "num_stages": 4},
+        {"num_warps": 4, "num_stages": 3},
+    ],
+    "sparse_dq": [
+        {"num_warps": 2},
+        {"num_warps": 2, "num_stages": 3},
+        {"num_warps": 2, "num_stages": 4},
+        {"num_warps": 4, "num_stages": 3},
+    ],
     "sparse_dkv": [
         {"ROWS": 64, "CH": 256, "num_warps": 4},
-        {"ROWS": 64, "CH": 256, "num_warps": 4, "num_stages": 3},
-        {"ROWS": 64, "CH": 512, "num_warps": 4},
+        {"ROWS": 128, "CH": 256, "num_warps": 8},
+        {"ROWS": 128, "CH": 256, "num_warps": 4},
+        {"ROWS": 64, "CH": 128, "num_warps": 4},
     ],
     "score": [{"BN": 32, "num_warps": 4}, {"BN": 64, "num_warps": 4}],
 }

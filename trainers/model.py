@@ -3,7 +3,8 @@
 Pre-norm blocks with RMSNorm, rotary positions, a SwiGLU MLP and tied input/output embeddings.
 Each attention layer keeps a `head_mask` buffer of its active query heads and a `head_scale`
 buffer of their mask values (head pruning ramps them down): only the active heads and the KV
-heads of their groups are projected and attended, and FLOP and head counts are read from it.
+heads of their groups are attended (MLA also projects the empty query slots of those groups,
+masked out of the op), and FLOP and head counts are read from it.
 """
 
 from __future__ import annotations
@@ -86,33 +87,43 @@ class HeadLayout:
     from the Python-side copies, so the forward never reads the device to decide).
 
     Stored heads are the query heads the layer holds weights for (all of them, unless the
-    model was compacted). The MLA op wants [B, T, HQ, D] queries over [B, T, HKV, D] keys with
-    equal groups, so the active heads are laid out in `n_slots` = G * n_kv query slots, G per
-    kept KV head; slots of pruned heads hold zeros and are masked out of the op.
+    model was compacted). The layer computes `n_slots` query heads, each from one stored head's
+    weights, in one of two orders:
+    - packed: the active heads in order (dense attention; what compaction keeps);
+    - slots (the MLA path): the MLA op wants [B, T, HQ, D] queries over [B, T, HKV, D] keys with
+      equal groups, so there are G slots per kept KV head, slot r * G + j for head j of the r-th
+      kept group. A slot whose head is not active (pruned, or not stored after compaction) is
+      masked out of the op, which outputs exact zeros there and passes no gradient back; it
+      borrows the first active head's weights, so that the projections come out in slot order
+      and no activation is scattered into slots or gathered back.
+    With the active heads filling their groups in order the two orders agree.
     """
 
     device: torch.device
     n_active: int
     n_kv: int
     n_slots: int
-    active: torch.Tensor
-    """[A] stored index of each active head."""
+    head_of: torch.Tensor
+    """[n_slots] stored index of the head each slot computes (an empty slot: the head whose
+    weights it borrows; its output is exactly 0, so it adds exactly 0 to that head's score)."""
     rows: torch.Tensor | None
-    """qkv weight rows of the active heads and kept KV heads (None: all rows)."""
+    """qkv weight rows: the q rows of the slots, then the k rows and v rows of the kept KV
+    heads (None: all rows, in order)."""
     gate_rows: torch.Tensor | None
+    """Rows of the hidden gate's last layer, 3 per slot (None: all)."""
     cols: torch.Tensor | None
-    """proj weight columns of the active heads (None: all)."""
-    slots: torch.Tensor | None
-    """[A] slot of each active head (None: the active heads fill their groups in order)."""
+    """proj weight columns of the slots (None: all)."""
     slot_mask: torch.Tensor | None
+    """[n_slots] bool on the CPU, the slots of active heads (None: all of them)."""
     kv_of: torch.Tensor | None
-    """[A] kept-KV index of each active head, for dense attention with holes."""
+    """Packed order only: [n_slots] kept-KV index of each active head, for dense attention
+    when the heads do not fill their groups in order (None: they do)."""
     scale: torch.Tensor | None
-    """[A] mask values of the active heads (None: all 1)."""
+    """[n_slots] mask values (empty slots: 1; None: all 1)."""
     inv_scale: torch.Tensor | None
-    """[A] 1 / scale, 0 where the scale is 0."""
+    """[n_slots] 1 / scale, 0 where the scale is 0."""
     zero: torch.Tensor | None
-    """Positions among the active heads whose scale is 0 (heads probed for importance)."""
+    """Slots whose scale is 0 (active heads probed for importance)."""
 
 
 class Attention(nn.Module):
@@ -191,51 +202,60 @@ class Attention(nn.Module):
 
     def layout(self, device: torch.device) -> HeadLayout:
         if self._layout is None or self._layout.device != device:
-            self._layout = self._build_layout(device)
+            self._layout = self._build_layout(device, slots=self.gate is not None)
         return self._layout
 
-    def _build_layout(self, device: torch.device) -> HeadLayout:
+    def _build_layout(self, device: torch.device, slots: bool = False) -> HeadLayout:
+        """The layout of the current mask, on `device`: with `slots`, the MLA op's slots (what
+        the MLA forward runs); otherwise the active heads packed (dense attention, and the
+        weights that `pruning.compact` keeps: it reads this default)."""
         d, G, hq, hkv = self.head_dim, self.group, self.n_heads, self.n_kv_heads
         active = self._mask.nonzero().flatten().tolist()
         heads = [self.heads[i] for i in active]  # original ids
         kept_kv = self.kv_ids(heads)
         kv_pos = [self.kv_heads.index(g) for g in kept_kv]  # stored index of each kept KV head
         rank = {g: r for r, g in enumerate(kept_kv)}
-        slots = [rank[h // G] * G + h % G for h in heads]
-        all_stored = len(active) == hq
-        in_order = slots == list(range(G * len(kept_kv)))
-        scale = self._scale[active]
+        slot_of = [rank[h // G] * G + h % G for h in heads]  # each active head's slot
+        in_order = slot_of == list(range(G * len(kept_kv)))
+        head_of = active  # the stored head each slot computes
+        slot_mask = None
+        if slots and not in_order:
+            # empty slots borrow the first active head's weights: the op masks them out
+            head_of = [active[0]] * (G * len(kept_kv))
+            for i, s in zip(active, slot_of):
+                head_of[s] = i
+            slot_mask = torch.zeros(len(head_of), dtype=torch.bool)
+            slot_mask[slot_of] = True
+        scale = self._scale[head_of]
+        if slot_mask is not None:
+            scale = scale.where(slot_mask, 1.0)  # empty slots output 0 whatever their scale
         unit = bool((scale == 1).all())
 
         def dev(values, dtype=torch.long):
             t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
             return to_device(t, device)
 
-        rows = cols = None
-        if not all_stored:
-            cols = [i * d + j for i in active for j in range(d)]  # also the q rows of qkv
+        rows = cols = gate_rows = None
+        if head_of != list(range(hq)):
+            cols = [i * d + j for i in head_of for j in range(d)]  # also the q rows of qkv
             rows = list(cols)
             for base in (hq, hq + hkv):
                 rows += [(base + p) * d + j for p in kv_pos for j in range(d)]
-        slot_mask = None
-        if not in_order:
-            slot_mask = torch.zeros(G * len(kept_kv), dtype=torch.bool)
-            slot_mask[slots] = True
+            gate_rows = [3 * i + c for i in head_of for c in range(3)]
         zero = [p for p, s in enumerate(scale.tolist()) if s == 0]
         inv = torch.where(scale > 0, 1 / scale.clamp_min(1e-30), torch.zeros_like(scale))
         return HeadLayout(
             device=device,
             n_active=len(active),
             n_kv=len(kept_kv),
-            n_slots=G * len(kept_kv),
-            active=dev(active),
+            n_slots=len(head_of),
+            head_of=dev(head_of),
             rows=None if rows is None else dev(rows),
-            gate_rows=None if all_stored else dev([3 * i + c for i in active for c in range(3)]),
+            gate_rows=None if gate_rows is None else dev(gate_rows),
             cols=None if cols is None else dev(cols),
-            slots=None if in_order else dev(slots),
             # stays on the CPU: the Triton op reads it there without a device sync
             slot_mask=slot_mask,
-            kv_of=None if in_order else dev([rank[h // G] for h in heads]),
+            kv_of=None if slots or in_order else dev([rank[h // G] for h in heads]),
             scale=None if unit else dev(scale),
             inv_scale=None if unit else dev(inv),
             zero=dev(zero) if zero else None,
@@ -248,35 +268,31 @@ class Attention(nn.Module):
         if lay.n_active == 0:
             return torch.zeros_like(x)
         B, T, _ = x.shape
-        A, K, d = lay.n_active, lay.n_kv, self.head_dim
+        S, K, d = lay.n_slots, lay.n_kv, self.head_dim
         w = self.qkv.weight if lay.rows is None else self.qkv.weight.index_select(0, lay.rows)
-        # only the active query heads and the KV heads of their groups are projected
-        qkv = F.linear(x, w).view(B, T, A + 2 * K, d)
+        # the query heads of the layout (the op's slots for MLA) and the KV heads of their
+        # groups: the weight rows come in that order, so no activation is scattered or gathered
+        qkv = F.linear(x, w).view(B, T, S + 2 * K, d)
         # rotary on q and k together: one set of elementwise ops
-        qk = apply_rotary(qkv[:, :, : A + K], rot)
-        qa, k = qk.split([A, K], dim=2)  # (B, T, A, D), (B, T, K, D)
-        v = qkv[:, :, A + K :]  # (B, T, K, D)
+        qk = apply_rotary(qkv[:, :, : S + K], rot)
+        q, k = qk.split([S, K], dim=2)  # (B, T, S, D), (B, T, K, D)
+        v = qkv[:, :, S + K :]  # (B, T, K, D)
         if self.gate is None:
             if lay.kv_of is None:
-                ya = self._sdpa(qa, k, v, self.group)
+                y = self._sdpa(q, k, v, self.group)
             else:
-                ya = self._sdpa(qa, k.index_select(2, lay.kv_of), v.index_select(2, lay.kv_of), 1)
+                y = self._sdpa(q, k.index_select(2, lay.kv_of), v.index_select(2, lay.kv_of), 1)
         else:
             if self.cfg.mla.gate.input == "hidden":
-                logits = self.gate(x, lay.gate_rows).view(B, T, A, 3)
+                logits = self.gate(x, lay.gate_rows).view(B, T, S, 3)
             else:
                 # the query before rotary: its content, not its position
-                logits = self.gate(qkv[:, :, :A])
-            gate = torch.sigmoid(logits)  # (B, T, A, 3)
-            q = qa
-            if lay.slots is not None:
-                # the op's layout: G slots per kept KV head, zeros where a head is pruned
-                q = qa.new_zeros(B, T, lay.n_slots, d).index_copy(2, lay.slots, qa)
-                gate = gate.new_zeros(B, T, lay.n_slots, 3).index_copy(2, lay.slots, gate)
-            y = self._attend(q, k, v, gate, lay.slot_mask)  # (B, T, slots, D)
-            ya = y if lay.slots is None else y.index_select(2, lay.slots)  # (B, T, A, D)
+                logits = self.gate(qkv[:, :, :S])
+            # empty slots carry a borrowed head's query and gate: the op masks them, so their
+            # output is exactly 0 and they get no gradient (nor do the proj columns they borrow)
+            y = self._attend(q, k, v, torch.sigmoid(logits), lay.slot_mask)  # (B, T, S, D)
         w = self.proj.weight if lay.cols is None else self.proj.weight.index_select(1, lay.cols)
-        return F.linear(self._scale_and_track(ya, lay).reshape(B, T, A * d), w)
+        return F.linear(self._scale_and_track(y, lay).reshape(B, T, S * d), w)
 
     def _attend(self, q, k, v, gate, mask: torch.Tensor | None) -> torch.Tensor:
         cfg = self.cfg
@@ -289,24 +305,25 @@ class Attention(nn.Module):
             q, k, v, gate, cfg.mla, t_max=t_max, head_mask=mask, backend=cfg.attn_backend
         )
 
-    def _scale_and_track(self, ya: torch.Tensor, lay: HeadLayout) -> torch.Tensor:
-        """Multiply each active head's output by its mask value; while pruning tracks
-        importance, hook the backward to add sum <o_h, dL/d(xi_h o_h)> per head."""
-        ys = ya if lay.scale is None else ya * lay.scale.to(ya.dtype)[:, None]
+    def _scale_and_track(self, y: torch.Tensor, lay: HeadLayout) -> torch.Tensor:
+        """Multiply each slot's output by its mask value; while pruning tracks importance, hook
+        the backward to add sum <o_h, dL/d(xi_h o_h)> per head (an empty slot adds exactly 0:
+        its output is 0)."""
+        ys = y if lay.scale is None else y * lay.scale.to(y.dtype)[:, None]
         if self.importance is None or not (torch.is_grad_enabled() and ys.requires_grad):
             return ys
-        acc, index, inv = self.importance, lay.active, lay.inv_scale
+        acc, index, inv = self.importance, lay.head_of, lay.inv_scale
         # detached views: the hook must not hold `ys` itself (a reference cycle through its
         # hooks); their storage is kept anyway, proj saves its input for the weight gradient
         out = ys.detach()
         probed = None
         if lay.zero is not None:
             # heads at mask value 0 are computed only to be measured: keep their raw output
-            probed = ya.detach().index_select(2, lay.zero)
+            probed = y.detach().index_select(2, lay.zero)
 
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
-                dots = (out.float() * grad.float()).sum((0, 1, 3))  # [A] = xi_h <o_h, g_h>
+                dots = (out.float() * grad.float()).sum((0, 1, 3))  # [S] = xi_h <o_h, g_h>
                 if inv is not None:
                     dots = dots * inv
                 if probed is not None:
