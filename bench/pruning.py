@@ -8,9 +8,11 @@ mask ramp (compensation) matters for the loss.
 
 Three parts, each a markdown table:
 1. one attention layer (projections + MLA op) and the MLA op alone, fwd and fwd+bwd, unpruned
-   against 30% of the query heads removed, in two patterns: `grouped` (whole GQA groups go
-   first, so their KV heads are dropped) and `scattered` (one head per group at a time, so
-   every KV head stays);
+   against 30% of the query heads removed, in three patterns: `grouped` (whole GQA groups go
+   first, so their KV heads are dropped, then single heads), `scattered` (one head per group
+   at a time, so every KV head stays) and `whole groups` (only whole groups, as many as fit
+   in 30%: what `granularity: group` prunes); and the MLA op summed over all the layers, each
+   with its own mask;
 2. a full training step (fwd + bwd + AdamW) and its peak memory for the same models, and the
    cost of measuring importance: the unpruned step with and without the hook, run alternately;
 3. the ramp_steps ablation: short seeded runs on stdlib bytes, unpruned, pruned with the mask
@@ -52,10 +54,16 @@ def pattern(n_heads: int, n_kv: int, n_remove: int, grouped: bool) -> torch.Tens
     return keep
 
 
-def masks(cfg: ModelConfig, fraction: float, grouped: bool) -> list[torch.Tensor]:
-    """Per layer masks removing round(fraction * all heads), spread evenly over the layers."""
+def masks(
+    cfg: ModelConfig, fraction: float, grouped: bool, whole_groups: bool = False
+) -> list[torch.Tensor]:
+    """Per layer masks removing round(fraction * all heads), spread evenly over the layers.
+    With `whole_groups`, only whole GQA groups go, as many as fit in that count (what
+    `PruningConfig.granularity: group` removes for the same fraction)."""
     total = math.floor(fraction * cfg.n_heads * cfg.n_layers + 0.5)
-    per = [total // cfg.n_layers + (i < total % cfg.n_layers) for i in range(cfg.n_layers)]
+    unit = cfg.n_heads // cfg.n_kv_heads if whole_groups else 1
+    units = total // unit
+    per = [unit * (units // cfg.n_layers + (i < units % cfg.n_layers)) for i in range(cfg.n_layers)]
     return [pattern(cfg.n_heads, cfg.n_kv_heads, n, grouped) for n in per]
 
 
@@ -120,6 +128,20 @@ def bench_layer(model, mask, x, device, dtype, repeats, profile=False) -> dict:
         out["op_kernels"] = kernel_ms(op_fwd_bwd)
     attn.set_head_mask(torch.ones(attn.n_heads, dtype=torch.bool))
     return out
+
+
+def bench_model_attention(model, layer_masks, x, device, dtype, args) -> dict:
+    """The whole model's attention: the MLA op's fwd+bwd summed over the layers, each with its
+    own mask (all layers have the same shapes, so one layer's op stands in for each)."""
+    total, heads = 0.0, 0
+    cache: dict[tuple, dict] = {}
+    for m in layer_masks:
+        key = tuple(m.tolist())
+        if key not in cache:
+            cache[key] = bench_layer(model, m, x, device, dtype, args.repeats)
+        total += cache[key]["op_fwd_bwd_ms"]
+        heads += int(m.sum())
+    return {"attention_fwd_bwd_ms": total, "active_heads": heads}
 
 
 def step_runner(config: TrainConfig, layer_masks, track: bool):
@@ -297,16 +319,24 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     x = torch.randn(args.batch, args.seq, args.d_model, device=device)
+    pct = f"{args.fraction:.0%}"
     patterns = {
         "unpruned": None,
-        "30% grouped": masks(cfg, args.fraction, grouped=True),
-        "30% scattered": masks(cfg, args.fraction, grouped=False),
+        f"{pct} grouped": masks(cfg, args.fraction, grouped=True),
+        f"{pct} scattered": masks(cfg, args.fraction, grouped=False),
+        f"{pct} whole groups": masks(cfg, args.fraction, grouped=True, whole_groups=True),
     }
-    layer_rows = []
+    layer_rows, model_rows = [], []
     for name, ms in patterns.items():
-        m = ms[0] if ms is not None else torch.ones(cfg.n_heads, dtype=torch.bool)
+        ms = ms or [torch.ones(cfg.n_heads, dtype=torch.bool)] * cfg.n_layers
         layer_rows.append(
-            {"model": name, **bench_layer(model, m, x, device, dtype, args.repeats, args.profile)}
+            {
+                "model": name,
+                **bench_layer(model, ms[0], x, device, dtype, args.repeats, args.profile),
+            }
+        )
+        model_rows.append(
+            {"model": name, **bench_model_attention(model, ms, x, device, dtype, args)}
         )
     del model
 
@@ -343,6 +373,14 @@ def main() -> None:
             f"| {r['layer_fwd_ms']:.2f} | {r['layer_fwd_bwd_ms']:.2f} "
             f"| {r['op_fwd_ms']:.2f} | {r['op_fwd_bwd_ms']:.2f} ({rel:.2f}x) |"
         )
+    print("\n| model, all layers | q heads | attention fwd+bwd ms |")
+    print("| --- | --- | --- |")
+    base = model_rows[0]
+    for r in model_rows:
+        rel = r["attention_fwd_bwd_ms"] / base["attention_fwd_bwd_ms"]
+        print(
+            f"| {r['model']} | {r['active_heads']} | {r['attention_fwd_bwd_ms']:.2f} ({rel:.3f}x) |"
+        )
     print("\n| model | q / KV heads | params | step ms | peak GiB |")
     print("| --- | --- | --- | --- | --- |")
     base = step_rows[0]
@@ -375,6 +413,7 @@ def main() -> None:
                 "title": title,
                 "args": vars(args),
                 "layer": layer_rows,
+                "model_attention": model_rows,
                 "step": step_rows,
                 "hook_overhead": hook,
                 "ablation": ablation_rows,

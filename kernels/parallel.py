@@ -1038,10 +1038,23 @@ _CPU_TILES = {
 }  # fmt: skip
 
 
-def _tiles(kernel: str) -> dict:
+# The window kernels' tiles where the group size is not a multiple of their HP (packs of HP
+# heads would run empty rows, e.g. a quarter of them at G = 3 with HP = 4).
+_GPU_TILES_ONE_HEAD = {"BT": 64, "BK": 64, "BC": 64, "HP": 1, "num_warps": 4}
+
+
+def _gpu_tiles(kernel: str, G: int | None = None) -> dict:
+    """The GPU launch tiles of `kernel`; G (window kernels): the group size."""
+    tiles = _GPU_TILES[kernel]
+    if G is not None and G % tiles.get("HP", 1):
+        tiles = _GPU_TILES_ONE_HEAD
+    return {"num_stages": 2, **tiles}
+
+
+def _tiles(kernel: str, G: int | None = None) -> dict:
     if _interpret():
         return dict(_CPU_TILES, num_stages=1)
-    return {"num_stages": 2, **_GPU_TILES[kernel]}
+    return _gpu_tiles(kernel, G)
 
 
 def _options(tiles: dict) -> dict:
@@ -1278,7 +1291,7 @@ def mla_fwd(
         shared = lay.has_sparse and lay.plan.stride == lay.plan.block_size
         kc, vc, km = _pool(k, v, lay.plan.stride, lay.NC, q.dtype, km=shared)
     if lay.has_window:
-        t = _tiles("window_fwd")
+        t = _tiles("window_fwd", lay.G)
         packs = lay.packs(t["HP"])
         _window_fwd_kernel[(triton.cdiv(T, t["BT"]), B * packs.shape[0])](
             q=q,
@@ -1395,7 +1408,7 @@ def mla_bwd(
         **_options(t),
     )
     if lay.has_window:
-        t = _tiles("window_dq")
+        t = _tiles("window_dq", lay.G)
         packs = lay.packs(t["HP"])
         _window_bwd_dq_kernel[(triton.cdiv(T, t["BT"]), B * packs.shape[0])](
             q=q,

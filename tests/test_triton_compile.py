@@ -63,8 +63,7 @@ def _describe(fn, kwargs: dict) -> dict:
 
 def record_launches(monkeypatch) -> list[dict]:
     launches: list[dict] = []
-    gpu_tiles = dict(parallel._GPU_TILES)
-    monkeypatch.setattr(parallel, "_tiles", lambda kernel: {"num_stages": 2, **gpu_tiles[kernel]})
+    monkeypatch.setattr(parallel, "_tiles", parallel._gpu_tiles)
     for name, kernel in vars(parallel).copy().items():
         if not (name.endswith("_kernel") and hasattr(kernel, "fn")):
             continue
