@@ -902,8 +902,10 @@ def _sparse_bwd_dkv_kernel(
             b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
             b_dst = b_pt * (b_dpt - b_delta[None, :])
             b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
-        tl.atomic_add(dk + o_kv, b_dk * scale, mask=m_k[:, None])
-        tl.atomic_add(dv + o_kv, b_dv, mask=m_k[:, None])
+        # relaxed: only the sums matter, read by later launches (the default acq_rel orders
+        # every add)
+        tl.atomic_add(dk + o_kv, b_dk * scale, mask=m_k[:, None], sem="relaxed")
+        tl.atomic_add(dv + o_kv, b_dv, mask=m_k[:, None], sem="relaxed")
 
 
 @triton.jit
@@ -975,12 +977,13 @@ def _invert_pass_kernel(
     o_bt = o_r // HKV
     seg = ((o_bt // T) * HKV + o_r % HKV)[:, None] * NB + b_i
     if FILL:
-        b_pos = tl.atomic_add(cursor + seg, 1, mask=m)
+        # relaxed: each token needs a distinct slot, not an order
+        b_pos = tl.atomic_add(cursor + seg, 1, mask=m, sem="relaxed")
         b_start = tl.load(ends + seg, mask=m, other=0) - tl.load(counts + seg, mask=m, other=0)
         b_tok = (o_bt % T)[:, None] + tl.zeros([BR, NSP], dtype=tl.int32)
         tl.store(tokens + b_start + b_pos, b_tok, mask=m)
     else:
-        tl.atomic_add(counts + seg, 1, mask=m)
+        tl.atomic_add(counts + seg, 1, mask=m, sem="relaxed")
 
 
 @triton.jit
