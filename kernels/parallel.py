@@ -8,11 +8,12 @@ fused per query tile of one head, then the sparse branch per token and KV group 
 output. Each branch keeps its log-sum-exp and, when gradients are wanted, its own output (the
 gate's gradient is <do, o_branch>); the selected block indices are kept too.
 
-Backward: dq per query tile (local + global) and per token (sparse); dk/dv per key tile for the
-local branch, per compressed tile for the global one (its gradient spread back over the pooled
-keys), and for the sparse one per chunk of the tokens that chose a key block (the selection
-inverted on the device by a count, a scan and an atomic fill), added atomically. The forward
-is deterministic; the sparse dk/dv sums are not bitwise (atomic order).
+Backward: dq per query tile (local + global) and per token (sparse), each kernel first taking
+its branches' dgate and softmax delta (read by the dk/dv kernels after it); dk/dv per key tile
+for the local branch, per compressed tile for the global one (its gradient spread back over
+the pooled keys), and for the sparse one per chunk of the tokens that chose a key block (the
+selection inverted on the device by a count, a scan and an atomic fill), added atomically.
+The forward is deterministic; the sparse dk/dv sums are not bitwise (atomic order).
 
 Scores run in log2 units (exp2); a row with no key stores lse = +inf so that its probabilities
 in the backward are exactly zero.
@@ -145,12 +146,15 @@ def _group_rows(
 
 
 @triton.jit
-def _gate_grad(b_do, p_o, p_gate, p_dgate, p_delta, m_t):
-    # One branch's dgate = <do, o_b> and softmax delta g_b * dgate over a tile of rows.
-    b_dg = tl.sum(b_do * tl.load(p_o, mask=m_t[:, None], other=0.0).to(tl.float32), 1)
-    b_g = tl.load(p_gate, mask=m_t, other=0.0).to(tl.float32)
+def _gate_grad(b_do, p_o, b_g, p_dgate, p_delta, m_t):
+    # One branch's dgate = <do, o_b> over a tile of rows, and its softmax delta g_b * dgate
+    # (the branch's dO is g_b * do), stored for the dk/dv kernels and returned.
+    b_o = tl.load(p_o, mask=m_t[:, None], other=0.0).to(tl.float32)
+    b_dg = tl.sum(b_do.to(tl.float32) * b_o, 1)
+    b_delta = b_g * b_dg
     tl.store(p_dgate, b_dg, mask=m_t)
-    tl.store(p_delta, b_g * b_dg, mask=m_t)
+    tl.store(p_delta, b_delta, mask=m_t)
+    return b_delta
 
 
 @triton.jit
@@ -480,47 +484,6 @@ def _sparse_fwd_kernel(
 
 
 @triton.jit
-def _prep_bwd_kernel(
-    do,
-    o_l,
-    o_g,
-    o_s,
-    gate,
-    heads,
-    dgate,
-    delta_l,
-    delta_g,
-    delta_s,
-    T,
-    A,
-    HQ: tl.constexpr,
-    D: tl.constexpr,
-    BT: tl.constexpr,
-    HAS_LOCAL: tl.constexpr,
-    HAS_GLOBAL: tl.constexpr,
-    HAS_SPARSE: tl.constexpr,
-):
-    # dgate_b = <do, o_b>; the branch's softmax delta is g_b * dgate_b (its dO is g_b * do).
-    i_t, i_ba = tl.program_id(0), tl.program_id(1)
-    i_b = i_ba // A
-    i_h = tl.load(heads + i_ba % A)
-    o_qh = (i_b * T * HQ + i_h).to(tl.int64)
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_d = tl.arange(0, D)
-    m_t = o_t < T
-    o_x = o_qh * D + (o_t * (HQ * D))[:, None] + o_d[None, :]
-    o_r = o_qh + o_t * HQ
-    # [BT, D]
-    b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0).to(tl.float32)
-    if HAS_LOCAL:
-        _gate_grad(b_do, o_l + o_x, gate + o_r * 3, dgate + o_r * 3, delta_l + o_r, m_t)
-    if HAS_GLOBAL:
-        _gate_grad(b_do, o_g + o_x, gate + o_r * 3 + 1, dgate + o_r * 3 + 1, delta_g + o_r, m_t)
-    if HAS_SPARSE:
-        _gate_grad(b_do, o_s + o_x, gate + o_r * 3 + 2, dgate + o_r * 3 + 2, delta_s + o_r, m_t)
-
-
-@triton.jit
 def _window_bwd_dq_kernel(
     q,
     k,
@@ -530,8 +493,11 @@ def _window_bwd_dq_kernel(
     gate,
     packs,
     do,
+    o_l,
+    o_g,
     lse_l,
     lse_g,
+    dgate,
     delta_l,
     delta_g,
     dq,
@@ -554,7 +520,8 @@ def _window_bwd_dq_kernel(
     HAS_GLOBAL: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # dq of one query tile of HP heads of one group: local, then global.
+    # dq of one query tile of HP heads of one group: local, then global; each branch's dgate
+    # and softmax delta first (the dk/dv kernels, launched after, read the deltas).
     i_b, i_hk, o_t, o_row, m_t = _pack_rows(packs, T, NP, HQ, G, BT, HP)
     i_t = tl.program_id(0)
     o_bq = (i_b * T * HQ).to(tl.int64)
@@ -572,7 +539,7 @@ def _window_bwd_dq_kernel(
         b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
         b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
         b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
-        b_delta = tl.load(delta_l + o_r, mask=m_t, other=0.0)
+        b_delta = _gate_grad(b_do, o_l + o_x, b_g, dgate + o_r * 3, delta_l + o_r, m_t)
         lo = tl.maximum(i_t * BT - window + 1, 0) // BK * BK
         hi = tl.minimum((i_t + 1) * BT, T)
         for i_s in range(lo, hi, BK):
@@ -595,7 +562,7 @@ def _window_bwd_dq_kernel(
         b_g = tl.load(gate + o_r * 3 + 1, mask=m_t, other=0.0).to(tl.float32)
         b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
         b_lse = tl.load(lse_g + o_r, mask=m_t, other=float("inf"))
-        b_delta = tl.load(delta_g + o_r, mask=m_t, other=0.0)
+        b_delta = _gate_grad(b_do, o_g + o_x, b_g, dgate + o_r * 3 + 1, delta_g + o_r, m_t)
         n_vis = (o_t + 1) // stride
         hi = tl.minimum(((i_t + 1) * BT) // stride, NC)
         for i_c in range(0, hi, BC):
@@ -778,7 +745,9 @@ def _sparse_bwd_dq_kernel(
     active,
     groups,
     do,
+    o_s,
     lse_s,
+    dgate,
     delta_s,
     dq,
     T,
@@ -808,7 +777,9 @@ def _sparse_bwd_dq_kernel(
     b_g = tl.load(gate + (o_tq + o_h) * 3 + 2, mask=m_g, other=0.0).to(tl.float32)
     b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
     b_lse = tl.load(lse_s + o_tq + o_h, mask=m_g, other=float("inf"))
-    b_delta = tl.load(delta_s + o_tq + o_h, mask=m_g, other=0.0)
+    # the branch's dgate and delta, stored for the sparse dk/dv kernel launched after
+    o_r = o_tq + o_h
+    b_delta = _gate_grad(b_do, o_s + o_x, b_g, dgate + o_r * 3 + 2, delta_s + o_r, m_g)
     b_dq = tl.zeros([GP, D], dtype=tl.float32)
     for i in range(_n_selected(idx, NSEL)):
         # [BSP], [BSP, D]
@@ -1028,7 +999,6 @@ _GPU_TILES = {
     "score": {"BN": 32, "num_warps": 4},
     "window_fwd": {"BT": 64, "BK": 64, "BC": 64, "HP": 1, "num_warps": 4, "num_stages": 3},
     "sparse_fwd": {"num_warps": 2},
-    "prep": {"BT": 32, "num_warps": 8},
     "window_dq": {"BT": 32, "BK": 64, "BC": 64, "HP": 4, "num_warps": 8},
     "local_dkv": {"BT": 64, "BK": 64, "num_warps": 4},
     "global_dkv": {"BT": 64, "BC": 64, "num_warps": 4},
@@ -1368,7 +1338,7 @@ def mla_bwd(
     B, T, HQ, HKV, D = lay.B, lay.T, lay.HQ, lay.HKV, lay.D
     dev = q.device
     do = do.contiguous()
-    # the prep kernel writes every (active head, present branch) entry of dgate
+    # the dq kernels write every (active head, present branch) entry of dgate
     full = not lay.partial and lay.has_local and lay.has_global and lay.has_sparse
     dgate = (torch.empty if full else torch.zeros)(B, T, HQ, 3, dtype=gate.dtype, device=dev)
     # float32: the branches add into them (the sparse one atomically); one buffer, one cast
@@ -1388,28 +1358,6 @@ def mla_bwd(
     delta_l = delta_buffer(lay.has_local)
     delta_g = delta_buffer(lay.has_global)
     delta_s = delta_buffer(lay.has_sparse)
-    t = _tiles("prep")
-    _prep_bwd_kernel[(triton.cdiv(T, t["BT"]), B * lay.A)](
-        do=do,
-        o_l=saved["o_l"],
-        o_g=saved["o_g"],
-        o_s=saved["o_s"],
-        gate=gate,
-        heads=lay.heads,
-        dgate=dgate,
-        delta_l=delta_l,
-        delta_g=delta_g,
-        delta_s=delta_s,
-        T=T,
-        A=lay.A,
-        HQ=HQ,
-        D=D,
-        BT=t["BT"],
-        HAS_LOCAL=lay.has_local,
-        HAS_GLOBAL=lay.has_global,
-        HAS_SPARSE=lay.has_sparse,
-        **_options(t),
-    )
     if lay.has_window:
         t = _tiles("window_dq", lay.G)
         packs = lay.packs(t["HP"])
@@ -1422,8 +1370,11 @@ def mla_bwd(
             gate=gate,
             packs=packs,
             do=do,
+            o_l=saved["o_l"],
+            o_g=saved["o_g"],
             lse_l=saved["lse_l"],
             lse_g=saved["lse_g"],
+            dgate=dgate,
             delta_l=delta_l,
             delta_g=delta_g,
             dq=dq,
@@ -1514,7 +1465,9 @@ def mla_bwd(
             active=lay.active,
             groups=lay.groups,
             do=do,
+            o_s=saved["o_s"],
             lse_s=saved["lse_s"],
+            dgate=dgate,
             delta_s=delta_s,
             dq=dq,
             T=T,
