@@ -1040,22 +1040,22 @@ class _HeadLists:
     A: int
     NA: int
     active: torch.Tensor  # [HQ] int32 on the device, 1 where a head is active
-    heads: torch.Tensor  # [A] int32, the active query heads
     groups: torch.Tensor  # [NA] int32, the KV heads of the groups with an active head
     pruned_groups: torch.Tensor  # int64, the KV heads whose whole group is pruned
-    host: torch.Tensor  # [HQ] bool on the CPU
-    G: int
+    group_heads: list[list[int]]  # on the host: the active heads of each group in `groups`
     _packs: dict = field(default_factory=dict)
 
     def packs(self, HP: int) -> torch.Tensor:
         """[NP, HP] int32 on the device: the active heads of each group in packs of HP (the
-        window kernels' programs), -1 where a group's last pack is short."""
+        window kernels' programs), -1 where a group's last pack is short. Built from host
+        lists (no device read); those of HP 1, 2 and 4 when the mask is first seen, so that
+        none is copied to the device while a CUDA graph is being captured."""
         if HP not in self._packs:
-            rows = []
-            for g in self.groups.tolist():
-                heads = [g * self.G + j for j in range(self.G) if self.host[g * self.G + j]]
-                for i in range(0, len(heads), HP):
-                    rows.append((heads[i : i + HP] + [-1] * HP)[:HP])
+            rows = [
+                (heads[i : i + HP] + [-1] * HP)[:HP]
+                for heads in self.group_heads
+                for i in range(0, len(heads), HP)
+            ]
             rows = rows or [[-1] * HP]
             self._packs[HP] = torch.tensor(rows, dtype=torch.int32).to(self.active.device)
         return self._packs[HP]
@@ -1073,19 +1073,23 @@ def _head_lists(
     lists = _HEAD_LISTS.get(key)
     if lists is None:
         host = torch.ones(HQ, dtype=torch.bool) if head_mask is None else head_mask
-        heads = host.nonzero().flatten().to(torch.int32)
-        group_any = host.view(HKV, HQ // HKV).any(1)
+        by_group = host.view(HKV, HQ // HKV)
+        group_any = by_group.any(1)
         groups = group_any.nonzero().flatten().to(torch.int32)
+        G = HQ // HKV
         lists = _HeadLists(
-            A=heads.numel(),
+            A=int(host.sum()),
             NA=groups.numel(),
             active=host.to(torch.int32).to(device),
-            heads=heads.to(device),
             groups=groups.to(device),
             pruned_groups=(~group_any).nonzero().flatten().to(device),
-            host=host.clone(),
-            G=HQ // HKV,
+            group_heads=[
+                [g * G + j for j in by_group[g].nonzero().flatten().tolist()]
+                for g in groups.tolist()
+            ],
         )
+        for HP in (1, 2, 4):
+            lists.packs(HP)
         if len(_HEAD_LISTS) > 1024:  # masks change only at pruning decisions
             _HEAD_LISTS.clear()
         _HEAD_LISTS[key] = lists
@@ -1114,7 +1118,7 @@ class _Layout:
         heads = _head_lists(head_mask, self.HQ, self.HKV, q.device)
         self.partial = head_mask is not None
         self.A, self.NA = heads.A, heads.NA
-        self.active, self.heads, self.groups = heads.active, heads.heads, heads.groups
+        self.active, self.groups = heads.active, heads.groups
         self.packs = heads.packs
         self.pruned_groups = heads.pruned_groups
         self.has_window = self.has_local or self.has_global  # the window kernels run
