@@ -1,8 +1,9 @@
 """The Triton kernels compile for Hopper (sm_90) with the GPU tiles, without a GPU.
 
 The CPU tests run the kernels under the interpreter with small tiles; the GPU runs them with
-the tiles of `_GPU_TILES`, through the real compiler. Here the launches of one MLA forward and
-backward are recorded under the interpreter with the GPU's tiles, at awkward shapes (odd T
+the tiles of `_gpu_tiles` (`_GPU_TILES`, with one head per window program where G is not a
+multiple of the packed heads), through the real compiler. Here the launches of one MLA forward
+and backward are recorded under the interpreter with the GPU's tiles, at awkward shapes (odd T
 and n_select, G = 3 and 16, a partial head mask), and each distinct kernel signature is then
 compiled for sm_90 by Triton's compiler in a process without the interpreter. (A kernel with
 a `tl.arange` over n_select reached the H200 untested: every CPU test had a power-of-two
