@@ -689,7 +689,8 @@ def _global_bwd_dkv_kernel(
     PREC: tl.constexpr,
 ):
     # One tile of compressed keys of one KV head, over one chunk of the queries after it;
-    # each chunk writes its own partial gradient [NSPLIT, B, NC, HKV, D] (summed on the host).
+    # each chunk writes its own partial gradient [NSPLIT, B, NC, HKV, D] (`_spread_kernel`
+    # sums them).
     i_c, i_bg, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     B = tl.num_programs(1) // NA
     i_b = i_bg // NA
@@ -1041,15 +1042,13 @@ class _HeadLists:
     NA: int
     active: torch.Tensor  # [HQ] int32 on the device, 1 where a head is active
     groups: torch.Tensor  # [NA] int32, the KV heads of the groups with an active head
-    pruned_groups: torch.Tensor  # int64, the KV heads whose whole group is pruned
     group_heads: list[list[int]]  # on the host: the active heads of each group in `groups`
     _packs: dict = field(default_factory=dict)
 
     def packs(self, HP: int) -> torch.Tensor:
         """[NP, HP] int32 on the device: the active heads of each group in packs of HP (the
         window kernels' programs), -1 where a group's last pack is short. Built from host
-        lists (no device read); those of HP 1, 2 and 4 when the mask is first seen, so that
-        none is copied to the device while a CUDA graph is being captured."""
+        lists (no device read), once per HP."""
         if HP not in self._packs:
             rows = [
                 (heads[i : i + HP] + [-1] * HP)[:HP]
@@ -1073,23 +1072,23 @@ def _head_lists(
     lists = _HEAD_LISTS.get(key)
     if lists is None:
         host = torch.ones(HQ, dtype=torch.bool) if head_mask is None else head_mask
-        by_group = host.view(HKV, HQ // HKV)
-        group_any = by_group.any(1)
-        groups = group_any.nonzero().flatten().to(torch.int32)
         G = HQ // HKV
+        by_group = host.view(HKV, G)
+        groups = by_group.any(1).nonzero().flatten().to(torch.int32)
         lists = _HeadLists(
             A=int(host.sum()),
             NA=groups.numel(),
             active=host.to(torch.int32).to(device),
             groups=groups.to(device),
-            pruned_groups=(~group_any).nonzero().flatten().to(device),
             group_heads=[
                 [g * G + j for j in by_group[g].nonzero().flatten().tolist()]
                 for g in groups.tolist()
             ],
         )
-        for HP in (1, 2, 4):
-            lists.packs(HP)
+        # the packs the window kernels will launch with, now: none is then copied to the
+        # device while a CUDA graph is being captured
+        for kernel in ("window_fwd", "window_dq"):
+            lists.packs(_tiles(kernel, G)["HP"])
         if len(_HEAD_LISTS) > 1024:  # masks change only at pruning decisions
             _HEAD_LISTS.clear()
         _HEAD_LISTS[key] = lists
@@ -1120,7 +1119,6 @@ class _Layout:
         self.A, self.NA = heads.A, heads.NA
         self.active, self.groups = heads.active, heads.groups
         self.packs = heads.packs
-        self.pruned_groups = heads.pruned_groups
         self.has_window = self.has_local or self.has_global  # the window kernels run
         self.any = self.A > 0 and (self.has_window or self.has_sparse)
         # padded group sizes: tl.dot needs 16 rows; the score and dk/dv kernels stack tokens
@@ -1163,7 +1161,6 @@ def _select(
     t = _tiles("score")
     if km is None:
         km = _pool(k, None, bs, NB, None, km=True)[2]
-    # rows of fully pruned groups are neither scored nor ranked: they select nothing
     score = torch.empty(B, T, HKV, NB, dtype=torch.float32, device=q.device)
     BTOK = max(1, 64 // lay.GP)
     _score_kernel[(triton.cdiv(T, BTOK), B * lay.NA)](
@@ -1185,9 +1182,9 @@ def _select(
         SPLIT=q.dtype != torch.float32,
         **_options(t),
     )
-    alloc = torch.full if lay.NA < HKV else torch.empty
-    fill = {"fill_value": -1} if lay.NA < HKV else {}
-    idx = alloc((B, T, HKV, nsel), **fill, dtype=torch.int32, device=q.device)
+    idx = torch.empty(B, T, HKV, nsel, dtype=torch.int32, device=q.device)
+    if lay.NA < HKV:
+        idx.fill_(-1)  # fully pruned groups are neither scored nor ranked: they select nothing
     R, BR = B * T * lay.NA, 4
     _topk_kernel[(triton.cdiv(R, BR),)](
         score=score,
