@@ -130,20 +130,6 @@ def bench_layer(model, mask, x, device, dtype, repeats, profile=False) -> dict:
     return out
 
 
-def bench_model_attention(model, layer_masks, x, device, dtype, args) -> dict:
-    """The whole model's attention: the MLA op's fwd+bwd summed over the layers, each with its
-    own mask (all layers have the same shapes, so one layer's op stands in for each)."""
-    total, heads = 0.0, 0
-    cache: dict[tuple, dict] = {}
-    for m in layer_masks:
-        key = tuple(m.tolist())
-        if key not in cache:
-            cache[key] = bench_layer(model, m, x, device, dtype, args.repeats)
-        total += cache[key]["op_fwd_bwd_ms"]
-        heads += int(m.sum())
-    return {"attention_fwd_bwd_ms": total, "active_heads": heads}
-
-
 def step_runner(config: TrainConfig, layer_masks, track: bool):
     """A closure running one training step (fwd + bwd + AdamW) of a fresh model, and the model.
 
@@ -327,16 +313,20 @@ def main() -> None:
         f"{pct} whole groups": masks(cfg, args.fraction, grouped=True, whole_groups=True),
     }
     layer_rows, model_rows = [], []
+    timed: dict[tuple, dict] = {}  # each distinct mask once: layer 0's rows and the sums share it
     for name, ms in patterns.items():
         ms = ms or [torch.ones(cfg.n_heads, dtype=torch.bool)] * cfg.n_layers
-        layer_rows.append(
-            {
-                "model": name,
-                **bench_layer(model, ms[0], x, device, dtype, args.repeats, args.profile),
-            }
-        )
+        keys = [tuple(m.tolist()) for m in ms]
+        for key, m in zip(keys, ms):
+            if key not in timed:
+                timed[key] = bench_layer(model, m, x, device, dtype, args.repeats, args.profile)
+        layer_rows.append({"model": name, **timed[keys[0]]})
+        # the model's attention: the op's fwd+bwd summed over the layers, each with its own
+        # mask (all layers have the same shapes, so one layer's op stands in for each)
+        attention_ms = sum(timed[key]["op_fwd_bwd_ms"] for key in keys)
+        heads = sum(int(m.sum()) for m in ms)
         model_rows.append(
-            {"model": name, **bench_model_attention(model, ms, x, device, dtype, args)}
+            {"model": name, "attention_fwd_bwd_ms": attention_ms, "active_heads": heads}
         )
     del model
 
