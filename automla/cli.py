@@ -1,8 +1,10 @@
 """The `automla` command: search, report, export, train.
 
 A thin face over the library: every command parses its arguments, calls one function, and turns
-the library's own errors (a bad space file, a missing run folder, a bad --where) into one line on
-stderr and exit code 2, without a traceback.
+the library's own errors (a bad space file, a missing run folder, a bad --where, an unreachable
+cluster, unreadable data) into one line on stderr and exit code 2, without a traceback. Exit
+codes: 0 done, 1 a search in which every trial failed or a run that diverged, 2 bad input,
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ examples:
   automla report runs/<run>
   automla export runs/<run> --pick knee -o best.yaml
   automla train --config best.yaml
+  automla dashboard runs/<run>
 """
 
 
@@ -33,18 +36,22 @@ def run(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from automla.export import ExportError
-    from automla.report import RunError, SearchFailed
+    from automla.preflight import ClusterError
+    from automla.report import RunError, SearchFailed, SearchInterrupted
     from automla.schema import SpaceError
     from automla.trainers.config import ConfigError
 
     try:
         return args.func(args)
-    except (SpaceError, RunError, ExportError, ConfigError, FileExistsError) as e:
+    except (SpaceError, RunError, ExportError, ConfigError, ClusterError, FileExistsError) as e:
         print(f"automla {args.command}: error: {e}", file=sys.stderr)
         return 2
     except SearchFailed as e:
         print(f"automla {args.command}: {e}", file=sys.stderr)
         return 1
+    except SearchInterrupted as e:
+        print(f"automla {args.command}: {e}", file=sys.stderr)
+        return 130
     except FloatingPointError as e:
         print(f"automla {args.command}: the run diverged: {e}", file=sys.stderr)
         return 1
@@ -144,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, metavar="N", help="override the number of steps")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "dashboard",
+        help="open a run's Optuna study in optuna-dashboard",
+        description="Serve the run folder's Optuna study (study.db) with optuna-dashboard "
+        "until Ctrl-C; the same as `optuna-dashboard sqlite:///RUN/study.db`.",
+    )
+    p.add_argument("run", metavar="RUN", help="a run folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    p.set_defaults(func=_dashboard)
     return parser
 
 
@@ -217,7 +235,10 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise ConfigError("", f"{path}: {e}") from None
     out = Path(args.out or f"runs/train-{path.stem}-{datetime.now():%Y%m%d-%H%M%S}")
-    metrics = train(config, out_dir=out, progress=True)
+    try:
+        metrics = train(config, out_dir=out, progress=True)
+    except ConfigError as e:  # the data cannot train: found before out is made
+        raise ConfigError("", f"{path}: {e}") from None
     table = Table(title=f"final metrics ({out})", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -226,6 +247,19 @@ def _train(args: argparse.Namespace) -> int:
             table.add_row(k, f"{v:,.4g}" if isinstance(v, float) else str(v))
     Console().print(table)
     print(f"checkpoint: {out / 'checkpoint'}")
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from automla.report import RunError, study_url
+
+    url = study_url(args.run)
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise RunError("optuna-dashboard is not installed: pip install optuna-dashboard") from None
+    print(f"Optuna dashboard of {args.run}: http://{args.host}:{args.port} (Ctrl-C stops it)")
+    optuna_dashboard.run_server(url, host=args.host, port=args.port)
     return 0
 
 

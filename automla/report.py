@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from rich.table import Table
 
 from automla import pareto
 from automla.gpu_usage import summarize_csv
+from automla.run_folder import DamagedTrials, read_trials, rebuild_trials, study_url, trial_dir
 from automla.schema import RATIOS, SearchConfig, known_metrics, load, throughput_method
 
 GPU_USAGE_FILE = "gpu_usage.csv"
@@ -48,17 +50,47 @@ class SearchFailed(RuntimeError):
         super().__init__(f"every trial failed (run folder {run_dir}):\n{lines}")
 
 
-def load_run(run_dir: str | Path) -> tuple[SearchConfig, list[dict[str, Any]]]:
-    """The resolved search config and the trial records of a run folder."""
+class SearchInterrupted(RuntimeError):
+    """The search stopped before its budget was spent (Ctrl-C): what finished is in the run
+    folder, and `automla search --resume` continues it."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        super().__init__(f"interrupted: continue with `automla search --resume {run_dir}`")
+
+
+def load_run(
+    run_dir: str | Path, *, rebuild: bool = False
+) -> tuple[SearchConfig, list[dict[str, Any]]]:
+    """The resolved search config and the trial records of a run folder. A trials.json that
+    is missing or damaged raises RunError naming it, or with `rebuild` is rebuilt from the
+    study (see `run_folder.rebuild_trials`), saying so on stderr."""
     run = Path(run_dir)
     if not run.is_dir():
         raise RunError(f"{run}: no such run folder")
-    for name in ("space.yaml", "trials.json"):
-        if not (run / name).is_file():
-            raise RunError(f"{run}: not a complete run folder ({name} is missing)")
+    if not (run / "space.yaml").is_file():
+        raise RunError(f"{run}: not a run folder (space.yaml is missing)")
     config = load(run / "space.yaml")
-    trials = json.loads((run / "trials.json").read_text())
-    return config, trials
+    try:
+        return config, read_trials(run)
+    except DamagedTrials as e:
+        if not rebuild or not (run / "study.db").is_file():
+            raise RunError(str(e)) from None
+        try:
+            trials = rebuild_trials(run, config)
+        except DamagedTrials as again:
+            raise RunError(str(again)) from None
+        print(
+            f"{e.path}: {e.problem}; rebuilt {len(trials)} trials from study.db and the trials' "
+            f"Ray results"
+            + (
+                " (the damaged file is kept beside it)"
+                if (run / "trials.json.damaged").exists()
+                else ""
+            ),
+            file=sys.stderr,
+        )
+        return config, trials
 
 
 def completed(trials: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
@@ -159,10 +191,11 @@ def write_outputs(
     return summary
 
 
-def curves(trial: dict[str, Any]) -> list[dict[str, Any]]:
+def curves(trial: dict[str, Any], run_dir: str | Path = ".") -> list[dict[str, Any]]:
     """Every result a trial reported to Ray, from its `result.json` (empty when there is none)."""
-    path = Path(trial.get("path") or "") / "result.json"
-    if not trial.get("path") or not path.is_file():
+    folder = trial_dir(run_dir, trial)
+    path = folder / "result.json" if folder is not None else None
+    if path is None or not path.is_file():
         return []
     out = []
     for line in path.read_text().splitlines():
@@ -185,7 +218,7 @@ def plot_learning_curves(path: str | Path, config: SearchConfig, trials: list[di
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 3.8), dpi=110)
     styles = {PRUNED: ("0.6", "--"), FAILED: ("tab:red", ":"), STOPPED: ("tab:orange", ":")}
     for t in trials:
-        points = [r for r in curves(t) if "step" in r]
+        points = [r for r in curves(t, Path(path).parent) if "step" in r]
         colour, ls = styles.get(t.get("state"), (None, "-"))
         for ax, m in zip(axes, metrics):
             xy = [(r["step"], r[m]) for r in points if finite_number(r.get(m))]
@@ -209,8 +242,11 @@ def importances(run_dir: str | Path, config: SearchConfig) -> dict[str, dict[str
     db = Path(run_dir) / "study.db"
     if not db.is_file():
         return {}
-    storage = f"sqlite:///{db}"
-    names = optuna.study.get_all_study_names(storage)
+    storage = study_url(run_dir)
+    try:
+        names = optuna.study.get_all_study_names(storage)
+    except Exception:  # a damaged study.db: the report goes on without importances
+        return {}
     if len(names) != 1:
         return {}
     level = optuna.logging.get_verbosity()
@@ -345,8 +381,9 @@ def plot_hypervolume(path: str | Path, summary: dict[str, Any]) -> None:
 def report(
     run_dir: str | Path, *, console: Console | None = None, as_json: bool = False
 ) -> dict[str, Any]:
-    """Re-derive a run folder's outputs and print the front (a rich table, or JSON)."""
-    config, trials = load_run(run_dir)
+    """Re-derive a run folder's outputs and print the front (a rich table, or JSON); a damaged
+    trials.json is rebuilt from the study first."""
+    config, trials = load_run(run_dir, rebuild=True)
     summary = write_outputs(run_dir, config, trials)
     console = console or Console()
     if as_json:

@@ -16,12 +16,13 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 import ray
@@ -42,7 +43,9 @@ from automla.distributed import (
     validate_resources,
 )
 from automla.gpu_usage import GpuSampler
-from automla.report import GPU_USAGE_FILE, SearchFailed
+from automla.preflight import ClusterError, check_data, cluster_address
+from automla.report import GPU_USAGE_FILE, SearchFailed, SearchInterrupted
+from automla.run_folder import relative_trial_path, study_name, study_url
 from automla.schema import (
     RATIOS,
     Domain,
@@ -50,6 +53,7 @@ from automla.schema import (
     SpaceError,
     known_metrics,
     load,
+    scheduler_max_t,
     throughput_method,
     to_yaml_dict,
 )
@@ -86,7 +90,10 @@ def run_search(
         train_fn: the trainer (default `automla.trainers.train`); it must be importable or
             picklable by value in Ray's workers.
 
-    Raises SearchFailed when no trial completed (the run folder is written first).
+    Raises SearchFailed when no trial completed, SearchInterrupted when the search stopped
+    early (Ctrl-C; the run folder is written first in both cases), ClusterError when the
+    cluster does not answer and SpaceError when the data cannot train (both before any folder
+    is made).
     """
     if trials is not None and trials < 1:
         raise SpaceError(config.source, "trials", f"expected an integer >= 1, got {trials}")
@@ -100,14 +107,18 @@ def run_search(
             f"{run_dir} already exists; choose another --name or --out, or continue it with "
             f"--resume {run_dir}"
         )
+    # what can be known before Ray starts is checked before the run folder exists
+    address = _checked_address(address)
+    check_data(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir = run_dir.resolve()
     _absolute_paths(config)
     (run_dir / "space.yaml").write_text(yaml.safe_dump(to_yaml_dict(config), sort_keys=False))
     try:
         return _execute(config, run_dir, address, train_fn, console or Console(), resume=False)
-    except SpaceError:
-        # the cluster cannot run this search (checked before any trial): leave no half folder
+    except (SpaceError, ClusterError):
+        # Ray could not start, or the cluster cannot run this search (checked before any
+        # trial): leave no half folder
         if not (run_dir / "ray").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
@@ -137,7 +148,15 @@ def resume_search(
             "start it again instead"
         )
     config = load(run_dir / "space.yaml")
+    address = _checked_address(address)
+    check_data(config)
     return _execute(config, run_dir, address, train_fn, console or Console(), resume=True)
+
+
+def _checked_address(address: str | None) -> str | None:
+    """The cluster to join, probed (see `preflight.cluster_address`); a caller's running Ray
+    (a notebook, tests) is used as it is."""
+    return None if ray.is_initialized() else cluster_address(address)
 
 
 def _execute(
@@ -160,10 +179,13 @@ def _execute(
         config.source,
     )
     log.info("tokens_per_s: %s", throughput_method(config.fixed))
-    address = address or os.environ.get("RAY_ADDRESS") or None
     started = time.time()
     owns_ray = not ray.is_initialized()
-    ctx = _start_ray(address, name) if owns_ray else ray.get_runtime_context()
+    try:
+        ctx = _start_ray(address, name) if owns_ray else ray.get_runtime_context()
+    except (ConnectionError, TimeoutError) as e:
+        where = f"cluster {address}" if address else "a local Ray"
+        raise ClusterError(f"could not start or join {where}: {e}") from None
     try:
         dashboard = ctx.dashboard_url if owns_ray else ray._private.worker.get_dashboard_url()
         url = f"http://{dashboard}" if dashboard else None
@@ -209,10 +231,10 @@ def _execute(
             else:
                 tuner = _new_tuner(config, run_dir, trainable, progress)
             # GPU utilisation of the driver's machine, sampled while trials run
-            with progress, GpuSampler(run_dir / GPU_USAGE_FILE):
+            with progress, GpuSampler(run_dir / GPU_USAGE_FILE), _OptunaSearch.study_in(run_dir):
                 results = tuner.fit()
         numbers = _settle_study(run_dir, {_trial_id(r) for r in results})
-        records = _records(results, config, numbers)
+        records = _records(results, config, numbers, run_dir)
     finally:
         if owns_ray and ray.is_initialized():  # a caller's Ray (a notebook, tests) stays up
             ray.shutdown()
@@ -234,8 +256,7 @@ def _execute(
             f"{u['samples']} samples), peak memory {u['peak_mem_mib'] / 1024:.1f} GiB"
         )
     if counts[report_mod.STOPPED] or len(records) < config.trials:
-        console.print(f"interrupted: continue with `automla search --resume {run_dir}`")
-        return run_dir
+        raise SearchInterrupted(run_dir)
     _prune_checkpoints(run_dir / "ray")  # nothing left to resume: keep each trial's newest
     if records and not counts[report_mod.COMPLETED] and not counts[report_mod.PRUNED]:
         raise SearchFailed(run_dir, [f"{r['trial_id']}: {r['reason']}" for r in records])
@@ -249,7 +270,7 @@ def _new_tuner(config: SearchConfig, run_dir: Path, trainable: Any, progress: An
         mode=config.modes,
         sampler=make_sampler(config),
         study_name=run_dir.name,
-        storage=optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'study.db'}"),
+        storage=optuna.storages.RDBStorage(study_url(run_dir)),
     )
     return tune.Tuner(
         trainable,
@@ -290,7 +311,7 @@ def make_scheduler(config: SearchConfig) -> Any:
         mode=s.mode,
         grace_period=s.grace_period,
         reduction_factor=s.reduction_factor,
-        max_t=s.max_t or int(config.fixed.get("steps") or 1),
+        max_t=scheduler_max_t(config),
     )
 
 
@@ -399,12 +420,16 @@ def automla_trial(
                 run(path)
     except FloatingPointError as e:
         tune.report({FAILURE: "diverged", "reason": f"FloatingPointError: {e}", **node})
+    except ConfigError as e:  # the trainer rejected it (its data): the same on every retry
+        tune.report({FAILURE: "invalid", "reason": f"invalid config: {e}", **node})
     except (torch.OutOfMemoryError, MemoryError) as e:
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'out of memory'}"
         tune.report({FAILURE: "out_of_memory", "reason": reason[:300], **node})
 
 
-def _records(results: Any, config: SearchConfig, numbers: dict[str, int]) -> list[dict]:
+def _records(
+    results: Any, config: SearchConfig, numbers: dict[str, int], run_dir: Path
+) -> list[dict]:
     """One record per trial: id, state, reason, failure kind, retries, node, searched values,
     final metrics, full config."""
     metrics = config.metrics
@@ -429,7 +454,7 @@ def _records(results: Any, config: SearchConfig, numbers: dict[str, int]) -> lis
             "metrics": {},
             "config": None,
             "finished": last.get("timestamp"),
-            "path": str(result.path) if result.path else None,
+            "path": relative_trial_path(run_dir, result.path),
         }
         try:
             values = decode(config.space, params)
@@ -491,7 +516,7 @@ def _settle_study(run_dir: Path, ray_ids: set[str]) -> dict[str, int]:
     Ray trial id -> Optuna trial number."""
     from optuna.trial import TrialState
 
-    study = optuna.load_study(study_name=run_dir.name, storage=f"sqlite:///{run_dir / 'study.db'}")
+    study = optuna.load_study(study_name=study_name(run_dir), storage=study_url(run_dir))
     numbers = {}
     for t in study.get_trials(deepcopy=False):
         rid = t.user_attrs.get("ray_trial_id")
@@ -577,7 +602,10 @@ def _print_banner(console: Console, run_dir: Path, url: str | None, address: str
             )
     else:
         console.print(f"[yellow]Ray dashboard not available[/] ({where})")
-    console.print(f"[bold]Optuna dashboard[/]: optuna-dashboard sqlite:///{rel}/study.db")
+    console.print(
+        f"[bold]Optuna dashboard[/]: automla dashboard {rel}  "
+        f"(or: optuna-dashboard {study_url(run_dir)})"
+    )
     console.print(f"[bold]Run folder[/]: {rel}")
 
 
@@ -585,9 +613,54 @@ class _OptunaSearch(OptunaSearch):
     """OptunaSearch that records every trial's outcome in the study: a failed trial, or one that
     reported a NaN or no objective, is told FAIL (the stock searcher leaves it RUNNING when
     Optuna rejects the values), an early-stopped one PRUNED; the Ray trial id is kept as a
-    user attribute."""
+    user attribute.
+
+    Its saved state names no path: the storage, the study and the trials are reopened from the
+    run folder's study.db when Tune restores it (see `study_in`), so a copied or moved run
+    folder resumes (and never writes into the study of the folder it was copied from)."""
+
+    study_dir: ClassVar[Path | None] = None
+    """The run folder whose study.db a restored searcher opens, set around `tuner.fit()`."""
+
+    @classmethod
+    @contextlib.contextmanager
+    def study_in(cls, run_dir: Path) -> Iterator[None]:
+        cls.study_dir = run_dir
+        try:
+            yield
+        finally:
+            cls.study_dir = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_storage"] = state["_ot_study"] = None
+        state["_ot_trials"] = {k: t._trial_id for k, t in self._ot_trials.items()}
+        return state
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self._reopen()
+
+    def _reopen(self) -> None:
+        if self._ot_study is not None:
+            return
+        if self.study_dir is None:
+            raise RuntimeError("a restored search needs its run folder: use resume_search")
+        self._storage = optuna.storages.RDBStorage(study_url(self.study_dir))
+        self._ot_study = optuna.load_study(
+            study_name=self._study_name, storage=self._storage, sampler=self._sampler
+        )
+        self._ot_trials = {
+            k: optuna.trial.Trial(self._ot_study, t) if isinstance(t, int) else t
+            for k, t in self._ot_trials.items()
+        }
 
     def suggest(self, trial_id: str) -> dict | None:
+        self._reopen()
         params = super().suggest(trial_id)
         self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
         return params
@@ -599,6 +672,7 @@ class _OptunaSearch(OptunaSearch):
 
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
+        self._reopen()
         ot_trial = self._ot_trials[trial_id]
         self._completed_trials.add(trial_id)
         # a resumed driver may replay a trial its predecessor already told the study

@@ -350,7 +350,7 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
             raise SpaceError(
                 file,
                 f"space.{key}",
-                f"also fixed in '{_section_path(key)}'; "
+                f"also fixed in '{section_path(key)}'; "
                 "a setting is either fixed or searched, not both",
             )
 
@@ -371,11 +371,7 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
         source=file,
     )
     if scheduler is not None:
-        steps = fixed.get("steps")
-        if scheduler.max_t is not None and isinstance(steps, int) and scheduler.max_t > steps:
-            raise SpaceError(
-                file, "scheduler.max_t", f"must be <= train.steps ({steps}), got {scheduler.max_t}"
-            )
+        _check_scheduler(config)
         _check_mqar(scheduler.metric, has_mqar, file, "scheduler.metric")
     _check_trials(config)
     return config
@@ -476,6 +472,36 @@ def throughput_method(fixed: dict) -> str:
             bench.get("context_batch", 1)
         )
     return text
+
+
+def scheduler_max_t(config: SearchConfig) -> int:
+    """ASHA's last rung: the file's max_t, else the trials' steps (the most a searched
+    `steps` domain offers)."""
+    assert config.scheduler is not None
+    if config.scheduler.max_t is not None:
+        return config.scheduler.max_t
+    if "steps" in config.space:
+        return max(_probe_values(config.space["steps"]))
+    return int(config.fixed["steps"])
+
+
+def _check_scheduler(config: SearchConfig) -> None:
+    s, file = config.scheduler, config.source
+    assert s is not None
+    steps = config.fixed.get("steps")
+    if s.max_t is not None and isinstance(steps, int) and s.max_t > steps:
+        raise SpaceError(
+            file, "scheduler.max_t", f"must be <= train.steps ({steps}), got {s.max_t}"
+        )
+    max_t = scheduler_max_t(config)
+    if s.grace_period > max_t:
+        where = "scheduler.max_t" if s.max_t is not None else "train.steps"
+        raise SpaceError(
+            file,
+            "scheduler.grace_period",
+            f"{s.grace_period} exceeds the {max_t} steps a trial runs ({where}): ASHA could "
+            "never stop one; lower grace_period",
+        )
 
 
 def _check_mqar(metric: str, has_mqar: bool, file: str, path: str) -> None:
@@ -678,27 +704,69 @@ def _pair(arg: Any, where: str, kind: str, file: str, *, number: bool) -> tuple[
     return arg[0], arg[1]
 
 
+def sample_configs(config: SearchConfig) -> list[tuple[str, TrainConfig]]:
+    """Trial configs that stand for the whole space, each with what it varies ('' or
+    'space.KEY: value V'): up to 8 valid combinations of the searched values, then every
+    searched value beside the first of them. For checks too costly to run on every probe
+    (reading the data)."""
+    from automla.space import apply
+
+    probes = {key: _probe_values(d) for key, d in config.space.items()}
+    out: list[tuple[str, TrainConfig]] = []
+    for combo in _combos(probes):
+        try:
+            out.append(("", apply(config.fixed, combo)))
+        except ConfigError:
+            continue
+        if len(out) == 1:
+            base = combo
+        if len(out) == 8:
+            break
+    if not out:
+        return out
+    for key, values in probes.items():
+        for v in values:
+            try:
+                out.append(
+                    (f"space.{key}: value {to_dict(v)!r}", apply(config.fixed, {**base, key: v}))
+                )
+            except ConfigError:
+                continue
+    return out
+
+
+def _combos(probes: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The middle value of every domain, then 63 seeded random combinations."""
+    rng = random.Random(0)
+    combos = [{k: v[len(v) // 2] for k, v in probes.items()}]
+    combos += [{k: rng.choice(v) for k, v in probes.items()} for _ in range(63)]
+    return combos
+
+
 def _check_trials(config: SearchConfig) -> None:
     """Fail early when no trial can be valid, or when a domain offers an invalid value."""
     from automla.space import apply  # the schema is imported by space; keep the cycle lazy
 
     probes = {key: _probe_values(d) for key, d in config.space.items()}
-    rng = random.Random(0)
-    combos = [{k: v[len(v) // 2] for k, v in probes.items()}]
-    combos += [{k: rng.choice(v) for k, v in probes.items()} for _ in range(63)]
+    combos = _combos(probes)
     valid: list[dict[str, Any]] = []
     first: ConfigError | None = None
+    errors: list[ConfigError] = []
     for combo in combos:
         try:
             apply(config.fixed, combo)
         except ConfigError as e:
             first = first or e
+            errors.append(e)
             continue
         valid.append(combo)
         if len(valid) == 8:
             break
     if not valid:
         assert first is not None
+        # a fixed setting wrong on its own fails every combination: name it, not a searched one
+        fixed_errors = [e for e in errors if _locate(e.path, config.space) == section_path(e.path)]
+        first = fixed_errors[0] if fixed_errors else first
         message = first.message
         if not message.startswith(("unknown key", "expected")):  # a value, not a typo
             message = f"every trial would be invalid: {message}"
@@ -718,7 +786,7 @@ def _check_trials(config: SearchConfig) -> None:
                 break
             if len(errors) == len(valid):
                 e = errors[0]
-                where = "" if _related(e.path, key) else f"{_section_path(e.path)}: "
+                where = "" if _related(e.path, key) else f"{section_path(e.path)}: "
                 raise SpaceError(
                     config.source,
                     f"space.{key}",
@@ -753,10 +821,11 @@ def _locate(error_path: str, space: dict[str, Domain]) -> str:
     for key in space:
         if _related(error_path, key):
             return f"space.{key}"
-    return _section_path(error_path)
+    return section_path(error_path)
 
 
-def _section_path(path: str) -> str:
+def section_path(path: str) -> str:
+    """Where a TrainConfig path is set in a space file: 'lr' -> 'train.lr'."""
     head = path.split(".")[0].split("[")[0]
     return path if head in ("model", "data") else f"train.{path}" if path else "train"
 

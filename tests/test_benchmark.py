@@ -89,7 +89,7 @@ def _config(**over) -> TrainConfig:
         "eval_every": 6,
         "eval_batches": 1,
         "data": {"source": "stdlib", "max_bytes": 100_000},
-        "model": {**TINY_MODEL, "attention": "mla"},
+        "model": {**TINY_MODEL, "attention": "mla", "mla": {"budget": 64}},
     }
     return build(TrainConfig, {**data, **over})
 
@@ -134,7 +134,7 @@ SPACE = {
     "objectives": objectives(),
     "trials": 2,
     "train": {"steps": 10, "seq_len": 64},
-    "model": TINY_MODEL,
+    "model": {**TINY_MODEL, "mla": {"budget": 64}},
     "space": {"lr": {"loguniform": [1e-3, 1e-2]}},
 }
 
@@ -216,11 +216,11 @@ def test_mqar_mixed_into_another_source():
                 "mqar_vocab": 32,
                 "mqar_pairs": 4,
             },
-            model={**TINY_MODEL, "attention": "mla", "vocab_size": 288},
+            model={**TINY_MODEL, "attention": "mla", "mla": {"budget": 64}, "vocab_size": 288},
         )
     )
     assert 0.0 <= m["mqar_acc"] <= 1.0
     space = {**SPACE, "objectives": [*SPACE["objectives"], {"metric": "mqar_acc", "mode": "max"}]}
     with pytest.raises(SpaceError, match="mqar_mix"):
         parse(space)
-    parse({**space, "data": {"mqar_mix": 0.25}, "model": {**TINY_MODEL, "vocab_size": 384}})
+    parse({**space, "data": {"mqar_mix": 0.25}, "model": {**SPACE["model"], "vocab_size": 384}})

@@ -30,7 +30,7 @@ FIXED = schema.parse(
             {"metric": "tokens_per_s", "mode": "max"},
         ],
         "train": {"seq_len": 64},
-        "model": {"d_model": 32, "max_seq_len": 64},
+        "model": {"d_model": 32, "max_seq_len": 256},  # the default budget (256) fits
         "space": {"seed": {"choice": [0]}},
     }
 ).fixed
@@ -156,7 +156,7 @@ def test_apply_follows_searched_sizes():
 def test_apply_names_a_bad_value():
     with pytest.raises(schema.ConfigError) as info:
         space.apply(FIXED, {"model.mla.block_size": 24})
-    assert info.value.path == "model.mla" and "power of two" in info.value.message
+    assert info.value.path == "model.mla.block_size" and "power of two" in info.value.message
 
 
 def test_flat_values_and_labels():

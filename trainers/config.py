@@ -118,8 +118,9 @@ class DataConfig:
     """The file for `text` (UTF-8, byte tokens) or `tokens` (flat uint16, nanoGPT .bin)."""
     val_fraction: float = 0.05
     """Share of files (stdlib, by a hash of the path) or of tokens held out for validation."""
-    max_bytes: int | None = 8_000_000
-    """Cap on the stdlib corpus read, to keep start-up fast; None reads it all."""
+    max_bytes: int | None = None
+    """Bytes read from the source: the stdlib corpus (None: the first 8 MB, to keep start-up
+    fast), or the head of a `text` or `tokens` file (None: the whole file)."""
     mqar_pairs: int = 8
     """MQAR: key-value pairs per sequence (the queries ask for all of them)."""
     mqar_vocab: int = 128
@@ -321,8 +322,35 @@ class TrainConfig:
                     f"data.mqar_mix puts MQAR's {d.mqar_vocab} ids above the 256 byte ids: "
                     f"needs at least {need}, got {self.model.vocab_size}",
                 )
+        if self.model.attention == "mla":
+            self._check_mla_fits()
         if self.pruning.enabled:
             self._check_pruning()
+
+    def _check_mla_fits(self) -> None:
+        """Reject MLA sizes that no sequence can use (they would only fail in the kernels):
+        sequences hold at most model.max_seq_len keys."""
+        mla, t_max = self.model.mla, self.model.max_seq_len
+        if mla.budget > t_max:
+            raise ConfigError(
+                "model.mla.budget",
+                f"{mla.budget} exceeds model.max_seq_len ({t_max}): no query reads more than "
+                f"{t_max} keys; lower the budget or raise max_seq_len",
+            )
+        plan = mla.plan(t_max)
+        if (plan.has_global or plan.has_sparse) and mla.block_size > t_max:
+            raise ConfigError(
+                "model.mla.block_size",
+                f"{mla.block_size} exceeds model.max_seq_len ({t_max}): no sequence holds a "
+                "whole block for the global and sparse branches",
+            )
+        if plan.n_select * plan.block_size > t_max:
+            raise ConfigError(
+                "model.mla.block_size",
+                f"the sparse branch would select {plan.n_select} blocks of {plan.block_size} "
+                f"keys, more than the {t_max} keys of the longest sequence (model.max_seq_len); "
+                "use smaller blocks or a smaller sparse share",
+            )
 
     def _check_pruning(self) -> None:
         """Reject schedules the model cannot follow: the floor and the fraction against the
@@ -384,7 +412,14 @@ def build(cls: type, data: Any, path: str = "") -> Any:
     except ConfigError as e:
         raise ConfigError(join_path(path, e.path), e.message) from None
     except (ValueError, TypeError) as e:
-        raise ConfigError(path, str(e)) from None
+        # a plain error ('budget must be >= 1, got 0') is blamed on the field it opens with
+        raise ConfigError(join_path(path, _field_named(str(e), fields)), str(e)) from None
+
+
+def _field_named(message: str, fields: typing.Iterable[str]) -> str:
+    """The field a message opens with ('ratios must ...', 'gate.hidden widths ...'), or ''."""
+    first = message.split(" ", 1)[0].rsplit(".", 1)[-1]
+    return first if first in fields else ""
 
 
 def to_dict(obj: Any) -> Any:

@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DataConfig
+from .config import ConfigError, DataConfig
 
 IGNORE = -100
 # Offsets the validation seeds from the training seed, so the two never share a stream.
 _VAL_SEED_OFFSET = 1_000_003
+STDLIB_DEFAULT_BYTES = 8_000_000
+"""What `data.max_bytes: null` reads of the stdlib corpus: enough for short runs, read fast."""
 
 
 class WindowSource:
@@ -163,36 +165,49 @@ def load_data(
 ) -> tuple[Source, Source]:
     """The (train, validation) sources of `cfg` for sequences of seq_len tokens.
 
-    vocab_size, when given, is checked against the token ids the data uses.
+    vocab_size, when given, is checked against the token ids the data uses. Data that cannot
+    train (a missing, empty, binary or too short file) raises ConfigError naming the setting
+    at fault (`data.path`, `data.max_bytes`, `model.vocab_size`).
     """
     if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        raise ConfigError("seq_len", f"must be >= 1, got {seq_len}")
     val_seed = cfg.seed + _VAL_SEED_OFFSET
     if cfg.source == "mqar":
         _check_vocab(cfg.mqar_vocab - 1, vocab_size, "mqar_vocab")
-        train = MQARSource(cfg, seq_len, cfg.mqar_examples, cfg.seed)
+        try:
+            train = MQARSource(cfg, seq_len, cfg.mqar_examples, cfg.seed)
+        except ValueError as e:
+            raise ConfigError("data.mqar_pairs", str(e)) from None
         val = MQARSource(cfg, seq_len, cfg.mqar_val_examples, val_seed)
         return train, val
 
     max_id = 255  # bytes, unless a token file says otherwise
+    key = "data.path"  # what to change when the data is too short
     if cfg.source == "stdlib":
-        where = "the stdlib corpus"
+        where, key = "the stdlib corpus", "data.max_bytes"
         _check_vocab(255, vocab_size, f"{where} (bytes)")
-        train_tok, val_tok = stdlib_bytes(cfg.val_fraction, cfg.max_bytes)
+        max_bytes = STDLIB_DEFAULT_BYTES if cfg.max_bytes is None else cfg.max_bytes
+        try:
+            train_tok, val_tok = stdlib_bytes(cfg.val_fraction, max_bytes)
+        except ValueError as e:
+            raise ConfigError(key, str(e)) from None
     elif cfg.source == "text":
         where = f"text file {cfg.path}"
         _check_vocab(255, vocab_size, f"{where} (bytes)")
-        train_tok, val_tok = _split_tail(_read_text(cfg.path), cfg.val_fraction)
+        train_tok, val_tok = _split_tail(_read_text(cfg.path, cfg.max_bytes), cfg.val_fraction)
     elif cfg.source == "tokens":
         where = f"tokens file {cfg.path}"
-        tokens = _read_tokens(cfg.path)
+        tokens = _read_tokens(cfg.path, cfg.max_bytes)
         max_id = _max_token(tokens)
         _check_vocab(max_id, vocab_size, where)
         train_tok, val_tok = _split_tail(tokens, cfg.val_fraction)
     else:
-        raise ValueError(f"data.source must be stdlib|text|tokens|mqar, got {cfg.source!r}")
-    train = WindowSource(train_tok, seq_len, seed=cfg.seed, name=f"training split of {where}")
-    val = WindowSource(val_tok, seq_len, seed=val_seed, name=f"validation split of {where}")
+        raise ConfigError("data.source", f"must be stdlib|text|tokens|mqar, got {cfg.source!r}")
+    try:
+        train = WindowSource(train_tok, seq_len, seed=cfg.seed, name=f"training split of {where}")
+        val = WindowSource(val_tok, seq_len, seed=val_seed, name=f"validation split of {where}")
+    except ValueError as e:
+        raise ConfigError(key, str(e)) from None
     if cfg.mqar_mix > 0:
         return _mix_mqar(cfg, train, seq_len, vocab_size, max_id), val
     return train, val
@@ -202,10 +217,11 @@ def _mix_mqar(
     cfg: DataConfig, train: WindowSource, seq_len: int, vocab_size: int | None, max_id: int
 ) -> MixedSource:
     if vocab_size is None or vocab_size - cfg.mqar_vocab <= max_id:
-        raise ValueError(
+        raise ConfigError(
+            "model.vocab_size",
             f"data.mqar_mix puts MQAR's {cfg.mqar_vocab} token ids above the main data's "
             f"(max id {max_id}): model.vocab_size must be at least "
-            f"{max_id + 1 + cfg.mqar_vocab}, got {vocab_size}"
+            f"{max_id + 1 + cfg.mqar_vocab}, got {vocab_size}",
         )
     offset = vocab_size - cfg.mqar_vocab
     return MixedSource(
@@ -276,36 +292,49 @@ def _as_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def _read_text(path: str | None) -> torch.Tensor:
-    p = _existing_file(path)
-    data = p.read_bytes()
+def _read_text(path: str | None, max_bytes: int | None = None) -> torch.Tensor:
+    """The file's bytes (its first max_bytes, cut back to a whole UTF-8 character)."""
+    p = _existing_file(path, "text")
+    with open(p, "rb") as f:
+        data = f.read(-1 if max_bytes is None else max_bytes)
+    if not data:
+        raise ConfigError("data.path", f"text file {p} is empty")
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(
-            f"text file {p} is not UTF-8 ({e}); for a binary token file use source 'tokens'"
-        ) from None
-    if not data:
-        raise ValueError(f"text file {p} is empty")
+        cut = max_bytes is not None and e.start >= len(data) - 3 and e.reason.startswith("unexp")
+        if not cut:
+            raise ConfigError(
+                "data.path",
+                f"text file {p} is not UTF-8 text (byte {data[e.start]:#04x} at offset "
+                f"{e.start}); for a binary file of uint16 token ids use source: tokens",
+            ) from None
+        data = data[: e.start]  # max_bytes fell inside a character
     return _as_tensor(data)
 
 
-def _read_tokens(path: str | None) -> np.ndarray:
-    p = _existing_file(path)
+def _read_tokens(path: str | None, max_bytes: int | None = None) -> np.ndarray:
+    p = _existing_file(path, "tokens")
     size = p.stat().st_size
     if size == 0:
-        raise ValueError(f"tokens file {p} is empty")
+        raise ConfigError("data.path", f"tokens file {p} is empty")
     if size % 2:
-        raise ValueError(f"tokens file {p} has {size} bytes, not a whole number of uint16 tokens")
-    return np.memmap(p, dtype=np.uint16, mode="r")
+        raise ConfigError(
+            "data.path",
+            f"tokens file {p} has {size} bytes, not a whole number of uint16 tokens",
+        )
+    tokens = np.memmap(p, dtype=np.uint16, mode="r")
+    return tokens if max_bytes is None else tokens[: max(1, max_bytes // 2)]
 
 
-def _existing_file(path: str | None) -> Path:
+def _existing_file(path: str | None, kind: str) -> Path:
     if not path:
-        raise ValueError("data.path is not set")
+        raise ConfigError("data.path", f"source '{kind}' needs a file path")
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError("data.path", f"{kind} file {p} is a directory, not a file")
     if not p.is_file():
-        raise ValueError(f"data file {p} does not exist or is not a file")
+        raise ConfigError("data.path", f"{kind} file {p} does not exist")
     return p
 
 
@@ -322,7 +351,8 @@ def _split_tail(tokens, val_fraction: float):
 
 def _check_vocab(max_id: int, vocab_size: int | None, where: str) -> None:
     if vocab_size is not None and max_id >= vocab_size:
-        raise ValueError(
+        raise ConfigError(
+            "model.vocab_size",
             f"{where} uses token id {max_id}, which does not fit model.vocab_size={vocab_size}; "
-            f"set model.vocab_size >= {max_id + 1}"
+            f"set model.vocab_size >= {max_id + 1}",
         )
