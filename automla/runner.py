@@ -219,6 +219,7 @@ def _execute(
             )
             progress = _Progress(console, config, name, started, log)
             if resume:
+                _repoint_search_state(run_dir / "ray")
                 tuner = tune.Tuner.restore(
                     str(run_dir / "ray"),
                     trainable,
@@ -261,6 +262,23 @@ def _execute(
     if records and not counts[report_mod.COMPLETED] and not counts[report_mod.PRUNED]:
         raise SearchFailed(run_dir, [f"{r['trial_id']}: {r['reason']}" for r in records])
     return run_dir
+
+
+def _repoint_search_state(experiment_dir: Path) -> None:
+    """Point the saved search generator's storage at where the run folder lies now.
+
+    Ray Tune (2.60) restores moved trials into the new folder, but its search generator comes
+    back with the Experiment it pickled, storage path included: trials proposed after the
+    resume of a moved run folder would write into the old one (or fail where it is gone)."""
+    from ray import cloudpickle
+
+    run_dir = str(experiment_dir.parent)
+    for path in experiment_dir.glob("search_gen_state-*"):
+        state = cloudpickle.loads(path.read_bytes())
+        storage = getattr(state.get("experiment"), "storage", None)
+        if storage is not None and storage.storage_fs_path != run_dir:
+            storage.storage_fs_path = run_dir
+            path.write_bytes(cloudpickle.dumps(state))
 
 
 def _new_tuner(config: SearchConfig, run_dir: Path, trainable: Any, progress: Any) -> Any:

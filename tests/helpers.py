@@ -41,10 +41,12 @@ def search_space(**changes) -> dict:
 
 
 def study_of(run_dir: Path):
-    """The Optuna study a search kept in its run folder (named after the folder)."""
+    """The Optuna study a search kept in its run folder (the one study in its study.db)."""
     import optuna
 
-    return optuna.load_study(study_name=run_dir.name, storage=f"sqlite:///{run_dir / 'study.db'}")
+    from automla.run_folder import study_name, study_url
+
+    return optuna.load_study(study_name=study_name(run_dir), storage=study_url(run_dir))
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,9 +65,13 @@ sys.path.insert(0, {tests!r})
 import test_search_resume as m
 cloudpickle.register_pickle_by_value(m)
 from automla import schema
-from automla.runner import run_search
+from automla.runner import SearchInterrupted, run_search
 config = schema.load({space!r})
-run_search(config, {out!r}, "r", train_fn=functools.partial(m.slow_trainer, log={log!r}))
+try:
+    run_search(config, {out!r}, "r", train_fn=functools.partial(m.slow_trainer, log={log!r}))
+except SearchInterrupted as e:  # what `automla search` does with it
+    print(e)
+    sys.exit(130)
 """
 
 
@@ -148,7 +153,7 @@ def test_ctrl_c_then_resume(tmp_path: Path):
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
     printed = (tmp_path / "driver.out").read_text()
-    assert driver.returncode == 0, printed[-2000:]
+    assert driver.returncode == 130, printed[-2000:]  # stopped early is not success
     assert "automla search --resume" in printed  # the way on is told
     before = json.loads((run_dir / "trials.json").read_text())
     done = {r["trial_id"] for r in before if r["state"] == "completed"}
@@ -159,7 +164,7 @@ def test_ctrl_c_then_resume(tmp_path: Path):
     assert done <= {r["trial_id"] for r in records}
 
 
-def test_kill_the_driver_then_resume(tmp_path: Path):
+def test_kill_the_driver_then_resume_the_folder_moved(tmp_path: Path):
     driver, log, run_dir = _start_driver(tmp_path)
     try:
         _wait_until_midway(driver, log)
@@ -171,7 +176,13 @@ def test_kill_the_driver_then_resume(tmp_path: Path):
     ended_before = {e[1] for e in lines(log, "end")}
     assert 2 <= len(ended_before) < TRIALS
     assert not (run_dir / "trials.json").exists()  # the driver never got to write results
+    # the run folder is the user's: moved and renamed, it resumes where it now lies
+    moved = tmp_path / "elsewhere" / "r-moved"
+    moved.parent.mkdir()
+    shutil.move(run_dir, moved)
+    run_dir = moved
     records = _resume(run_dir, log)
+    assert all(not Path(r["path"]).is_absolute() for r in records)  # recorded in the folder
     ids = [r["trial_id"] for r in records]
     study = study_of(run_dir)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
