@@ -111,6 +111,11 @@ def export(
     """Write the chosen trial's full TrainConfig to `out` (YAML); returns (record, path)."""
     config, trials = load_run(run_dir)
     record = select(trials, config.metrics, config.modes, pick, where)
+    if not isinstance(record.get("config"), dict):
+        raise ExportError(
+            f"{Path(run_dir) / 'trials.json'}: trial {record['trial_id']} has no trainer config; "
+            f"`automla report {run_dir}` rebuilds the file from study.db after you remove it"
+        )
     train_config = build(TrainConfig, record["config"])  # validates what is written
     path = Path(out)
     if path.parent != Path(""):

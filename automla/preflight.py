@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 
-from automla.schema import SearchConfig, SpaceError, sample_configs, section_path
-from automla.trainers.config import ConfigError, to_dict
+from automla.schema import SearchConfig, SpaceError, probe_values, sample_configs, section_path
+from automla.trainers.config import ConfigError, TrainConfig, to_dict
 
 PROBE_TIMEOUT_S = 5.0
 """How long the cluster probe waits for an answer."""
@@ -49,26 +49,45 @@ def cluster_address(address: str | None) -> str | None:
 
 
 def check_data(config: SearchConfig) -> None:
-    """Read the data the trials will train on, as each will (a missing, empty, binary or too
-    short file; a token id above the vocabulary), once per distinct data setting; raises
-    SpaceError naming the setting at fault."""
+    """Read the data the trials will train on, as each will, once per distinct data setting
+    (a missing, empty, binary or too short file; token ids above the vocabulary); raises
+    SpaceError naming the setting at fault: a searched value when another value of the same
+    key reads fine, else the fixed setting."""
+    from automla.space import apply
+
+    errors: dict[str, ConfigError | None] = {}
+    for combo, cfg in sample_configs(config):
+        error = _data_error(cfg, errors)
+        if error is None:
+            continue
+        for key, value in combo.items():
+            for other in probe_values(config.space[key]):
+                try:
+                    alternative = apply(config.fixed, {**combo, key: other})
+                except ConfigError:
+                    continue
+                if _data_error(alternative, errors) is None:
+                    raise SpaceError(
+                        config.source,
+                        f"space.{key}",
+                        f"value {to_dict(value)!r} is invalid: {section_path(error.path)}: "
+                        f"{error.message}",
+                    )
+        raise SpaceError(config.source, section_path(error.path), error.message)
+
+
+def _data_error(cfg: TrainConfig, seen: dict[str, ConfigError | None]) -> ConfigError | None:
+    """Why `cfg`'s data cannot train (None: it can); each distinct data setting read once."""
     from automla.trainers.data import load_data
 
-    seen = set()
-    for via, cfg in sample_configs(config):
-        key = json.dumps([to_dict(cfg.data), cfg.seq_len, cfg.model.vocab_size], sort_keys=True)
-        if key in seen:
-            continue
-        seen.add(key)
+    key = json.dumps([to_dict(cfg.data), cfg.seq_len, cfg.model.vocab_size], sort_keys=True)
+    if key not in seen:
         try:
             load_data(cfg.data, cfg.seq_len, vocab_size=cfg.model.vocab_size)
+            seen[key] = None
         except ConfigError as e:
-            if via:  # one searched value reads data that cannot train
-                where, rest = via.split(": ", 1)
-                raise SpaceError(
-                    config.source, where, f"{rest} is invalid: {section_path(e.path)}: {e.message}"
-                ) from None
-            raise SpaceError(config.source, section_path(e.path), e.message) from None
+            seen[key] = e
+    return seen[key]
 
 
 def _find_local_cluster(label: str) -> str:

@@ -481,7 +481,7 @@ def scheduler_max_t(config: SearchConfig) -> int:
     if config.scheduler.max_t is not None:
         return config.scheduler.max_t
     if "steps" in config.space:
-        return max(_probe_values(config.space["steps"]))
+        return max(probe_values(config.space["steps"]))
     return int(config.fixed["steps"])
 
 
@@ -704,34 +704,20 @@ def _pair(arg: Any, where: str, kind: str, file: str, *, number: bool) -> tuple[
     return arg[0], arg[1]
 
 
-def sample_configs(config: SearchConfig) -> list[tuple[str, TrainConfig]]:
-    """Trial configs that stand for the whole space, each with what it varies ('' or
-    'space.KEY: value V'): up to 8 valid combinations of the searched values, then every
-    searched value beside the first of them. For checks too costly to run on every probe
-    (reading the data)."""
+def sample_configs(config: SearchConfig) -> list[tuple[dict[str, Any], TrainConfig]]:
+    """Up to 8 valid trial configs that stand for the space (the middle of every domain, then
+    seeded random combinations), each with its searched values: for checks too costly to run
+    on every probe (reading the data)."""
     from automla.space import apply
 
-    probes = {key: _probe_values(d) for key, d in config.space.items()}
-    out: list[tuple[str, TrainConfig]] = []
-    for combo in _combos(probes):
+    out = []
+    for combo in _combos({key: probe_values(d) for key, d in config.space.items()}):
         try:
-            out.append(("", apply(config.fixed, combo)))
+            out.append((combo, apply(config.fixed, combo)))
         except ConfigError:
             continue
-        if len(out) == 1:
-            base = combo
         if len(out) == 8:
             break
-    if not out:
-        return out
-    for key, values in probes.items():
-        for v in values:
-            try:
-                out.append(
-                    (f"space.{key}: value {to_dict(v)!r}", apply(config.fixed, {**base, key: v}))
-                )
-            except ConfigError:
-                continue
     return out
 
 
@@ -747,7 +733,7 @@ def _check_trials(config: SearchConfig) -> None:
     """Fail early when no trial can be valid, or when a domain offers an invalid value."""
     from automla.space import apply  # the schema is imported by space; keep the cycle lazy
 
-    probes = {key: _probe_values(d) for key, d in config.space.items()}
+    probes = {key: probe_values(d) for key, d in config.space.items()}
     combos = _combos(probes)
     valid: list[dict[str, Any]] = []
     first: ConfigError | None = None
@@ -794,7 +780,9 @@ def _check_trials(config: SearchConfig) -> None:
                 )
 
 
-def _probe_values(domain: Domain) -> list[Any]:
+def probe_values(domain: Domain) -> list[Any]:
+    """The values a check tries of a domain: all of a small grid or choice, else its ends and
+    middle (the simplex: its centre and corners)."""
     from automla.space import simplex_shares
 
     if isinstance(domain, Uniform):
