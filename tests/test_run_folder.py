@@ -209,3 +209,17 @@ def test_a_saved_searcher_reopens_the_study_where_the_folder_lies(run: Path, tmp
         )
     study = optuna.load_study(study_name="made-here", storage=run_folder.study_url(moved))
     assert study.trials[-1].state.name == "COMPLETE" and study.trials[-1].values == [1.0, 9.0]
+
+
+def test_search_prints_commands_that_work_from_anywhere(tmp_path: Path, monkeypatch):
+    from rich.console import Console
+
+    from automla.runner import _print_banner
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "elsewhere" / "r"
+    console = Console(record=True, width=400)
+    _print_banner(console, run, None, None)
+    text = console.export_text()
+    assert f"optuna-dashboard sqlite:///{run}/study.db" in text
+    assert "automla dashboard elsewhere/r" in text
