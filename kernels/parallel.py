@@ -1587,6 +1587,8 @@ def unsupported(
     # offsets inside one batch row are 32-bit
     if T * HQ * D >= 2**31 or (sparse and T * k.shape[2] * (T // config.block_size) >= 2**31):
         return f"sequence too long for the kernels' 32-bit offsets: T={T}, HQ={HQ}, D={D}"
+    if sparse and config.select_tile > 1:
+        return "tile-shared selection (select_tile > 1) runs on the torch path for now"
     if sparse and config.block_size > 128:
         return f"the sparse kernels take block_size <= 128, got {config.block_size}"
     return None
