@@ -168,7 +168,9 @@ def test_tile_mode_attention_against_brute_force(backend, T, bs, bq, HQ, HKV, ra
     cfg = AttentionConfig(budget=24, ratios=ratios, block_size=bs, select_tile=bq)
     plan = cfg.plan(T)
     mask = torch.tensor([True, False] * (HQ // 2) + [True] * (HQ % 2)) if masked else None
-    want = attention_from_selection(q, k, v, gate, plan, brute_tile_selection(q, k, plan, mask), mask)
+    want = attention_from_selection(
+        q, k, v, gate, plan, brute_tile_selection(q, k, plan, mask), mask
+    )
     got = mla_attention(q, k, v, gate, cfg, head_mask=mask, backend=backend)
     assert ((got - want).norm() / want.norm()).item() < 1e-5
 
