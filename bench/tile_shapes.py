@@ -46,17 +46,18 @@ BUDGETS = {"nsa": (512, 16, 64), "small": (256, 4, 128)}  # window, blocks, stri
 def config(T: int, budget: str, select_tile: int) -> AttentionConfig:
     """The budget's window, selected blocks and global stride at length T."""
     window, blocks, stride = BUDGETS[budget]
-    g = T // stride
-    total = window + blocks * BLOCK + g
-    cfg = AttentionConfig(
-        budget=total,
-        ratios=(window / total, g / total, blocks * BLOCK / total),
-        block_size=BLOCK,
-        select_tile=select_tile,
-    )
-    plan = cfg.plan(T)
-    assert (plan.window, plan.n_select, plan.stride) == (window, blocks, stride), plan
-    return cfg
+    for g in (T // stride, T // stride + 1):  # + 1 when rounding pushes the stride up
+        total = window + blocks * BLOCK + g
+        cfg = AttentionConfig(
+            budget=total,
+            ratios=(window / total, g / total, blocks * BLOCK / total),
+            block_size=BLOCK,
+            select_tile=select_tile,
+        )
+        plan = cfg.plan(T)
+        if (plan.window, plan.n_select, plan.stride) == (window, blocks, stride):
+            return cfg
+    raise AssertionError(f"no budget gives {BUDGETS[budget]} at T={T}: {plan}")
 
 
 def inputs(T: int, hq: int, hkv: int, d: int, seed: int = 0):
