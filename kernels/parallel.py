@@ -1006,9 +1006,10 @@ _GPU_TILES = {
     "sparse_dq": {"num_warps": 2},
     "sparse_dkv": {"ROWS": 64, "CH": 256, "num_warps": 4},
     # tile-shared selection (select_tile > 1): rows are tokens x the padded group
-    "tile_score": {"ROWS": 64, "BN": 32, "num_warps": 4},
-    "sparse_tile_fwd": {"ROWS": 64, "num_warps": 4},
-    "sparse_tile_dq": {"ROWS": 64, "num_warps": 4},
+    # (swept at 32k, 64 q / 4 KV heads, D 128: bench/NOTES.md)
+    "tile_score": {"ROWS": 128, "BN": 32, "num_warps": 8},
+    "sparse_tile_fwd": {"ROWS": 64, "num_warps": 4, "num_stages": 3},
+    "sparse_tile_dq": {"ROWS": 128, "num_warps": 8, "num_stages": 3},
     "sparse_tile_dkv": {"ROWS": 64, "CH": 256, "num_warps": 4},
 }
 # Small tiles under the interpreter, so that every loop runs more than once in the tests.
