@@ -269,7 +269,7 @@ def test_unsupported_inputs_are_named_for_the_auto_fallback():
         q = torch.zeros(1, T, HQ, D, dtype=dtype)
         k = torch.zeros(1, T, HKV, D, dtype=dtype)
         config = AttentionConfig(**{"budget": 32, "ratios": (0.5, 0.25, 0.25), **cfg})
-        return unsupported(q, k, k, config, None)
+        return unsupported(q, k, k, config.plan(T))
 
     assert why() is None
     assert "head dims" in why(D=24)

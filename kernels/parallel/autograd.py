@@ -8,7 +8,7 @@ import torch
 import triton
 
 from ..common import check_inputs
-from ..config import AttentionConfig
+from ..config import AttentionConfig, Plan
 from .common import _interpret
 from .layout import _Layout, _options, _tiles
 from .selection import _pool, _select
@@ -341,6 +341,7 @@ def mla_triton(
     *,
     t_max: int | None = None,
     head_mask: torch.Tensor | None = None,
+    plan: Plan | None = None,
 ) -> torch.Tensor:
     """Multi-Level Attention on Triton kernels; the contract of `mla_reference`.
 
@@ -351,6 +352,8 @@ def mla_triton(
         config: the layer's budget, ratios and block size.
         t_max: the longest sequence the layer is built for (fixes the global stride).
         head_mask: [HQ] bool, the active query heads; pruned heads are not computed.
+        plan: `config.plan(t_max or T)` when the caller has derived it already (as
+            `mla_attention` does, once per call); derived here otherwise.
 
     Returns:
         [B, T, HQ, D] in q's dtype; differentiable in q, k, v and gate.
@@ -358,9 +361,12 @@ def mla_triton(
     Raises:
         ValueError: inputs the kernels cannot take (device, dtype, shape, head dim).
     """
-    _check(q, k, v, gate, config, t_max, head_mask)
-    T = q.shape[1]
-    plan = config.plan(t_max or T)
+    _check(q, k, v, gate, t_max, head_mask)
+    if plan is None:
+        plan = config.plan(t_max or q.shape[1])
+    reason = unsupported(q, k, v, plan)
+    if reason is not None:
+        raise ValueError(reason)
     if head_mask is not None:
         head_mask = head_mask.cpu()  # once: _Layout reads it on the host too
         if bool(head_mask.all()):
@@ -368,11 +374,10 @@ def mla_triton(
     return MLATritonFunction.apply(q, k, v, gate.to(q.dtype), plan, head_mask)
 
 
-def unsupported(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: AttentionConfig, t_max: int | None
-) -> str | None:
-    """Why the kernels cannot take inputs of this kind (None: they can). Shared by the checks
-    of `mla_triton` and by the "auto" backend, which falls back to torch instead."""
+def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> str | None:
+    """Why the kernels cannot take inputs of this kind under this plan (None: they can).
+    Shared by the checks of `mla_triton` and by the "auto" backend, which falls back to torch
+    instead."""
     B, T, HQ, D = q.shape
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return (
@@ -382,16 +387,17 @@ def unsupported(
         return f"the kernels take at most 64 query heads per KV head, got {HQ // k.shape[2]}"
     if D not in (16, 32, 64, 128):
         return f"the kernels take head dims 16, 32, 64 or 128, got {D}"
-    sparse = config.plan(t_max or T).has_sparse
+    sparse = plan.has_sparse
     # offsets inside one batch row are 32-bit
-    if T * HQ * D >= 2**31 or (sparse and T * k.shape[2] * (T // config.block_size) >= 2**31):
+    if T * HQ * D >= 2**31 or (sparse and T * k.shape[2] * (T // plan.block_size) >= 2**31):
         return f"sequence too long for the kernels' 32-bit offsets: T={T}, HQ={HQ}, D={D}"
-    if sparse and config.block_size > 128:
-        return f"the sparse kernels take block_size <= 128, got {config.block_size}"
+    if sparse and plan.block_size > 128:
+        return f"the sparse kernels take block_size <= 128, got {plan.block_size}"
     return None
 
 
-def _check(q, k, v, gate, config, t_max, head_mask) -> None:
+def _check(q, k, v, gate, t_max, head_mask) -> None:
+    """The checks of `mla_triton` that need no plan (`unsupported` follows them)."""
     for name, x in (("q", q), ("k", k), ("v", v), ("gate", gate)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
@@ -403,8 +409,5 @@ def _check(q, k, v, gate, config, t_max, head_mask) -> None:
     check_inputs(q, k, v, gate, head_mask, t_max)
     if not gate.is_floating_point():
         raise ValueError(f"gate must be floating point, got {gate.dtype}")
-    reason = unsupported(q, k, v, config, t_max)
-    if reason is not None:
-        raise ValueError(reason)
     if head_mask is not None and head_mask.device not in (q.device, torch.device("cpu")):
         raise ValueError(f"head_mask must be on {q.device} or the CPU, got {head_mask.device}")
