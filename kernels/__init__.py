@@ -3,7 +3,7 @@
 from .config import BRANCHES, AttentionConfig, GateConfig, Plan, effective_ratios
 from .naive import mla_reference
 from .ops import attention_flops, mla_attention, resolve_backend
-from .selection import block_scores, select_blocks
+from .selection import block_scores, select_blocks, select_tiles
 
 __all__ = [
     "BRANCHES",
@@ -17,4 +17,5 @@ __all__ = [
     "mla_reference",
     "resolve_backend",
     "select_blocks",
+    "select_tiles",
 ]

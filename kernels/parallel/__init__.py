@@ -17,8 +17,9 @@ The forward is deterministic; the sparse dk/dv sums are not bitwise (atomic orde
 
 Files: `common.py` the shared `@triton.jit` helpers; `selection.py` the block scores, top-k and
 pooling; `window.py` the local and global branches; `sparse.py` the sparse branch and the
-inversion of the selection; `layout.py` the tiles and the sizes of one call; `autograd.py` the
-launch sequence, the autograd Function and `mla_triton`.
+inversion of the selection; `sparse_tile.py` the sparse branch with tile-shared selection
+(select_tile > 1); `layout.py` the tiles and the sizes of one call; `autograd.py` the launch
+sequence, the autograd Function and `mla_triton`.
 """
 
 from .autograd import mla_triton, unsupported

@@ -9,6 +9,7 @@ import triton
 
 from ..common import check_inputs
 from ..config import AttentionConfig, Plan
+from . import sparse_tile
 from .common import _interpret
 from .layout import _Layout, _options, _tiles
 from .selection import _pool, _select
@@ -95,7 +96,10 @@ def mla_fwd(
             **_options(t),
         )
     idx = lse_l
-    if lay.has_sparse:
+    if lay.has_sparse and lay.plan.select_tile > 1:
+        idx = sparse_tile.select(q, k, lay, km)
+        sparse_tile.forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store)
+    elif lay.has_sparse:
         idx = _select(q, k, lay, km)
         t = _tiles("sparse_fwd")
         _sparse_fwd_kernel[(T, B * lay.NA)](
@@ -253,7 +257,11 @@ def mla_bwd(
             dkc=dkc, dvc=dvc, groups=lay.groups, dk=dk, dv=dv, T=T, NC=NC, NA=lay.NA,
             stride=lay.stride, NSPLIT=nsplit, HKV=HKV, D=D, BK=BK,
         )  # fmt: skip
-    if lay.has_sparse:
+    if lay.has_sparse and lay.plan.select_tile > 1:
+        sparse_tile.backward(
+            q, k, v, gate, do, saved["idx"], lay, saved, dgate, delta_s, dq, dk, dv
+        )
+    elif lay.has_sparse:
         idx = saved["idx"]
         t = _tiles("sparse_dq")
         _sparse_bwd_dq_kernel[(T, B * lay.NA)](

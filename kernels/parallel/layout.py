@@ -21,6 +21,11 @@ _GPU_TILES = {
     "global_dkv": {"BT": 64, "BC": 64, "num_warps": 4},
     "sparse_dq": {"num_warps": 2},
     "sparse_dkv": {"ROWS": 64, "CH": 256, "num_warps": 4},
+    # tile-shared selection (select_tile > 1): rows are tokens x the padded group
+    "tile_score": {"ROWS": 64, "BN": 32, "num_warps": 4},
+    "sparse_tile_fwd": {"ROWS": 64, "num_warps": 4},
+    "sparse_tile_dq": {"ROWS": 64, "num_warps": 4},
+    "sparse_tile_dkv": {"ROWS": 64, "CH": 256, "num_warps": 4},
 }
 # Small tiles under the interpreter, so that every loop runs more than once in the tests.
 _CPU_TILES = {
@@ -127,6 +132,7 @@ class _Layout:
         # a branch with nothing to read (no complete block yet) is dropped: its output is 0
         self.NC = self.T // plan.stride if plan.has_global else 0
         self.NB = self.T // plan.block_size
+        self.NT = -(-self.T // plan.select_tile)  # selection tiles
         self.has_local = plan.has_local
         self.has_global = self.NC > 0
         self.has_sparse = plan.has_sparse and self.NB > 0
