@@ -172,9 +172,9 @@ def measure(fn, args, rep: int, graphs: bool = True, uses_gate: bool = True) -> 
 
 def tile_table() -> dict:
     """The Triton launcher's GPU tile table (bench-only access, for --sweep)."""
-    from automla.kernels import parallel
+    from automla.kernels.parallel.layout import _GPU_TILES
 
-    return getattr(parallel, "_GPU_TILES", None) or parallel.layout._GPU_TILES
+    return _GPU_TILES
 
 
 SWEEP = {
