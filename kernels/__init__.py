@@ -1,9 +1,9 @@
 """MLA kernels: the naive reference, the budget-cost PyTorch path and the Triton kernels."""
 
-from .config import BRANCHES, AttentionConfig, GateConfig, Plan
+from .config import BRANCHES, AttentionConfig, GateConfig, Plan, effective_ratios
 from .naive import mla_reference
 from .ops import attention_flops, mla_attention, resolve_backend
-from .selection import block_scores, select_blocks
+from .selection import block_scores, select_blocks, select_tiles
 
 __all__ = [
     "BRANCHES",
@@ -12,8 +12,10 @@ __all__ = [
     "Plan",
     "attention_flops",
     "block_scores",
+    "effective_ratios",
     "mla_attention",
     "mla_reference",
     "resolve_backend",
     "select_blocks",
+    "select_tiles",
 ]
