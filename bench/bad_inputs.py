@@ -109,6 +109,7 @@ SPACES: dict[str, Callable[[dict], None] | None] = {
         text_space("book.txt")(d),
         d["model"].update(max_seq_len=8192, mla={"budget": 32}),
         d["train"].pop("seq_len"),
+        d["space"].pop("model.mla.budget"),
         d["space"].update({"seq_len": {"choice": [64, 8192]}}),
     ),
     "asha-grace": lambda d: d.update(
@@ -225,9 +226,10 @@ def write_inputs(root: Path) -> None:
     (root / "big-ids.bin").write_bytes(bytes(range(256)) * 64)  # uint16 ids up to 65535
     train = {k: v for k, v in space().items() if k in ("data", "model")}
     train.update({"steps": 4, "seq_len": 64, "batch_size": 2, "eval_every": 2})
+    fits = {"mla": {"budget": 32}}
     for name, data, model in (
-        ("train-missing", {"source": "text", "path": "no-such-file.txt"}, {}),
-        ("train-binary", {"source": "text", "path": "random.bin"}, {}),
+        ("train-missing", {"source": "text", "path": "no-such-file.txt"}, fits),
+        ("train-binary", {"source": "text", "path": "random.bin"}, fits),
         ("train-budget", {"source": "stdlib", "max_bytes": 100_000}, {"mla": {"budget": 512}}),
     ):
         cfg = {**train, "data": data, "model": {**train["model"], **model}}
@@ -330,7 +332,7 @@ def run_case(case: Case, inputs: Path, work: Path, ports: dict[str, int]) -> Out
         out, err = _text(e.stdout), _text(e.stderr)
     seconds = time.perf_counter() - started
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    message = lines[-1] if lines else ""
+    message = _anonymous(lines[-1] if lines else "", folder)
     left = [p for p in set(_tree(folder)) - before if p.startswith("runs")]
     return Outcome(
         id=case.id,
@@ -344,6 +346,13 @@ def run_case(case: Case, inputs: Path, work: Path, ports: dict[str, int]) -> Out
         message=message,
         names_fault=case.names in message,
     )
+
+
+def _anonymous(message: str, folder: Path) -> str:
+    """The message without this machine's paths (the case folder, the stdlib's root)."""
+    from automla.trainers.data import stdlib_root
+
+    return message.replace(str(folder), ".").replace(str(stdlib_root()), "<stdlib>")
 
 
 def _tree(folder: Path) -> list[str]:
