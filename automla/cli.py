@@ -251,7 +251,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from automla.report import RunError, study_url
+    from automla.report import RunError
+    from automla.run_folder import study_url
 
     if not (Path(args.run) / "study.db").is_file():
         raise RunError(f"{args.run}: no study.db here; give the run folder of a search")

@@ -114,7 +114,7 @@ def export(
     if not isinstance(record.get("config"), dict):
         raise ExportError(
             f"{Path(run_dir) / 'trials.json'}: trial {record['trial_id']} has no trainer config; "
-            f"`automla report {run_dir}` rebuilds the file from study.db after you remove it"
+            f"move the file aside and `automla report {run_dir}` rebuilds it from study.db"
         )
     train_config = build(TrainConfig, record["config"])  # validates what is written
     path = Path(out)

@@ -652,7 +652,8 @@ class _OptunaSearch(OptunaSearch):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_storage"] = state["_ot_study"] = None
-        state["_ot_trials"] = {k: t._trial_id for k, t in self._ot_trials.items()}
+        # trial ids stand for the trials (already ids in a copy not reopened yet)
+        state["_ot_trials"] = {k: getattr(t, "_trial_id", t) for k, t in self._ot_trials.items()}
         return state
 
     def save(self, checkpoint_path: str) -> None:
