@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -9,10 +10,14 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
-from helpers import cpu_train_config
+import yaml
+from helpers import cpu_train_config, local_ray, search_space
 
+from automla import schema
 from automla.kernels import AttentionConfig
-from automla.trainers import ModelConfig, TrainConfig, train
+from automla.runner import run_search
+from automla.schema import SpaceError
+from automla.trainers import DataConfig, ModelConfig, PruningConfig, TrainConfig, train
 from automla.trainers.config import ConfigError
 from automla.trainers.model import Attention, rotary_table
 from automla.trainers.sequence_parallel import setup, split_groups, split_heads
@@ -146,29 +151,119 @@ def tiny(**overrides) -> TrainConfig:
     return cpu_train_config(max_bytes=100_000, **fields)
 
 
-def _train_worker(rank: int, world: int, folder: str, sp: int) -> None:
+# MQAR: the ignored targets fall unevenly on the shards; pruning: importance summed over them
+TRAIN_CONFIGS = {
+    "mla": tiny(),
+    "dense": tiny(model=dataclasses.replace(tiny().model, attention="dense")),
+    "mqar": tiny(
+        model=dataclasses.replace(tiny().model, vocab_size=64),
+        data=DataConfig(source="mqar", mqar_pairs=4, mqar_vocab=64, mqar_examples=64),
+    ),
+    "pruning": tiny(
+        steps=8,
+        pruning=PruningConfig(
+            enabled=True, fraction=0.25, warmup_steps=2, interval=2, ramp_steps=2
+        ),
+    ),
+}
+KEYS = ("step", "train_loss", "val_loss", "mqar_acc", "active_heads_per_layer")
+
+
+def _train_worker(rank: int, world: int, folder: str, sp: int, names: list[str]) -> None:
     torch.set_num_threads(1)
     tdist.init_process_group(
         "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
     )
     try:
-        reports: list[dict] = []
-        train(tiny(sequence_parallel=sp), report=lambda m, _c: reports.append(m))
+        out = {}
+        for name in names:
+            reports: list[dict] = []
+            config = dataclasses.replace(TRAIN_CONFIGS[name], sequence_parallel=sp)
+            train(config, report=lambda m, _c, got=reports: got.append(m))
+            out[name] = reports
         if rank == 0:
             with open(os.path.join(folder, "reports.json"), "w") as f:
-                json.dump(reports, f)
+                json.dump(out, f)
     finally:
         tdist.destroy_process_group()
 
 
 @pytest.mark.parametrize(
-    "world,sp", [(2, 2), (4, 2)], ids=["2-ranks-P2", "4-ranks-P2-DP2"]
+    "world,sp,names",
+    [(2, 2, list(TRAIN_CONFIGS)), (4, 2, ["mla"])],
+    ids=["2-ranks-P2", "4-ranks-P2-DP2"],
 )
-def test_training_matches_one_process(tmp_path, world, sp):
-    mp.spawn(_train_worker, args=(world, str(tmp_path), sp), nprocs=world, join=True)
+def test_training_matches_one_process(tmp_path, world, sp, names):
+    mp.spawn(_train_worker, args=(world, str(tmp_path), sp, names), nprocs=world, join=True)
     with open(tmp_path / "reports.json") as f:
-        got = json.load(f)
-    want: list[dict] = []
-    train(tiny(), report=lambda m, _c: want.append(m))
-    for key in ("step", "train_loss", "val_loss"):
-        assert [m[key] for m in got] == pytest.approx([m[key] for m in want], rel=1e-4), key
+        runs = json.load(f)
+    for name in names:
+        want: list[dict] = []
+        train(TRAIN_CONFIGS[name], report=lambda m, _c, got=want: got.append(m))
+        got = runs[name]
+        for key in (k for k in KEYS if k in want[0]):
+            expected = [m[key] for m in want]
+            if key != "active_heads_per_layer":
+                expected = pytest.approx(expected, rel=1e-4)
+            assert [m[key] for m in got] == expected, (name, key)
+
+
+def _space(**changes) -> dict:
+    model = {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "max_seq_len": 31}
+    base = {
+        "model": model,
+        "resources": {"cpus": 1, "workers": 2, "sequence_parallel": 2},
+        "train": {"steps": 2, "eval_every": 1, "seq_len": 31, "batch_size": 2},
+    }
+    return search_space(**{**base, **changes})
+
+
+@pytest.mark.parametrize(
+    "change,path,expected",
+    [
+        ({"resources": {"workers": 3, "sequence_parallel": 2}}, "resources", "must divide"),
+        ({"resources": {"gpus": 4, "sequence_parallel": 3}}, "resources", "must divide"),
+        (
+            {"resources": {"workers": 4, "sequence_parallel": 4}},
+            "resources.sequence_parallel",
+            "never split",
+        ),
+        (
+            {"train": {"seq_len": 31, "sequence_parallel": 4}},
+            "train.sequence_parallel",
+            "resources.sequence_parallel",
+        ),
+    ],
+    ids=["cpu-workers", "gpus", "kv-groups", "train-section"],
+)
+def test_space_file_rules(change, path, expected):
+    with pytest.raises(SpaceError) as info:
+        schema.parse(_space(**change), "space.yaml")
+    assert info.value.path.startswith(path), info.value
+    assert expected in str(info.value)
+
+
+def test_space_file_sets_the_trainer_and_reads_back():
+    config = schema.parse(_space(), "space.yaml")
+    assert config.fixed["sequence_parallel"] == 2
+    again = schema.parse(schema.to_yaml_dict(config), "space.yaml")  # the resolved file
+    assert again.fixed == config.fixed and again.resources == config.resources
+    searched = _space()
+    searched["space"]["sequence_parallel"] = {"choice": [1, 2]}
+    with pytest.raises(SpaceError, match="not searched"):
+        schema.parse(searched, "space.yaml")
+
+
+@pytest.mark.slow
+def test_search_with_a_sequence_parallel_trial(tmp_path):
+    (tmp_path / "sp.yaml").write_text(yaml.safe_dump(_space(trials=1, concurrency=1)))
+    config = schema.load(tmp_path / "sp.yaml")
+    with local_ray(num_cpus=3):
+        run_dir = run_search(config, tmp_path / "runs", "sp")
+    (record,) = json.loads((run_dir / "trials.json").read_text())
+    assert record["state"] == "completed", record
+    assert record["config"]["sequence_parallel"] == 2
+    assert record["metrics"]["step"] == 2 and record["metrics"]["tokens_per_s"] > 0
+    (results,) = (run_dir / "ray").glob("trial_*/result.json")
+    last = json.loads(results.read_text().splitlines()[-1])
+    assert last["world_size"] == 2  # two Ray Train workers shared each sequence

@@ -244,9 +244,7 @@ def _all_to_all(
     send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], sp: SequenceParallel
 ) -> tuple[torch.Tensor, dist.Work]:
     recv = send.new_empty(sum(recv_sizes))
-    work = dist.all_to_all_single(
-        recv, send, recv_sizes, send_sizes, group=sp.group, async_op=True
-    )
+    work = dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=sp.group, async_op=True)
     return recv, work
 
 
