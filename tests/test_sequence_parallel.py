@@ -15,7 +15,6 @@ from helpers import cpu_train_config, local_ray, search_space
 
 from automla import schema
 from automla.kernels import AttentionConfig
-from automla.runner import run_search
 from automla.schema import SpaceError
 from automla.trainers import DataConfig, ModelConfig, PruningConfig, TrainConfig, train
 from automla.trainers.config import ConfigError
@@ -256,6 +255,8 @@ def test_space_file_sets_the_trainer_and_reads_back():
 
 @pytest.mark.slow
 def test_search_with_a_sequence_parallel_trial(tmp_path):
+    from automla.runner import run_search  # Ray: not imported by the spawned workers above
+
     (tmp_path / "sp.yaml").write_text(yaml.safe_dump(_space(trials=1, concurrency=1)))
     config = schema.load(tmp_path / "sp.yaml")
     with local_ray(num_cpus=3):

@@ -59,7 +59,9 @@ def split_groups(n_kv: int, group: int, ranks: int) -> HeadSplit:
     return HeadSplit(q=[(lo * group, hi * group) for lo, hi in kv], kv=kv, kv_index=[None] * ranks)
 
 
-def split_heads(kv_of: list[int], group: int, ranks: int) -> HeadSplit:
+def split_heads(
+    kv_of: list[int], group: int, ranks: int, device: torch.device | None = None
+) -> HeadSplit:
     """Dense: query heads evenly per rank; each rank gets the KV heads its query heads read
     (`kv_of[i]`, in non-decreasing order), so a KV head spanning two ranks goes to both."""
     q = _even_ranges(len(kv_of), ranks)
@@ -75,7 +77,7 @@ def split_heads(kv_of: list[int], group: int, ranks: int) -> HeadSplit:
         aligned = (hi - lo) == group * (last + 1 - first) and local == [
             j // group for j in range(hi - lo)
         ]
-        index.append(None if aligned else torch.tensor(local))
+        index.append(None if aligned else torch.tensor(local, device=device))
     return HeadSplit(q=q, kv=kv, kv_index=index)
 
 
@@ -185,9 +187,8 @@ class SequenceParallel:
             if attn.gate is None:
                 index = split.kv_index[self.rank]
                 if index is None:
-                    y = attn._sdpa(q, k, v, (q_hi - q_lo) // (k.shape[2]))
+                    y = attn._sdpa(q, k, v, (q_hi - q_lo) // k.shape[2])
                 else:
-                    index = index.to(q.device)
                     y = attn._sdpa(q, k.index_select(2, index), v.index_select(2, index), 1)
             else:
                 mask = None if lay.slot_mask is None else lay.slot_mask[q_lo:q_hi]
@@ -204,10 +205,11 @@ class SequenceParallel:
         if attn.gate is not None:
             split = split_groups(lay.n_kv, attn.group, self.size)
         else:
-            kv_of = lay.kv_of.tolist() if lay.kv_of is not None else None
-            if kv_of is None:
-                kv_of = [i // attn.group for i in range(lay.n_slots)]
-            split = split_heads(kv_of, attn.group, self.size)
+            # dense packs the active heads in order; each reads its group's kept KV head
+            heads = attn.head_ids()
+            kept = attn.kv_ids(heads)
+            kv_of = [kept.index(h // attn.group) for h in heads]
+            split = split_heads(kv_of, attn.group, self.size, lay.device)
         self._splits[id(attn)] = (lay, split)
         return split
 
@@ -221,8 +223,9 @@ def setup(size: int) -> SequenceParallel:
     world = dist.get_world_size() if initialised else 1
     if world % size:
         raise ValueError(
-            f"sequence_parallel={size} must divide the number of workers ({world}); "
-            f"start a multiple of {size} processes (e.g. torchrun --nproc-per-node {size})"
+            f"sequence_parallel={size} must divide the number of training processes ({world}): "
+            "a search starts them from its resources (workers, or gpus); a direct call needs "
+            f"torch.distributed initialised with a multiple of {size} ranks"
         )
     rank = dist.get_rank() if initialised else 0
     group = None
@@ -236,8 +239,9 @@ def setup(size: int) -> SequenceParallel:
     )
 
 
-def _sizes(ranges: list[tuple[int, int]]) -> list[int]:
-    return [hi - lo for lo, hi in ranges]
+# The exchanges. Between the two layouts a rank's data travels as one flat buffer of P chunks,
+# chunk p (h_p, B, Tl, F) contiguous: its tokens' heads for rank p one way, rank p's tokens of
+# this rank's heads the other way, so every chunk is one contiguous run for the collective.
 
 
 def _all_to_all(
@@ -248,36 +252,46 @@ def _all_to_all(
     return recv, work
 
 
-def _scatter_send(
+def _send_heads(
     x: torch.Tensor, ranges: list[tuple[int, int]], sp: SequenceParallel
 ) -> tuple[torch.Tensor, dist.Work]:
-    """Start sending x (B, Tl, H, F): heads [lo_p, hi_p) of every token here to rank p."""
+    """Start sending x (B, Tl, H, F): heads [lo_p, hi_p) of this rank's tokens to rank p."""
     B, tl, _, f = x.shape
-    per_head = B * tl * f
     chunks = [x[:, :, lo:hi].permute(2, 0, 1, 3).reshape(-1) for lo, hi in ranges]
     lo, hi = ranges[sp.rank]
-    recv_sizes = [(hi - lo) * per_head] * sp.size
-    return _all_to_all(torch.cat(chunks), [s * per_head for s in _sizes(ranges)], recv_sizes, sp)
+    per_head = B * tl * f
+    sizes = [(b - a) * per_head for a, b in ranges]
+    return _all_to_all(torch.cat(chunks), sizes, [(hi - lo) * per_head] * sp.size, sp)
 
 
-def _scatter_unpack(recv: torch.Tensor, shape: tuple[int, ...], sp: SequenceParallel):
-    """(P, h, B, Tl, F) received -> (B, P*Tl, h, F)."""
+def _unpack_tokens(flat: torch.Tensor, shape: tuple[int, ...], size: int) -> torch.Tensor:
+    """P chunks (h, B, Tl, F), one per token shard -> (B, P*Tl, h, F)."""
     B, tl, h, f = shape
-    return recv.view(sp.size, h, B, tl, f).permute(2, 0, 3, 1, 4).reshape(B, sp.size * tl, h, f)
+    return flat.view(size, h, B, tl, f).permute(2, 0, 3, 1, 4).reshape(B, size * tl, h, f)
 
 
-def _gather(
-    y: torch.Tensor, ranges: list[tuple[int, int]], n_heads: int, sp: SequenceParallel
-) -> torch.Tensor:
-    """y (B, P*Tl, h, F), this rank's heads for all tokens -> (B, Tl, n_heads, F), every
-    rank's heads for this rank's tokens; heads held by several ranks are summed."""
+def _pack_tokens(y: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, P*Tl, h, F) -> P chunks (h, B, Tl, F), one per token shard (`_unpack_tokens`'s
+    inverse)."""
     B, T, h, f = y.shape
-    tl = T // sp.size
-    send = y.reshape(B, sp.size, tl, h, f).permute(1, 3, 0, 2, 4).reshape(-1)
-    recv_sizes = [s * B * tl * f for s in _sizes(ranges)]
-    recv, work = _all_to_all(send, [h * B * tl * f] * sp.size, recv_sizes, sp)
+    return y.reshape(B, size, T // size, h, f).permute(1, 3, 0, 2, 4).reshape(-1)
+
+
+def _send_tokens(
+    flat: torch.Tensor,
+    shape: tuple[int, ...],
+    ranges: list[tuple[int, int]],
+    n_heads: int,
+    sp: SequenceParallel,
+) -> torch.Tensor:
+    """Send `_pack_tokens`' chunks back (chunk p to rank p) and assemble what comes: every
+    rank's heads of this rank's tokens, (B, Tl, n_heads, F); a head held by several ranks (a
+    replicated KV head) gets the sum of their parts, one held by none 0."""
+    B, tl, h, f = shape
+    recv_sizes = [(hi - lo) * B * tl * f for lo, hi in ranges]
+    recv, work = _all_to_all(flat, [h * B * tl * f] * sp.size, recv_sizes, sp)
     work.wait()
-    out = y.new_zeros(B, tl, n_heads, f)
+    out = flat.new_zeros(B, tl, n_heads, f)
     for (lo, hi), chunk in zip(ranges, recv.split(recv_sizes)):
         if hi > lo:
             out[:, :, lo:hi] += chunk.view(hi - lo, B, tl, f).permute(1, 2, 0, 3)
@@ -286,74 +300,78 @@ def _gather(
 
 @dataclass
 class _Pending:
-    """An exchange in flight: its receive buffer (already in the autograd graph) and handle."""
+    """A token-to-head exchange in flight: its receive buffer (already in the autograd graph,
+    not yet filled) and the collective's handle."""
 
     recv: torch.Tensor
     work: dist.Work
     shape: tuple[int, ...]
-    """(B, Tl, h, F) of what this rank receives per source."""
+    """(B, Tl, h, F): what arrives from each rank."""
     sp: SequenceParallel
 
 
-class _StartScatter(torch.autograd.Function):
-    """Forward: start the token-to-head exchange and return its (unfilled) receive buffer; the
-    handle goes into `box`. Backward: the head-to-token exchange of the gradient."""
+class _StartHeads(torch.autograd.Function):
+    """Forward: start the token-to-head exchange and return its receive buffer (the handle
+    goes into `box`). Backward: the head-to-token exchange of the gradient."""
 
     @staticmethod
     def forward(ctx, x, ranges, sp, box):
-        recv, work = _scatter_send(x, ranges, sp)
+        recv, work = _send_heads(x, ranges, sp)
         box.append(work)
-        ctx.ranges, ctx.sp, ctx.shape = ranges, sp, x.shape
+        lo, hi = ranges[sp.rank]
+        ctx.ranges, ctx.sp, ctx.n_heads = ranges, sp, x.shape[2]
+        ctx.shape = (x.shape[0], x.shape[1], hi - lo, x.shape[3])
         return recv
 
     @staticmethod
     def backward(ctx, grad):
-        B, tl, H, f = ctx.shape
-        lo, hi = ctx.ranges[ctx.sp.rank]
-        grad = _scatter_unpack(grad.contiguous(), (B, tl, hi - lo, f), ctx.sp)
-        return _gather(grad, ctx.ranges, H, ctx.sp), None, None, None
+        # the gradient arrives in the receive buffer's layout: already `_pack_tokens`' chunks
+        out = _send_tokens(grad.contiguous(), ctx.shape, ctx.ranges, ctx.n_heads, ctx.sp)
+        return out, None, None, None
 
 
-class _FinishScatter(torch.autograd.Function):
+class _FinishHeads(torch.autograd.Function):
     """Forward: wait for the exchange, then lay the buffer out as (B, P*Tl, h, F)."""
 
     @staticmethod
     def forward(ctx, recv, work, shape, sp):
         work.wait()
-        ctx.sp = sp
-        return _scatter_unpack(recv, shape, sp)
+        ctx.size = sp.size
+        return _unpack_tokens(recv, shape, sp.size)
 
     @staticmethod
     def backward(ctx, grad):
-        B, T, h, f = grad.shape
-        tl = T // ctx.sp.size
-        flat = grad.reshape(B, ctx.sp.size, tl, h, f).permute(1, 3, 0, 2, 4).reshape(-1)
-        return flat, None, None, None
+        return _pack_tokens(grad, ctx.size), None, None, None
 
 
 def _start_scatter(x: torch.Tensor, ranges: list[tuple[int, int]], sp: SequenceParallel):
+    """Start moving x (B, Tl, H, F) to the head layout; `_finish_scatter` waits for it."""
     box: list[dist.Work] = []
-    recv = _StartScatter.apply(x, ranges, sp, box)
+    recv = _StartHeads.apply(x, ranges, sp, box)
     lo, hi = ranges[sp.rank]
     return _Pending(recv, box[0], (x.shape[0], x.shape[1], hi - lo, x.shape[3]), sp)
 
 
 def _finish_scatter(p: _Pending) -> torch.Tensor:
-    return _FinishScatter.apply(p.recv, p.work, p.shape, p.sp)
+    """(B, P*Tl, h, F): all tokens of this rank's heads."""
+    return _FinishHeads.apply(p.recv, p.work, p.shape, p.sp)
 
 
 class _Gather(torch.autograd.Function):
-    """Forward: the head-to-token exchange of the outputs. Backward: token-to-head."""
+    """Forward: the head-to-token exchange of the outputs, (B, P*Tl, h, F) -> (B, Tl, S, F).
+    Backward: token-to-head."""
 
     @staticmethod
     def forward(ctx, y, ranges, n_heads, sp):
         ctx.ranges, ctx.sp = ranges, sp
-        return _gather(y, ranges, n_heads, sp)
+        B, T, h, f = y.shape
+        shape = (B, T // sp.size, h, f)
+        return _send_tokens(_pack_tokens(y, sp.size), shape, ranges, n_heads, sp)
 
     @staticmethod
     def backward(ctx, grad):
+        recv, work = _send_heads(grad.contiguous(), ctx.ranges, ctx.sp)
+        work.wait()
         lo, hi = ctx.ranges[ctx.sp.rank]
         B, tl, _, f = grad.shape
-        recv, work = _scatter_send(grad.contiguous(), ctx.ranges, ctx.sp)
-        work.wait()
-        return _scatter_unpack(recv, (B, tl, hi - lo, f), ctx.sp), None, None, None
+        return _unpack_tokens(recv, (B, tl, hi - lo, f), ctx.sp.size), None, None, None
