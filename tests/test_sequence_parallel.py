@@ -268,3 +268,24 @@ def test_search_with_a_sequence_parallel_trial(tmp_path):
     (results,) = (run_dir / "ray").glob("trial_*/result.json")
     last = json.loads(results.read_text().splitlines()[-1])
     assert last["world_size"] == 2  # two Ray Train workers shared each sequence
+
+
+def test_bench_counts_the_exchanged_bytes():
+    # bench/sequence_parallel.py reads the volume off the real exchanges: it must equal the
+    # shapes' arithmetic (bf16, one sequence; rank 0 keeps its own chunk)
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        from sequence_parallel import config, layer_volume
+    finally:
+        sys.path.pop(0)
+    cfg = config(255, tiny=True)  # 4 query heads of 16, 2 KV heads: one group per rank
+    T, P, tl, d = 255, 2, 128, cfg.head_dim
+    kv = 1 * 2 * d * tl  # the other rank's group: k and v of this rank's tokens
+    qg = 2 * (d + 3) * tl  # its two query heads and their gate weights
+    out = 2 * d * (T + 1 - tl)  # this rank's two heads at the other rank's (padded) tokens
+    want = (kv + qg + out) * 2 / 2**20
+    got = layer_volume(cfg, T, P)
+    assert got["forward"] == pytest.approx(want) and got["backward"] == pytest.approx(want)

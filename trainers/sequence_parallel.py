@@ -149,6 +149,18 @@ class SequenceParallel:
         dist.all_reduce(count, group=self.group)
         return total * self.size / count.clamp_min(1)
 
+    def exchange(
+        self, send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int]
+    ) -> tuple[torch.Tensor, dist.Work]:
+        """Start one All-to-All of flat buffers within the group: `send_sizes[p]` elements
+        to rank p, `recv_sizes[p]` from it. Returns the receive buffer and the handle to wait
+        on (every exchange of this module goes through here)."""
+        recv = send.new_empty(sum(recv_sizes))
+        work = dist.all_to_all_single(
+            recv, send, recv_sizes, send_sizes, group=self.group, async_op=True
+        )
+        return recv, work
+
     def attend(
         self, attn: Attention, x: torch.Tensor, rot: torch.Tensor, lay: HeadLayout
     ) -> torch.Tensor:
@@ -244,14 +256,6 @@ def setup(size: int) -> SequenceParallel:
 # this rank's heads the other way, so every chunk is one contiguous run for the collective.
 
 
-def _all_to_all(
-    send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], sp: SequenceParallel
-) -> tuple[torch.Tensor, dist.Work]:
-    recv = send.new_empty(sum(recv_sizes))
-    work = dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=sp.group, async_op=True)
-    return recv, work
-
-
 def _send_heads(
     x: torch.Tensor, ranges: list[tuple[int, int]], sp: SequenceParallel
 ) -> tuple[torch.Tensor, dist.Work]:
@@ -261,7 +265,7 @@ def _send_heads(
     lo, hi = ranges[sp.rank]
     per_head = B * tl * f
     sizes = [(b - a) * per_head for a, b in ranges]
-    return _all_to_all(torch.cat(chunks), sizes, [(hi - lo) * per_head] * sp.size, sp)
+    return sp.exchange(torch.cat(chunks), sizes, [(hi - lo) * per_head] * sp.size)
 
 
 def _unpack_tokens(flat: torch.Tensor, shape: tuple[int, ...], size: int) -> torch.Tensor:
@@ -289,7 +293,7 @@ def _send_tokens(
     replicated KV head) gets the sum of their parts, one held by none 0."""
     B, tl, h, f = shape
     recv_sizes = [(hi - lo) * B * tl * f for lo, hi in ranges]
-    recv, work = _all_to_all(flat, [h * B * tl * f] * sp.size, recv_sizes, sp)
+    recv, work = sp.exchange(flat, [h * B * tl * f] * sp.size, recv_sizes)
     work.wait()
     out = flat.new_zeros(B, tl, n_heads, f)
     for (lo, hi), chunk in zip(ranges, recv.split(recv_sizes)):
