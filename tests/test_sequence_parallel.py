@@ -135,6 +135,9 @@ def test_config_rules():
     TrainConfig(model=dense, seq_len=32, sequence_parallel=4)  # KV heads replicated
     with pytest.raises(ConfigError, match="sequence_parallel"):
         TrainConfig(model=model, seq_len=32, sequence_parallel=0)
+    # one process cannot share its sequences: a clean config error, not a hang
+    with pytest.raises(ConfigError, match="must divide the number of training processes"):
+        train(tiny(sequence_parallel=2))
 
 
 def tiny(**overrides) -> TrainConfig:

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .config import ConfigError
 from .data import IGNORE
 from .model import Attention, HeadLayout, apply_rotary
 
@@ -230,14 +231,15 @@ def setup(size: int) -> SequenceParallel:
     """Form the sequence-parallel groups of the running world (P consecutive ranks each) and
     return this rank's place. Every rank must call it (group creation is collective)."""
     if size < 1:
-        raise ValueError(f"sequence_parallel must be >= 1, got {size}")
+        raise ConfigError("sequence_parallel", f"must be >= 1, got {size}")
     initialised = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if initialised else 1
     if world % size:
-        raise ValueError(
-            f"sequence_parallel={size} must divide the number of training processes ({world}): "
+        raise ConfigError(
+            "sequence_parallel",
+            f"{size} must divide the number of training processes ({world}): "
             "a search starts them from its resources (workers, or gpus); a direct call needs "
-            f"torch.distributed initialised with a multiple of {size} ranks"
+            f"torch.distributed initialised with a multiple of {size} ranks",
         )
     rank = dist.get_rank() if initialised else 0
     group = None
