@@ -128,7 +128,7 @@ def test_head_splits():
 
 
 def test_config_rules():
-    model = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    model = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=32, mla=MLA)
     with pytest.raises(ConfigError, match="never split"):
         TrainConfig(model=model, seq_len=32, sequence_parallel=4)
     dense = ModelConfig(d_model=32, n_heads=4, n_kv_heads=1, attention="dense", max_seq_len=32)
@@ -213,9 +213,10 @@ def test_training_matches_one_process(tmp_path, world, sp, names):
 def _space(**changes) -> dict:
     model = {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "max_seq_len": 31}
     base = {
-        "model": model,
+        "model": {**model, "mla": {"block_size": 4}},  # sizes that fit 31 tokens
         "resources": {"cpus": 1, "workers": 2, "sequence_parallel": 2},
         "train": {"steps": 2, "eval_every": 1, "seq_len": 31, "batch_size": 2},
+        "space": {"model.mla.budget": {"choice": [8, 16]}, "lr": {"loguniform": [1e-3, 1e-2]}},
     }
     return search_space(**{**base, **changes})
 
