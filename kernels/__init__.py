@@ -3,7 +3,7 @@
 from .config import BRANCHES, AttentionConfig, GateConfig, Plan
 from .naive import mla_reference
 from .ops import attention_flops, mla_attention, resolve_backend
-from .selection import block_scores, select_blocks
+from .selection import block_scores, select_blocks, select_tiles
 
 __all__ = [
     "BRANCHES",
@@ -16,4 +16,5 @@ __all__ = [
     "mla_reference",
     "resolve_backend",
     "select_blocks",
+    "select_tiles",
 ]

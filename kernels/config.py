@@ -47,6 +47,8 @@ class Plan:
     n_select: int
     """Blocks the sparse branch attends to."""
     block_size: int
+    select_tile: int = 1
+    """Consecutive queries that share one sparse selection (1: each query its own)."""
 
     @property
     def has_local(self) -> bool:
@@ -60,6 +62,12 @@ class Plan:
     def has_sparse(self) -> bool:
         return self.n_select > 0
 
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """The names of the branches present."""
+        present = (self.has_local, self.has_global, self.has_sparse)
+        return tuple(name for name, p in zip(BRANCHES, present) if p)
+
     def keys_per_query(self, t: int) -> int:
         """Keys (raw or compressed) that the query at position t (0-based) reads."""
         n = 0
@@ -68,13 +76,19 @@ class Plan:
         if self.has_global:
             n += (t + 1) // self.stride
         if self.has_sparse:
-            complete = (t + 1) // self.block_size
-            if self.has_local:
-                # blocks wholly inside the window are not candidates
-                first_in_window = -(-(t - self.window + 1) // self.block_size)
-                complete = min(complete, max(first_in_window, 0))
-            n += min(self.n_select, complete) * self.block_size
+            n += min(self.n_select, self.candidates(t)) * self.block_size
         return n
+
+    def candidates(self, t: int) -> int:
+        """Sparse candidate blocks of the query at position t: those complete at its tile's
+        first position t0, less those wholly inside t0's local window."""
+        t0 = t - t % self.select_tile
+        complete = (t0 + 1) // self.block_size
+        if self.has_local:
+            # blocks wholly inside the window are not candidates
+            first_in_window = -(-(t0 - self.window + 1) // self.block_size)
+            complete = min(complete, max(first_in_window, 0))
+        return complete
 
 
 @dataclass(kw_only=True)
@@ -87,6 +101,10 @@ class AttentionConfig:
     """(local, global, sparse) shares of the budget, each >= 0, summing to 1."""
     block_size: int = 32
     """Key block pooled by the global branch and selected by the sparse branch (power of two)."""
+    select_tile: int = 1
+    """Consecutive queries that share one sparse selection (power of two; 1: per query). Tiles
+    of 16 or more let the sparse branch run as block-sparse FlashAttention; the search measures
+    what the sharing costs in accuracy."""
     gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
@@ -105,7 +123,14 @@ class AttentionConfig:
             raise ValueError(f"budget must be >= 1, got {self.budget}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.plan(self.budget) == Plan(0, 0, 0, self.block_size):
+        if (
+            isinstance(self.select_tile, bool)
+            or not isinstance(self.select_tile, int)
+            or self.select_tile < 1
+            or self.select_tile & (self.select_tile - 1)
+        ):
+            raise ValueError(f"select_tile must be a power of two >= 1, got {self.select_tile!r}")
+        if not self.plan(self.budget).branches:
             raise ValueError(
                 f"budget {self.budget} with ratios {self.ratios} and block_size {self.block_size} "
                 "leaves every branch empty"
@@ -120,4 +145,10 @@ class AttentionConfig:
         stride = 0
         if g_keys >= 1:
             stride = self.block_size * max(1, math.ceil(t_max / self.block_size / g_keys))
-        return Plan(window=window, stride=stride, n_select=n_select, block_size=self.block_size)
+        return Plan(
+            window=window,
+            stride=stride,
+            n_select=n_select,
+            block_size=self.block_size,
+            select_tile=self.select_tile,
+        )

@@ -1005,6 +1005,11 @@ _GPU_TILES = {
     "global_dkv": {"BT": 64, "BC": 64, "num_warps": 4},
     "sparse_dq": {"num_warps": 2},
     "sparse_dkv": {"ROWS": 64, "CH": 256, "num_warps": 4},
+    # tile-shared selection (select_tile > 1): rows are tokens x the padded group
+    "tile_score": {"ROWS": 64, "BN": 32, "num_warps": 4},
+    "sparse_tile_fwd": {"ROWS": 64, "num_warps": 4},
+    "sparse_tile_dq": {"ROWS": 64, "num_warps": 4},
+    "sparse_tile_dkv": {"ROWS": 64, "CH": 256, "num_warps": 4},
 }
 # Small tiles under the interpreter, so that every loop runs more than once in the tests.
 _CPU_TILES = {
@@ -1111,6 +1116,7 @@ class _Layout:
         # a branch with nothing to read (no complete block yet) is dropped: its output is 0
         self.NC = self.T // plan.stride if plan.has_global else 0
         self.NB = self.T // plan.block_size
+        self.NT = -(-self.T // plan.select_tile)  # selection tiles
         self.has_local = plan.has_local
         self.has_global = self.NC > 0
         self.has_sparse = plan.has_sparse and self.NB > 0
@@ -1296,7 +1302,12 @@ def mla_fwd(
             **_options(t),
         )
     idx = lse_l
-    if lay.has_sparse:
+    if lay.has_sparse and lay.plan.select_tile > 1:
+        from . import sparse_tile
+
+        idx = sparse_tile.select(q, k, lay, km)
+        sparse_tile.forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store)
+    elif lay.has_sparse:
         idx = _select(q, k, lay, km)
         t = _tiles("sparse_fwd")
         _sparse_fwd_kernel[(T, B * lay.NA)](
@@ -1454,7 +1465,13 @@ def mla_bwd(
             dkc=dkc, dvc=dvc, groups=lay.groups, dk=dk, dv=dv, T=T, NC=NC, NA=lay.NA,
             stride=lay.stride, NSPLIT=nsplit, HKV=HKV, D=D, BK=BK,
         )  # fmt: skip
-    if lay.has_sparse:
+    if lay.has_sparse and lay.plan.select_tile > 1:
+        from . import sparse_tile
+
+        sparse_tile.backward(
+            q, k, v, gate, do, saved["idx"], lay, saved, dgate, delta_s, dq, dk, dv
+        )
+    elif lay.has_sparse:
         idx = saved["idx"]
         t = _tiles("sparse_dq")
         _sparse_bwd_dq_kernel[(T, B * lay.NA)](

@@ -6,6 +6,7 @@ Selection is not differentiated: it runs under no_grad and returns block indices
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .config import Plan
 
@@ -47,28 +48,53 @@ def select_blocks(
 
     Candidates are the complete blocks wholly at or before t, less those wholly inside the local
     window when the local branch is present; slots beyond the number of candidates hold -1.
+    With `plan.select_tile` = Bq > 1, every query of a tile of Bq consecutive positions gets
+    its tile's selection (`select_tiles`).
+    """
+    T = q.shape[1]
+    idx = select_tiles(q, k, plan, head_mask)  # [B, NT, HKV, n]
+    if plan.select_tile == 1:
+        return idx
+    return idx.repeat_interleave(plan.select_tile, dim=1)[:, :T]
+
+
+@torch.no_grad()
+def select_tiles(
+    q: torch.Tensor, k: torch.Tensor, plan: Plan, head_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Indices [B, NT, HKV, n_select] of the blocks each tile of `plan.select_tile` queries
+    attends to, NT = ceil(T / select_tile) (DESIGN §1, tile-shared selection).
+
+    With t0 a tile's first position, the candidates are the complete blocks wholly at or before
+    t0, less those wholly inside t0's local window; a candidate's score is the per-query score
+    (`block_scores`) summed over the tile's queries. Select_tile 1 is the per-query rule.
     """
     B, T, _, _ = q.shape
     HKV = k.shape[2]
-    bs = plan.block_size
+    bs, bq = plan.block_size, plan.select_tile
     nb = T // bs
+    nt = -(-T // bq)
     if plan.n_select == 0 or nb == 0:
-        return torch.full((B, T, HKV, plan.n_select), -1, dtype=torch.long, device=q.device)
+        return torch.full((B, nt, HKV, plan.n_select), -1, dtype=torch.long, device=q.device)
     score = block_scores(q, k, bs, head_mask)  # [B, T, HKV, NB]
-    cand = candidate_mask(T, nb, plan, q.device)  # [T, NB]
+    if bq > 1:
+        score = F.pad(score, (0, 0, 0, 0, 0, nt * bq - T))
+        score = score.view(B, nt, bq, HKV, nb).sum(2)  # [B, NT, HKV, NB]
+    t0 = torch.arange(nt, device=q.device) * bq
+    cand = candidate_mask(t0, nb, plan)  # [NT, NB]
     score = score.masked_fill(~cand[None, :, None], float("-inf"))
     n = min(plan.n_select, nb)
     top, idx = score.topk(n, dim=-1, sorted=True)
     idx = idx.masked_fill(top == float("-inf"), -1)
     if n < plan.n_select:
-        idx = torch.nn.functional.pad(idx, (0, plan.n_select - n), value=-1)
+        idx = F.pad(idx, (0, plan.n_select - n), value=-1)
     return idx
 
 
-def candidate_mask(T: int, nb: int, plan: Plan, device: torch.device | str) -> torch.Tensor:
-    """[T, NB] bool: block j is a sparse candidate for query t."""
-    t = torch.arange(T, device=device)[:, None]
-    start = torch.arange(nb, device=device)[None, :] * plan.block_size
+def candidate_mask(t: torch.Tensor, nb: int, plan: Plan) -> torch.Tensor:
+    """[len(t), NB] bool: block j is a sparse candidate for a query (or tile start) at t."""
+    t = t[:, None]
+    start = torch.arange(nb, device=t.device)[None, :] * plan.block_size
     cand = start + plan.block_size - 1 <= t
     if plan.has_local:
         cand &= start < t - plan.window + 1

@@ -1,0 +1,253 @@
+"""MLA at the head shapes searches train, per-query and tile-shared selection, against dense
+attention (cuDNN and FlashAttention-2 through SDPA), all in one run.
+
+For each head shape (query heads / KV heads, head dim), length T and budget, times MLA's
+forward and forward+backward with `select_tile` 1 and 64 (and any others asked for), and the
+dense peers on the same inputs; counts the kernel launches of one call and the host time to
+issue it (a call whose host time exceeds its device time is launch-bound). Budgets:
+NSA-sized (window 512, 16 blocks of 64, stride 64) and small (window 256, 4 blocks of 64,
+stride 128). Before timing, each select_tile is checked against the float32 reference at
+one small size (outputs and gradients).
+
+    python bench/tile_shapes.py [--shapes 12/4/64 8/2/64 16/16/64 64/4/128]
+        [--lengths 2048 8192 32768 65536] [--tiles 1 64] [--budgets nsa small] [--out DIR]
+
+Writes tile_shapes.json and tile_shapes.md to --out (default: $OUT or bench/) and prints the
+table last. Bq = select_tile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from automla.kernels import AttentionConfig, mla_attention, mla_reference
+except ImportError:  # not installed: import the folder directly
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kernels import AttentionConfig, mla_attention, mla_reference
+
+import triton
+from triton.testing import do_bench
+
+DTYPE = torch.bfloat16
+BLOCK = 64
+BUDGETS = {"nsa": (512, 16, 64), "small": (256, 4, 128)}  # window, blocks, stride
+
+
+def config(T: int, budget: str, select_tile: int) -> AttentionConfig:
+    """The budget's window, selected blocks and global stride at length T."""
+    window, blocks, stride = BUDGETS[budget]
+    g = T // stride
+    total = window + blocks * BLOCK + g
+    cfg = AttentionConfig(
+        budget=total,
+        ratios=(window / total, g / total, blocks * BLOCK / total),
+        block_size=BLOCK,
+        select_tile=select_tile,
+    )
+    plan = cfg.plan(T)
+    assert (plan.window, plan.n_select, plan.stride) == (window, blocks, stride), plan
+    return cfg
+
+
+def inputs(T: int, hq: int, hkv: int, d: int, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=DTYPE, generator=g)
+
+    q, k, v = randn(1, T, hq, d), randn(1, T, hkv, d), randn(1, T, hkv, d)
+    gate = torch.rand(1, T, hq, 3, device="cuda", generator=g).to(DTYPE)
+    for x in (q, k, v, gate):
+        x.requires_grad_()
+    return q, k, v, gate, randn(1, T, hq, d)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    if not torch.isfinite(x).all():
+        return float("inf")
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def check(select_tile: int, hq: int = 12, hkv: int = 4, d: int = 64, T: int = 2048 + 37) -> dict:
+    """MLA (Triton, bf16) against the float32 reference: relative errors of o and the grads."""
+    cfg = config(2048, "nsa", select_tile)
+    q, k, v, gate, do = inputs(T, hq, hkv, d, seed=select_tile)
+    o = mla_attention(q, k, v, gate, cfg, t_max=4096, backend="triton")
+    o.backward(do)
+    got = [o.detach()] + [x.grad for x in (q, k, v, gate)]
+    ref_in = [x.detach().float().requires_grad_() for x in (q, k, v, gate)]
+    o_ref = mla_reference(*ref_in, cfg, t_max=4096)
+    o_ref.backward(do.float())
+    want = [o_ref.detach()] + [x.grad for x in ref_in]
+    return {n: rel_err(a, b) for n, a, b in zip(("o", "dq", "dk", "dv", "dgate"), got, want)}
+
+
+def sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v, gate):
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        with sdpa_kernel(backend):
+            try:
+                o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+            except RuntimeError:  # a backend without GQA: expand K/V
+                G = qt.shape[1] // kt.shape[1]
+                kt, vt = kt.repeat_interleave(G, 1), vt.repeat_interleave(G, 1)
+                o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        return o.transpose(1, 2)
+
+    return run
+
+
+def launches(fn) -> int:
+    """CUDA kernels one call of fn launches (profiler count)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if str(e.device_type).endswith("CUDA"))
+
+
+def host_ms(fn, repeats: int = 20) -> float:
+    """Median host milliseconds to issue one call (the device idle before each)."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def measure(fn, args, rep: int) -> dict:
+    q, k, v, gate, do = args
+    qd, kd, vd, gd = (x.detach() for x in (q, k, v, gate))
+
+    def fwd():
+        return fn(qd, kd, vd, gd)
+
+    def fwd_bwd():
+        fn(q, k, v, gate).backward(do)
+
+    row = {"fwd_ms": do_bench(fwd, warmup=50, rep=rep, return_mode="median")}
+    row["fwd_bwd_ms"] = do_bench(
+        fwd_bwd, warmup=50, rep=rep, return_mode="median", grad_to_none=[q, k, v, gate]
+    )
+    row["launches_fwd"] = launches(fwd)
+    row["launches_fwd_bwd"] = launches(fwd_bwd)
+    row["host_fwd_bwd_ms"] = host_ms(fwd_bwd)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=["12/4/64", "8/2/64", "16/16/64", "64/4/128"])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
+    ap.add_argument("--tiles", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--budgets", nargs="+", default=["nsa", "small"])
+    ap.add_argument("--peers", default="cudnn,flash")
+    ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent)))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from torch.nn.attention import SDPBackend
+
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "command": "python bench/tile_shapes.py " + " ".join(sys.argv[1:]),
+        "checks": {},
+        "rows": [],
+    }
+    if not args.skip_check:
+        for bq in args.tiles:
+            result["checks"][bq] = check(bq)
+            print(f"check select_tile={bq}", result["checks"][bq], flush=True)
+    for shape in args.shapes:
+        hq, hkv, d = (int(x) for x in shape.split("/"))
+        for T in args.lengths:
+            data = inputs(T, hq, hkv, d)
+            entries = []
+            for name in filter(None, args.peers.split(",")):
+                entries.append((name, "", 0, sdpa(backends[name])))
+            for budget in args.budgets:
+                for bq in args.tiles:
+                    cfg = config(T, budget, bq)
+
+                    def run(q, k, v, g, cfg=cfg):
+                        return mla_attention(q, k, v, g, cfg, backend="triton")
+
+                    entries.append(("mla", budget, bq, run))
+            for impl, budget, bq, fn in entries:
+                row = {"shape": shape, "T": T, "impl": impl, "budget": budget, "select_tile": bq}
+                try:
+                    row.update(measure(fn, data, args.rep))
+                except Exception as e:  # recorded, not fatal (e.g. out of memory)
+                    row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+                print(json.dumps(row), flush=True)
+                result["rows"].append(row)
+            del data
+            torch.cuda.empty_cache()
+    (out / "tile_shapes.json").write_text(json.dumps(result, indent=1))
+    table = markdown(result)
+    (out / "tile_shapes.md").write_text(table)
+    print(table)
+
+
+def markdown(result: dict) -> str:
+    """One row per (shape, T, MLA variant): its times, launches, host time and its speed-up
+    over cuDNN and FlashAttention-2 (peer time / MLA time, fwd+bwd)."""
+    rows = result["rows"]
+    peers = {(r["shape"], r["T"], r["impl"]): r for r in rows if r["impl"] != "mla"}
+    lines = [
+        f"{result['gpu']}, torch {result['torch']}, triton {result['triton']}, {result['date']}",
+        "",
+        "| q/kv/D | T | budget | Bq | fwd ms | fwd+bwd ms | launches fwd / fwd+bwd "
+        "| host ms | cuDNN fwd+bwd ms | ×cuDNN | FA2 fwd+bwd ms | ×FA2 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if r["impl"] != "mla":
+            continue
+        head = f"| {r['shape']} | {r['T']} | {r['budget']} | {r['select_tile']} "
+        if "error" in r:
+            lines.append(head + f"| {r['error'][:50]} | | | | | | | |")
+            continue
+        cells = [
+            f"{r['fwd_ms']:.2f}",
+            f"{r['fwd_bwd_ms']:.2f}",
+            f"{r['launches_fwd']} / {r['launches_fwd_bwd']}",
+            f"{r['host_fwd_bwd_ms']:.2f}",
+        ]
+        for peer in ("cudnn", "flash"):
+            p = peers.get((r["shape"], r["T"], peer))
+            if p is None or "error" in p:
+                cells += ["—", "—"]
+            else:
+                cells += [f"{p['fwd_bwd_ms']:.2f}", f"{p['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}"]
+        lines.append(head + "| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/tile_shapes.py needs a CUDA GPU")
+    main()
