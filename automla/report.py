@@ -1,8 +1,9 @@
 """A run folder's results: the trial table, the Pareto front, hypervolume, and the plot.
 
-`trials.json` is the source of truth (one record per trial, with its full trainer config);
-`write_outputs` derives `trials.csv`, `pareto.json`, `hypervolume.csv`, the plots (`pareto.png`,
-`hypervolume.png`, `learning_curves.png`, `importances.png`) and `report.html` from it (and from
+`trials.json` is the source of truth (one record per trial, with its full trainer config), with
+`reference.json` (the dense reference, see `automla.reference`); `write_outputs` derives
+`trials.csv`, `pareto.json`, `hypervolume.csv`, the plots (`pareto.png`, `hypervolume.png`,
+`learning_curves.png`, `importances.png`, `attention.png`) and `report.html` from them (and from
 Ray's per-trial `result.json` and the study), so `automla report` can be run again at any time.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from automla import pareto
+from automla import attention_view, pareto
 from automla import reference as reference_mod
 from automla.gpu_usage import summarize_csv
 from automla.schema import RATIOS, SearchConfig, known_metrics, load, throughput_method
@@ -237,8 +238,24 @@ def write_outputs(
     plot_learning_curves(run / "learning_curves.png", config, trials)
     summary_importances = importances(run, config)
     plot_importances(run / "importances.png", summary_importances)
-    write_html(run / "report.html", run.name, summary, summary_importances)
+    panels = attention_panels(trials, summary, reference)
+    if not attention_view.plot(run / "attention.png", panels):
+        (run / "attention.png").unlink(missing_ok=True)
+    write_html(run / "report.html", run.name, summary, summary_importances, panels)
     return summary
+
+
+def attention_panels(
+    trials: list[dict[str, Any]], summary: dict[str, Any], reference: dict[str, Any] | None
+) -> list[attention_view.Panel]:
+    """The runs whose attention the report shows: the knee, then the dense reference."""
+    panels: list[attention_view.Panel] = []
+    knee = next((t for t in trials if t["trial_id"] == summary.get("knee")), None)
+    if knee is not None:
+        panels.append((f"knee {knee['trial_id']} ({knee.get('label', '')})", curves(knee)))
+    if reference and reference.get("history"):
+        panels.append((reference_mod.LABEL, reference["history"]))
+    return panels
 
 
 def curves(trial: dict[str, Any]) -> list[dict[str, Any]]:
@@ -340,7 +357,11 @@ def plot_importances(path: str | Path, scores: dict[str, dict[str, float]]) -> N
 
 
 def write_html(
-    path: str | Path, name: str, summary: dict[str, Any], scores: dict[str, dict[str, float]]
+    path: str | Path,
+    name: str,
+    summary: dict[str, Any],
+    scores: dict[str, dict[str, float]],
+    attention: list[attention_view.Panel] | None = None,
 ) -> None:
     """One self-contained page: the front as a table and every plot embedded (base64 PNG)."""
     import base64
@@ -381,6 +402,12 @@ def write_html(
             )
     counts = ", ".join(f"{summary.get(s, 0)} {s}" for s in STATES)
     attention_section = ""
+    if attention:
+        png = run / "attention.png"
+        uri = None
+        if png.is_file():
+            uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+        attention_section = attention_view.html_section(attention, uri)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>AutoMLA run {html.escape(name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;text-align:right}}
