@@ -148,3 +148,14 @@ def test_a_failed_reference_is_shown_but_anchors_nothing():
     assert summary["reference"]["state"] == "failed"
     assert all(e["vs_reference"] == {} for e in summary["front"])
     assert not math.isnan(summary["hypervolume"])
+
+
+def test_pruned_heads_and_when():
+    from automla.attention_view import pruned_heads
+
+    history = [
+        {"step": 10, "attn_heads": [[0, 1, 2, 3], [0, 1, 2, 3]]},
+        {"step": 20, "attn_heads": [[0, 2, 3], [0, 1, 2, 3]]},
+        {"step": 30, "attn_heads": [[0, 3], [0, 1, 2, 3]]},
+    ]
+    assert pruned_heads(history) == [[(1, 20), (2, 30)], []]

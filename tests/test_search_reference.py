@@ -85,6 +85,25 @@ def test_reference_is_recorded_and_reported(run):
     assert "dense reference" in page and "How to read the hypervolume" in page
 
 
+def test_what_the_attention_learned(run):
+    run_dir, _ = run
+    ref = json.loads((run_dir / "reference.json").read_text())
+    assert all(len(h["attn_heads"]) == 1 and "attn_gate" not in h for h in ref["history"])
+    summary = json.loads((run_dir / "pareto.json").read_text())
+    knee = next(
+        r
+        for r in json.loads((run_dir / "trials.json").read_text())
+        if r["trial_id"] == summary["knee"]
+    )
+    rows = [r for r in report.curves(knee) if "attn_heads" in r]
+    assert [r["step"] for r in rows] == [2, 4]  # every evaluation, through Ray's results
+    if knee["label"] != "dense":
+        assert set(rows[-1]["attn_gate"][0]) <= {"local", "global", "sparse"}
+    assert (run_dir / "attention.png").is_file()
+    page = (run_dir / "report.html").read_text()
+    assert "what the attention learned" in page and f"knee {knee['trial_id']}" in page
+
+
 def test_reference_on_the_plot(run, monkeypatch):
     run_dir, _ = run
     import matplotlib.axes
