@@ -140,10 +140,12 @@ SPACE = {
 
 
 def test_a_space_asks_the_trainer_for_what_its_objectives_need():
-    base = parse(SPACE)
+    base = parse({**SPACE, "reference": "none"})  # one run at a time on the CPUs
     assert not base.fixed["benchmark"]["enabled"] and "training clock" in throughput_method(
         base.fixed
     )
+    # the dense reference trains beside the trial: two runs share the CPUs
+    assert parse(SPACE).fixed["benchmark"]["enabled"]
     at = parse(
         {
             **SPACE,
