@@ -123,7 +123,7 @@ def compare(
         if not (_finite(v) and _finite(r)):
             continue
         if m in _DIFFERENCE:
-            out[m] = {"difference": v - r, "text": f"{v - r:+.3g} {m}"}
+            out[m] = {"difference": v - r, "text": f"{v - r:+.2g} {m}"}
         elif r != 0:
             out[m] = {"ratio": v / r, "text": f"{v / r:.2g}x {m}"}
     return out
