@@ -38,6 +38,8 @@ except ImportError:  # not installed: import the folder directly
 import triton
 from triton.testing import do_bench
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py
+
 DTYPE = torch.bfloat16
 BLOCK = 64
 BUDGETS = {"nsa": (512, 16, 64), "small": (256, 4, 128)}  # window, blocks, stride
@@ -46,17 +48,18 @@ BUDGETS = {"nsa": (512, 16, 64), "small": (256, 4, 128)}  # window, blocks, stri
 def config(T: int, budget: str, select_tile: int) -> AttentionConfig:
     """The budget's window, selected blocks and global stride at length T."""
     window, blocks, stride = BUDGETS[budget]
-    g = T // stride
-    total = window + blocks * BLOCK + g
-    cfg = AttentionConfig(
-        budget=total,
-        ratios=(window / total, g / total, blocks * BLOCK / total),
-        block_size=BLOCK,
-        select_tile=select_tile,
-    )
-    plan = cfg.plan(T)
-    assert (plan.window, plan.n_select, plan.stride) == (window, blocks, stride), plan
-    return cfg
+    for g in (T // stride, T // stride + 1):  # + 1 when rounding pushes the stride up
+        total = window + blocks * BLOCK + g
+        cfg = AttentionConfig(
+            budget=total,
+            ratios=(window / total, g / total, blocks * BLOCK / total),
+            block_size=BLOCK,
+            select_tile=select_tile,
+        )
+        plan = cfg.plan(T)
+        if (plan.window, plan.n_select, plan.stride) == (window, blocks, stride):
+            return cfg
+    raise AssertionError(f"no budget gives {BUDGETS[budget]} at T={T}: {plan}")
 
 
 def inputs(T: int, hq: int, hkv: int, d: int, seed: int = 0):
@@ -132,7 +135,7 @@ def host_ms(fn, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def measure(fn, args, rep: int) -> dict:
+def measure(fn, args, rep: int, graphs: bool = True) -> dict:
     q, k, v, gate, do = args
     qd, kd, vd, gd = (x.detach() for x in (q, k, v, gate))
 
@@ -149,7 +152,92 @@ def measure(fn, args, rep: int) -> dict:
     row["launches_fwd"] = launches(fwd)
     row["launches_fwd_bwd"] = launches(fwd_bwd)
     row["host_fwd_bwd_ms"] = host_ms(fwd_bwd)
+    if graphs:
+        # replayed from CUDA graphs, as the model runs the op (`model.cuda_graphs`): device time
+        samples = tuple(x.detach().clone().requires_grad_() for x in (q, k, v, gate))
+        graphed = torch.cuda.make_graphed_callables(fn, samples)
+
+        def replay():
+            graphed(q, k, v, gate).backward(do)
+
+        row["graph_fwd_bwd_ms"] = do_bench(
+            replay, warmup=50, rep=rep, return_mode="median", grad_to_none=[q, k, v, gate]
+        )
     return row
+
+
+def tile_table() -> dict:
+    """The Triton launcher's GPU tile table (bench-only access, for --sweep)."""
+    from automla.kernels import parallel
+
+    return getattr(parallel, "_GPU_TILES", None) or parallel.layout._GPU_TILES
+
+
+SWEEP = {
+    "tile_score": [
+        {"ROWS": 64, "BN": 32, "num_warps": 4},
+        {"ROWS": 128, "BN": 32, "num_warps": 8},
+        {"ROWS": 64, "BN": 64, "num_warps": 4},
+    ],
+    "sparse_tile_fwd": [
+        {"ROWS": 64, "num_warps": 4},
+        {"ROWS": 128, "num_warps": 8},
+        {"ROWS": 128, "num_warps": 4},
+        {"ROWS": 64, "num_warps": 4, "num_stages": 3},
+        {"ROWS": 128, "num_warps": 8, "num_stages": 3},
+    ],
+    "sparse_tile_dq": [
+        {"ROWS": 64, "num_warps": 4},
+        {"ROWS": 128, "num_warps": 8},
+        {"ROWS": 64, "num_warps": 4, "num_stages": 3},
+        {"ROWS": 128, "num_warps": 8, "num_stages": 3},
+    ],
+    "sparse_tile_dkv": [
+        {"ROWS": 64, "CH": 256, "num_warps": 4},
+        {"ROWS": 128, "CH": 256, "num_warps": 8},
+        {"ROWS": 64, "CH": 512, "num_warps": 4},
+        {"ROWS": 64, "CH": 1024, "num_warps": 4},
+        {"ROWS": 64, "CH": 256, "num_warps": 4, "num_stages": 3},
+    ],
+}
+KERNEL_OF = {
+    "tile_score": "_tile_score_kernel",
+    "sparse_tile_fwd": "_sparse_tile_fwd_kernel",
+    "sparse_tile_dq": "_sparse_tile_dq_kernel",
+    "sparse_tile_dkv": "_sparse_tile_dkv_kernel",
+}
+
+
+def kernel_breakdown(shape: str, T: int, budget: str, bq: int) -> dict[str, float]:
+    from timing import kernel_ms
+
+    hq, hkv, d = (int(x) for x in shape.split("/"))
+    cfg = config(T, budget, bq)
+    q, k, v, gate, do = inputs(T, hq, hkv, d)
+    return kernel_ms(
+        lambda: mla_attention(q, k, v, gate, cfg, backend="triton").backward(do), runs=3
+    )
+
+
+def sweep(shape: str, T: int, bq: int) -> dict:
+    """Each tile kernel's candidates timed at (shape, T, NSA budget); the fastest kept."""
+    table, chosen = tile_table(), {}
+    for name, candidates in SWEEP.items():
+        best = None
+        for cand in candidates:
+            table[name] = cand
+            try:
+                ms = kernel_breakdown(shape, T, "nsa", bq)[KERNEL_OF[name]]
+            except Exception as e:
+                print(f"sweep {name} {cand}: {type(e).__name__} {str(e)[:120]}", flush=True)
+                continue
+            print(f"sweep {name:16s} {ms:7.3f} ms  {cand}", flush=True)
+            if best is None or ms < best[1]:
+                best = (cand, ms)
+        if best is not None:
+            table[name] = chosen[name] = best[0]
+    print("chosen tiles:", json.dumps(chosen), flush=True)
+    return chosen
 
 
 def main() -> None:
@@ -161,6 +249,20 @@ def main() -> None:
     ap.add_argument("--peers", default="cudnn,flash")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
+    ap.add_argument(
+        "--kernels",
+        nargs="*",
+        default=[],
+        metavar="SHAPE:T:BUDGET:BQ",
+        help="print the per-kernel device times of these MLA calls",
+    )
+    ap.add_argument(
+        "--sweep",
+        default="",
+        metavar="SHAPE:T:BQ",
+        help="tune the tile kernels' tiles at this point first",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent)))
     args = ap.parse_args()
     out = Path(args.out)
@@ -177,6 +279,16 @@ def main() -> None:
         "checks": {},
         "rows": [],
     }
+    if args.sweep:
+        shape, T, bq = args.sweep.split(":")
+        result["sweep"] = sweep(shape, int(T), int(bq))
+    for spec in args.kernels:
+        shape, T, budget, bq = spec.split(":")
+        times = kernel_breakdown(shape, int(T), budget, int(bq))
+        result.setdefault("kernels", {})[spec] = times
+        print(f"\n{spec}: {sum(times.values()):.3f} ms of kernels", flush=True)
+        for name, ms in list(times.items())[:14]:
+            print(f"  {ms:8.3f} ms  {name}", flush=True)
     if not args.skip_check:
         for bq in args.tiles:
             result["checks"][bq] = check(bq)
@@ -199,7 +311,7 @@ def main() -> None:
             for impl, budget, bq, fn in entries:
                 row = {"shape": shape, "T": T, "impl": impl, "budget": budget, "select_tile": bq}
                 try:
-                    row.update(measure(fn, data, args.rep))
+                    row.update(measure(fn, data, args.rep, graphs=not args.no_graphs))
                 except Exception as e:  # recorded, not fatal (e.g. out of memory)
                     row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
                 print(json.dumps(row), flush=True)
@@ -221,8 +333,9 @@ def markdown(result: dict) -> str:
         f"{result['gpu']}, torch {result['torch']}, triton {result['triton']}, {result['date']}",
         "",
         "| q/kv/D | T | budget | Bq | fwd ms | fwd+bwd ms | launches fwd / fwd+bwd "
-        "| host ms | cuDNN fwd+bwd ms | ×cuDNN | FA2 fwd+bwd ms | ×FA2 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| host ms | graphed fwd+bwd ms | cuDNN fwd+bwd ms (graphed) | ×cuDNN (graphed) "
+        "| FA2 fwd+bwd ms | ×FA2 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if r["impl"] != "mla":
@@ -236,15 +349,25 @@ def markdown(result: dict) -> str:
             f"{r['fwd_bwd_ms']:.2f}",
             f"{r['launches_fwd']} / {r['launches_fwd_bwd']}",
             f"{r['host_fwd_bwd_ms']:.2f}",
+            _ms(r.get("graph_fwd_bwd_ms")),
         ]
         for peer in ("cudnn", "flash"):
             p = peers.get((r["shape"], r["T"], peer))
             if p is None or "error" in p:
                 cells += ["—", "—"]
-            else:
-                cells += [f"{p['fwd_bwd_ms']:.2f}", f"{p['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}"]
+                continue
+            time_cell = f"{p['fwd_bwd_ms']:.2f}"
+            ratio = f"{p['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}"
+            if peer == "cudnn" and "graph_fwd_bwd_ms" in r and "graph_fwd_bwd_ms" in p:
+                time_cell += f" ({p['graph_fwd_bwd_ms']:.2f})"
+                ratio += f" ({p['graph_fwd_bwd_ms'] / r['graph_fwd_bwd_ms']:.2f})"
+            cells += [time_cell, ratio]
         lines.append(head + "| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _ms(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
 
 
 if __name__ == "__main__":

@@ -23,16 +23,24 @@ from automla.trainers import DataConfig, ModelConfig, TrainConfig
 from automla.trainers.trainer import build_state, train_step
 
 
-def nsa_sized(T: int) -> AttentionConfig:
+def nsa_sized(T: int, select_tile: int = 1) -> AttentionConfig:
     """Window 512, 16 selected blocks of 64, global stride 64 at length T (as bench/attention.py)."""
-    g = T // 64
-    budget = 512 + g + 1024
-    return AttentionConfig(
-        budget=budget, ratios=(512 / budget, g / budget, 1024 / budget), block_size=64
-    )
+    for g in (T // 64, T // 64 + 1):  # + 1 when rounding pushes the stride up
+        budget = 512 + g + 1024
+        cfg = AttentionConfig(
+            budget=budget,
+            ratios=(512 / budget, g / budget, 1024 / budget),
+            block_size=64,
+            select_tile=select_tile,
+        )
+        if cfg.plan(T).stride == 64:
+            break
+    return cfg
 
 
-def model_config(attention: str, T: int, tiny: bool, heads: tuple[int, int, int]) -> ModelConfig:
+def model_config(
+    attention: str, T: int, tiny: bool, heads: tuple[int, int, int], select_tile: int = 1
+) -> ModelConfig:
     if tiny:
         size = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2)
     else:
@@ -46,16 +54,19 @@ def model_config(attention: str, T: int, tiny: bool, heads: tuple[int, int, int]
             n_kv_heads=n_kv_heads,
             head_dim=head_dim,
         )
-    mla = nsa_sized(T) if not tiny else AttentionConfig(budget=64, block_size=16)
+    if tiny:
+        mla = AttentionConfig(budget=64, block_size=16, select_tile=select_tile)
+    else:
+        mla = nsa_sized(T, select_tile)
     graphs = attention == "mla+graphs"
     return ModelConfig(
         **size, max_seq_len=T, attention="mla" if graphs else attention, mla=mla, cuda_graphs=graphs
     )
 
 
-def measure(attention, T, steps, warmup, tiny, device, heads, profile=False):
+def measure(attention, T, steps, warmup, tiny, device, heads, profile=False, select_tile=1):
     cfg = TrainConfig(
-        model=model_config(attention, T, tiny, heads),
+        model=model_config(attention, T, tiny, heads, select_tile),
         data=DataConfig(),
         steps=steps,
         batch_size=1,
@@ -93,7 +104,7 @@ def measure(attention, T, steps, warmup, tiny, device, heads, profile=False):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {
-        "attention": attention,
+        "attention": attention if attention == "dense" else f"{attention} Bq={select_tile}",
         "T": T,
         "params": params,
         "step_ms": step_s * 1e3,
@@ -120,14 +131,19 @@ def main() -> None:
     ap.add_argument(
         "--cuda-graphs", action="store_true", help="also MLA with the op replayed from CUDA graphs"
     )
+    ap.add_argument(
+        "--select-tile", type=int, nargs="+", default=[1], help="MLA's select_tile values to run"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     seqs = [128, 256] if args.tiny else args.seq
-    variants = ["dense", "mla"] + (["mla+graphs"] if args.cuda_graphs else [])
+    variants = [("dense", 1)]
+    for bq in args.select_tile:
+        variants += [("mla", bq)] + ([("mla+graphs", bq)] if args.cuda_graphs else [])
     rows = []
     for T in seqs:
-        for attention in variants:
+        for attention, bq in variants:
             rows.append(
                 measure(
                     attention,
@@ -138,11 +154,12 @@ def main() -> None:
                     device,
                     tuple(args.heads),
                     args.profile,
+                    bq,
                 )  # fmt: skip
             )
             r = rows[-1]
             print(
-                f"{attention:10s} T={T:6d} {r['step_ms']:9.1f} ms/step "
+                f"{r['attention']:18s} T={T:6d} {r['step_ms']:9.1f} ms/step "
                 f"{r['tokens_per_s']:10.0f} tok/s",
                 flush=True,
             )
