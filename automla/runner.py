@@ -218,6 +218,10 @@ def _execute(
                     config, train_fn, resources, workers, res.cpus, gpus > 0
                 )
                 log.info("dense reference: training beside the trials")
+                console.print(
+                    "[bold]Dense reference[/]: the fixed model with dense attention, trained "
+                    "once beside the trials (reference.json)"
+                )
             # GPU utilisation of the driver's machine, sampled while trials run
             with progress, GpuSampler(run_dir / GPU_USAGE_FILE):
                 results = tuner.fit()
