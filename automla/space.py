@@ -4,7 +4,7 @@
 values keyed by dotted path. The searcher calls it through `define_by_run`, and the trial replays
 it on the parameters Ray hands over (`decode`), so both sides agree by construction.
 
-Two rules keep every sampled configuration valid:
+Three rules shape every sampled configuration:
 
 * **simplex** (`simplex_shares`): one uniform weight in [0, 1] per component; shares are the
   weights over their sum; a share below `min_share` is snapped to 0 and the rest renormalised.
@@ -14,11 +14,12 @@ Two rules keep every sampled configuration valid:
   for MLA attention, and `pruning.*` only with pruning enabled. The switches
   (`model.attention`, `pruning.enabled`) are sampled first when searched, then read from the
   trial's values or the fixed settings, so a dense trial carries no ratios, budget or gate.
-* **branches too small to exist** (`effective_ratios`): a branch whose share of the budget
-  rounds to nothing in `AttentionConfig.plan` (local: fewer than 0.5 keys, so window 0; global:
-  fewer than 1 compressed token; sparse: at most half a block, so 0 selected blocks) is absent:
-  its share is set to 0 and the others renormalised, so the budget is still spent. If no branch
-  is left, the budget is a plain sliding window, ratios (1, 0, 0).
+* **branches too small to exist** (`effective_ratios`, which `kernels/config.py` owns beside
+  the plan's rule): a branch whose share of the budget rounds to nothing in
+  `AttentionConfig.plan` (local: fewer than 0.5 keys, so window 0; global: fewer than 1
+  compressed token; sparse: at most half a block, so 0 selected blocks) is absent: its share is
+  set to 0 and the others renormalised, so the budget is still spent. If no branch is left, the
+  budget is a plain sliding window, ratios (1, 0, 0).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 
 import optuna
 
-from automla.kernels import BRANCHES
+from automla.kernels import BRANCHES, effective_ratios
 from automla.schema import (
     RATIOS,
     Choice,
@@ -135,33 +136,6 @@ def simplex_shares(weights: Sequence[float], min_share: float = 0.0) -> tuple[fl
     kept = [s if s >= min_share else 0.0 for s in shares]
     total = sum(kept)
     return tuple(s / total for s in kept)
-
-
-def effective_ratios(
-    ratios: Sequence[float], budget: int, block_size: int
-) -> tuple[float, float, float]:
-    """Ratios with every branch that rounds to nothing removed (see the module docstring).
-
-    Mirrors `AttentionConfig.plan`: window = round(local * budget), n_select =
-    round(sparse * budget / block_size), and the global branch exists when global * budget >= 1.
-    """
-    shares = [float(r) for r in ratios]
-    while True:
-        local, glob, sparse = shares
-        present = (
-            round(local * budget) > 0,
-            glob * budget >= 1,
-            round(sparse * budget / block_size) > 0,
-        )
-        absent = [i for i in range(3) if shares[i] > 0 and not present[i]]
-        if not absent:
-            return (shares[0], shares[1], shares[2])
-        for i in absent:
-            shares[i] = 0.0
-        total = sum(shares)
-        if total <= 0:
-            return (1.0, 0.0, 0.0)
-        shares = [s / total for s in shares]
 
 
 def apply(base: TrainConfig | Mapping[str, Any], values: Mapping[str, Any]) -> TrainConfig:

@@ -25,18 +25,14 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from automla.kernels import (
-        AttentionConfig,
-        attention_flops,
-        mla_reference,
-        parallel,
-        select_blocks,
-    )
-    from automla.kernels.parallel import _Layout, _select, mla_triton
+    from automla.kernels import AttentionConfig, attention_flops, mla_reference, select_blocks
+    from automla.kernels.parallel import mla_triton, select_blocks_triton
+    from automla.kernels.parallel.layout import _GPU_TILES, _tiles
 except ImportError:  # not installed: import the folder directly
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels import AttentionConfig, attention_flops, mla_reference, parallel, select_blocks
-    from kernels.parallel import _Layout, _select, mla_triton
+    from kernels import AttentionConfig, attention_flops, mla_reference, select_blocks
+    from kernels.parallel import mla_triton, select_blocks_triton
+    from kernels.parallel.layout import _GPU_TILES, _tiles
 
 import triton
 from timing import kernel_ms
@@ -109,7 +105,7 @@ def check_correctness() -> dict:
     errs = {n: rel_err(a, b) for n, a, b in zip(("o", "dq", "dk", "dv", "dgate"), got, want)}
     plan = cfg.plan(T)
     qd, kd = q.detach(), k.detach()
-    sel = _select(qd, kd, _Layout(qd, kd, plan, None)).long().sort(-1).values
+    sel = select_blocks_triton(qd, kd, plan).long().sort(-1).values
     sel_ref = select_blocks(qd, kd, plan).sort(-1).values
     errs["selection_mismatch"] = (sel != sel_ref).float().mean().item()
     first = mla_triton(qd, kd, v.detach(), gate.detach(), cfg)
@@ -275,7 +271,7 @@ def sweep(T: int, only: list[str] | None = None) -> dict:
             continue
         best = None
         for cand in candidates:
-            parallel._GPU_TILES[name] = cand
+            _GPU_TILES[name] = cand
             try:
                 ms = kernel_times(T, runs=2)[KERNEL_OF[name]]
             except Exception as e:
@@ -286,7 +282,7 @@ def sweep(T: int, only: list[str] | None = None) -> dict:
             if best is None or ms < best[1]:
                 best = (cand, ms)
         if best is not None:
-            parallel._GPU_TILES[name] = chosen[name] = best[0]
+            _GPU_TILES[name] = chosen[name] = best[0]
     print("chosen tiles:", json.dumps(chosen), flush=True)
     return {"chosen": chosen, "log": log}
 
@@ -315,7 +311,7 @@ def main() -> None:
     print("ceilings", result["ceilings"], flush=True)
     if args.sweep:
         result["sweep_32k"] = sweep(32768, [x for x in args.sweep_only.split(",") if x])
-    result["tiles"] = {k: parallel._tiles(k) for k in parallel._GPU_TILES}
+    result["tiles"] = {k: _tiles(k) for k in _GPU_TILES}
     if not args.skip_check:
         result["check_T4096"] = check_correctness()
         print("check T=4096", result["check_T4096"], flush=True)

@@ -135,7 +135,7 @@ def host_ms(fn, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def measure(fn, args, rep: int, graphs: bool = True) -> dict:
+def measure(fn, args, rep: int, graphs: bool = True, uses_gate: bool = True) -> dict:
     q, k, v, gate, do = args
     qd, kd, vd, gd = (x.detach() for x in (q, k, v, gate))
 
@@ -154,11 +154,15 @@ def measure(fn, args, rep: int, graphs: bool = True) -> dict:
     row["host_fwd_bwd_ms"] = host_ms(fwd_bwd)
     if graphs:
         # replayed from CUDA graphs, as the model runs the op (`model.cuda_graphs`): device time
-        samples = tuple(x.detach().clone().requires_grad_() for x in (q, k, v, gate))
-        graphed = torch.cuda.make_graphed_callables(fn, samples)
+        # the peers ignore the gate: graph them on (q, k, v) alone
+        leaves = (q, k, v, gate) if uses_gate else (q, k, v)
+        samples = tuple(x.detach().clone().requires_grad_() for x in leaves)
+        graphed = torch.cuda.make_graphed_callables(
+            fn if uses_gate else (lambda q, k, v: fn(q, k, v, None)), samples
+        )
 
         def replay():
-            graphed(q, k, v, gate).backward(do)
+            graphed(*leaves).backward(do)
 
         row["graph_fwd_bwd_ms"] = do_bench(
             replay, warmup=50, rep=rep, return_mode="median", grad_to_none=[q, k, v, gate]
@@ -168,9 +172,9 @@ def measure(fn, args, rep: int, graphs: bool = True) -> dict:
 
 def tile_table() -> dict:
     """The Triton launcher's GPU tile table (bench-only access, for --sweep)."""
-    from automla.kernels import parallel
+    from automla.kernels.parallel.layout import _GPU_TILES
 
-    return getattr(parallel, "_GPU_TILES", None) or parallel.layout._GPU_TILES
+    return _GPU_TILES
 
 
 SWEEP = {
@@ -311,7 +315,9 @@ def main() -> None:
             for impl, budget, bq, fn in entries:
                 row = {"shape": shape, "T": T, "impl": impl, "budget": budget, "select_tile": bq}
                 try:
-                    row.update(measure(fn, data, args.rep, graphs=not args.no_graphs))
+                    row.update(
+                        measure(fn, data, args.rep, not args.no_graphs, uses_gate=impl == "mla")
+                    )
                 except Exception as e:  # recorded, not fatal (e.g. out of memory)
                     row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
                 print(json.dumps(row), flush=True)

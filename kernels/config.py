@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -138,17 +139,54 @@ class AttentionConfig:
 
     def plan(self, t_max: int) -> Plan:
         """Derive window, stride and n_select for sequences of at most t_max tokens."""
-        local, glob, sparse = self.ratios
-        window = round(local * self.budget)
-        n_select = round(sparse * self.budget / self.block_size)
-        g_keys = glob * self.budget
-        stride = 0
-        if g_keys >= 1:
-            stride = self.block_size * max(1, math.ceil(t_max / self.block_size / g_keys))
-        return Plan(
-            window=window,
-            stride=stride,
-            n_select=n_select,
-            block_size=self.block_size,
-            select_tile=self.select_tile,
+        return derive_plan(
+            self.ratios, self.budget, self.block_size, t_max, select_tile=self.select_tile
         )
+
+
+def derive_plan(
+    ratios: Sequence[float], budget: int, block_size: int, t_max: int, select_tile: int = 1
+) -> Plan:
+    """The rule of `AttentionConfig.plan` on bare values (no validation).
+
+    window = round(local * budget); n_select = round(sparse * budget / block_size); the global
+    branch exists when global * budget >= 1 and pools `stride` keys per compressed token, a
+    multiple of block_size chosen so that t_max tokens give at most global * budget of them.
+    Which branches exist depends on neither t_max nor select_tile.
+    """
+    local, glob, sparse = ratios
+    window = round(local * budget)
+    n_select = round(sparse * budget / block_size)
+    g_keys = glob * budget
+    stride = 0
+    if g_keys >= 1:
+        stride = block_size * max(1, math.ceil(t_max / block_size / g_keys))
+    return Plan(
+        window=window,
+        stride=stride,
+        n_select=n_select,
+        block_size=block_size,
+        select_tile=select_tile,
+    )
+
+
+def effective_ratios(
+    ratios: Sequence[float], budget: int, block_size: int
+) -> tuple[float, float, float]:
+    """Ratios with every branch that `derive_plan` rounds to nothing set to 0 and the others
+    renormalised, so that the budget is still spent (repeated until every share left gives a
+    branch). If no branch is left, the budget is a plain sliding window, ratios (1, 0, 0).
+    """
+    shares = [float(r) for r in ratios]
+    while True:
+        plan = derive_plan(shares, budget, block_size, t_max=budget)
+        present = (plan.has_local, plan.has_global, plan.has_sparse)
+        absent = [i for i in range(3) if shares[i] > 0 and not present[i]]
+        if not absent:
+            return (shares[0], shares[1], shares[2])
+        for i in absent:
+            shares[i] = 0.0
+        total = sum(shares)
+        if total <= 0:
+            return (1.0, 0.0, 0.0)
+        shares = [s / total for s in shares]

@@ -44,7 +44,11 @@ def mla_attention(
         [B, T, HQ, D] in q's dtype.
     """
     check_inputs(q, k, v, gate, head_mask, t_max)
-    backend = resolve_backend(q, k, v, config, t_max, backend)
+    plan = None
+    if backend in ("auto", "triton"):
+        # derived once: the choice of backend and the Triton path's checks and kernels take it
+        plan = config.plan(t_max or q.shape[1])
+        backend = _resolve(q, k, v, plan, backend)
     if backend != "triton" and head_mask is not None:
         head_mask = head_mask.to(q.device)
     if backend == "reference":
@@ -54,7 +58,7 @@ def mla_attention(
     if backend == "triton":
         from .parallel import mla_triton
 
-        return mla_triton(q, k, v, gate, config, t_max=t_max, head_mask=head_mask)
+        return mla_triton(q, k, v, gate, config, t_max=t_max, head_mask=head_mask, plan=plan)
     raise ValueError(f"backend must be auto|reference|torch|triton, got {backend!r}")
 
 
@@ -69,7 +73,16 @@ def resolve_backend(
     """The implementation `mla_attention` runs for these inputs: "auto" becomes "triton" where
     the kernels take them (CUDA, supported dtype and sizes), "torch" elsewhere."""
     if backend == "auto":
-        return "triton" if _triton_fits(q, k, v, config, t_max) else "torch"
+        return _resolve(q, k, v, config.plan(t_max or q.shape[1]), backend)
+    return backend
+
+
+def _resolve(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, backend: Backend
+) -> Backend:
+    """`resolve_backend` for a plan already derived."""
+    if backend == "auto":
+        return "triton" if _triton_fits(q, k, v, plan) else "torch"
     return backend
 
 
@@ -83,9 +96,7 @@ def attention_flops(plan: Plan, T: int, head_dim: int, n_heads: int, backward: b
     return int(fwd * 3.5) if backward else fwd
 
 
-def _triton_fits(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: AttentionConfig, t_max: int | None
-) -> bool:
+def _triton_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> bool:
     """Whether the Triton kernels take these inputs; "auto" falls back to torch otherwise."""
     if not q.is_cuda:
         return False
@@ -93,4 +104,4 @@ def _triton_fits(
         from .parallel import unsupported
     except ImportError:  # no Triton
         return False
-    return unsupported(q, k, v, config, t_max) is None
+    return unsupported(q, k, v, plan) is None

@@ -16,6 +16,7 @@ from automla.kernels import (
     select_blocks,
 )
 from automla.kernels import blocked as blocked_mod
+from automla.kernels.naive import naive_global, naive_local, naive_sparse
 
 BACKENDS = ["reference", "torch"]
 
@@ -109,6 +110,27 @@ def test_selection_against_brute_force():
             best = sorted(cands, key=lambda j: -score[j])[: plan.n_select]
             got = [j for j in idx[0, t, h].tolist() if j >= 0]
             assert got == best, (t, h)
+
+
+@pytest.mark.parametrize("ratios", [(0.25, 0.25, 0.5), (0.0, 0.5, 0.5)], ids=["LGS", "GS"])
+def test_branches_summed_with_the_gates_are_the_reference(ratios):
+    T, HQ, HKV = 45, 6, 2
+    q, k, v, gate = rand_inputs(2, T, HQ, HKV, 8, seed=7)
+    mask = torch.tensor([True, False, True, True, False, False])
+    cfg = AttentionConfig(budget=32, ratios=ratios, block_size=4)
+    plan = cfg.plan(T)
+    branches = [
+        naive_local(q, k, v, plan),
+        naive_global(q, k, v, plan),
+        naive_sparse(q, k, v, plan, mask),
+    ]
+    for b, present in zip(branches, (plan.has_local, plan.has_global, plan.has_sparse)):
+        assert b.shape == (2, HQ, T, 8) and b.dtype == torch.float32
+        assert (b.abs().amax() > 0) == present
+    g = gate.permute(0, 2, 1, 3)  # [B, HQ, T, 3]
+    out = sum(g[..., i : i + 1] * b for i, b in enumerate(branches)) * mask[:, None, None]
+    ref = mla_reference(q, k, v, gate, cfg, head_mask=mask)
+    assert torch.allclose(out.transpose(1, 2), ref, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from automla.kernels import AttentionConfig, mla_attention, mla_reference, select_blocks
-from automla.kernels.parallel import _invert, _Layout, _pool, _select, mla_triton
+from automla.kernels.parallel import mla_triton, select_blocks_triton
+from automla.kernels.parallel.selection import _pool
+from automla.kernels.parallel.sparse import _invert
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -115,7 +117,7 @@ def test_selection_matches_select_blocks(dtype):
     cfg = AttentionConfig(budget=48, ratios=(0.25, 0.25, 0.5), block_size=4)
     q, k, *_ = make_inputs(1, 63, 8, 2, 16, dtype, seed=3)
     plan = cfg.plan(63)
-    got = _select(q, k, _Layout(q, k, plan, None)).long()
+    got = select_blocks_triton(q, k, plan, None).long()
     want = select_blocks(q, k, plan)
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
 
@@ -160,7 +162,7 @@ def test_selection_with_a_pruned_group_selects_nothing_there():
     q, k, *_ = make_inputs(1, 63, 8, 4, 16, torch.float32, seed=4)
     plan = cfg.plan(63)
     mask = torch.tensor([True, False, False, False, True, True, False, True])  # group 1 gone
-    got = _select(q, k, _Layout(q, k, plan, mask)).long()
+    got = select_blocks_triton(q, k, plan, mask).long()
     want = select_blocks(q * mask[:, None], k, plan)
     assert (got[:, :, 1] == -1).all()
     for h in (0, 2, 3):
@@ -254,7 +256,7 @@ def test_gpu_selection_matches_select_blocks():
     cfg = AttentionConfig(budget=1664, ratios=(512 / 1664, 128 / 1664, 1024 / 1664), block_size=64)
     q, k, *_ = make_inputs(1, 8192, 32, 2, 128, torch.bfloat16, device="cuda", seed=4)
     plan = cfg.plan(8192)
-    got = _select(q, k, _Layout(q, k, plan, None)).long().sort(-1).values
+    got = select_blocks_triton(q, k, plan, None).long().sort(-1).values
     want = select_blocks(q, k, plan).sort(-1).values
     # float32 scores summed in another order may swap a near tie; allow one slot in 10^4
     assert (got != want).float().mean().item() < 1e-4
@@ -267,7 +269,7 @@ def test_unsupported_inputs_are_named_for_the_auto_fallback():
         q = torch.zeros(1, T, HQ, D, dtype=dtype)
         k = torch.zeros(1, T, HKV, D, dtype=dtype)
         config = AttentionConfig(**{"budget": 32, "ratios": (0.5, 0.25, 0.25), **cfg})
-        return unsupported(q, k, k, config, None)
+        return unsupported(q, k, k, config.plan(T))
 
     assert why() is None
     assert "head dims" in why(D=24)

@@ -12,9 +12,11 @@ n_select.)
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 
@@ -22,6 +24,7 @@ import pytest
 import torch
 
 from automla.kernels import AttentionConfig, parallel
+from automla.kernels.parallel import layout
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="records launches under the interpreter"
@@ -62,25 +65,50 @@ def _describe(fn, kwargs: dict) -> dict:
     return out
 
 
+# every module of the Triton package: each defines or launches kernels
+MODULES = [
+    importlib.import_module(f"{parallel.__name__}.{m.name}")
+    for m in pkgutil.iter_modules(parallel.__path__)
+]
+
+
+def _recorder(name: str, kernel, launches: list[dict]):
+    """Stands in for `kernel`: each launch is recorded (with the kernel's module, for the
+    compiler's process) and then run."""
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(**kwargs):
+                options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+                launches.append(
+                    {
+                        "kernel": name,
+                        "module": kernel.fn.__module__,
+                        "params": _describe(kernel.fn, kwargs),
+                        "options": options,
+                    }
+                )
+                return kernel[grid](**kwargs, **options)
+
+            return launch
+
+    return Recorder()
+
+
 def record_launches(monkeypatch) -> list[dict]:
     launches: list[dict] = []
-    monkeypatch.setattr(parallel, "_tiles", parallel._gpu_tiles)
-    for name, kernel in vars(parallel).copy().items():
-        if not (name.endswith("_kernel") and hasattr(kernel, "fn")):
-            continue
-
-        class Recorder:
-            def __getitem__(self, grid, name=name, kernel=kernel):
-                def launch(**kwargs):
-                    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-                    launches.append(
-                        {"kernel": name, "params": _describe(kernel.fn, kwargs), "options": options}
-                    )
-                    return kernel[grid](**kwargs, **options)
-
-                return launch
-
-        monkeypatch.setattr(parallel, name, Recorder())
+    for module in MODULES:
+        if hasattr(module, "_tiles"):
+            monkeypatch.setattr(module, "_tiles", layout._gpu_tiles)
+    # a kernel is launched from the module that defines it or from one that imports it
+    recorders = {}
+    for module in MODULES:
+        for name, kernel in vars(module).copy().items():
+            if not (name.endswith("_kernel") and hasattr(kernel, "fn")):
+                continue
+            if name not in recorders:
+                recorders[name] = _recorder(name, kernel, launches)
+            monkeypatch.setattr(module, name, recorders[name])
     for B, T, HQ, HKV, D, dtype, budget, ratios, bs, mask in CASES:
         cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs)
         assert cfg.plan(T).n_select % 2 == 1  # odd on purpose
@@ -94,15 +122,14 @@ def record_launches(monkeypatch) -> list[dict]:
 
 
 COMPILE = r"""
-import json, sys
+import importlib, json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from automla.kernels import parallel
 
 failed = []
 for rec in json.load(open(sys.argv[1])):
-    fn = getattr(parallel, rec["kernel"])
+    fn = getattr(importlib.import_module(rec["module"]), rec["kernel"])
     names = list(rec["params"])
     signature = {n: rec["params"][n].get("type", "constexpr") for n in names}
     constexprs = {

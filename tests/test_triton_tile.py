@@ -56,8 +56,8 @@ def test_tile_mode_float16():
 
 
 def test_tile_selection_matches_select_tiles():
-    from automla.kernels.parallel import _Layout
-    from automla.kernels.sparse_tile import select
+    from automla.kernels.parallel.layout import _Layout
+    from automla.kernels.parallel.sparse_tile import select
 
     q, k, *_ = make_inputs(1, 90, 6, 2, 16, torch.float32, seed=9)
     mask = torch.tensor([True, False, True, True, True, False])
@@ -106,8 +106,8 @@ def test_gpu_tile_mode_forward_is_deterministic():
 
 @pytest.mark.gpu
 def test_gpu_tile_selection_matches_select_blocks():
-    from automla.kernels.parallel import _Layout
-    from automla.kernels.sparse_tile import select
+    from automla.kernels.parallel.layout import _Layout
+    from automla.kernels.parallel.sparse_tile import select
 
     cfg = _real_size_config(64)
     q, k, *_ = make_inputs(1, 8192, 32, 2, 128, torch.bfloat16, device="cuda", seed=4)

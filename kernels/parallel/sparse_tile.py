@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .parallel import (
+from .common import (
     _gate_grad,
     _kmean_scores,
     _load_block,
@@ -25,6 +25,9 @@ from .parallel import (
     _softmax_finish,
     _softmax_step,
 )
+from .layout import _options, _tiles
+from .selection import _pool, _topk_kernel
+from .sparse import _invert
 
 
 @triton.jit
@@ -372,8 +375,6 @@ def tile_rows(G: int, select_tile: int, rows: int) -> tuple[int, int, int]:
 def select(q, k, lay, km) -> torch.Tensor:
     """Block indices [B, NT, HKV, n_select] int32 of each tile of Bq queries, best first (-1:
     no block), as `selection.select_tiles`. km: the float32 block means [B, NB, HKV, D]."""
-    from .parallel import _options, _pool, _tiles
-
     B, T, HKV, NB, NT = lay.B, lay.T, lay.HKV, lay.NB, lay.NT
     bs, nsel, bq = lay.plan.block_size, lay.plan.n_select, lay.plan.select_tile
     t = _tiles("tile_score")
@@ -405,8 +406,6 @@ def select(q, k, lay, km) -> torch.Tensor:
     if lay.NA < HKV:
         idx.fill_(-1)  # fully pruned groups are neither scored nor ranked: they select nothing
     R, BR = B * NT * lay.NA, 4
-    from .parallel import _topk_kernel
-
     _topk_kernel[(triton.cdiv(R, BR),)](
         score=score, idx=idx, groups=lay.groups, R=R, NA=lay.NA, NB=NB, HKV=HKV, NSEL=nsel,
         NBP=triton.next_power_of_2(NB), BR=BR,
@@ -416,8 +415,6 @@ def select(q, k, lay, km) -> torch.Tensor:
 
 def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
     """The sparse branch's output, gated and added to o (written when no window branch ran)."""
-    from .parallel import _options, _tiles
-
     t = _tiles("sparse_tile_fwd")
     GP, BT, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
     _sparse_tile_fwd_kernel[(triton.cdiv(lay.T, BT), lay.B * lay.NA)](
@@ -430,8 +427,6 @@ def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
 
 def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv) -> None:
     """dq (added to the window branches'), dgate's sparse column, and dk/dv added atomically."""
-    from .parallel import _invert, _options, _tiles
-
     t = _tiles("sparse_tile_dq")
     GP, BT, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
     _sparse_tile_dq_kernel[(triton.cdiv(lay.T, BT), lay.B * lay.NA)](

@@ -1,0 +1,28 @@
+"""Triton MLA: gated local + global + sparse causal attention, forward and backward (DESIGN §1).
+
+Layout as in the reference: q [B, T, HQ, D], k/v [B, T, HKV, D], gate [B, T, HQ, 3].
+
+Forward: block scores and their top-k for the sparse selection, the local and global branches
+fused per query tile of one head, then the sparse branch per token and KV group (the group's
+[G, D] queries share each selected key block), which also applies its gate and finishes the
+output. Each branch keeps its log-sum-exp and, when gradients are wanted, its own output (the
+gate's gradient is <do, o_branch>); the selected block indices are kept too.
+
+Backward: dq per query tile (local + global) and per token (sparse), each kernel first taking
+its branches' dgate and softmax delta (read by the dk/dv kernels after it); dk/dv per key tile
+for the local branch, per compressed tile for the global one (its gradient spread back over
+the pooled keys), and for the sparse one per chunk of the tokens that chose a key block (the
+selection inverted on the device by a count, a scan and an atomic fill), added atomically.
+The forward is deterministic; the sparse dk/dv sums are not bitwise (atomic order).
+
+Files: `common.py` the shared `@triton.jit` helpers; `selection.py` the block scores, top-k and
+pooling; `window.py` the local and global branches; `sparse.py` the sparse branch and the
+inversion of the selection; `sparse_tile.py` the sparse branch with tile-shared selection
+(select_tile > 1); `layout.py` the tiles and the sizes of one call; `autograd.py` the launch
+sequence, the autograd Function and `mla_triton`.
+"""
+
+from .autograd import mla_triton, unsupported
+from .selection import select_blocks_triton
+
+__all__ = ["mla_triton", "select_blocks_triton", "unsupported"]

@@ -1,0 +1,421 @@
+"""The launch sequence of the forward and backward, the autograd Function, and the public
+`mla_triton` with its input checks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..common import check_inputs
+from ..config import AttentionConfig, Plan
+from . import sparse_tile
+from .common import _interpret
+from .layout import _Layout, _options, _tiles
+from .selection import _pool, _select
+from .sparse import (
+    _invert,
+    _sparse_bwd_dkv_kernel,
+    _sparse_bwd_dq_kernel,
+    _sparse_fwd_kernel,
+)
+from .window import (
+    _global_bwd_dkv_kernel,
+    _local_bwd_dkv_kernel,
+    _spread_kernel,
+    _window_bwd_dq_kernel,
+    _window_fwd_kernel,
+)
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def mla_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor,
+    lay: _Layout,
+    store: bool,
+) -> tuple[torch.Tensor, dict]:
+    """Forward launches; returns o and what the backward needs."""
+    B, T, HQ, D = lay.B, lay.T, lay.HQ, lay.D
+    dev = q.device
+    if lay.partial or not lay.any:
+        o = torch.zeros_like(q)
+    else:
+        o = torch.empty(B, T, HQ, D, dtype=q.dtype, device=dev)
+    if not lay.any:
+        return o, {}
+
+    def branch_buffers(present: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if not present:
+            return o, o
+        lse = torch.empty(B, T, HQ, dtype=torch.float32, device=dev)
+        ob = torch.empty(B, T, HQ, D, dtype=q.dtype, device=dev) if store else lse
+        return ob, lse
+
+    o_l, lse_l = branch_buffers(lay.has_local)
+    o_g, lse_g = branch_buffers(lay.has_global)
+    o_s, lse_s = branch_buffers(lay.has_sparse)
+    kc = vc = k
+    km = None
+    if lay.has_global:
+        # with stride == block_size the selection's float32 block means come from the same pass
+        shared = lay.has_sparse and lay.plan.stride == lay.plan.block_size
+        kc, vc, km = _pool(k, v, lay.plan.stride, lay.NC, q.dtype, km=shared)
+    if lay.has_window:
+        t = _tiles("window_fwd", lay.G)
+        packs = lay.packs(t["HP"])
+        _window_fwd_kernel[(triton.cdiv(T, t["BT"]), B * packs.shape[0])](
+            q=q,
+            k=k,
+            v=v,
+            kc=kc,
+            vc=vc,
+            gate=gate,
+            packs=packs,
+            o=o,
+            o_l=o_l,
+            o_g=o_g,
+            lse_l=lse_l,
+            lse_g=lse_g,
+            T=T,
+            NC=lay.NC,
+            NP=packs.shape[0],
+            window=lay.plan.window,
+            stride=lay.stride,
+            **lay.args,
+            BT=t["BT"],
+            BK=t["BK"],
+            BC=t["BC"],
+            HP=t["HP"],
+            HAS_LOCAL=lay.has_local,
+            HAS_GLOBAL=lay.has_global,
+            STORE=store,
+            **_options(t),
+        )
+    idx = lse_l
+    if lay.has_sparse and lay.plan.select_tile > 1:
+        idx = sparse_tile.select(q, k, lay, km)
+        sparse_tile.forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store)
+    elif lay.has_sparse:
+        idx = _select(q, k, lay, km)
+        t = _tiles("sparse_fwd")
+        _sparse_fwd_kernel[(T, B * lay.NA)](
+            q=q,
+            k=k,
+            v=v,
+            gate=gate,
+            idx=idx,
+            active=lay.active,
+            groups=lay.groups,
+            o=o,
+            o_s=o_s,
+            lse_s=lse_s,
+            T=T,
+            NA=lay.NA,
+            **lay.args,
+            GP=lay.GP16,
+            NSEL=lay.plan.n_select,
+            BS=lay.plan.block_size,
+            BSP=lay.BSP,
+            ACCUMULATE=lay.has_window,
+            STORE=store,
+            **_options(t),
+        )
+    saved = {"o_l": o_l, "o_g": o_g, "o_s": o_s, "lse_l": lse_l, "lse_g": lse_g}
+    saved.update({"lse_s": lse_s, "kc": kc, "vc": vc, "idx": idx})
+    return o, saved
+
+
+def mla_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor,
+    lay: _Layout,
+    saved: dict,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward launches: dq, dk, dv and dgate (all zero on pruned heads)."""
+    B, T, HQ, HKV, D = lay.B, lay.T, lay.HQ, lay.HKV, lay.D
+    dev = q.device
+    do = do.contiguous()
+    # the dq kernels write every (active head, present branch) entry of dgate
+    full = not lay.partial and lay.has_local and lay.has_global and lay.has_sparse
+    dgate = (torch.empty if full else torch.zeros)(B, T, HQ, 3, dtype=gate.dtype, device=dev)
+    # float32: the branches add into them (the sparse one atomically); one buffer, one cast
+    dkv = torch.zeros(2, B, T, HKV, D, dtype=torch.float32, device=dev)
+    dk, dv = dkv
+    if lay.partial or not lay.any:
+        dq = torch.zeros_like(q)
+    else:
+        dq = torch.empty(B, T, HQ, D, dtype=q.dtype, device=dev)
+    if not lay.any:
+        dkv = dkv.to(k.dtype)
+        return dq, dkv[0], dkv[1], dgate
+
+    def delta_buffer(present: bool) -> torch.Tensor:
+        return torch.empty(B, T, HQ, dtype=torch.float32, device=dev) if present else dgate
+
+    delta_l = delta_buffer(lay.has_local)
+    delta_g = delta_buffer(lay.has_global)
+    delta_s = delta_buffer(lay.has_sparse)
+    if lay.has_window:
+        t = _tiles("window_dq", lay.G)
+        packs = lay.packs(t["HP"])
+        _window_bwd_dq_kernel[(triton.cdiv(T, t["BT"]), B * packs.shape[0])](
+            q=q,
+            k=k,
+            v=v,
+            kc=saved["kc"],
+            vc=saved["vc"],
+            gate=gate,
+            packs=packs,
+            do=do,
+            o_l=saved["o_l"],
+            o_g=saved["o_g"],
+            lse_l=saved["lse_l"],
+            lse_g=saved["lse_g"],
+            dgate=dgate,
+            delta_l=delta_l,
+            delta_g=delta_g,
+            dq=dq,
+            T=T,
+            NC=lay.NC,
+            NP=packs.shape[0],
+            window=lay.plan.window,
+            stride=lay.stride,
+            **lay.args,
+            scale=lay.scale,
+            BT=t["BT"],
+            BK=t["BK"],
+            BC=t["BC"],
+            HP=t["HP"],
+            HAS_LOCAL=lay.has_local,
+            HAS_GLOBAL=lay.has_global,
+            **_options(t),
+        )
+    if lay.has_local:
+        t = _tiles("local_dkv")
+        _local_bwd_dkv_kernel[(triton.cdiv(T, t["BK"]), B * lay.NA)](
+            q=q,
+            k=k,
+            v=v,
+            gate=gate,
+            active=lay.active,
+            groups=lay.groups,
+            do=do,
+            lse_l=saved["lse_l"],
+            delta_l=delta_l,
+            dk=dk,
+            dv=dv,
+            T=T,
+            NA=lay.NA,
+            window=lay.plan.window,
+            **lay.args,
+            scale=lay.scale,
+            BT=t["BT"],
+            BK=t["BK"],
+            **_options(t),
+        )
+    if lay.has_global:
+        t = _tiles("global_dkv")
+        NC = lay.NC
+        n_tiles = triton.cdiv(NC, t["BC"])
+        # split the queries after each tile so that the launch fills the GPU
+        nsplit = max(1, min(triton.cdiv(T, t["BT"]), triton.cdiv(1024, n_tiles * B * lay.NA)))
+        chunk = triton.cdiv(triton.cdiv(T, nsplit), t["BT"]) * t["BT"]
+        # fully pruned groups' rows stay unset: the spread below skips them too
+        dkc, dvc = torch.empty(2, nsplit, B, NC, HKV, D, dtype=torch.float32, device=dev)
+        _global_bwd_dkv_kernel[(n_tiles, B * lay.NA, nsplit)](
+            q=q,
+            kc=saved["kc"],
+            vc=saved["vc"],
+            gate=gate,
+            active=lay.active,
+            groups=lay.groups,
+            do=do,
+            lse_g=saved["lse_g"],
+            delta_g=delta_g,
+            dkc=dkc,
+            dvc=dvc,
+            T=T,
+            NC=NC,
+            NA=lay.NA,
+            stride=lay.stride,
+            chunk=chunk,
+            **lay.args,
+            scale=lay.scale,
+            BT=t["BT"],
+            BC=t["BC"],
+            **_options(t),
+        )
+        BK = min(64, triton.next_power_of_2(lay.stride))
+        _spread_kernel[(NC, B * lay.NA)](
+            dkc=dkc, dvc=dvc, groups=lay.groups, dk=dk, dv=dv, T=T, NC=NC, NA=lay.NA,
+            stride=lay.stride, NSPLIT=nsplit, HKV=HKV, D=D, BK=BK,
+        )  # fmt: skip
+    if lay.has_sparse and lay.plan.select_tile > 1:
+        sparse_tile.backward(
+            q, k, v, gate, do, saved["idx"], lay, saved, dgate, delta_s, dq, dk, dv
+        )
+    elif lay.has_sparse:
+        idx = saved["idx"]
+        t = _tiles("sparse_dq")
+        _sparse_bwd_dq_kernel[(T, B * lay.NA)](
+            q=q,
+            k=k,
+            v=v,
+            gate=gate,
+            idx=idx,
+            active=lay.active,
+            groups=lay.groups,
+            do=do,
+            o_s=saved["o_s"],
+            lse_s=saved["lse_s"],
+            dgate=dgate,
+            delta_s=delta_s,
+            dq=dq,
+            T=T,
+            NA=lay.NA,
+            **lay.args,
+            scale=lay.scale,
+            GP=lay.GP16,
+            NSEL=lay.plan.n_select,
+            BS=lay.plan.block_size,
+            BSP=lay.BSP,
+            ACCUMULATE=lay.has_window,
+            **_options(t),
+        )
+        t = _tiles("sparse_dkv")
+        chunks, tokens, used = _invert(idx, lay.NB, t["CH"])
+        _sparse_bwd_dkv_kernel[(chunks.shape[0],)](
+            q=q,
+            k=k,
+            v=v,
+            gate=gate,
+            active=lay.active,
+            chunks=chunks,
+            tokens=tokens,
+            used=used,
+            do=do,
+            lse_s=saved["lse_s"],
+            delta_s=delta_s,
+            dk=dk,
+            dv=dv,
+            T=T,
+            NB=lay.NB,
+            **lay.args,
+            scale=lay.scale,
+            GP=lay.GP,
+            BS=lay.plan.block_size,
+            BSP=lay.BSP,
+            BQ=max(1, t["ROWS"] // lay.GP),
+            **_options(t),
+        )
+    dkv = dkv.to(k.dtype)
+    return dq, dkv[0], dkv[1], dgate
+
+
+class MLATritonFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, gate, plan, head_mask):
+        q, k, v, gate = (x.contiguous() for x in (q, k, v, gate))
+        lay = _Layout(q, k, plan, head_mask)
+        store = any(ctx.needs_input_grad[:4])
+        o, saved = mla_fwd(q, k, v, gate, lay, store)
+        names = sorted(saved)
+        ctx.save_for_backward(q, k, v, gate, *(saved[n] for n in names))
+        ctx.names = names
+        ctx.lay = lay
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, gate, *rest = ctx.saved_tensors
+        saved = dict(zip(ctx.names, rest))
+        dq, dk, dv, dgate = mla_bwd(do, q, k, v, gate, ctx.lay, saved)
+        return dq, dk, dv, dgate, None, None
+
+
+def mla_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor,
+    config: AttentionConfig,
+    *,
+    t_max: int | None = None,
+    head_mask: torch.Tensor | None = None,
+    plan: Plan | None = None,
+) -> torch.Tensor:
+    """Multi-Level Attention on Triton kernels; the contract of `mla_reference`.
+
+    Args:
+        q: [B, T, HQ, D] queries, bfloat16 / float16 (float32 too, for the interpreter).
+        k, v: [B, T, HKV, D] in q's dtype; HKV divides HQ.
+        gate: [B, T, HQ, 3] branch weights (local, global, sparse), any float dtype.
+        config: the layer's budget, ratios and block size.
+        t_max: the longest sequence the layer is built for (fixes the global stride).
+        head_mask: [HQ] bool, the active query heads; pruned heads are not computed.
+        plan: `config.plan(t_max or T)` when the caller has derived it already (as
+            `mla_attention` does, once per call); derived here otherwise.
+
+    Returns:
+        [B, T, HQ, D] in q's dtype; differentiable in q, k, v and gate.
+
+    Raises:
+        ValueError: inputs the kernels cannot take (device, dtype, shape, head dim).
+    """
+    _check(q, k, v, gate, t_max, head_mask)
+    if plan is None:
+        plan = config.plan(t_max or q.shape[1])
+    reason = unsupported(q, k, v, plan)
+    if reason is not None:
+        raise ValueError(reason)
+    if head_mask is not None:
+        head_mask = head_mask.cpu()  # once: _Layout reads it on the host too
+        if bool(head_mask.all()):
+            head_mask = None
+    return MLATritonFunction.apply(q, k, v, gate.to(q.dtype), plan, head_mask)
+
+
+def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> str | None:
+    """Why the kernels cannot take inputs of this kind under this plan (None: they can).
+    Shared by the checks of `mla_triton` and by the "auto" backend, which falls back to torch
+    instead."""
+    B, T, HQ, D = q.shape
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return (
+            f"q, k, v must all be bfloat16, float16 or float32; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if HQ // k.shape[2] > 64:
+        return f"the kernels take at most 64 query heads per KV head, got {HQ // k.shape[2]}"
+    if D not in (16, 32, 64, 128):
+        return f"the kernels take head dims 16, 32, 64 or 128, got {D}"
+    sparse = plan.has_sparse
+    # offsets inside one batch row are 32-bit
+    if T * HQ * D >= 2**31 or (sparse and T * k.shape[2] * (T // plan.block_size) >= 2**31):
+        return f"sequence too long for the kernels' 32-bit offsets: T={T}, HQ={HQ}, D={D}"
+    if sparse and plan.block_size > 128:
+        return f"the sparse kernels take block_size <= 128, got {plan.block_size}"
+    return None
+
+
+def _check(q, k, v, gate, t_max, head_mask) -> None:
+    """The checks of `mla_triton` that need no plan (`unsupported` follows them)."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("gate", gate)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+        if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpret()):
+            raise ValueError(
+                f"the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
+                f"{name} is on {x.device}"
+            )
+    check_inputs(q, k, v, gate, head_mask, t_max)
+    if not gate.is_floating_point():
+        raise ValueError(f"gate must be floating point, got {gate.dtype}")
+    if head_mask is not None and head_mask.device not in (q.device, torch.device("cpu")):
+        raise ValueError(f"head_mask must be on {q.device} or the CPU, got {head_mask.device}")

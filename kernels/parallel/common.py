@@ -1,0 +1,156 @@
+"""`@triton.jit` helpers shared by the MLA kernels, and the constants they use.
+
+Scores run in log2 units (exp2); a row with no key stores lse = +inf so that its probabilities
+in the backward are exactly zero.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC: tl.constexpr):
+    # One online-softmax step; a row whose keys are all masked so far keeps m = -inf, l = 0.
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    b_mu = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+    b_p = tl.exp2(b_s - b_mu[:, None])
+    b_a = tl.exp2(b_m - b_mu)
+    b_l = b_l * b_a + tl.sum(b_p, 1)
+    b_acc = b_acc * b_a[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+    return b_mn, b_l, b_acc
+
+
+@triton.jit
+def _softmax_finish(b_m, b_l, b_acc):
+    b_o = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
+    b_lse = tl.where(b_l > 0, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("inf"))
+    return b_o, b_lse
+
+
+@triton.jit
+def _dot_kmean(b_q, b_k, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # q . mean(K)^T with the means in float32: their hi + lo halves in q's dtype keep ~16 bits,
+    # so the scores (and the selection) match the float32 reference.
+    if SPLIT:
+        b_hi = b_k.to(b_q.dtype)
+        b_lo = (b_k - b_hi.to(tl.float32)).to(b_q.dtype)
+        b_s = tl.dot(b_q, tl.trans(b_hi)) + tl.dot(b_q, tl.trans(b_lo))
+    else:
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    return b_s
+
+
+@triton.jit
+def _kmean_scores(
+    km,
+    b_q,
+    o_n,
+    o_d,
+    n_vis,
+    NB,
+    scale2,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # Scores [rows, BN] of the rows against the block means o_n; blocks not yet complete: -inf.
+    # [BN, D]
+    b_k = tl.load(
+        km + (o_n * (HKV * D))[:, None] + o_d[None, :], mask=(o_n < NB)[:, None], other=0.0
+    )
+    # [rows, BN]
+    b_s = _dot_kmean(b_q, b_k, SPLIT, PREC) * scale2
+    return tl.where(o_n[None, :] < n_vis[:, None], b_s, float("-inf"))
+
+
+@triton.jit
+def _load_block(k, v, p_idx, o_k, o_d, BS: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+    # The selected key block at *p_idx (-1: none, all masked): mask [BSP], k and v [BSP, D].
+    i_n = tl.load(p_idx)
+    # broadcast before comparing: the interpreter mis-types a scalar mask in `&`
+    m_k = (o_k < BS) & (i_n + tl.zeros_like(o_k) >= 0)
+    o_kv = ((i_n * BS + o_k) * (HKV * D))[:, None] + o_d[None, :]
+    b_k = tl.load(k + o_kv, mask=m_k[:, None], other=0.0)
+    b_v = tl.load(v + o_kv, mask=m_k[:, None], other=0.0)
+    return m_k, b_k, b_v
+
+
+@triton.jit
+def _n_selected(idx, NSEL: tl.constexpr):
+    # Selections are best first with -1 only after the last block (top-k writes -1 once a row
+    # has no candidate left), so the loops stop there: early tokens have few candidates.
+    n = 0
+    for i in tl.static_range(NSEL):
+        n += (tl.load(idx + i) >= 0).to(tl.int32)
+    return n
+
+
+@triton.jit
+def _group_rows(
+    k,
+    v,
+    idx,
+    active,
+    groups,
+    T,
+    NA,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    NSEL: tl.constexpr,
+):
+    # The program's token and KV group: k, v and idx moved to them, the token's row offset
+    # o_tq, the group's GP (padded) query heads o_h and m_g, which of them are active.
+    i_t, i_bg = tl.program_id(0), tl.program_id(1)
+    i_b = i_bg // NA
+    i_hk = tl.load(groups + i_bg % NA)
+    o_tq = (i_b * T + i_t).to(tl.int64) * HQ
+    k += (i_b * T * HKV + i_hk).to(tl.int64) * D
+    v += (i_b * T * HKV + i_hk).to(tl.int64) * D
+    idx += ((i_b * T + i_t) * HKV + i_hk).to(tl.int64) * NSEL
+    o_g = tl.arange(0, GP)
+    o_h = i_hk * G + o_g
+    m_g = o_g < G
+    m_g = m_g & (tl.load(active + o_h, mask=m_g, other=0) != 0)
+    return k, v, idx, o_tq, o_h, m_g
+
+
+@triton.jit
+def _gate_grad(b_do, p_o, b_g, p_dgate, p_delta, m_t):
+    # One branch's dgate = <do, o_b> over a tile of rows, and its softmax delta g_b * dgate
+    # (the branch's dO is g_b * do), stored for the dk/dv kernels and returned.
+    b_o = tl.load(p_o, mask=m_t[:, None], other=0.0).to(tl.float32)
+    b_dg = tl.sum(b_do.to(tl.float32) * b_o, 1)
+    b_delta = b_g * b_dg
+    tl.store(p_dgate, b_dg, mask=m_t)
+    tl.store(p_delta, b_delta, mask=m_t)
+    return b_delta
+
+
+@triton.jit
+def _pack_rows(packs, T, NP, HQ: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr):
+    # The program's rows: BT tokens of each of the HP heads of one pack (heads of one KV group,
+    # -1 where the pack is short). Returns the batch, the KV head, each row's token o_t, its
+    # offset o_row = t * HQ + h inside the batch and m_t, whether it is a real row.
+    i_t, i_p = tl.program_id(0), tl.program_id(1)
+    i_b = i_p // NP
+    p_pack = packs + (i_p % NP) * HP
+    o_r = tl.arange(0, HP * BT)
+    o_t = i_t * BT + o_r % BT
+    o_h = tl.load(p_pack + o_r // BT)
+    m_t = (o_t < T) & (o_h >= 0)
+    o_row = o_t * HQ + tl.maximum(o_h, 0)
+    return i_b, tl.load(p_pack) // G, o_t, o_row, m_t
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

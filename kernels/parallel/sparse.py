@@ -1,0 +1,319 @@
+"""The sparse branch: forward and dq per token and KV group (the group's queries share each
+selected key block), dk/dv per chunk of the tokens that chose a key block, with the selection
+inverted on the device (a count, a scan and an atomic fill).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    _gate_grad,
+    _group_rows,
+    _load_block,
+    _n_selected,
+    _softmax_finish,
+    _softmax_step,
+)
+
+
+@triton.jit
+def _sparse_fwd_kernel(
+    q,
+    k,
+    v,
+    gate,
+    idx,
+    active,
+    groups,
+    o,
+    o_s,
+    lse_s,
+    T,
+    NA,
+    scale2,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    NSEL: tl.constexpr,
+    BS: tl.constexpr,
+    BSP: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    STORE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # One token and one KV group: the group's GP (padded) query heads share each key block.
+    k, v, idx, o_tq, o_h, m_g = _group_rows(
+        k, v, idx, active, groups, T, NA, HQ, HKV, G, GP, D, NSEL
+    )
+    o_d = tl.arange(0, D)
+    o_k = tl.arange(0, BSP)
+    o_x = (o_h * D)[:, None] + o_d[None, :]
+    # [GP, D]
+    b_q = tl.load(q + o_tq * D + o_x, mask=m_g[:, None], other=0.0)
+
+    b_m = tl.full([GP], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([GP], dtype=tl.float32)
+    b_acc = tl.zeros([GP, D], dtype=tl.float32)
+    for i in range(_n_selected(idx, NSEL)):
+        # [BSP], [BSP, D]
+        m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, BS, HKV, D)
+        # [GP, BSP]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
+    b_ob, b_lse = _softmax_finish(b_m, b_l, b_acc)
+    tl.store(lse_s + o_tq + o_h, b_lse, mask=m_g)
+    if STORE:
+        tl.store(o_s + o_tq * D + o_x, b_ob.to(o_s.dtype.element_ty), mask=m_g[:, None])
+    b_g = tl.load(gate + (o_tq + o_h) * 3 + 2, mask=m_g, other=0.0).to(tl.float32)
+    b_o = b_g[:, None] * b_ob
+    if ACCUMULATE:
+        b_o += tl.load(o + o_tq * D + o_x, mask=m_g[:, None], other=0.0).to(tl.float32)
+    tl.store(o + o_tq * D + o_x, b_o.to(o.dtype.element_ty), mask=m_g[:, None])
+
+
+@triton.jit
+def _sparse_bwd_dq_kernel(
+    q,
+    k,
+    v,
+    gate,
+    idx,
+    active,
+    groups,
+    do,
+    o_s,
+    lse_s,
+    dgate,
+    delta_s,
+    dq,
+    T,
+    NA,
+    scale2,
+    scale,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    NSEL: tl.constexpr,
+    BS: tl.constexpr,
+    BSP: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    k, v, idx, o_tq, o_h, m_g = _group_rows(
+        k, v, idx, active, groups, T, NA, HQ, HKV, G, GP, D, NSEL
+    )
+    o_d = tl.arange(0, D)
+    o_k = tl.arange(0, BSP)
+    o_x = o_tq * D + (o_h * D)[:, None] + o_d[None, :]
+    # [GP, D]
+    b_q = tl.load(q + o_x, mask=m_g[:, None], other=0.0)
+    b_do = tl.load(do + o_x, mask=m_g[:, None], other=0.0)
+    b_g = tl.load(gate + (o_tq + o_h) * 3 + 2, mask=m_g, other=0.0).to(tl.float32)
+    b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+    b_lse = tl.load(lse_s + o_tq + o_h, mask=m_g, other=float("inf"))
+    # the branch's dgate and delta, stored for the sparse dk/dv kernel launched after
+    o_r = o_tq + o_h
+    b_delta = _gate_grad(b_do, o_s + o_x, b_g, dgate + o_r * 3 + 2, delta_s + o_r, m_g)
+    b_dq = tl.zeros([GP, D], dtype=tl.float32)
+    for i in range(_n_selected(idx, NSEL)):
+        # [BSP], [BSP, D]
+        m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, BS, HKV, D)
+        # [GP, BSP]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+        b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
+        b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    b_dq = b_dq * scale
+    if ACCUMULATE:
+        b_dq += tl.load(dq + o_x, mask=m_g[:, None], other=0.0).to(tl.float32)
+    tl.store(dq + o_x, b_dq.to(dq.dtype.element_ty), mask=m_g[:, None])
+
+
+@triton.jit
+def _sparse_bwd_dkv_kernel(
+    q,
+    k,
+    v,
+    gate,
+    active,
+    chunks,
+    tokens,
+    used,
+    do,
+    lse_s,
+    delta_s,
+    dk,
+    dv,
+    T,
+    NB,
+    scale2,
+    scale,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    BSP: tl.constexpr,
+    BQ: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # One chunk of the tokens that selected one key block of one KV head: chunks[pid] =
+    # (segment, first, end) with segment = (b * HKV + hkv) * NB + block and tokens[first:end].
+    # Early blocks are chosen by many more tokens than late ones; fixed-size chunks keep the
+    # programs even, and each adds its partial dk/dv atomically. Rows from *used on are unset.
+    i_c = tl.program_id(0)
+    if i_c < tl.load(used):
+        seg = tl.load(chunks + i_c * 3)
+        p_lo = tl.load(chunks + i_c * 3 + 1)
+        p_hi = tl.load(chunks + i_c * 3 + 2)
+        i_n = seg % NB
+        i_hk = (seg // NB) % HKV
+        i_b = seg // (NB * HKV)
+        o_bq = (i_b * T * HQ).to(tl.int64)
+        o_k = tl.arange(0, BSP)
+        o_d = tl.arange(0, D)
+        m_k = o_k < BS
+        o_kv = (i_b * T * HKV + i_hk).to(tl.int64) * D
+        o_kv = o_kv + ((i_n * BS + o_k) * (HKV * D))[:, None] + o_d[None, :]
+        # [BSP, D]
+        b_k = tl.load(k + o_kv, mask=m_k[:, None], other=0.0)
+        b_v = tl.load(v + o_kv, mask=m_k[:, None], other=0.0)
+        b_dk = tl.zeros([BSP, D], dtype=tl.float32)
+        b_dv = tl.zeros([BSP, D], dtype=tl.float32)
+        o_r = tl.arange(0, BQ * GP)
+        o_q = o_r // GP
+        o_g = o_r % GP
+        o_h = i_hk * G + o_g
+        m_h = o_g < G
+        m_h = m_h & (tl.load(active + o_h, mask=m_h, other=0) != 0)
+        for i_p in range(p_lo, p_hi, BQ):
+            m_r = m_h & (i_p + o_q < p_hi)
+            b_tok = tl.load(tokens + i_p + o_q, mask=m_r, other=0)
+            o_row = b_tok * HQ + o_h
+            o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
+            # [BQ * GP, D]
+            b_q = tl.load(q + o_x, mask=m_r[:, None], other=0.0)
+            b_do = tl.load(do + o_x, mask=m_r[:, None], other=0.0)
+            b_g = tl.load(gate + (o_bq + o_row) * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
+            b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+            b_lse = tl.load(lse_s + o_bq + o_row, mask=m_r, other=float("inf"))
+            b_delta = tl.load(delta_s + o_bq + o_row, mask=m_r, other=0.0)
+            # [BSP, BQ * GP]
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
+            b_pt = tl.where(m_k[:, None] & m_r[None, :], tl.exp2(b_st - b_lse[None, :]), 0.0)
+            b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
+            b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+        # relaxed: only the sums matter, read by later launches (the default acq_rel orders
+        # every add)
+        tl.atomic_add(dk + o_kv, b_dk * scale, mask=m_k[:, None], sem="relaxed")
+        tl.atomic_add(dv + o_kv, b_dv, mask=m_k[:, None], sem="relaxed")
+
+
+@triton.jit
+def _invert_pass_kernel(
+    idx,
+    counts,
+    cursor,
+    ends,
+    tokens,
+    R,
+    T,
+    NB,
+    HKV: tl.constexpr,
+    NSEL: tl.constexpr,
+    NSP: tl.constexpr,
+    BR: tl.constexpr,
+    FILL: tl.constexpr,
+):
+    # BR selection rows (b * T + t) * HKV + hkv. Each selected block belongs to the segment
+    # (b * HKV + hkv) * NB + block. First pass: count each segment's tokens. Second (FILL):
+    # write each token at its segment's start (ends - counts) plus a slot taken atomically.
+    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    o_j = tl.arange(0, NSP)
+    m = (o_r < R)[:, None] & (o_j < NSEL)[None, :]
+    # [BR, NSP]
+    b_i = tl.load(idx + o_r[:, None].to(tl.int64) * NSEL + o_j[None, :], mask=m, other=-1)
+    m = m & (b_i >= 0)
+    o_bt = o_r // HKV
+    seg = ((o_bt // T) * HKV + o_r % HKV)[:, None] * NB + b_i
+    if FILL:
+        # relaxed: each token needs a distinct slot, not an order
+        b_pos = tl.atomic_add(cursor + seg, 1, mask=m, sem="relaxed")
+        b_start = tl.load(ends + seg, mask=m, other=0) - tl.load(counts + seg, mask=m, other=0)
+        b_tok = (o_bt % T)[:, None] + tl.zeros([BR, NSP], dtype=tl.int32)
+        tl.store(tokens + b_start + b_pos, b_tok, mask=m)
+    else:
+        tl.atomic_add(counts + seg, 1, mask=m, sem="relaxed")
+
+
+@triton.jit
+def _scan_kernel(counts, ends, cends, NSEG, CH, BLOCK: tl.constexpr):
+    # One program: inclusive prefix sums of the segments' token counts (ends) and of their
+    # chunk counts, ceil(count / CH) (cends).
+    b_carry = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), 0)
+    b_ccarry = b_carry
+    for i in range(0, NSEG, BLOCK):
+        o = i + tl.arange(0, BLOCK)
+        m = o < NSEG
+        b_c = tl.load(counts + o, mask=m, other=0)
+        b_nc = (b_c + CH - 1) // CH
+        tl.store(ends + o, tl.cumsum(b_c, 0) + b_carry, mask=m)
+        tl.store(cends + o, tl.cumsum(b_nc, 0) + b_ccarry, mask=m)
+        b_carry += tl.sum(b_c, 0)
+        b_ccarry += tl.sum(b_nc, 0)
+
+
+@triton.jit
+def _chunk_kernel(counts, ends, cends, chunks, CH):
+    # One segment's rows of the chunk table: (segment, first, end) per CH of its tokens.
+    seg = tl.program_id(0)
+    n = tl.load(counts + seg)
+    end = tl.load(ends + seg)
+    nc = (n + CH - 1) // CH
+    row = tl.load(cends + seg) - nc
+    for j in range(nc):
+        first = end - n + j * CH
+        tl.store(chunks + (row + j) * 3, seg)
+        tl.store(chunks + (row + j) * 3 + 1, first)
+        tl.store(chunks + (row + j) * 3 + 2, tl.minimum(first + CH, end))
+
+
+def _invert(idx: torch.Tensor, NB: int, CH: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The selection inverted, as chunks of at most CH tokens per selected block.
+
+    Returns chunks [n, 3] int32 rows (segment, first, end), segment = (b * HKV + hkv) * NB +
+    block, indexing tokens [entries] int32 (grouped by segment; the order inside a segment is
+    the order of the atomic slots); and the number of chunk rows used, a 1-element device
+    tensor: n is an upper bound known without a device sync. Five launches, no sort.
+    """
+    B, T, HKV, nsel = idx.shape
+    dev = idx.device
+    nseg = B * HKV * NB
+    R = B * T * HKV
+    counts, cursor = torch.zeros(2, nseg, dtype=torch.int32, device=dev)
+    ends = torch.empty(nseg, dtype=torch.int32, device=dev)
+    cends = torch.empty(nseg, dtype=torch.int32, device=dev)
+    tokens = torch.empty(idx.numel(), dtype=torch.int32, device=dev)
+    n = nseg + triton.cdiv(idx.numel(), CH)
+    chunks = torch.empty(n, 3, dtype=torch.int32, device=dev)
+    BR = max(1, 256 // triton.next_power_of_2(nsel))
+    grid = (triton.cdiv(R, BR),)
+    bufs = dict(idx=idx, counts=counts, cursor=cursor, ends=ends, tokens=tokens)
+    sizes = dict(R=R, T=T, NB=NB, HKV=HKV, NSEL=nsel, NSP=triton.next_power_of_2(nsel), BR=BR)
+    _invert_pass_kernel[grid](**bufs, **sizes, FILL=False)
+    _scan_kernel[(1,)](counts=counts, ends=ends, cends=cends, NSEG=nseg, CH=CH, BLOCK=1024)
+    _invert_pass_kernel[grid](**bufs, **sizes, FILL=True)
+    _chunk_kernel[(nseg,)](counts=counts, ends=ends, cends=cends, chunks=chunks, CH=CH)
+    return chunks, tokens, cends[-1:]

@@ -1,0 +1,406 @@
+"""The local and global branches: forward per query tile (both fused), dq per query tile,
+dk/dv per key tile (local) and per compressed tile (global, its gradient spread back over the
+pooled keys).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import _gate_grad, _pack_rows, _softmax_finish, _softmax_step
+
+
+@triton.jit
+def _window_fwd_kernel(
+    q,
+    k,
+    v,
+    kc,
+    vc,
+    gate,
+    packs,
+    o,
+    o_l,
+    o_g,
+    lse_l,
+    lse_g,
+    T,
+    NC,
+    NP,
+    window,
+    stride,
+    scale2,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BC: tl.constexpr,
+    HP: tl.constexpr,
+    HAS_LOCAL: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr,
+    STORE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # One query tile of HP heads of one group (their rows share each key tile): the local
+    # window, then the compressed prefix.
+    i_b, i_hk, o_t, o_row, m_t = _pack_rows(packs, T, NP, HQ, G, BT, HP)
+    i_t = tl.program_id(0)
+    o_bq = (i_b * T * HQ).to(tl.int64)
+    o_d = tl.arange(0, D)
+    o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
+    # [HP * BT, D]
+    b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
+
+    if HAS_LOCAL:
+        k += (i_b * T * HKV + i_hk).to(tl.int64) * D
+        v += (i_b * T * HKV + i_hk).to(tl.int64) * D
+        b_m = tl.full([HP * BT], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([HP * BT], dtype=tl.float32)
+        b_acc = tl.zeros([HP * BT, D], dtype=tl.float32)
+        lo = tl.maximum(i_t * BT - window + 1, 0) // BK * BK
+        hi = tl.minimum((i_t + 1) * BT, T)
+        for i_s in range(lo, hi, BK):
+            o_s = i_s + tl.arange(0, BK)
+            o_kv = (o_s * (HKV * D))[:, None] + o_d[None, :]
+            # [BK, D]
+            b_k = tl.load(k + o_kv, mask=(o_s < T)[:, None], other=0.0)
+            b_v = tl.load(v + o_kv, mask=(o_s < T)[:, None], other=0.0)
+            # [HP * BT, BK]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+            m_s = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - window)
+            b_s = tl.where(m_s, b_s, float("-inf"))
+            b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
+        b_ob, b_lse = _softmax_finish(b_m, b_l, b_acc)
+        tl.store(lse_l + o_bq + o_row, b_lse, mask=m_t)
+        if STORE:
+            tl.store(o_l + o_x, b_ob.to(o_l.dtype.element_ty), mask=m_t[:, None])
+        b_g = tl.load(gate + (o_bq + o_row) * 3, mask=m_t, other=0.0).to(tl.float32)
+        # held in q's dtype while the global branch runs, to save registers
+        b_o = (b_g[:, None] * b_ob).to(b_q.dtype)
+
+    if HAS_GLOBAL:
+        kc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
+        vc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
+        b_m = tl.full([HP * BT], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([HP * BT], dtype=tl.float32)
+        b_acc = tl.zeros([HP * BT, D], dtype=tl.float32)
+        n_vis = (o_t + 1) // stride
+        hi = tl.minimum(((i_t + 1) * BT) // stride, NC)
+        for i_c in range(0, hi, BC):
+            o_c = i_c + tl.arange(0, BC)
+            o_kv = (o_c * (HKV * D))[:, None] + o_d[None, :]
+            # [BC, D]
+            b_k = tl.load(kc + o_kv, mask=(o_c < NC)[:, None], other=0.0)
+            b_v = tl.load(vc + o_kv, mask=(o_c < NC)[:, None], other=0.0)
+            # [HP * BT, BC]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+            b_s = tl.where(o_c[None, :] < n_vis[:, None], b_s, float("-inf"))
+            b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
+        b_ob, b_lse = _softmax_finish(b_m, b_l, b_acc)
+        tl.store(lse_g + o_bq + o_row, b_lse, mask=m_t)
+        if STORE:
+            tl.store(o_g + o_x, b_ob.to(o_g.dtype.element_ty), mask=m_t[:, None])
+        b_g = tl.load(gate + (o_bq + o_row) * 3 + 1, mask=m_t, other=0.0).to(tl.float32)
+        if HAS_LOCAL:
+            b_o = b_o.to(tl.float32) + b_g[:, None] * b_ob
+        else:
+            b_o = b_g[:, None] * b_ob
+
+    tl.store(o + o_x, b_o.to(o.dtype.element_ty), mask=m_t[:, None])
+
+
+@triton.jit
+def _window_bwd_dq_kernel(
+    q,
+    k,
+    v,
+    kc,
+    vc,
+    gate,
+    packs,
+    do,
+    o_l,
+    o_g,
+    lse_l,
+    lse_g,
+    dgate,
+    delta_l,
+    delta_g,
+    dq,
+    T,
+    NC,
+    NP,
+    window,
+    stride,
+    scale2,
+    scale,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BC: tl.constexpr,
+    HP: tl.constexpr,
+    HAS_LOCAL: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # dq of one query tile of HP heads of one group: local, then global; each branch's dgate
+    # and softmax delta first (the dk/dv kernels, launched after, read the deltas).
+    i_b, i_hk, o_t, o_row, m_t = _pack_rows(packs, T, NP, HQ, G, BT, HP)
+    i_t = tl.program_id(0)
+    o_bq = (i_b * T * HQ).to(tl.int64)
+    o_d = tl.arange(0, D)
+    o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
+    o_r = o_bq + o_row
+    # [HP * BT, D]
+    b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
+    b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
+    b_dq = tl.zeros([HP * BT, D], dtype=tl.float32)
+
+    if HAS_LOCAL:
+        k += (i_b * T * HKV + i_hk).to(tl.int64) * D
+        v += (i_b * T * HKV + i_hk).to(tl.int64) * D
+        b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
+        b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+        b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
+        b_delta = _gate_grad(b_do, o_l + o_x, b_g, dgate + o_r * 3, delta_l + o_r, m_t)
+        lo = tl.maximum(i_t * BT - window + 1, 0) // BK * BK
+        hi = tl.minimum((i_t + 1) * BT, T)
+        for i_s in range(lo, hi, BK):
+            o_s = i_s + tl.arange(0, BK)
+            o_kv = (o_s * (HKV * D))[:, None] + o_d[None, :]
+            # [BK, D]
+            b_k = tl.load(k + o_kv, mask=(o_s < T)[:, None], other=0.0)
+            b_v = tl.load(v + o_kv, mask=(o_s < T)[:, None], other=0.0)
+            # [HP * BT, BK]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+            m_s = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - window)
+            b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
+            b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+
+    if HAS_GLOBAL:
+        kc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
+        vc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
+        b_g = tl.load(gate + o_r * 3 + 1, mask=m_t, other=0.0).to(tl.float32)
+        b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+        b_lse = tl.load(lse_g + o_r, mask=m_t, other=float("inf"))
+        b_delta = _gate_grad(b_do, o_g + o_x, b_g, dgate + o_r * 3 + 1, delta_g + o_r, m_t)
+        n_vis = (o_t + 1) // stride
+        hi = tl.minimum(((i_t + 1) * BT) // stride, NC)
+        for i_c in range(0, hi, BC):
+            o_c = i_c + tl.arange(0, BC)
+            o_kv = (o_c * (HKV * D))[:, None] + o_d[None, :]
+            # [BC, D]
+            b_k = tl.load(kc + o_kv, mask=(o_c < NC)[:, None], other=0.0)
+            b_v = tl.load(vc + o_kv, mask=(o_c < NC)[:, None], other=0.0)
+            # [HP * BT, BC]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+            b_p = tl.where(o_c[None, :] < n_vis[:, None], tl.exp2(b_s - b_lse[:, None]), 0.0)
+            b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+
+    tl.store(dq + o_x, (b_dq * scale).to(dq.dtype.element_ty), mask=m_t[:, None])
+
+
+@triton.jit
+def _local_bwd_dkv_kernel(
+    q,
+    k,
+    v,
+    gate,
+    active,
+    groups,
+    do,
+    lse_l,
+    delta_l,
+    dk,
+    dv,
+    T,
+    NA,
+    window,
+    scale2,
+    scale,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # One key tile of one KV head; the queries that see it are the next `window` tokens of
+    # each active head of the group. dk/dv are float32 buffers that every branch adds to.
+    i_s, i_bg = tl.program_id(0), tl.program_id(1)
+    i_b = i_bg // NA
+    i_hk = tl.load(groups + i_bg % NA)
+    o_kh = (i_b * T * HKV + i_hk).to(tl.int64) * D
+    o_s = i_s * BK + tl.arange(0, BK)
+    o_d = tl.arange(0, D)
+    m_s = o_s < T
+    o_kv = o_kh + (o_s * (HKV * D))[:, None] + o_d[None, :]
+    # [BK, D]
+    b_k = tl.load(k + o_kv, mask=m_s[:, None], other=0.0)
+    b_v = tl.load(v + o_kv, mask=m_s[:, None], other=0.0)
+    b_dk = tl.zeros([BK, D], dtype=tl.float32)
+    b_dv = tl.zeros([BK, D], dtype=tl.float32)
+    lo = (i_s * BK) // BT * BT
+    hi = tl.minimum(i_s * BK + BK - 1 + window, T)
+    for i_g in range(G):
+        i_h = i_hk * G + i_g
+        if tl.load(active + i_h) != 0:
+            o_qh = (i_b * T * HQ + i_h).to(tl.int64)
+            for i_t in range(lo, hi, BT):
+                o_t = i_t + tl.arange(0, BT)
+                m_t = o_t < T
+                o_x = o_qh * D + (o_t * (HQ * D))[:, None] + o_d[None, :]
+                o_r = o_qh + o_t * HQ
+                # [BT, D]
+                b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
+                b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
+                b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
+                b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+                b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
+                b_delta = tl.load(delta_l + o_r, mask=m_t, other=0.0)
+                # [BK, BT]
+                b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
+                m_st = (
+                    (o_t[None, :] >= o_s[:, None])
+                    & (o_t[None, :] < o_s[:, None] + window)
+                    & m_t[None, :]
+                )
+                b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
+                b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
+                b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
+                b_dst = b_pt * (b_dpt - b_delta[None, :])
+                b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    tl.store(
+        dk + o_kv,
+        tl.load(dk + o_kv, mask=m_s[:, None], other=0.0) + b_dk * scale,
+        mask=m_s[:, None],
+    )
+    tl.store(dv + o_kv, tl.load(dv + o_kv, mask=m_s[:, None], other=0.0) + b_dv, mask=m_s[:, None])
+
+
+@triton.jit
+def _global_bwd_dkv_kernel(
+    q,
+    kc,
+    vc,
+    gate,
+    active,
+    groups,
+    do,
+    lse_g,
+    delta_g,
+    dkc,
+    dvc,
+    T,
+    NC,
+    NA,
+    stride,
+    chunk,
+    scale2,
+    scale,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # One tile of compressed keys of one KV head, over one chunk of the queries after it;
+    # each chunk writes its own partial gradient [NSPLIT, B, NC, HKV, D] (`_spread_kernel`
+    # sums them).
+    i_c, i_bg, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    B = tl.num_programs(1) // NA
+    i_b = i_bg // NA
+    i_hk = tl.load(groups + i_bg % NA)
+    o_kh = (i_b * NC * HKV + i_hk).to(tl.int64) * D
+    o_c = i_c * BC + tl.arange(0, BC)
+    o_d = tl.arange(0, D)
+    m_c = o_c < NC
+    o_kv = (o_c * (HKV * D))[:, None] + o_d[None, :]
+    # [BC, D]
+    b_k = tl.load(kc + o_kh + o_kv, mask=m_c[:, None], other=0.0)
+    b_v = tl.load(vc + o_kh + o_kv, mask=m_c[:, None], other=0.0)
+    b_dk = tl.zeros([BC, D], dtype=tl.float32)
+    b_dv = tl.zeros([BC, D], dtype=tl.float32)
+    lo = ((i_c * BC + 1) * stride - 1) // BT * BT + i_p * chunk
+    hi = tl.minimum(lo + chunk, T)
+    for i_g in range(G):
+        i_h = i_hk * G + i_g
+        if tl.load(active + i_h) != 0:
+            o_qh = (i_b * T * HQ + i_h).to(tl.int64)
+            for i_t in range(lo, hi, BT):
+                o_t = i_t + tl.arange(0, BT)
+                m_t = o_t < T
+                o_x = o_qh * D + (o_t * (HQ * D))[:, None] + o_d[None, :]
+                o_r = o_qh + o_t * HQ
+                # [BT, D]
+                b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
+                b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
+                b_g = tl.load(gate + o_r * 3 + 1, mask=m_t, other=0.0).to(tl.float32)
+                b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+                b_lse = tl.load(lse_g + o_r, mask=m_t, other=float("inf"))
+                b_delta = tl.load(delta_g + o_r, mask=m_t, other=0.0)
+                # [BC, BT]
+                b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
+                m_st = (o_c[:, None] < ((o_t + 1) // stride)[None, :]) & m_t[None, :]
+                b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
+                b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
+                b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
+                b_dst = b_pt * (b_dpt - b_delta[None, :])
+                b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    o_out = (i_p * B * NC * HKV).to(tl.int64) * D + o_kh
+    tl.store(dkc + o_out + o_kv, b_dk * scale, mask=m_c[:, None])
+    tl.store(dvc + o_out + o_kv, b_dv, mask=m_c[:, None])
+
+
+@triton.jit
+def _spread_kernel(
+    dkc,
+    dvc,
+    groups,
+    dk,
+    dv,
+    T,
+    NC,
+    NA,
+    stride,
+    NSPLIT,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BK: tl.constexpr,
+):
+    # One compressed token of one batch and active group: its gradient, summed over the query
+    # splits of the global dk/dv kernel, goes 1/stride to each of the keys it pooled.
+    i_c, i_bg = tl.program_id(0), tl.program_id(1)
+    B = tl.num_programs(1) // NA
+    i_b = i_bg // NA
+    i_hk = tl.load(groups + i_bg % NA)
+    o_d = tl.arange(0, D)
+    o_c = ((i_b * NC + i_c) * HKV + i_hk).to(tl.int64) * D + o_d
+    b_dk = tl.zeros([D], dtype=tl.float32)
+    b_dv = tl.zeros([D], dtype=tl.float32)
+    for i_p in range(NSPLIT):
+        o_p = (i_p * B * NC * HKV).to(tl.int64) * D
+        b_dk += tl.load(dkc + o_p + o_c)
+        b_dv += tl.load(dvc + o_p + o_c)
+    b_dk = b_dk / stride
+    b_dv = b_dv / stride
+    o_kh = (i_b * T * HKV + i_hk).to(tl.int64) * D
+    for i_s in range(0, stride, BK):
+        o_s = i_c * stride + i_s + tl.arange(0, BK)
+        m_s = (i_s + tl.arange(0, BK) < stride)[:, None]
+        o_kv = o_kh + (o_s * (HKV * D))[:, None] + o_d[None, :]
+        tl.store(dk + o_kv, tl.load(dk + o_kv, mask=m_s, other=0.0) + b_dk[None, :], mask=m_s)
+        tl.store(dv + o_kv, tl.load(dv + o_kv, mask=m_s, other=0.0) + b_dv[None, :], mask=m_s)
