@@ -159,3 +159,21 @@ def test_pruned_heads_and_when():
         {"step": 30, "attn_heads": [[0, 3], [0, 1, 2, 3]]},
     ]
     assert pruned_heads(history) == [[(1, 20), (2, 30)], []]
+
+
+def test_a_resume_trains_the_reference_only_when_it_has_none(tmp_path):
+    config = parse(reference="dense")
+    ref = reference.reference_config(config)
+    assert reference.needs_training(config, tmp_path)  # none yet (or cancelled with the search)
+    entry = reference.record(tmp_path, ref, [{"step": 1, "val_loss": 3.0}])
+    assert entry["state"] == "failed" and "step 1 of 2" in entry["reason"]
+    assert reference.needs_training(config, tmp_path)
+    entry = reference.record(tmp_path, ref, None, "RuntimeError: boom")
+    assert entry["state"] == "failed" and entry["reason"] == "RuntimeError: boom"
+    assert reference.needs_training(config, tmp_path)
+    history = [{"step": 1, "val_loss": 3.0}, {"step": 2, "val_loss": 2.5, "attn_heads": [[0]]}]
+    entry = reference.record(tmp_path, ref, history)
+    assert entry["state"] == "completed" and entry["metrics"] == {"step": 2, "val_loss": 2.5}
+    assert not reference.needs_training(config, tmp_path)
+    assert reference.load_reference(tmp_path)["history"] == history
+    assert not reference.needs_training(parse(reference="none"), tmp_path / "empty")
