@@ -4,17 +4,22 @@ evaluation (see `automla.trainers.attention_stats`).
 
 `attention.png` has one column per run: the mean gate weight of each branch per layer (top) and
 the mean distance back to the sparse branch's selected blocks per layer (bottom), against the
-step. The page adds a table of the heads each layer lost and the first evaluation without them.
+step. The page adds a table of the heads each layer lost and when: the pruner's decision step
+from the trial's `pruning.jsonl` where the run folder has it, else the first evaluation
+without the head.
 """
 
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 from typing import Any
 
-Panel = tuple[str, list[dict[str, Any]]]
-"""(title, the run's evaluations in step order)."""
+Pruned = list[list[tuple[int, int]]]
+"""Per layer, (head, step) for each head gone at the end of a run."""
+Panel = tuple[str, list[dict[str, Any]], Pruned | None]
+"""(title, the run's evaluations, its pruning decisions when known)."""
 
 _STYLES = {"local": "-", "global": "--", "sparse": ":"}
 
@@ -25,7 +30,30 @@ def evaluations(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["step"])
 
 
-def pruned_heads(history: list[dict[str, Any]]) -> list[list[tuple[int, int]]]:
+def pruning_decisions(path: str | Path) -> Pruned | None:
+    """From a trainer's pruning.jsonl: per layer, each head removed at the end of the run and
+    the step of the decision that removed it (the last one, when regrowth brought it back in
+    between); None without the file."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    since: list[dict[int, int]] = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a killed trial
+            continue
+        removed = record.get("removed")
+        if removed is None:
+            continue
+        since += [{} for _ in range(len(removed) - len(since))]
+        for layer, heads in enumerate(removed):
+            kept = {h: since[layer].get(h, record["step"]) for h in heads}
+            since[layer] = kept
+    return [sorted(layer.items()) for layer in since]
+
+
+def pruned_heads(history: list[dict[str, Any]]) -> Pruned:
     """Per layer, (head, step of the first evaluation without it) for each head gone by the
     last evaluation."""
     rows = evaluations(history)
@@ -49,18 +77,18 @@ def pruned_heads(history: list[dict[str, Any]]) -> list[list[tuple[int, int]]]:
 def plot(path: str | Path, panels: list[Panel]) -> bool:
     """Write attention.png; False (and nothing written) when no run recorded attention
     metrics."""
-    panels = [(title, evaluations(h)) for title, h in panels]
-    panels = [(title, rows) for title, rows in panels if rows]
-    if not panels:
+    shown = [(title, evaluations(h)) for title, h, _ in panels]
+    shown = [(title, rows) for title, rows in shown if rows]
+    if not shown:
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels), 6.4), dpi=110)
-    axes = axes.reshape(2, len(panels))
-    for col, (title, rows) in enumerate(panels):
+    fig, axes = plt.subplots(2, len(shown), figsize=(5.5 * len(shown), 6.4), dpi=110)
+    axes = axes.reshape(2, len(shown))
+    for col, (title, rows) in enumerate(shown):
         top, bottom = axes[0, col], axes[1, col]
         steps = [r["step"] for r in rows]
         n_layers = len(rows[-1]["attn_heads"])
@@ -98,27 +126,28 @@ def html_section(panels: list[Panel], image: str | None) -> str:
     parts = ["<h2>what the attention learned</h2>"]
     if image:
         parts.append(f'<img alt="attention.png" src="{image}">')
-    for title, history in panels:
+    for title, history, decisions in panels:
         rows = evaluations(history)
         if not rows:
             parts.append(f"<p>{html.escape(title)}: no attention metrics recorded.</p>")
             continue
         last = rows[-1]
-        lost = pruned_heads(history)
+        lost, when = (decisions, "at step") if decisions else (pruned_heads(history), "by step")
         cells = []
         for layer, heads in enumerate(last["attn_heads"]):
             gate = ", ".join(
                 f"{b} {v:.2f}" for b, v in ((_b, _gate(last, layer, _b)) for _b in _STYLES) if v
             )
             reach = (last.get("attn_reach") or [None] * (layer + 1))[layer]
-            gone = ", ".join(f"head {h} by step {s}" for h, s in lost[layer]) or "none"
+            layer_lost = lost[layer] if layer < len(lost) else []
+            gone = ", ".join(f"head {h} {when} {s}" for h, s in layer_lost)
             cells.append(
                 [
                     str(layer),
                     gate or "-",
                     f"{reach['mean']:.0f} (max {reach['max']})" if reach else "-",
                     " ".join(map(str, heads)),
-                    gone,
+                    gone or "none",
                 ]
             )
         head = ["layer", "mean gate", "sparse reach, tokens", "active heads", "pruned"]

@@ -252,9 +252,15 @@ def attention_panels(
     panels: list[attention_view.Panel] = []
     knee = next((t for t in trials if t["trial_id"] == summary.get("knee")), None)
     if knee is not None:
-        panels.append((f"knee {knee['trial_id']} ({knee.get('label', '')})", curves(knee)))
+        title = f"knee {knee['trial_id']} ({knee.get('label', '')})"
+        decisions = None
+        if knee.get("path"):  # Ray brings each trial's train/ folder home
+            decisions = attention_view.pruning_decisions(
+                Path(knee["path"]) / "train" / "pruning.jsonl"
+            )
+        panels.append((title, curves(knee), decisions))
     if reference and reference.get("history"):
-        panels.append((reference_mod.LABEL, reference["history"]))
+        panels.append((reference_mod.LABEL, reference["history"], None))
     return panels
 
 

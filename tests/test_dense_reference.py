@@ -4,6 +4,7 @@ hypervolume that does not move when a dominated trial is added."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -177,3 +178,19 @@ def test_a_resume_trains_the_reference_only_when_it_has_none(tmp_path):
     assert not reference.needs_training(config, tmp_path)
     assert reference.load_reference(tmp_path)["history"] == history
     assert not reference.needs_training(parse(reference="none"), tmp_path / "empty")
+
+
+def test_pruning_decisions_from_the_trainers_log(tmp_path):
+    from automla.attention_view import pruning_decisions
+
+    log = tmp_path / "pruning.jsonl"
+    lines = [
+        {"step": 1, "active_heads_per_layer": [4, 4]},
+        {"step": 10, "removed": [[], [1]]},
+        {"step": 20, "removed": [[2], [1, 3]]},
+        {"step": 30, "removed": [[2], [1]]},  # head 3 of layer 1 grew back
+        {"step": 40, "removed": [[2], [1, 3]]},
+    ]
+    log.write_text("\n".join(map(json.dumps, lines)) + "\n" + '{"step": 4')
+    assert pruning_decisions(log) == [[(2, 20)], [(1, 10), (3, 40)]]
+    assert pruning_decisions(tmp_path / "none.jsonl") is None
