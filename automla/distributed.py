@@ -141,7 +141,8 @@ def run_distributed_trial(
 
     from automla.trainers.distributed import check_batch
 
-    check_batch(config.batch_size, workers)  # before any worker starts
+    # before any worker starts; sequence-parallel workers share rows, workers / P groups split them
+    check_batch(config.batch_size, workers // config.sequence_parallel)
     if train_fn is None:
         from automla.trainers import train as train_fn
     threads = max(1, int(cpus_per_worker))

@@ -160,6 +160,9 @@ class Resources:
     on N data-parallel workers, one GPU each)."""
     workers: int = 1
     """Data-parallel workers per trial (Ray Train; gloo on CPU). With gpus >= 1 it is gpus."""
+    sequence_parallel: int = 1
+    """P: workers sharing each sequence (All-to-All sequence parallelism); the trial trains
+    workers / P data-parallel groups of P. Sets the trainer's `sequence_parallel`."""
 
     def __post_init__(self) -> None:
         if self.cpus <= 0:
@@ -179,6 +182,15 @@ class Resources:
         if 0 < self.gpus < 1 and self.workers > 1:
             raise ConfigError(
                 "workers", f"a GPU fraction ({self.gpus}) is for one-worker trials sharing a GPU"
+            )
+        P = self.sequence_parallel
+        if P < 1:
+            raise ConfigError("sequence_parallel", f"must be >= 1, got {P}")
+        if self.n_workers % P:
+            raise ConfigError(
+                "sequence_parallel",
+                f"must divide the trial's {self.n_workers} workers (a trial trains workers / P "
+                f"data-parallel groups of P), got {P}",
             )
 
     @property
@@ -363,9 +375,11 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
                 "a setting is either fixed or searched, not both",
             )
 
+    _check_sequence_parallel(resources, sections["train"], space, file)
     fixed = _merge(_defaults(TrainConfig), user_fixed)
     for key in space:
         _pop(fixed, key)
+    fixed["sequence_parallel"] = resources.sequence_parallel
     reference = _reference(data.get("reference", "dense"), file)
     hv_reference = _hypervolume(data.get("hypervolume"), objectives, file)
     # the reference trains beside the trials: one more run sharing the machine
@@ -392,7 +406,12 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
                 file, "scheduler.max_t", f"must be <= train.steps ({steps}), got {scheduler.max_t}"
             )
         _check_mqar(scheduler.metric, has_mqar, file, "scheduler.metric")
-    _check_trials(config)
+    try:
+        _check_trials(config)
+    except SpaceError as e:
+        if e.path != "train.sequence_parallel":
+            raise
+        raise SpaceError(file, "resources.sequence_parallel", e.message) from None
     if reference == "dense":
         from automla.reference import reference_config  # it imports this module
 
@@ -401,6 +420,24 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
         except ConfigError as e:
             raise SpaceError(file, "reference", f"the dense reference is invalid: {e}") from None
     return config
+
+
+def _check_sequence_parallel(
+    resources: Resources, user_train: dict, space: dict[str, Domain], file: str
+) -> None:
+    """The trainer's `sequence_parallel` follows `resources.sequence_parallel`: it is neither
+    searched nor set apart (a resolved file repeats it in `train`, equal)."""
+    if "sequence_parallel" in space:
+        raise SpaceError(
+            file, "space.sequence_parallel", "set by resources.sequence_parallel; not searched"
+        )
+    given = user_train.get("sequence_parallel", resources.sequence_parallel)
+    if given != resources.sequence_parallel:
+        raise SpaceError(
+            file,
+            "train.sequence_parallel",
+            f"set it as resources.sequence_parallel (there: {resources.sequence_parallel})",
+        )
 
 
 def to_yaml_dict(config: SearchConfig) -> dict[str, Any]:

@@ -19,6 +19,7 @@ table last. Bq = select_tile.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -151,15 +152,22 @@ def measure(fn, args, rep: int, graphs: bool = True, uses_gate: bool = True) -> 
     )
     row["launches_fwd"] = launches(fwd)
     row["launches_fwd_bwd"] = launches(fwd_bwd)
-    row["host_fwd_bwd_ms"] = host_ms(fwd_bwd)
+    row["host_fwd_bwd_ms"] = host_ms(fwd_bwd, repeats=20 if row["fwd_bwd_ms"] < 20 else 3)
     if graphs:
         # replayed from CUDA graphs, as the model runs the op (`model.cuda_graphs`): device time
         # the peers ignore the gate: graph them on (q, k, v) alone
         leaves = (q, k, v, gate) if uses_gate else (q, k, v)
         samples = tuple(x.detach().clone().requires_grad_() for x in leaves)
-        graphed = torch.cuda.make_graphed_callables(
-            fn if uses_gate else (lambda q, k, v: fn(q, k, v, None)), samples
-        )
+        # no garbage collection while capturing: a graph of an earlier row freed by the cycle
+        # collector in the middle of a capture invalidates it
+        gc.collect()
+        gc.disable()
+        try:
+            graphed = torch.cuda.make_graphed_callables(
+                fn if uses_gate else (lambda q, k, v: fn(q, k, v, None)), samples
+            )
+        finally:
+            gc.enable()
 
         def replay():
             graphed(*leaves).backward(do)

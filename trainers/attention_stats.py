@@ -4,7 +4,8 @@ MLA branch, the active query heads, and how far back the sparse branch reaches.
 One extra forward pass over one validation row (at most `MAX_TOKENS` of it), under no_grad:
 each MLA layer's op is wrapped for the pass to see its queries, keys and gate, and the sparse
 selection is recomputed with the kernels' own `select_blocks` (per tile when
-`select_tile` > 1, as the kernels select). A dense model reports its active heads only.
+`select_tile` > 1, as the kernels select). A dense model, or one trained sequence-parallel,
+reports its active heads only.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def attention_stats(
     """
     out: dict[str, Any] = {"attn_heads": [b.attn.head_ids() for b in model.blocks]}
     layers = [b.attn for b in model.blocks]
-    if all(a.gate is None for a in layers):
+    if all(a.gate is None for a in layers) or model.sequence_parallel is not None:
+        # a sequence-parallel forward is a collective over whole sequences: heads only
         return out
     row = x[:1, :MAX_TOKENS]
     seen: list[dict[str, Any]] = [{} for _ in layers]

@@ -301,6 +301,10 @@ class TrainConfig:
     """Off by default."""
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     """Off by default: tokens_per_s is the training clock's."""
+    sequence_parallel: int = 1
+    """P: ranks sharing each sequence (Ulysses-style, `sequence_parallel.py`); the world's
+    ranks form world / P data-parallel groups of P. A search sets it from
+    `resources.sequence_parallel`."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
@@ -323,6 +327,33 @@ class TrainConfig:
                 )
         if self.pruning.enabled:
             self._check_pruning()
+        if self.sequence_parallel != 1:
+            self._check_sequence_parallel()
+
+    def _check_sequence_parallel(self) -> None:
+        """Each rank attends whole KV groups (MLA) or at least one query head (dense)."""
+        P, m = self.sequence_parallel, self.model
+        if P < 1:
+            raise ConfigError("sequence_parallel", f"must be >= 1, got {P}")
+        if m.attention == "mla" and m.n_kv_heads < P:
+            raise ConfigError(
+                "sequence_parallel",
+                f"{P} ranks share each sequence, but MLA splits them whole KV groups and the "
+                f"model has {m.n_kv_heads} (model.n_kv_heads): a group's query heads share "
+                "one sparse selection, so a group is never split; use n_kv_heads >= P "
+                "(a multiple of P runs fastest: equal groups per rank)",
+            )
+        if m.attention == "dense" and m.n_heads < P:
+            raise ConfigError(
+                "sequence_parallel",
+                f"{P} ranks share each sequence, but the model has {m.n_heads} query heads "
+                "(model.n_heads): each rank needs at least one",
+            )
+        if self.benchmark.contexts:
+            raise ConfigError(
+                "benchmark.contexts",
+                "not measured with sequence_parallel > 1 (rank 0 measures them alone)",
+            )
 
     def _check_pruning(self) -> None:
         """Reject schedules the model cannot follow: the floor and the fraction against the

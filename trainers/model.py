@@ -155,6 +155,8 @@ class Attention(nn.Module):
         self._scale = torch.ones(hq)
         self._layout: HeadLayout | None = None
         self._graphed = GraphedOp() if cfg.cuda_graphs else None
+        self.sequence_parallel = None
+        """A `sequence_parallel.SequenceParallel`: attention runs across its ranks."""
         self.importance: torch.Tensor | None = None
         """[n_heads] float32 accumulator set by the pruner: each backward adds, per stored
         head, sum over tokens of <o_h, dL/d(xi_h o_h)>. None: not tracked (no hook)."""
@@ -269,6 +271,10 @@ class Attention(nn.Module):
             return torch.zeros_like(x)
         B, T, _ = x.shape
         S, K, d = lay.n_slots, lay.n_kv, self.head_dim
+        if self.sequence_parallel is not None:
+            y = self.sequence_parallel.attend(self, x, rot, lay)
+            w = self.proj.weight if lay.cols is None else self.proj.weight.index_select(1, lay.cols)
+            return F.linear(self._scale_and_track(y, lay).reshape(B, T, S * d), w)
         w = self.qkv.weight if lay.rows is None else self.qkv.weight.index_select(0, lay.rows)
         # the query heads of the layout (the op's slots for MLA) and the KV heads of their
         # groups: the weight rows come in that order, so no activation is scattered or gathered
@@ -412,7 +418,16 @@ class LanguageModel(nn.Module):
         self.lm_head.weight = self.embed.weight  # tied
         rot = rotary_table(cfg.max_seq_len, cfg.head_dim, cfg.rope_base)
         self.register_buffer("rope", rot, persistent=False)
+        self.sequence_parallel = None
         self.reset_parameters()
+
+    def set_sequence_parallel(self, sp) -> None:
+        """Share every sequence across the ranks of `sp` (a `sequence_parallel.
+        SequenceParallel`; None: this process holds whole sequences). Inputs are then this
+        rank's tokens, from `sp.shard`."""
+        self.sequence_parallel = sp
+        for block in self.blocks:
+            block.attn.sequence_parallel = sp
 
     def reset_parameters(self) -> None:
         # GPT-2 init; residual projections scaled down by depth so the stream's variance holds
@@ -433,14 +448,18 @@ class LanguageModel(nn.Module):
         """idx (B, T) token ids -> logits (B, T, V) and, with targets, the mean cross-entropy
         over the positions whose target is not -100."""
         T = idx.shape[1]
-        if T > self.cfg.max_seq_len:
+        sp = self.sequence_parallel
+        if sp is None and T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
+        rot = self.rope[:T] if sp is None else sp.rotary(self.rope, T)
         x = self.embed(idx)  # (B, T, C)
         for block in self.blocks:
-            x = block(x, self.rope[:T])
+            x = block(x, rot)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         loss = None
-        if targets is not None:
+        if targets is not None and sp is not None:
+            loss = sp.loss(logits, targets)
+        elif targets is not None:
             loss = F.cross_entropy(
                 logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100
             )

@@ -33,6 +33,8 @@ from .config import TrainConfig, build, to_dict
 from .data import IGNORE, load_data, mqar_probe
 from .model import LanguageModel, build_model, to_device
 from .pruning import HeadPruner, compact
+from .sequence_parallel import SequenceParallel
+from .sequence_parallel import setup as setup_sequence_parallel
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -222,7 +224,12 @@ def _train(
 ) -> dict:
     t_start = time.perf_counter()
     device = dist.local_device(resolve_device(config.device))
-    dist.check_batch(config.batch_size)
+    sp: SequenceParallel | None = None
+    shard: Callable[..., tuple[torch.Tensor, ...]] = dist.shard
+    if config.sequence_parallel > 1:
+        sp = setup_sequence_parallel(config.sequence_parallel)
+        shard = sp.shard
+    dist.check_batch(config.batch_size, None if sp is None else sp.dp_size)
     if not dist.is_main():
         out_dir, report, progress, compact_model = None, None, False, False
     if device.type == "cuda":
@@ -233,6 +240,7 @@ def _train(
         config.data, config.seq_len, vocab_size=config.model.vocab_size
     )
     state = build_state(config, device)
+    state.raw_model.set_sequence_parallel(sp)
     generator = torch.Generator().manual_seed(config.seed)
     start_step, prior_elapsed = 0, 0.0
     if resume is not None:
@@ -252,9 +260,9 @@ def _train(
             pruning_file = open(run_dir / PRUNING_LOG, mode)
 
     is_mqar = config.data.source == "mqar"
-    val_batches = _on_device(val_data, config, device)
+    val_batches = _on_device(val_data, config, device, shard)
     probe = mqar_probe(config.data, config.seq_len, config.model.vocab_size)
-    probe_batches = _on_device(probe, config, device) if probe is not None else None
+    probe_batches = _on_device(probe, config, device, shard) if probe is not None else None
     tokens_per_step = config.batch_size * config.seq_len
     model = state.raw_model
     # losses are checked in groups, so that a GPU is not synchronised every step
@@ -271,7 +279,7 @@ def _train(
             for step in range(start_step + 1, config.steps + 1):
                 if step - start_step == config.throughput_warmup + 1:
                     clock.steady()
-                x, y = dist.shard(*train_data.sample(config.batch_size, generator))
+                x, y = shard(*train_data.sample(config.batch_size, generator))
                 if pruner is not None:
                     pruner.begin_step(step)
                 bench.before_step()
@@ -354,10 +362,10 @@ def _train(
     return metrics
 
 
-def _on_device(source: Any, config: TrainConfig, device: torch.device) -> list:
-    """The fixed evaluation batches of a source, this rank's rows of each, on the device."""
+def _on_device(source: Any, config: TrainConfig, device: torch.device, shard: Callable) -> list:
+    """The fixed evaluation batches of a source, this rank's share of each, on the device."""
     batches = source.fixed_batches(config.eval_batches, config.batch_size)
-    return [(x.to(device), y.to(device)) for x, y in (dist.shard(*b) for b in batches)]
+    return [(x.to(device), y.to(device)) for x, y in (shard(*b) for b in batches)]
 
 
 def save_compact(path: Path, model: LanguageModel, config: TrainConfig) -> Path:
