@@ -113,7 +113,7 @@ def rebuild_trials(run_dir: str | Path, config: Any) -> list[dict[str, Any]]:
 
     from automla import report
     from automla.schema import known_metrics
-    from automla.space import apply, decode, flat_values, ratio_label
+    from automla.space import apply, decode, flat_values, trial_label
     from automla.trainers.config import ConfigError, to_dict
 
     run = Path(run_dir)
@@ -157,10 +157,10 @@ def rebuild_trials(run_dir: str | Path, config: Any) -> list[dict[str, Any]]:
             "rebuilt": True,
         }
         try:
-            trial_config = apply(config.fixed, decode(config.space, t.params))
+            trial_config = apply(config.fixed, decode(config.space, t.params, config.fixed))
             record["config"] = to_dict(trial_config)
             record["params"] = flat_values(trial_config, config.space)
-            record["label"] = ratio_label(trial_config.model.mla.ratios)
+            record["label"] = trial_label(trial_config)
         except (ConfigError, ValueError, KeyError):
             pass  # the raw Optuna parameters stay
         folder = run / "ray" / f"trial_{trial_id}"

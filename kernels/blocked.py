@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .common import masked_attention
 from .config import AttentionConfig, Plan
+from .heads import HeadGroups
 from .selection import select_blocks
 
 
@@ -44,7 +45,7 @@ def mla_blocked(
 
     # Partial mask: every active query head is its own group; pruned heads are never computed.
     active = head_mask.nonzero().flatten()
-    kv_of = active // G
+    kv_of = HeadGroups(HQ, HKV).group_of(active)
     out = q.new_zeros(B, T, HQ, D)
     if active.numel() == 0:
         return out + 0 * q.sum()  # keep the graph connected for autograd users

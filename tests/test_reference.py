@@ -284,3 +284,16 @@ def test_op_rejects_bad_inputs():
         mla_attention(q, k, v, gate, cfg, backend="cuda")
     with pytest.raises(ValueError, match=r"\[B, T, H, D\]"):
         mla_attention(q[0], k, v, gate, cfg)
+
+
+def test_head_groups():
+    from automla.kernels import HeadGroups
+
+    geo = HeadGroups(12, 4)
+    assert geo.size == 3 and geo.group_of(7) == 2 and geo.member(7) == 1
+    assert geo.heads_of(1) == [3, 4, 5]
+    assert geo.by_group([11, 0, 2, 9]) == {0: [0, 2], 3: [9, 11]}
+    assert geo.groups_of([5, 4, 10]) == [1, 3]
+    assert torch.equal(geo.group_of(torch.tensor([0, 5, 11])), torch.tensor([0, 1, 3]))
+    with pytest.raises(ValueError, match="must divide"):
+        HeadGroups(12, 5)

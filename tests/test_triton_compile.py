@@ -39,10 +39,13 @@ _TYPES = {
     torch.bool: "*i1",
 }
 
-# (B, T, HQ, HKV, D, dtype, budget, ratios, block_size, mask)
+# (B, T, HQ, HKV, D, dtype, budget, ratios, block_size, mask, select_tile): per-query and
+# tile-shared selection (the tile kernels' rows: G = 3 pads to 4, G = 16 fills them)
 CASES = [
-    (1, 77, 16, 1, 128, torch.bfloat16, 96, (1 / 3, 1 / 6, 1 / 2), 16, [i % 5 != 2 for i in range(16)]),
-    (2, 45, 6, 2, 64, torch.float16, 80, (0.25, 0.125, 0.625), 16, None),
+    (1, 77, 16, 1, 128, torch.bfloat16, 96, (1 / 3, 1 / 6, 1 / 2), 16, [i % 5 != 2 for i in range(16)], 1),
+    (2, 45, 6, 2, 64, torch.float16, 80, (0.25, 0.125, 0.625), 16, None, 1),
+    (1, 83, 6, 2, 64, torch.bfloat16, 80, (0.25, 0.125, 0.625), 16, [True, False] + [True] * 4, 64),
+    (1, 45, 16, 1, 128, torch.float16, 96, (1 / 3, 1 / 6, 1 / 2), 16, None, 16),
 ]  # fmt: skip
 
 
@@ -109,8 +112,8 @@ def record_launches(monkeypatch) -> list[dict]:
             if name not in recorders:
                 recorders[name] = _recorder(name, kernel, launches)
             monkeypatch.setattr(module, name, recorders[name])
-    for B, T, HQ, HKV, D, dtype, budget, ratios, bs, mask in CASES:
-        cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs)
+    for B, T, HQ, HKV, D, dtype, budget, ratios, bs, mask, bq in CASES:
+        cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs, select_tile=bq)
         assert cfg.plan(T).n_select % 2 == 1  # odd on purpose
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(B, T, h, D, generator=g).to(dtype) for h in (HQ, HKV, HKV))
@@ -150,6 +153,7 @@ def test_kernels_compile_for_sm90(monkeypatch, tmp_path):
     unique = {json.dumps(x, sort_keys=True): x for x in launches}
     kernels = {x["kernel"] for x in unique.values()}
     assert len(kernels) >= 10, kernels  # every kernel of the forward and backward launched
+    assert {"_tile_score_kernel", "_sparse_tile_fwd_kernel", "_sparse_tile_dkv_kernel"} <= kernels
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(list(unique.values())))
     script = tmp_path / "compile_kernels.py"

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from automla.kernels import AttentionConfig
+from automla.kernels import AttentionConfig, HeadGroups
 from automla.kernels.ops import Backend  # the op's own list, so the two cannot drift apart
 
 DataSource = Literal["stdlib", "text", "tokens", "mqar"]
@@ -100,11 +100,11 @@ class ModelConfig:
 
     def group_sizes(self) -> list[list[int]]:
         """Per layer, the query heads held in each GQA group that still has any."""
-        G = self.n_heads // self.n_kv_heads
+        groups = HeadGroups(self.n_heads, self.n_kv_heads)
         if self.kept_heads is None:
-            return [[G] * self.n_kv_heads for _ in range(self.n_layers)]
+            return [[groups.size] * self.n_kv_heads for _ in range(self.n_layers)]
         return [
-            [sum(1 for h in heads if h // G == g) for g in sorted({h // G for h in heads})]
+            [len(members) for members in groups.by_group(heads).values()]
             for heads in self.kept_heads
         ]
 

@@ -16,7 +16,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from automla.kernels import GateConfig, Plan, attention_flops, mla_attention, resolve_backend
+from automla.kernels import (
+    GateConfig,
+    HeadGroups,
+    Plan,
+    attention_flops,
+    mla_attention,
+    resolve_backend,
+)
 
 from .config import ModelConfig
 from .graphs import GraphedOp
@@ -131,7 +138,8 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.head_dim = d = cfg.head_dim
-        self.group = cfg.n_heads // cfg.n_kv_heads  # G of the uncompacted layer
+        self.geometry = HeadGroups(cfg.n_heads, cfg.n_kv_heads)  # of the uncompacted layer
+        self.group = self.geometry.size
         self.heads = list(kept) if kept is not None else list(range(cfg.n_heads))
         """Original ids of the stored query heads."""
         self.kv_heads = self.kv_ids(self.heads)
@@ -200,7 +208,7 @@ class Attention(nn.Module):
 
     def kv_ids(self, heads: list[int]) -> list[int]:
         """Original ids of the KV heads that the query heads `heads` (original ids) read."""
-        return sorted({h // self.group for h in heads})
+        return self.geometry.groups_of(heads)
 
     def layout(self, device: torch.device) -> HeadLayout:
         if self._layout is None or self._layout.device != device:
@@ -217,7 +225,8 @@ class Attention(nn.Module):
         kept_kv = self.kv_ids(heads)
         kv_pos = [self.kv_heads.index(g) for g in kept_kv]  # stored index of each kept KV head
         rank = {g: r for r, g in enumerate(kept_kv)}
-        slot_of = [rank[h // G] * G + h % G for h in heads]  # each active head's slot
+        geo = self.geometry
+        slot_of = [rank[geo.group_of(h)] * G + geo.member(h) for h in heads]  # each head's slot
         in_order = slot_of == list(range(G * len(kept_kv)))
         head_of = active  # the stored head each slot computes
         slot_mask = None
@@ -257,7 +266,7 @@ class Attention(nn.Module):
             cols=None if cols is None else dev(cols),
             # stays on the CPU: the Triton op reads it there without a device sync
             slot_mask=slot_mask,
-            kv_of=None if slots or in_order else dev([rank[h // G] for h in heads]),
+            kv_of=None if slots or in_order else dev([rank[geo.group_of(h)] for h in heads]),
             scale=None if unit else dev(scale),
             inv_scale=None if unit else dev(inv),
             zero=dev(zero) if zero else None,

@@ -169,7 +169,7 @@ class HeadPruner:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, h in pairs:
             attn = self.layers[i]
-            groups.setdefault((i, attn.heads[h] // attn.group), []).append(h)
+            groups.setdefault((i, attn.geometry.group_of(attn.heads[h])), []).append(h)
         return sorted(
             (sum(float(imp[i, h]) for h in heads) / len(heads), i, heads)
             for (i, _), heads in groups.items()

@@ -221,7 +221,7 @@ class SequenceParallel:
             # dense packs the active heads in order; each reads its group's kept KV head
             heads = attn.head_ids()
             kept = attn.kv_ids(heads)
-            kv_of = [kept.index(h // attn.group) for h in heads]
+            kv_of = [kept.index(attn.geometry.group_of(h)) for h in heads]
             split = split_heads(kv_of, attn.group, self.size, lay.device)
         self._splits[id(attn)] = (lay, split)
         return split

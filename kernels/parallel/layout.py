@@ -8,6 +8,7 @@ import torch
 import triton
 
 from ..config import Plan
+from ..heads import HeadGroups
 from .common import LOG2E, _interpret
 
 # Tiles per kernel for the H200 (head dim 128, bf16): candidates that compile with little
@@ -94,18 +95,15 @@ def _head_lists(
     lists = _HEAD_LISTS.get(key)
     if lists is None:
         host = torch.ones(HQ, dtype=torch.bool) if head_mask is None else head_mask
-        G = HQ // HKV
-        by_group = host.view(HKV, G)
-        groups = by_group.any(1).nonzero().flatten().to(torch.int32)
+        geometry = HeadGroups(HQ, HKV)
+        G = geometry.size
+        by_group = geometry.by_group(host.nonzero().flatten().tolist())
         lists = _HeadLists(
             A=int(host.sum()),
-            NA=groups.numel(),
+            NA=len(by_group),
             active=host.to(torch.int32).to(device),
-            groups=groups.to(device),
-            group_heads=[
-                [g * G + j for j in by_group[g].nonzero().flatten().tolist()]
-                for g in groups.tolist()
-            ],
+            groups=torch.tensor(list(by_group), dtype=torch.int32).to(device),
+            group_heads=list(by_group.values()),
         )
         # the packs the window kernels will launch with, now: none is then copied to the
         # device while a CUDA graph is being captured
