@@ -53,9 +53,10 @@ def load_reference(run_dir: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:  # cut short by a killed driver: train it again
-        return None
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):  # cut short by a killed driver
+        return None  # (or damaged): a resume trains it again
+    return record if isinstance(record, dict) else None
 
 
 def needs_training(config: SearchConfig, run_dir: str | Path) -> bool:

@@ -223,3 +223,9 @@ def test_search_prints_commands_that_work_from_anywhere(tmp_path: Path, monkeypa
     text = console.export_text()
     assert f"optuna-dashboard sqlite:///{run}/study.db" in text
     assert "automla dashboard elsewhere/r" in text
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"state": "compl', ""])
+def test_a_damaged_reference_is_left_out_of_the_report(run: Path, content: str):
+    (run / "reference.json").write_text(content)
+    assert cli.run(["report", str(run)]) == 0
