@@ -281,7 +281,7 @@ def attention_panels(
     trials: list[dict[str, Any]],
     summary: dict[str, Any],
     reference: dict[str, Any] | None,
-    run_dir: str | Path = ".",
+    run_dir: str | Path,
 ) -> list[attention_view.Panel]:
     """The runs whose attention the report shows: the knee, then the dense reference."""
     panels: list[attention_view.Panel] = []
@@ -298,8 +298,9 @@ def attention_panels(
     return panels
 
 
-def curves(trial: dict[str, Any], run_dir: str | Path = ".") -> list[dict[str, Any]]:
-    """Every result a trial reported to Ray, from its `result.json` (empty when there is none)."""
+def curves(trial: dict[str, Any], run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every result a trial reported to Ray, from its `result.json` (empty when there is none);
+    its folder is recorded relative to the run folder `run_dir`."""
     folder = trial_dir(run_dir, trial)
     path = folder / "result.json" if folder is not None else None
     if path is None or not path.is_file():

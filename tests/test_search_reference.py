@@ -95,7 +95,7 @@ def test_what_the_attention_learned(run):
         for r in json.loads((run_dir / "trials.json").read_text())
         if r["trial_id"] == summary["knee"]
     )
-    rows = [r for r in report.curves(knee) if "attn_heads" in r]
+    rows = [r for r in report.curves(knee, run_dir) if "attn_heads" in r]
     assert [r["step"] for r in rows] == [2, 4]  # every evaluation, through Ray's results
     if knee["label"] != "dense":
         assert set(rows[-1]["attn_gate"][0]) <= {"local", "global", "sparse"}
