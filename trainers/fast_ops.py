@@ -100,7 +100,9 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(g) * u of gate_up = [g | u] on its last dim, without splitting it."""
     from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
 
-    return LigerFusedGateUpSiLUMulFunction.apply(gate_up, False)
+    # 2-D in and out: its backward returns the gradient flattened to rows
+    rows = gate_up.reshape(-1, gate_up.shape[-1])
+    return LigerFusedGateUpSiLUMulFunction.apply(rows, False).view(*gate_up.shape[:-1], -1)
 
 
 def rotary_half(
@@ -122,10 +124,18 @@ def linear_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
 ) -> torch.Tensor:
     """Mean cross-entropy of logits h @ weight.T, computed in chunks: the logits are never
-    held whole. Under autocast the chunks' matmuls run in its dtype, as the plain path's."""
+    held whole. Under autocast the matmuls run in its dtype, as the plain path's: h and the
+    (tied, float32) weight are cast once here rather than in every chunk, and the weight's
+    gradient is summed over the chunks in float32."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    return liger_fused_linear_cross_entropy(h, weight, targets, ignore_index=ignore_index)
+    accum = None
+    if torch.is_autocast_enabled(h.device.type):
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, weight, accum = h.to(dtype), weight.to(dtype), torch.float32
+    return liger_fused_linear_cross_entropy(
+        h, weight, targets, ignore_index=ignore_index, accum_dtype=accum
+    )
 
 
 def half_order(head_dim: int) -> torch.Tensor:

@@ -42,7 +42,7 @@ class RMSNorm(nn.Module):
         """liger's Triton kernel (CUDA; `LanguageModel.use_fused_ops`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.is_cuda:
+        if self.fused:
             return fast_ops.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
@@ -329,7 +329,7 @@ class Attention(nn.Module):
 
     def _fused_rotary(self, x: torch.Tensor) -> bool:
         # a float8 qkv keeps its own (compiled) call on its whole weight: no permuted rows
-        return self.fused and x.is_cuda and not fast_ops.is_float8(self.qkv)
+        return self.fused and not fast_ops.is_float8(self.qkv)
 
     def _half_rows(self, lay: HeadLayout) -> torch.Tensor:
         if lay.half_rows is None:
@@ -442,7 +442,7 @@ class MLP(nn.Module):
         """liger's SwiGLU kernel (CUDA; `LanguageModel.use_fused_ops`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.is_cuda:
+        if self.fused:
             return self.down(fast_ops.swiglu(self.gate_up(x)))
         g, u = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(g) * u)
@@ -495,7 +495,8 @@ class LanguageModel(nn.Module):
 
     def use_fused_ops(self, on: bool) -> None:
         """Run the norms, SwiGLU, rotary and the training loss on liger-kernel's Triton ops
-        (they take effect on CUDA tensors only; `fast_ops.prepare_model` decides)."""
+        (Triton kernels: CUDA tensors, or the CPU in Triton's interpreter; `fast_ops.prepare_model`
+        turns them on where the config asks)."""
         for m in self.modules():
             if isinstance(m, (LanguageModel, RMSNorm, Attention, MLP)):
                 m.fused = on
@@ -537,7 +538,7 @@ class LanguageModel(nn.Module):
             x = block(x, rot)
         h = self.norm(x)
         train = targets is not None and torch.is_grad_enabled()
-        if self.fused and h.is_cuda and train and sp is None:
+        if self.fused and train and sp is None:
             # the loss in chunks, no logits (an evaluation, without gradients, still gets them)
             loss = fast_ops.linear_cross_entropy(
                 h.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index=-100
