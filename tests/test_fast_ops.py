@@ -157,6 +157,37 @@ def test_fused_ops_in_the_triton_interpreter_match_the_plain_path(attention, gat
         torch.testing.assert_close(grads1[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_fp8_converts_only_the_attention_and_mlp_linears(monkeypatch):
+    """The module filter, and the float8 model's loss near the plain one with a pruned head's
+    gathered weights too (torch's float8 matmul runs eagerly on the CPU; `prepare_model` still
+    refuses fp8 there, as the matmuls are slow and compiling them is for CUDA)."""
+    pytest.importorskip("torchao")
+    from automla.trainers.fast_ops import convert_fp8
+
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: None)
+    model = build_model(tiny("mla", precision="fp8"))
+    weights = {n: p for n, p in model.named_parameters()}
+    x, y = tokens(2, 32, seed=12), tokens(2, 32, seed=13)
+    model.blocks[0].attn.set_head_mask(torch.tensor([True, False, True, True]))
+    loss0, _ = loss_and_grads(model, x, y)
+    convert_fp8(model)
+    loss1, grads = loss_and_grads(model, x, y)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-2, atol=0)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    kinds = {name: type(m).__name__ for name, m in model.named_modules()}
+    float8 = sorted(name for name, kind in kinds.items() if kind == "Float8Linear")
+    assert float8 == [
+        f"blocks.{i}.{layer}"
+        for i in range(2)
+        for layer in ("attn.proj", "attn.qkv", "mlp.down", "mlp.gate_up")
+    ]
+    assert kinds["lm_head"] == kinds["blocks.0.attn.gate.net.0"] == "Linear"
+    assert kinds["embed"] == "Embedding"
+    # the same parameters (the optimiser and checkpoints see no change); still tied
+    assert all(p is weights[n] for n, p in model.named_parameters())
+    assert model.lm_head.weight is model.embed.weight
+
+
 # --- CUDA ---------------------------------------------------------------------------------
 
 

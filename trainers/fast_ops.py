@@ -62,15 +62,21 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 def convert_fp8(model: nn.Module) -> None:
     """torchao float8 training for the FP8_LAYERS linears, each compiled."""
-    from torchao.float8 import Float8Linear, convert_to_float8_training
+    from torchao.float8 import convert_to_float8_training
+    from torchao.float8.float8_linear import Float8Linear
 
     def wanted(module: nn.Module, name: str) -> bool:
         return isinstance(module, nn.Linear) and name.endswith(FP8_LAYERS)
 
     convert_to_float8_training(model, module_filter_fn=wanted)
+    # one static graph per linear shape, shared by the layers: a model has four shapes, but a
+    # process may build several models (the exclusive benchmark's copies at other contexts);
+    # past dynamo's default limit of 8 it would silently run float8 eagerly, several x slower
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
     for module in model.modules():
         if isinstance(module, Float8Linear):
-            module.compile()
+            module.compile(dynamic=False)
 
 
 def is_float8(module: nn.Module) -> bool:
