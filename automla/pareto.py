@@ -123,6 +123,27 @@ def _hv2(pts: list[tuple[float, ...]], ref: tuple[float, ...]) -> float:
     return area
 
 
+def relative_history(
+    points: Sequence[Point], modes: Sequence[str], reference: Point
+) -> list[float]:
+    """Hypervolume after each point (in the given order) against a fixed `reference` point.
+
+    Each objective is measured in units of the reference's own value (|r|; 1 where r is 0), so
+    the value is unitless and stays put when a later point is dominated: 0.1 is, for example, a
+    10% lower loss at the reference's throughput, or 5% lower at twice the throughput. Points
+    not better than the reference in every objective, and non-finite ones, add nothing.
+    """
+    scale = [abs(float(r)) or 1.0 for r in reference]
+    ref = to_min([[float(r) / s for r, s in zip(reference, scale)]], modes)[0]
+    seen: list[tuple[float, ...]] = []
+    history = []
+    for p in points:
+        if all(math.isfinite(float(v)) for v in p):
+            seen.append(to_min([[float(v) / s for v, s in zip(p, scale)]], modes)[0])
+        history.append(hypervolume(seen, ref))
+    return history
+
+
 def hypervolume_history(
     points: Sequence[Point], modes: Sequence[str], margin: float = 0.1
 ) -> list[float]:

@@ -1,8 +1,9 @@
 """A run folder's results: the trial table, the Pareto front, hypervolume, and the plot.
 
-`trials.json` is the source of truth (one record per trial, with its full trainer config);
-`write_outputs` derives `trials.csv`, `pareto.json`, `hypervolume.csv`, the plots (`pareto.png`,
-`hypervolume.png`, `learning_curves.png`, `importances.png`) and `report.html` from it (and from
+`trials.json` is the source of truth (one record per trial, with its full trainer config), with
+`reference.json` (the dense reference, see `automla.reference`); `write_outputs` derives
+`trials.csv`, `pareto.json`, `hypervolume.csv`, the plots (`pareto.png`, `hypervolume.png`,
+`learning_curves.png`, `importances.png`, `attention.png`) and `report.html` from them (and from
 Ray's per-trial `result.json` and the study), so `automla report` can be run again at any time.
 """
 
@@ -18,7 +19,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from automla import pareto
+from automla import attention_view, pareto
+from automla import reference as reference_mod
 from automla.gpu_usage import summarize_csv
 from automla.schema import RATIOS, SearchConfig, known_metrics, load, throughput_method
 
@@ -71,8 +73,16 @@ def completed(trials: list[dict[str, Any]], metrics: list[str]) -> list[dict[str
     return out
 
 
-def summarise(config: SearchConfig, trials: list[dict[str, Any]]) -> dict[str, Any]:
-    """The front (records), the knee, the hypervolume and its history after every trial."""
+ONE_POINT_FRONT = "one trial dominates all others"
+
+
+def summarise(
+    config: SearchConfig,
+    trials: list[dict[str, Any]],
+    reference: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The front (records, each compared with the dense reference), the knee, the hypervolume
+    and its history after every trial. `reference` is the run's reference.json record."""
     metrics, modes = config.metrics, config.modes
     done = completed(trials, metrics)
     points = [[t["metrics"][m] for m in metrics] for t in done]
@@ -85,7 +95,14 @@ def summarise(config: SearchConfig, trials: list[dict[str, Any]]) -> dict[str, A
     history_points = [
         [t["metrics"][m] for m in metrics] if t["trial_id"] in done_ids else nan for t in ordered
     ]
-    history = pareto.hypervolume_history(history_points, modes)
+    ref = _usable_reference(reference, metrics)
+    hv = hypervolume_reference(config, ref)
+    if hv["point"] is None:
+        history = pareto.hypervolume_history(history_points, modes)
+        hv["reference"] = _reference(points, metrics, modes)
+    else:
+        point = [hv["point"][m] for m in metrics]
+        history = pareto.relative_history(history_points, modes, point)
     front = sorted((done[i] for i in front_idx), key=lambda t: t["metrics"][metrics[0]])
     return {
         "objectives": [{"metric": m, "mode": d} for m, d in zip(metrics, modes)],
@@ -97,9 +114,11 @@ def summarise(config: SearchConfig, trials: list[dict[str, Any]]) -> dict[str, A
         "knee": knee_id,
         "throughput": throughput_method(config.fixed),
         "hypervolume": history[-1] if history else 0.0,
-        "hypervolume_note": "normalised objectives (0 best, 1 worst over completed trials), "
-        "reference point 1.1 on every axis",
-        "hypervolume_reference": _reference(points, metrics, modes),
+        "hypervolume_stable": hv["point"] is not None,
+        "hypervolume_note": hv["note"],
+        "hypervolume_reference": hv["reference"],
+        "front_note": ONE_POINT_FRONT if len(front) == 1 and len(done) > 1 else "",
+        "reference": _reference_entry(reference, metrics),
         "hypervolume_history": [
             {
                 "trial": n + 1,
@@ -109,8 +128,71 @@ def summarise(config: SearchConfig, trials: list[dict[str, Any]]) -> dict[str, A
             }
             for n, (t, hv) in enumerate(zip(ordered, history))
         ],
-        "front": [_front_entry(t, t["trial_id"] == knee_id) for t in front],
+        "front": [_front_entry(t, t["trial_id"] == knee_id, ref, metrics) for t in front],
     }
+
+
+def hypervolume_reference(
+    config: SearchConfig, reference_metrics: dict[str, float] | None
+) -> dict[str, Any]:
+    """The hypervolume's reference point: the dense reference's metrics, else the space file's
+    `hypervolume.reference`, else none (`point` None: the run normalises over its own trials,
+    so its figure moves with its best and worst and is not comparable with another run's)."""
+    if reference_metrics is not None:
+        point, source = reference_metrics, "the dense reference"
+    elif config.hypervolume_reference:
+        point, source = dict(config.hypervolume_reference), "the space file's reference point"
+    else:
+        return {
+            "point": None,
+            "reference": {},
+            "note": "normalised over this run's completed trials (0 best, 1 worst), reference "
+            "point 1.1 on every axis: it moves with the run's own best and worst, so it is not "
+            "comparable between runs",
+        }
+    return {
+        "point": point,
+        "reference": {"reference": point, "source": source},
+        "note": f"against {source} ({_point_text(point)}), each objective in units of the "
+        "reference's value: the share of the objective space where the front beats it in "
+        "every objective (0: nowhere); comparable between runs with the same space and "
+        "reference",
+    }
+
+
+def hypervolume_text(summary: dict[str, Any]) -> str:
+    """The hypervolume as one phrase for a terminal line or a page."""
+    note = summary.get("front_note")
+    if summary.get("hypervolume_stable"):
+        source = summary["hypervolume_reference"].get("source", "")
+        text = f"{summary['hypervolume']:.4f} (vs {source.removeprefix('the ')})"
+        return f"{text}; {note}" if note else text
+    if note:
+        return f"n/a: {note}"
+    return f"{summary['hypervolume']:.4f} (normalised over this run; not comparable)"
+
+
+def _point_text(point: dict[str, float]) -> str:
+    return ", ".join(f"{m} {format_value(v)}" for m, v in point.items())
+
+
+def _usable_reference(
+    reference: dict[str, Any] | None, metrics: list[str]
+) -> dict[str, float] | None:
+    """The objectives of a completed reference, when all are finite."""
+    if not reference or reference.get("state") != COMPLETED:
+        return None
+    values = {m: reference.get("metrics", {}).get(m) for m in metrics}
+    if not all(finite_number(v) for v in values.values()):
+        return None
+    return {m: float(v) for m, v in values.items()}
+
+
+def _reference_entry(reference: dict[str, Any] | None, metrics: list[str]) -> dict[str, Any]:
+    """What pareto.json says of the reference (its history stays in reference.json)."""
+    if not reference:
+        return {}
+    return {k: v for k, v in reference.items() if k != "history"}
 
 
 def proposal_order(trial: dict[str, Any]) -> tuple[bool, int, str]:
@@ -141,7 +223,8 @@ def write_outputs(
 ) -> dict[str, Any]:
     """(Re)write trials.csv, pareto.json, hypervolume.csv and pareto.png; return the summary."""
     run = Path(run_dir)
-    summary = summarise(config, trials)
+    reference = reference_mod.load_reference(run)
+    summary = summarise(config, trials, reference)
     summary["gpu_usage"] = summarize_csv(run / GPU_USAGE_FILE)
     _write_csv(run / "trials.csv", trials)
     (run / "pareto.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -155,8 +238,30 @@ def write_outputs(
     plot_learning_curves(run / "learning_curves.png", config, trials)
     summary_importances = importances(run, config)
     plot_importances(run / "importances.png", summary_importances)
-    write_html(run / "report.html", run.name, summary, summary_importances)
+    panels = attention_panels(trials, summary, reference)
+    if not attention_view.plot(run / "attention.png", panels):
+        (run / "attention.png").unlink(missing_ok=True)
+    write_html(run / "report.html", run.name, summary, summary_importances, panels)
     return summary
+
+
+def attention_panels(
+    trials: list[dict[str, Any]], summary: dict[str, Any], reference: dict[str, Any] | None
+) -> list[attention_view.Panel]:
+    """The runs whose attention the report shows: the knee, then the dense reference."""
+    panels: list[attention_view.Panel] = []
+    knee = next((t for t in trials if t["trial_id"] == summary.get("knee")), None)
+    if knee is not None:
+        title = f"knee {knee['trial_id']} ({knee.get('label', '')})"
+        decisions = None
+        if knee.get("path"):  # Ray brings each trial's train/ folder home
+            decisions = attention_view.pruning_decisions(
+                Path(knee["path"]) / "train" / "pruning.jsonl"
+            )
+        panels.append((title, curves(knee), decisions))
+    if reference and reference.get("history"):
+        panels.append((reference_mod.LABEL, reference["history"], None))
+    return panels
 
 
 def curves(trial: dict[str, Any]) -> list[dict[str, Any]]:
@@ -258,7 +363,11 @@ def plot_importances(path: str | Path, scores: dict[str, dict[str, float]]) -> N
 
 
 def write_html(
-    path: str | Path, name: str, summary: dict[str, Any], scores: dict[str, dict[str, float]]
+    path: str | Path,
+    name: str,
+    summary: dict[str, Any],
+    scores: dict[str, dict[str, float]],
+    attention: list[attention_view.Panel] | None = None,
 ) -> None:
     """One self-contained page: the front as a table and every plot embedded (base64 PNG)."""
     import base64
@@ -270,12 +379,25 @@ def write_html(
     for e in summary["front"]:
         params += [k for k in e["params"] if k not in params]
     head = ["trial", *(f"{o['metric']} ({o['mode']})" for o in summary["objectives"]), "ratios"]
+    head.append("vs dense reference")
     rows = []
     for e in summary["front"]:
         cells = [e["trial_id"] + (" (knee)" if e["knee"] else "")]
         cells += [format_value(e["metrics"][m]) for m in metrics] + [e["label"]]
+        cells.append(e.get("vs_reference_text", ""))
         cells += [format_value(e["params"].get(p, "")) for p in params]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    ref = summary.get("reference") or {}
+    if ref:
+        done = ref.get("state") == COMPLETED
+        cells = [reference_mod.LABEL, *(_reference_cell(ref, m) for m in metrics), "dense"]
+        cells.append("1x" if done else f"{ref.get('state')}: {ref.get('reason', '')}")
+        cells += [""] * len(params)
+        rows.append(
+            '<tr style="font-style:italic">'
+            + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)
+            + "</tr>"
+        )
     images = []
     for png in ("pareto.png", "hypervolume.png", "learning_curves.png", "importances.png"):
         if (run / png).is_file():
@@ -285,19 +407,27 @@ def write_html(
                 f'<img alt="{png}" src="data:image/png;base64,{data}">'
             )
     counts = ", ".join(f"{summary.get(s, 0)} {s}" for s in STATES)
+    attention_section = ""
+    if attention:
+        png = run / "attention.png"
+        uri = None
+        if png.is_file():
+            uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+        attention_section = attention_view.html_section(attention, uri)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>AutoMLA run {html.escape(name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;text-align:right}}
 table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style></head>
 <body><h1>AutoMLA run {html.escape(name)}</h1>
-<p>{summary["trials"]} trials ({counts}); hypervolume {summary["hypervolume"]:.4f}
-(normalised, reference point 1.1 per axis).</p>
+<p>{summary["trials"]} trials ({counts}); hypervolume {html.escape(hypervolume_text(summary))}.
+</p><p>How to read the hypervolume: {html.escape(summary.get("hypervolume_note", ""))}.</p>
 <p>tokens_per_s: {html.escape(summary.get("throughput", ""))}.</p>
 {_gpu_line(summary.get("gpu_usage"))}
 <h2>Pareto front</h2><table><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}
 {"".join(f"<th>{html.escape(short_name(p))}</th>" for p in params)}</tr>
 {"".join(rows)}</table>
 {"".join(images)}
+{attention_section}
 <h2>parameter importances</h2><pre>{html.escape(json.dumps(scores, indent=1))}</pre>
 </body></html>
 """
@@ -332,8 +462,9 @@ def plot_hypervolume(path: str | Path, summary: dict[str, Any]) -> None:
         if marked:
             ax.scatter(marked, [0] * len(marked), marker="x", color=colour, label=state)
     ax.set_xlabel("trial (proposal order)")
-    ax.set_ylabel("hypervolume (normalised)")
-    ax.set_title(f"final hypervolume {summary['hypervolume']:.3f}", fontsize=10)
+    stable = summary.get("hypervolume_stable")
+    ax.set_ylabel("hypervolume" + ("" if stable else " (normalised over this run)"))
+    ax.set_title(f"final hypervolume {hypervolume_text(summary)}", fontsize=9)
     ax.grid(alpha=0.3)
     if any(h["state"] in colours for h in hist):
         ax.legend(fontsize=8)
@@ -355,8 +486,8 @@ def report(
         console.print(front_table(summary, Path(run_dir).name))
         console.print(
             f"{summary['completed']} completed, {summary['failed']} failed of "
-            f"{summary['trials']} trials · hypervolume {summary['hypervolume']:.4f} "
-            f"(normalised) · page {Path(run_dir) / 'report.html'}"
+            f"{summary['trials']} trials · hypervolume {hypervolume_text(summary)} · "
+            f"page {Path(run_dir) / 'report.html'}"
         )
     return summary
 
@@ -371,6 +502,9 @@ def front_table(summary: dict[str, Any], title: str = "") -> Table:
     for o in summary["objectives"]:
         table.add_column(f"{o['metric']}\n({o['mode']})", justify="right", no_wrap=True)
     table.add_column("ratios", no_wrap=True)
+    ref = summary.get("reference") or {}
+    if ref:
+        table.add_column("vs dense reference", no_wrap=True)
     table.add_column("settings", overflow="fold")
     for entry in summary["front"]:
         settings = "  ".join(
@@ -382,10 +516,25 @@ def front_table(summary: dict[str, Any], title: str = "") -> Table:
             entry["trial_id"] + (" (knee)" if entry["knee"] else ""),
             *[format_value(entry["metrics"][m]) for m in metrics],
             entry["label"],
+            *([entry.get("vs_reference_text", "")] if ref else []),
             settings,
             style="bold" if entry["knee"] else None,
         )
+    if ref:
+        table.add_row(
+            reference_mod.LABEL,
+            *[_reference_cell(ref, m) for m in metrics],
+            "dense",
+            "1x" if ref.get("state") == COMPLETED else "",
+            "" if ref.get("state") == COMPLETED else f"{ref.get('state')}: {ref.get('reason')}",
+            style="italic",
+        )
     return table
+
+
+def _reference_cell(ref: dict[str, Any], metric: str) -> str:
+    v = ref.get("metrics", {}).get(metric)
+    return format_value(v) if ref.get("state") == COMPLETED and v is not None else "-"
 
 
 def short_name(path: str) -> str:
@@ -411,13 +560,17 @@ def plot(
     front_ids = {e["trial_id"] for e in summary["front"]}
     fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
     rest = [t for t in done if t["trial_id"] not in front_ids]
-    ax.scatter(
-        [t["metrics"][mx] for t in rest],
-        [t["metrics"][my] for t in rest],
-        color="0.7",
-        s=28,
-        label="dominated",
-    )
+    for dense, marker, label in ((False, "o", "dominated"), (True, "s", "dominated (dense)")):
+        shown = [t for t in rest if (t.get("label") == "dense") == dense]
+        if shown:
+            ax.scatter(
+                [t["metrics"][mx] for t in shown],
+                [t["metrics"][my] for t in shown],
+                color="0.7",
+                marker=marker,
+                s=28,
+                label=label,
+            )
     front = sorted(summary["front"], key=lambda e: e["metrics"][mx])
     fx = [e["metrics"][mx] for e in front]
     fy = [e["metrics"][my] for e in front]
@@ -439,6 +592,16 @@ def plot(
                 zorder=4,
                 label="knee",
             )
+    ref = summary.get("reference") or {}
+    rx, ry = (ref.get("metrics") or {}).get(mx), (ref.get("metrics") or {}).get(my)
+    if ref.get("state") == COMPLETED and finite_number(rx) and finite_number(ry):
+        ax.scatter([rx], [ry], marker="D", s=60, color="black", zorder=4, label=reference_mod.LABEL)
+        ax.annotate(
+            reference_mod.LABEL, (rx, ry), textcoords="offset points", xytext=(6, -12), fontsize=8
+        )
+        if summary.get("hypervolume_stable"):  # the region that beats it on both axes
+            ax.axvline(rx, color="black", lw=0.6, ls=":")
+            ax.axhline(ry, color="black", lw=0.6, ls=":")
     arrow = {"min": "lower is better", "max": "higher is better"}
     ax.set_xlabel(f"{mx} ({arrow[config.modes[0]]})")
     ax.set_ylabel(f"{my} ({arrow[config.modes[1]]})")
@@ -448,7 +611,7 @@ def plot(
         + (f", {failed} failed" if failed else "")
         + (f", {summary['pruned']} pruned" if summary["pruned"] else "")
         + (" (not shown)" if failed or summary["pruned"] else "")
-        + f" · hypervolume {summary['hypervolume']:.3f}",
+        + f" · hypervolume {hypervolume_text(summary)}",
         fontsize=10,
     )
     ax.grid(alpha=0.3)
@@ -458,13 +621,18 @@ def plot(
     plt.close(fig)
 
 
-def _front_entry(t: dict[str, Any], is_knee: bool) -> dict[str, Any]:
+def _front_entry(
+    t: dict[str, Any], is_knee: bool, reference: dict[str, float] | None, metrics: list[str]
+) -> dict[str, Any]:
+    vs = reference_mod.compare(t["metrics"], reference, metrics) if reference else {}
     return {
         "trial_id": t["trial_id"],
         "knee": is_knee,
         "label": t.get("label", ""),
         "params": t.get("params", {}),
         "metrics": t["metrics"],
+        "vs_reference": vs,
+        "vs_reference_text": reference_mod.compare_text(vs),
         "config": t["config"],
     }
 

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +34,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from automla import reference as reference_mod
 from automla import report as report_mod
 from automla.distributed import (
     ResourceError,
@@ -53,7 +55,7 @@ from automla.schema import (
     throughput_method,
     to_yaml_dict,
 )
-from automla.space import apply, decode, define_by_run, flat_values, ratio_label
+from automla.space import apply, decode, define_by_run, flat_values, trial_label
 from automla.trainers.config import ConfigError, to_dict
 
 TrainFn = Callable[..., dict]
@@ -208,11 +210,28 @@ def _execute(
                 tuner._local_tuner.get_run_config().callbacks = [progress]
             else:
                 tuner = _new_tuner(config, run_dir, trainable, progress)
+            reference = None
+            if reference_mod.needs_training(config, run_dir):
+                # a Ray task beside the trials, holding what one trial holds
+                resources = trial_resources(res.cpus, gpus, workers)
+                reference = reference_mod.start(
+                    config, train_fn, resources, workers, res.cpus, gpus > 0
+                )
+                log.info("dense reference: training beside the trials")
+                console.print(
+                    "[bold]Dense reference[/]: the fixed model with dense attention, trained "
+                    "once beside the trials (reference.json)"
+                )
             # GPU utilisation of the driver's machine, sampled while trials run
             with progress, GpuSampler(run_dir / GPU_USAGE_FILE):
                 results = tuner.fit()
         numbers = _settle_study(run_dir, {_trial_id(r) for r in results})
         records = _records(results, config, numbers)
+        if reference is not None:
+            interrupted = len(records) < config.trials or any(
+                r["state"] == report_mod.STOPPED for r in records
+            )
+            _finish_reference(reference, config, run_dir, interrupted, log)
     finally:
         if owns_ray and ray.is_initialized():  # a caller's Ray (a notebook, tests) stays up
             ray.shutdown()
@@ -225,7 +244,7 @@ def _execute(
     shown = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     console.print(
         f"{summary['trials']} trials ({shown}) in {_duration(wall)} · "
-        f"hypervolume {summary['hypervolume']:.4f} · run folder {run_dir}"
+        f"hypervolume {report_mod.hypervolume_text(summary)} · run folder {run_dir}"
     )
     if summary.get("gpu_usage"):
         u = summary["gpu_usage"]
@@ -242,9 +261,29 @@ def _execute(
     return run_dir
 
 
+def _finish_reference(
+    task: Any, config: SearchConfig, run_dir: Path, interrupted: bool, log: logging.Logger
+) -> None:
+    """Wait for the dense reference and write reference.json; an interrupted search that has
+    not finished it cancels it (a resume trains it again)."""
+    ready, _ = ray.wait([task], timeout=0)
+    if interrupted and not ready:
+        ray.cancel(task, force=True)
+        log.info("dense reference: cancelled with the search; a resume trains it")
+        return
+    ref_config = reference_mod.reference_config(config)
+    try:
+        history = ray.get(task)
+    except Exception as e:  # recorded, never fatal: the trials are the search
+        entry = reference_mod.record(run_dir, ref_config, None, _reason(e))
+    else:
+        entry = reference_mod.record(run_dir, ref_config, history)
+    log.info("dense reference: %s %s", entry["state"], entry["reason"] or entry["metrics"])
+
+
 def _new_tuner(config: SearchConfig, run_dir: Path, trainable: Any, progress: Any) -> Any:
     searcher = _OptunaSearch(
-        space=define_by_run(config.space),
+        space=define_by_run(config.space, config.fixed),
         metric=config.metrics,
         mode=config.modes,
         sampler=make_sampler(config),
@@ -302,9 +341,17 @@ def make_sampler(config: SearchConfig) -> Any:
         # the samplers' defaults (10, 50) would leave a small budget entirely random
         startup = max(2, min(10, config.trials // 2))
     if s.name == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=s.seed, n_startup_trials=startup, multivariate=True, constant_liar=True
-        )
+        # group: conditional settings (MLA ones only under MLA attention) are modelled
+        # within each group of trials that share a set of parameters
+        with warnings.catch_warnings():  # group is experimental, and the right tool here
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(
+                seed=s.seed,
+                n_startup_trials=startup,
+                multivariate=True,
+                group=True,
+                constant_liar=True,
+            )
     if s.name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(2, startup))
     if s.name == "gp":
@@ -351,7 +398,7 @@ def automla_trial(
     torch.set_num_threads(threads)
     node = {"node_id": ray.get_runtime_context().get_node_id()}
     try:
-        config = apply(fixed, decode(space, params))
+        config = apply(fixed, decode(space, params, fixed))
     except ConfigError as e:
         tune.report({FAILURE: "invalid", "reason": f"invalid config: {e}", **node})
         return
@@ -432,11 +479,11 @@ def _records(results: Any, config: SearchConfig, numbers: dict[str, int]) -> lis
             "path": str(result.path) if result.path else None,
         }
         try:
-            values = decode(config.space, params)
+            values = decode(config.space, params, config.fixed)
             trial_config = apply(config.fixed, values)
             record["config"] = to_dict(trial_config)
             record["params"] = flat_values(trial_config, config.space)
-            record["label"] = ratio_label(trial_config.model.mla.ratios)
+            record["label"] = trial_label(trial_config)
         except (ConfigError, ValueError) as e:
             record["params"] = params
             record["state"], record["reason"] = report_mod.FAILED, f"invalid config: {e}"
@@ -694,10 +741,11 @@ class _Progress(tune.Callback):
         if trial.trial_id not in self.rows:
             desc = ""
             try:
-                cfg = apply(self.config.fixed, decode(self.config.space, trial.config))
+                fixed = self.config.fixed
+                cfg = apply(fixed, decode(self.config.space, trial.config, fixed))
                 values = flat_values(cfg, self.config.space)
                 desc = " ".join(
-                    [ratio_label(cfg.model.mla.ratios)]
+                    [trial_label(cfg)]
                     + [
                         f"{report_mod.short_name(k)}={v}"
                         for k, v in values.items()

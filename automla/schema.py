@@ -43,6 +43,7 @@ from automla.trainers.config import ConfigError, TrainConfig, build, join_path, 
 
 Mode = Literal["min", "max"]
 SamplerName = Literal["tpe", "nsga2", "gp", "random"]
+Reference = Literal["dense", "none"]
 
 RATIOS = "model.mla.ratios"
 """The branch shares, searched as a simplex and shown as a label ('L50 G25 S25')."""
@@ -106,6 +107,8 @@ SECTIONS = (
     "train",
     "model",
     "space",
+    "reference",
+    "hypervolume",
 )
 
 
@@ -279,6 +282,12 @@ class SearchConfig:
     """The fixed trainer settings as a nested TrainConfig dict (defaults filled in, searched
     paths left out); `automla.space.apply(fixed, values)` builds one trial's config."""
     space: dict[str, Domain] = field(default_factory=dict)
+    reference: Reference = "dense"
+    """`dense`: the search also trains the fixed model with dense attention once, as the
+    baseline of every front (see `automla.reference`); `none`: no baseline."""
+    hypervolume_reference: dict[str, float] | None = None
+    """A fixed hypervolume reference point, one value per objective (used without a dense
+    reference); None: see `automla.report.hypervolume_reference`."""
     source: str = ""
     """The file it was read from, for messages."""
 
@@ -371,7 +380,11 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
     for key in space:
         _pop(fixed, key)
     fixed["sequence_parallel"] = resources.sequence_parallel
-    _plan_benchmark(fixed, sections["train"], objectives, scheduler, resources)
+    reference = _reference(data.get("reference", "dense"), file)
+    hv_reference = _hypervolume(data.get("hypervolume"), objectives, file)
+    # the reference trains beside the trials: one more run sharing the machine
+    runs_at_once = concurrency + (reference != "none")
+    _plan_benchmark(fixed, sections["train"], objectives, scheduler, resources, runs_at_once)
     config = SearchConfig(
         objectives=objectives,
         sampler=sampler,
@@ -382,6 +395,8 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
         scheduler=scheduler,
         fixed=fixed,
         space=space,
+        reference=reference,
+        hypervolume_reference=hv_reference,
         source=file,
     )
     if scheduler is not None:
@@ -397,6 +412,13 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
         if e.path != "train.sequence_parallel":
             raise
         raise SpaceError(file, "resources.sequence_parallel", e.message) from None
+    if reference == "dense":
+        from automla.reference import reference_config  # it imports this module
+
+        try:
+            reference_config(config)
+        except ConfigError as e:
+            raise SpaceError(file, "reference", f"the dense reference is invalid: {e}") from None
     return config
 
 
@@ -434,6 +456,12 @@ def to_yaml_dict(config: SearchConfig) -> dict[str, Any]:
         "train": fixed,
         "model": model,
         "space": {k: domain_to_dict(d) for k, d in config.space.items()},
+        "reference": config.reference,
+        "hypervolume": (
+            {"reference": dict(config.hypervolume_reference)}
+            if config.hypervolume_reference
+            else None
+        ),
     }
 
 
@@ -477,10 +505,12 @@ def _plan_benchmark(
     objectives: list[Objective],
     scheduler: Scheduler | None,
     resources: Resources,
+    runs_at_once: int = 1,
 ) -> None:
     """Ask the trainer for what the objectives need: `tokens_per_s@T` adds T to the benchmark's
-    contexts; trials sharing a GPU get the exclusive benchmark unless the file says otherwise
-    (their training clock would measure the neighbours)."""
+    contexts; trials sharing a GPU, or the CPUs of one machine with other runs, get the
+    exclusive benchmark unless the file says otherwise (their training clock would measure the
+    neighbours)."""
     bench = fixed.setdefault("benchmark", {})
     names = [o.metric for o in objectives] + ([scheduler.metric] if scheduler else [])
     wanted = {t for t in map(metric_context, names) if t is not None}
@@ -488,7 +518,8 @@ def _plan_benchmark(
         bench["contexts"] = sorted(set(bench.get("contexts") or []) | wanted)
     user = user_train.get("benchmark")
     explicit = isinstance(user, dict) and "enabled" in user
-    if not explicit and 0 < resources.gpus < 1:
+    shares_cpus = resources.gpus == 0 and runs_at_once > 1
+    if not explicit and (0 < resources.gpus < 1 or shares_cpus):
         bench["enabled"] = True
 
 
@@ -520,6 +551,37 @@ def _check_mqar(metric: str, has_mqar: bool, file: str, path: str) -> None:
         raise SpaceError(
             file, path, "metric 'mqar_acc' needs data.source: mqar or data.mqar_mix > 0"
         )
+
+
+def _reference(value: Any, file: str) -> Reference:
+    if value not in typing.get_args(Reference):
+        raise SpaceError(file, "reference", f"expected 'dense' or 'none', got {value!r}")
+    return value
+
+
+def _hypervolume(value: Any, objectives: list[Objective], file: str) -> dict[str, float] | None:
+    """`hypervolume: {reference: {metric: value, ...}}`: one finite number per objective."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"reference"}:
+        raise SpaceError(
+            file, "hypervolume", "expected {reference: {<objective metric>: <value>, ...}}"
+        )
+    point = value["reference"]
+    metrics = [o.metric for o in objectives]
+    if not isinstance(point, dict) or sorted(map(str, point)) != sorted(metrics):
+        raise SpaceError(
+            file,
+            "hypervolume.reference",
+            f"expected one value for each objective ({', '.join(metrics)}), got {point!r}",
+        )
+    out = {}
+    for m in metrics:
+        v = point[m]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise SpaceError(file, f"hypervolume.reference.{m}", f"expected a number, got {v!r}")
+        out[m] = float(v)
+    return out
 
 
 def _objectives(value: Any, file: str) -> list[Objective]:
@@ -761,6 +823,12 @@ def _check_trials(config: SearchConfig) -> None:
                     f"space.{key}",
                     f"value {to_dict(v)!r} is invalid: {where}{e.message}",
                 )
+
+
+def middle_value(domain: Domain) -> Any:
+    """A representative value of a domain: its middle choice, midpoint or equal shares."""
+    values = _probe_values(domain)
+    return values[0] if isinstance(domain, Simplex) else values[len(values) // 2]
 
 
 def _probe_values(domain: Domain) -> list[Any]:

@@ -4,12 +4,16 @@
 values keyed by dotted path. The searcher calls it through `define_by_run`, and the trial replays
 it on the parameters Ray hands over (`decode`), so both sides agree by construction.
 
-Two rules keep every sampled configuration valid:
+Three rules shape every sampled configuration:
 
 * **simplex** (`simplex_shares`): one uniform weight in [0, 1] per component; shares are the
   weights over their sum; a share below `min_share` is snapped to 0 and the rest renormalised.
   The sampler reaches a corner (a branch absent) by driving that weight down, without any
   extra categorical switch. All-zero weights give equal shares.
+* **settings that do not apply** (`applies`): everything under `model.mla.` is sampled only
+  for MLA attention, and `pruning.*` only with pruning enabled. The switches
+  (`model.attention`, `pruning.enabled`) are sampled first when searched, then read from the
+  trial's values or the fixed settings, so a dense trial carries no ratios, budget or gate.
 * **branches too small to exist** (`effective_ratios`, which `kernels/config.py` owns beside
   the plan's rule): a branch whose share of the budget rounds to nothing in
   `AttentionConfig.plan` (local: fewer than 0.5 keys, so window 0; global: fewer than 1
@@ -48,10 +52,36 @@ def param_names(path: str, domain: Domain) -> list[str]:
     return [path]
 
 
-def sample(trial: optuna.trial.BaseTrial, space: Mapping[str, Domain]) -> dict[str, Any]:
-    """Suggest every domain of `space` on `trial`; returns TrainConfig values by dotted path."""
+ATTENTION = "model.attention"
+PRUNING = "pruning.enabled"
+_SWITCHES = (ATTENTION, PRUNING)
+
+
+def applies(path: str, values: Mapping[str, Any], fixed: Mapping[str, Any]) -> bool:
+    """Whether the setting `path` matters for a trial with these sampled `values` (dotted) and
+    `fixed` settings (nested TrainConfig dict): MLA settings only under MLA attention, pruning
+    settings only with pruning on."""
+    if path.startswith("model.mla."):
+        return _switch(ATTENTION, values, fixed, "mla") == "mla"
+    if path.startswith("pruning.") and path != PRUNING:
+        return bool(_switch(PRUNING, values, fixed, False))
+    return True
+
+
+def sample(
+    trial: optuna.trial.BaseTrial,
+    space: Mapping[str, Domain],
+    fixed: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Suggest the domains of `space` that apply on `trial`; returns TrainConfig values by
+    dotted path. With `fixed` (the search's fixed settings), settings that do not apply to
+    this trial (see `applies`) are not suggested; without it every domain is."""
     values: dict[str, Any] = {}
-    for path, domain in space.items():
+    order = [p for p in _SWITCHES if p in space] + [p for p in space if p not in _SWITCHES]
+    for path in order:
+        domain = space[path]
+        if fixed is not None and not applies(path, values, fixed):
+            continue
         if isinstance(domain, Uniform):
             values[path] = trial.suggest_float(path, domain.lo, domain.hi)
         elif isinstance(domain, LogUniform):
@@ -70,22 +100,29 @@ def sample(trial: optuna.trial.BaseTrial, space: Mapping[str, Domain]) -> dict[s
     return values
 
 
-def define_by_run(space: Mapping[str, Domain]) -> Callable[[optuna.trial.BaseTrial], None]:
+def define_by_run(
+    space: Mapping[str, Domain], fixed: Mapping[str, Any] | None = None
+) -> Callable[[optuna.trial.BaseTrial], None]:
     """The define-by-run function for `OptunaSearch(space=...)` (picklable: Tune saves it)."""
-    return _DefineByRun(dict(space))
+    return _DefineByRun(dict(space), None if fixed is None else dict(fixed))
 
 
 class _DefineByRun:
-    def __init__(self, space: dict[str, Domain]):
+    def __init__(self, space: dict[str, Domain], fixed: dict[str, Any] | None = None):
         self.space = space
+        self.fixed = fixed
 
     def __call__(self, trial: optuna.trial.BaseTrial) -> None:
-        sample(trial, self.space)
+        sample(trial, self.space, getattr(self, "fixed", None))  # pickles of older runs lack it
 
 
-def decode(space: Mapping[str, Domain], params: Mapping[str, Any]) -> dict[str, Any]:
+def decode(
+    space: Mapping[str, Domain],
+    params: Mapping[str, Any],
+    fixed: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """TrainConfig values from the raw Optuna parameters (what Ray passes a trial)."""
-    return sample(optuna.trial.FixedTrial(dict(params)), space)
+    return sample(optuna.trial.FixedTrial(dict(params)), space, fixed)
 
 
 def simplex_shares(weights: Sequence[float], min_share: float = 0.0) -> tuple[float, ...]:
@@ -123,6 +160,13 @@ def apply(base: TrainConfig | Mapping[str, Any], values: Mapping[str, Any]) -> T
     return build(TrainConfig, data)
 
 
+def trial_label(config: TrainConfig) -> str:
+    """What a trial's attention is: 'dense', or its MLA branch split ('L50 G25 S25')."""
+    if config.model.attention != "mla":
+        return config.model.attention
+    return ratio_label(config.model.mla.ratios)
+
+
 def ratio_label(ratios: Sequence[float]) -> str:
     """A short label of the branch split: 'L50 G25 S25' (absent branches left out)."""
     parts = [f"{name[0].upper()}{round(100 * r)}" for name, r in zip(BRANCHES, ratios) if r > 0]
@@ -130,10 +174,13 @@ def ratio_label(ratios: Sequence[float]) -> str:
 
 
 def flat_values(config: TrainConfig, space: Mapping[str, Domain]) -> dict[str, Any]:
-    """The searched settings of a built config, one column each (tuples split per component)."""
+    """The searched settings of a built config, one column each (tuples split per component);
+    settings that do not apply to it (see `applies`) are left out."""
     data = to_dict(config)
     out: dict[str, Any] = {}
     for path, domain in space.items():
+        if not applies(path, {}, data):
+            continue
         value = _get(data, path)
         if isinstance(domain, Simplex):
             for name, v in zip(_components(path), value):
@@ -151,6 +198,15 @@ def _suggest_choice(trial: optuna.trial.BaseTrial, path: str, values: Sequence[A
     # Optuna stores only scalars: lists (gate widths, ratio triples) travel as JSON labels.
     labels = [json.dumps(to_dict(v)) for v in values]
     return values[labels.index(trial.suggest_categorical(path, labels))]
+
+
+def _switch(path: str, values: Mapping[str, Any], fixed: Mapping[str, Any], default: Any) -> Any:
+    if path in values:
+        return values[path]
+    try:
+        return _get(fixed, path)
+    except (KeyError, TypeError):
+        return default
 
 
 def _components(path: str) -> tuple[str, ...]:

@@ -52,6 +52,7 @@ SPACE = {
         "model.mla.ratios": {"simplex": {"min_share": 0.1}},
         "model.mla.budget": {"choice": [32, 64]},
     },
+    "reference": "none",  # both trials start at once, on the one GPU
 }
 
 

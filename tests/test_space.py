@@ -206,3 +206,44 @@ def test_samplers_are_seeded(sampler):
         return out
 
     assert run() == run()
+
+
+CONDITIONAL = {
+    "model.attention": Choice(values=("mla", "dense")),
+    "pruning.enabled": Choice(values=(False, True)),
+    "model.mla.budget": IntRange(lo=16, hi=64, step=16),
+    "model.mla.ratios": Simplex(min_share=0.1),
+    "pruning.fraction": Uniform(lo=0.1, hi=0.4),
+    "lr": LogUniform(lo=1e-3, hi=1e-2),
+}
+
+
+@pytest.mark.parametrize("attention", ["mla", "dense"])
+@pytest.mark.parametrize("pruning", [False, True])
+def test_settings_that_do_not_apply_are_not_sampled(attention, pruning):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial({"model.attention": attention, "pruning.enabled": pruning})
+    trial = study.ask()
+    values = space.sample(trial, CONDITIONAL, FIXED)
+    assert ("model.mla.budget" in values) == (attention == "mla")
+    assert ("model.mla.ratios.local" in trial.params) == (attention == "mla")
+    assert ("pruning.fraction" in values) == pruning
+    assert "lr" in values
+    assert space.decode(CONDITIONAL, trial.params, FIXED) == values
+    config = space.apply(FIXED, values)
+    flat = space.flat_values(config, CONDITIONAL)
+    assert any(k.startswith("model.mla.") for k in flat) == (attention == "mla")
+    assert ("pruning.fraction" in flat) == pruning
+    assert space.trial_label(config) == (
+        "dense" if attention == "dense" else space.ratio_label(config.model.mla.ratios)
+    )
+
+
+def test_fixed_switches_decide_too():
+    dense = {**FIXED, "model": {**FIXED["model"], "attention": "dense"}}
+    only = {k: v for k, v in CONDITIONAL.items() if k not in ("model.attention", "pruning.enabled")}
+    values = space.decode(only, {"lr": 2e-3}, dense)  # fixed dense, pruning off by default
+    assert values == {"lr": 2e-3}
+    assert space.applies("model.mla.budget", {}, FIXED)
+    assert not space.applies("pruning.fraction", {}, FIXED)
+    assert space.applies("pruning.fraction", {"pruning.enabled": True}, FIXED)

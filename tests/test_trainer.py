@@ -135,3 +135,28 @@ def test_checkpoint_every_is_independent_of_evaluation(tmp_path):
     train(config, out_dir=tmp_path, report=record, progress=True)
     # step 4: the newest checkpoint is step 3's, and none is handed over; the last step has one
     assert seen == [(4, None, 3), (8, tmp_path / "checkpoint", 8)]
+
+
+def test_evaluations_record_what_the_attention_learned():
+    config = cpu_train_config(
+        max_bytes=100_000,
+        steps=4,
+        eval_every=2,
+        seq_len=64,
+        batch_size=2,
+        model=ModelConfig(
+            d_model=32,
+            n_layers=2,
+            n_heads=2,
+            n_kv_heads=1,
+            max_seq_len=64,
+            mla=AttentionConfig(budget=32, ratios=(0.5, 0.0, 0.5), block_size=8),
+        ),  # fmt: skip
+    )
+    seen = []
+    train(config, report=lambda m, _: seen.append(m))
+    for m in seen:
+        assert m["attn_heads"] == [[0, 1], [0, 1]]
+        assert all(set(g) == {"local", "sparse"} and 0 < g["local"] < 1 for g in m["attn_gate"])
+        # a query reaches back past its 16-key window to complete blocks only
+        assert all(16 <= r["mean"] <= r["max"] < 64 for r in m["attn_reach"])

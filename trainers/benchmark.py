@@ -129,7 +129,10 @@ def measure_throughput(
     when that is longer than the model's (the MLA plan follows: same budget, wider global
     stride); the trained model and its optimiser are untouched.
 
-    Returns {"tokens_per_s", "step_ms" (median), "wait_s" (for the lock)}.
+    Returns {"tokens_per_s", "step_ms" (median), "host_ms" (median time for Python to issue a
+    step's work, before the device sync), "wait_s" (for the lock)}. host_ms close to step_ms
+    means the step is bound by kernel launches, not by the device: its time then hardly grows
+    with seq_len, and tokens/s grows with it (CUDA graphs, `model.cuda_graphs`, are the cure).
     """
     from .trainer import TrainState, train_step  # the trainer imports this module
 
@@ -148,22 +151,25 @@ def measure_throughput(
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen).to(device)
     y = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen).to(device)
-    times = []
+    times, host = [], []
     with lock.exclusive() if lock is not None else contextlib.nullcontext(0.0) as waited:
         sync(device)
         t0 = time.perf_counter()
         for i in range(warmup + steps):
             train_step(bench, x, y, lr=1e-6)
+            issued = time.perf_counter()
             sync(device)  # one sync per step: it ends this step's interval and opens the next
             t1 = time.perf_counter()
             if i >= warmup:
                 times.append(t1 - t0)
+                host.append(issued - t0)
             t0 = t1
     del bench, copy, optimizer
     median = statistics.median(times)
     return {
         "tokens_per_s": batch_size * seq_len / median,
         "step_ms": median * 1e3,
+        "host_ms": statistics.median(host) * 1e3,
         "wait_s": float(waited),
     }
 

@@ -27,6 +27,7 @@ import torch.nn as nn
 import yaml
 
 from . import distributed as dist
+from .attention_stats import attention_stats
 from .benchmark import DeviceLock, StepGate, measure_throughput, sync
 from .config import TrainConfig, build, to_dict
 from .data import IGNORE, load_data, mqar_probe
@@ -309,6 +310,9 @@ def _train(
                         ev = evaluate(state, val_batches, mqar=is_mqar)
                         if probe_batches is not None:  # MQAR mixed into the training data
                             ev["mqar_acc"] = evaluate(state, probe_batches, mqar=True)["mqar_acc"]
+                        # one validation row: the gates, heads and sparse reach (the report's
+                        # view of what the attention learned)
+                        learned = attention_stats(model, val_batches[0][0], state.autocast())
                     if not math.isfinite(ev["val_loss"]):
                         raise FloatingPointError(
                             f"validation loss is {ev['val_loss']} at step {step}"
@@ -334,6 +338,7 @@ def _train(
                         "lr": lr_at(step, config),
                         "params": model.num_params(),
                         **({"mqar_acc": ev["mqar_acc"]} if "mqar_acc" in ev else {}),
+                        **learned,
                     }
                 if is_checkpoint:
                     save_checkpoint(ckpt_dir, state, generator, config, step, elapsed)
@@ -567,6 +572,10 @@ class _Benchmarks:
                     lock=self.lock,
                 )
                 out[key] = r["tokens_per_s"]
+                # a launch-bound step shows as host_ms close to step_ms (see measure_throughput)
+                at = key.removeprefix("tokens_per_s")
+                out[f"benchmark_step_ms{at}"] = r["step_ms"]
+                out[f"benchmark_host_ms{at}"] = r["host_ms"]
                 wait += r["wait_s"]
             out["benchmark_wait_s"] = wait
             if self.state.device.type == "cuda":

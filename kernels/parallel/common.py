@@ -154,3 +154,43 @@ def _pack_rows(packs, T, NP, HQ: tl.constexpr, G: tl.constexpr, BT: tl.constexpr
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _sparse_dkv_rows(
+    q,
+    do,
+    gate,
+    lse_s,
+    delta_s,
+    o_bq,
+    o_row,
+    o_d,
+    m_r,
+    m_k,
+    b_k,
+    b_v,
+    b_dk,
+    b_dv,
+    scale2,
+    D: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # One step of the sparse dk/dv kernels: the rows o_row (where m_r) that read the key
+    # block b_k, b_v add their share to its dk, dv ([BSP, D], float32, unscaled dk).
+    o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
+    # [rows, D]
+    b_q = tl.load(q + o_x, mask=m_r[:, None], other=0.0)
+    b_do = tl.load(do + o_x, mask=m_r[:, None], other=0.0)
+    b_g = tl.load(gate + (o_bq + o_row) * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
+    b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+    b_lse = tl.load(lse_s + o_bq + o_row, mask=m_r, other=float("inf"))
+    b_delta = tl.load(delta_s + o_bq + o_row, mask=m_r, other=0.0)
+    # [BSP, rows]
+    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
+    b_pt = tl.where(m_k[:, None] & m_r[None, :], tl.exp2(b_st - b_lse[None, :]), 0.0)
+    b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
+    b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    return b_dk, b_dv

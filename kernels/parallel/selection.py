@@ -189,7 +189,7 @@ def _select(
     """Block indices [B, T, HKV, n_select] int32, as `selection.select_blocks` (-1: no block).
     km: the float32 block means of k [B, NB, HKV, D] when the caller has them already."""
     B, T, HKV, NB = lay.B, lay.T, lay.HKV, lay.NB
-    bs, nsel = lay.plan.block_size, lay.plan.n_select
+    bs = lay.plan.block_size
     t = _tiles("score")
     if km is None:
         km = _pool(k, None, bs, NB, None, km=True)[2]
@@ -214,19 +214,26 @@ def _select(
         SPLIT=q.dtype != torch.float32,
         **_options(t),
     )
-    idx = torch.empty(B, T, HKV, nsel, dtype=torch.int32, device=q.device)
+    return _topk(score, lay)
+
+
+def _topk(score: torch.Tensor, lay: _Layout) -> torch.Tensor:
+    """The n_select best blocks [B, R, HKV, n_select] int32 of each row of score [B, R, HKV,
+    NB] (rows: tokens, or selection tiles), best first; -1 once a row has no candidate left."""
+    B, R, HKV, NB = score.shape
+    idx = torch.empty(B, R, HKV, lay.plan.n_select, dtype=torch.int32, device=score.device)
     if lay.NA < HKV:
         idx.fill_(-1)  # fully pruned groups are neither scored nor ranked: they select nothing
-    R, BR = B * T * lay.NA, 4
-    _topk_kernel[(triton.cdiv(R, BR),)](
+    rows, BR = B * R * lay.NA, 4
+    _topk_kernel[(triton.cdiv(rows, BR),)](
         score=score,
         idx=idx,
         groups=lay.groups,
-        R=R,
+        R=rows,
         NA=lay.NA,
         NB=NB,
         HKV=HKV,
-        NSEL=nsel,
+        NSEL=lay.plan.n_select,
         NBP=triton.next_power_of_2(NB),
         BR=BR,
     )

@@ -16,6 +16,7 @@ from .common import (
     _n_selected,
     _softmax_finish,
     _softmax_step,
+    _sparse_dkv_rows,
 )
 
 
@@ -200,21 +201,10 @@ def _sparse_bwd_dkv_kernel(
             m_r = m_h & (i_p + o_q < p_hi)
             b_tok = tl.load(tokens + i_p + o_q, mask=m_r, other=0)
             o_row = b_tok * HQ + o_h
-            o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
-            # [BQ * GP, D]
-            b_q = tl.load(q + o_x, mask=m_r[:, None], other=0.0)
-            b_do = tl.load(do + o_x, mask=m_r[:, None], other=0.0)
-            b_g = tl.load(gate + (o_bq + o_row) * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
-            b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
-            b_lse = tl.load(lse_s + o_bq + o_row, mask=m_r, other=float("inf"))
-            b_delta = tl.load(delta_s + o_bq + o_row, mask=m_r, other=0.0)
-            # [BSP, BQ * GP]
-            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
-            b_pt = tl.where(m_k[:, None] & m_r[None, :], tl.exp2(b_st - b_lse[None, :]), 0.0)
-            b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
-            b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
-            b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+            b_dk, b_dv = _sparse_dkv_rows(
+                q, do, gate, lse_s, delta_s, o_bq, o_row, o_d, m_r, m_k, b_k, b_v, b_dk, b_dv,
+                scale2, D, PREC,
+            )  # fmt: skip
         # relaxed: only the sums matter, read by later launches (the default acq_rel orders
         # every add)
         tl.atomic_add(dk + o_kv, b_dk * scale, mask=m_k[:, None], sem="relaxed")

@@ -24,9 +24,10 @@ from .common import (
     _n_selected,
     _softmax_finish,
     _softmax_step,
+    _sparse_dkv_rows,
 )
 from .layout import _options, _tiles
-from .selection import _pool, _topk_kernel
+from .selection import _pool, _topk
 from .sparse import _invert
 
 
@@ -345,21 +346,10 @@ def _sparse_tile_dkv_kernel(
             o_tok = i_tile * BQ + i_p % BQ + o_r // GP
             m_r = m_h & (o_tok < T)
             o_row = o_tok * HQ + o_h
-            o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
-            # [RP, D]
-            b_q = tl.load(q + o_x, mask=m_r[:, None], other=0.0)
-            b_do = tl.load(do + o_x, mask=m_r[:, None], other=0.0)
-            b_g = tl.load(gate + (o_bq + o_row) * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
-            b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
-            b_lse = tl.load(lse_s + o_bq + o_row, mask=m_r, other=float("inf"))
-            b_delta = tl.load(delta_s + o_bq + o_row, mask=m_r, other=0.0)
-            # [BSP, RP]
-            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
-            b_pt = tl.where(m_k[:, None] & m_r[None, :], tl.exp2(b_st - b_lse[None, :]), 0.0)
-            b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
-            b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
-            b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+            b_dk, b_dv = _sparse_dkv_rows(
+                q, do, gate, lse_s, delta_s, o_bq, o_row, o_d, m_r, m_k, b_k, b_v, b_dk, b_dv,
+                scale2, D, PREC,
+            )  # fmt: skip
         tl.atomic_add(dk + o_kv, b_dk * scale, mask=m_k[:, None], sem="relaxed")
         tl.atomic_add(dv + o_kv, b_dv, mask=m_k[:, None], sem="relaxed")
 
@@ -376,7 +366,7 @@ def select(q, k, lay, km) -> torch.Tensor:
     """Block indices [B, NT, HKV, n_select] int32 of each tile of Bq queries, best first (-1:
     no block), as `selection.select_tiles`. km: the float32 block means [B, NB, HKV, D]."""
     B, T, HKV, NB, NT = lay.B, lay.T, lay.HKV, lay.NB, lay.NT
-    bs, nsel, bq = lay.plan.block_size, lay.plan.n_select, lay.plan.select_tile
+    bs, bq = lay.plan.block_size, lay.plan.select_tile
     t = _tiles("tile_score")
     if km is None:
         km = _pool(k, None, bs, NB, None, km=True)[2]
@@ -402,15 +392,7 @@ def select(q, k, lay, km) -> torch.Tensor:
         SPLIT=q.dtype != torch.float32,
         **_options(t),
     )
-    idx = torch.empty(B, NT, HKV, nsel, dtype=torch.int32, device=q.device)
-    if lay.NA < HKV:
-        idx.fill_(-1)  # fully pruned groups are neither scored nor ranked: they select nothing
-    R, BR = B * NT * lay.NA, 4
-    _topk_kernel[(triton.cdiv(R, BR),)](
-        score=score, idx=idx, groups=lay.groups, R=R, NA=lay.NA, NB=NB, HKV=HKV, NSEL=nsel,
-        NBP=triton.next_power_of_2(NB), BR=BR,
-    )  # fmt: skip
-    return idx
+    return _topk(score, lay)
 
 
 def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
