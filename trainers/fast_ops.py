@@ -14,8 +14,6 @@ device: the CPU path never loads them (the plain PyTorch ops of `model` stay the
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn as nn
 
@@ -25,25 +23,34 @@ FP8_LAYERS = ("attn.qkv", "attn.proj", "mlp.gate_up", "mlp.down")
 """Names (suffixes) of the linears that `precision: fp8` converts."""
 
 
-def liger_installed() -> bool:
-    """Whether liger-kernel can be imported (without importing it)."""
-    return importlib.util.find_spec("liger_kernel") is not None
+def liger_importable() -> bool:
+    """Whether the liger-kernel modules used here import (called on the CUDA path only)."""
+    try:
+        import liger_kernel.ops  # noqa: F401
+        import liger_kernel.transformers.functional  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def resolve_fused_ops(cfg: ModelConfig, device: torch.device) -> bool:
     """`model.fused_ops` for `device`: None means on exactly when the device is CUDA and
-    liger-kernel is installed; True elsewhere is a config error."""
-    if cfg.fused_ops is None:
-        return device.type == "cuda" and liger_installed()
-    if cfg.fused_ops and device.type != "cuda":
+    liger-kernel imports; True elsewhere is a config error."""
+    if cfg.fused_ops is False:
+        return False
+    if device.type != "cuda":
+        if cfg.fused_ops:
+            raise ConfigError(
+                "model.fused_ops", f"the fused Triton ops need CUDA, the model runs on {device}"
+            )
+        return False
+    usable = liger_importable()
+    if cfg.fused_ops and not usable:
         raise ConfigError(
-            "model.fused_ops", f"the fused Triton ops need CUDA, the model runs on {device}"
+            "model.fused_ops",
+            "liger-kernel does not import: pip install 'automla[gpu]' (or set it null)",
         )
-    if cfg.fused_ops and not liger_installed():
-        raise ConfigError(
-            "model.fused_ops", "needs liger-kernel: pip install 'automla[gpu]' (or set it null)"
-        )
-    return cfg.fused_ops
+    return usable
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -120,6 +127,9 @@ def rotary_half(
     of the same pairs, and dot products do not see the permutation."""
     from liger_kernel.ops import LigerRopeFunction
 
+    # the kernel rotates a contiguous copy in place, or the input itself when it is already
+    # contiguous (a slice of qkv can be, at T = 1): it must never write into qkv
+    q, k = (x.clone() if x.is_contiguous() else x for x in (q, k))
     q, k = LigerRopeFunction.apply(
         q.transpose(1, 2), k.transpose(1, 2), cos, sin, None, 1, q.shape[-1]
     )
