@@ -352,6 +352,10 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     t_start = time.perf_counter()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    paths = [args.json] if args.json else []
+    if os.environ.get("OUT"):
+        paths.append(os.path.join(os.environ["OUT"], "train_throughput.json"))
     rows = []
     for v, T in variants(args, device):
         t0 = time.perf_counter()
@@ -367,6 +371,7 @@ def main() -> None:
                 f"({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
+        write_json(paths, name, rows, None)  # after each variant: a cut-off run keeps its rows
     loss = None
     if args.loss_steps and device.type == "cuda":
         curves = {}
@@ -383,7 +388,6 @@ def main() -> None:
         loss = {"width": args.loss_width, "T": args.wide_seq, "steps": args.loss_steps, **curves}
         if all(isinstance(c, list) for c in curves.values()):
             loss.update(curve_gap(curves["bf16"], curves["fp8"]))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(
         f"\n{name}, torch {torch.__version__}, heads {args.heads[0]} q / {args.heads[1]} KV of "
         f"{args.heads[2]} (125M model), batch 1, {time.perf_counter() - t_start:.0f} s in all\n"
@@ -401,10 +405,11 @@ def main() -> None:
                 f"{loss['max_rel_gap']:.2%}, at the end {loss['final_rel_gap']:.2%}\n"
             )
     print_table(rows)
-    result = {"device": name, "torch": torch.__version__, "rows": rows, "loss_curves": loss}
-    paths = [args.json] if args.json else []
-    if os.environ.get("OUT"):
-        paths.append(os.path.join(os.environ["OUT"], "train_throughput.json"))
+    write_json(paths, name, rows, loss)
+
+
+def write_json(paths: list[str], device: str, rows: list[dict], loss: dict | None) -> None:
+    result = {"device": device, "torch": torch.__version__, "rows": rows, "loss_curves": loss}
     for path in paths:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w") as f:

@@ -183,8 +183,9 @@ def test_fp8_converts_only_the_attention_and_mlp_linears(monkeypatch):
     ]
     assert kinds["lm_head"] == kinds["blocks.0.attn.gate.net.0"] == "Linear"
     assert kinds["embed"] == "Embedding"
-    # the same parameters (the optimiser and checkpoints see no change); still tied
+    # the same parameters and state (the optimiser and checkpoints see no change); still tied
     assert all(p is weights[n] for n, p in model.named_parameters())
+    assert model.state_dict().keys() == build_model(tiny("mla")).state_dict().keys()
     assert model.lm_head.weight is model.embed.weight
 
 
