@@ -1,26 +1,73 @@
-"""Training throughput of the LM with MLA against the same LM with dense SDPA attention.
+"""Training throughput of the LM with MLA against the same LM with dense SDPA attention, and of
+the rest of the model's fast path: fused ops, float8 linears, activation checkpointing.
 
     python bench/train_throughput.py [--seq 8192 32768] [--steps 8] [--json out.json]
+    python bench/train_throughput.py --seq 32768 --select-tile 1 64 --fused --fp8 \\
+        --checkpoint block --wide --loss-steps 300      # the fast-path goals, one GPU run
     python bench/train_throughput.py --tiny            # a CPU smoke run of the script itself
 
 One full training step (forward, backward, clipping, AdamW) on one sequence of each length, bf16
 autocast on CUDA; the median step time after warm-up gives tokens/s; peak memory is
-torch.cuda.max_memory_allocated over the timed steps. Prints a markdown table last.
+torch.cuda.max_memory_allocated over the timed steps. Each variant times at most --steps steps
+and stops early past --max-variant-s; a variant that fails (out of memory, say) is reported and
+the rest still run.
+
+- the 125M model (12 layers, d 768, 50k vocabulary) at each --seq, dense and MLA (each
+  --select-tile), plain; --fused adds fused ops on, --fp8 float8 linears (with fused ops when
+  --fused), --checkpoint MODE activation checkpointing (likewise);
+- --wide: 8-layer stacks of d_model --wide-widths (heads of 128, 4 query heads per KV head) at
+  --wide-seq, dense attention, bf16 against fp8;
+- --loss-steps N: N training steps of the --loss-width stack on the stdlib's bytes (the same
+  batches and seed) in bf16 and in fp8; reports the largest relative gap of the two loss curves
+  (10-step moving averages, after the first 10 steps).
+
+Prints a markdown table last; writes JSON to --json and, when $OUT is set, to
+$OUT/train_throughput.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import os
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 from timing import kernel_ms, print_kernels
 
 from automla.kernels import AttentionConfig
 from automla.trainers import DataConfig, ModelConfig, TrainConfig
-from automla.trainers.trainer import build_state, train_step
+from automla.trainers.data import load_data
+from automla.trainers.trainer import build_state, lr_at, train_step
+
+
+@dataclass(frozen=True)
+class Variant:
+    attention: str
+    """dense, mla, or mla+graphs (the MLA op replayed from CUDA graphs)."""
+    select_tile: int = 1
+    fused: bool = False
+    precision: str = "bf16"
+    checkpoint: str = "none"
+    width: int | None = None
+    """None: the 125M model; else the d_model of an 8-layer wide stack."""
+
+    @property
+    def name(self) -> str:
+        return (
+            self.attention
+            if self.attention == "dense"
+            else f"{self.attention} Bq={self.select_tile}"
+        )
+
+    @property
+    def plain(self) -> Variant:
+        """The same model without the fast path: what it is compared against."""
+        return dataclasses.replace(self, fused=False, precision="bf16", checkpoint="none")
 
 
 def nsa_sized(T: int, select_tile: int = 1) -> AttentionConfig:
@@ -39,15 +86,25 @@ def nsa_sized(T: int, select_tile: int = 1) -> AttentionConfig:
 
 
 def model_config(
-    attention: str, T: int, tiny: bool, heads: tuple[int, int, int], select_tile: int = 1
+    v: Variant, T: int, tiny: bool, heads: tuple[int, int, int], vocab_size: int = 50304
 ) -> ModelConfig:
     if tiny:
         size = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2)
+    elif v.width is not None:
+        n_heads = v.width // 128
+        size = dict(
+            vocab_size=vocab_size,
+            d_model=v.width,
+            n_layers=8,
+            n_heads=n_heads,
+            n_kv_heads=max(1, n_heads // 4),
+            head_dim=128,
+        )
     else:
         # GPT-2 small sized: ~124M parameters with a 50k vocabulary
         n_heads, n_kv_heads, head_dim = heads
         size = dict(
-            vocab_size=50304,
+            vocab_size=vocab_size,
             d_model=768,
             n_layers=12,
             n_heads=n_heads,
@@ -55,18 +112,25 @@ def model_config(
             head_dim=head_dim,
         )
     if tiny:
-        mla = AttentionConfig(budget=64, block_size=16, select_tile=select_tile)
+        mla = AttentionConfig(budget=64, block_size=16, select_tile=v.select_tile)
     else:
-        mla = nsa_sized(T, select_tile)
-    graphs = attention == "mla+graphs"
+        mla = nsa_sized(T, v.select_tile)
+    graphs = v.attention == "mla+graphs"
     return ModelConfig(
-        **size, max_seq_len=T, attention="mla" if graphs else attention, mla=mla, cuda_graphs=graphs
+        **size,
+        max_seq_len=T,
+        attention="mla" if graphs else v.attention,
+        mla=mla,
+        cuda_graphs=graphs,
+        fused_ops=v.fused,
+        precision=v.precision,
+        checkpoint=v.checkpoint,
     )
 
 
-def measure(attention, T, steps, warmup, tiny, device, heads, profile=False, select_tile=1):
+def measure(v: Variant, T, steps, warmup, tiny, device, heads, profile=False, max_s=30.0):
     cfg = TrainConfig(
-        model=model_config(attention, T, tiny, heads, select_tile),
+        model=model_config(v, T, tiny, heads),
         data=DataConfig(),
         steps=steps,
         batch_size=1,
@@ -80,37 +144,172 @@ def measure(attention, T, steps, warmup, tiny, device, heads, profile=False, sel
     x = torch.randint(0, vocab, (1, T), generator=gen).to(device)
     y = torch.randint(0, vocab, (1, T), generator=gen).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
+    for _ in range(warmup):  # Triton and torch.compile compile here
         train_step(state, x, y, 1e-4)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
+    start = time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
         loss = train_step(state, x, y, 1e-4)
         sync()
         times.append(time.perf_counter() - t0)
+        if len(times) >= 2 and time.perf_counter() - start > max_s:
+            break
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"{attention} at T={T}: loss {loss.item()}")
+        raise FloatingPointError(f"{v} at T={T}: loss {loss.item()}")
     step_s = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     if profile and device.type == "cuda":  # after the peak: the profiler's steps are extra
-        print_kernels(
-            f"{attention} T={T} step", kernel_ms(lambda s=state: train_step(s, x, y, 1e-4))
-        )
+        print_kernels(f"{v.name} T={T} step", kernel_ms(lambda s=state: train_step(s, x, y, 1e-4)))
     params = sum(p.numel() for p in state.raw_model.parameters())
     del state
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {
-        "attention": attention if attention == "dense" else f"{attention} Bq={select_tile}",
+        **dataclasses.asdict(v),
+        "attention": v.name,
         "T": T,
+        "d_model": cfg.model.d_model,
         "params": params,
+        "steps_timed": len(times),
         "step_ms": step_s * 1e3,
         "tokens_per_s": T / step_s,
         "peak_mem_gb": peak,
     }
+
+
+def loss_curve(width: int, precision: str, fused: bool, steps: int, T: int, device) -> list[float]:
+    """Per-step training losses of the `width` stack on the stdlib's bytes: the same batches
+    (seed 0) and schedule (lr 3e-4, 20 warm-up steps, cosine) whatever the precision."""
+    v = Variant("dense", fused=fused, precision=precision, width=width)
+    cfg = TrainConfig(
+        model=model_config(v, T, False, (0, 0, 0), vocab_size=256),
+        data=DataConfig(max_bytes=4_000_000),
+        steps=steps,
+        batch_size=1,
+        seq_len=T,
+        lr=3e-4,
+        warmup_steps=20,
+        dtype="bfloat16",
+        device=str(device),
+    )
+    state = build_state(cfg, device)
+    train, _ = load_data(cfg.data, T, vocab_size=256)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(1, steps + 1):
+        x, y = train.sample(1, gen)
+        losses.append(train_step(state, x.to(device), y.to(device), lr_at(step, cfg)))
+    del state
+    return torch.stack(losses).float().cpu().tolist()
+
+
+def curve_gap(reference: list[float], other: list[float], window: int = 10) -> dict:
+    """Largest and final relative gap of the two curves' moving averages over `window` steps."""
+    ref, oth = (torch.tensor(c).unfold(0, window, 1).mean(1) for c in (reference, other))
+    rel = ((oth - ref).abs() / ref)[window:]  # after the first steps' fast drop
+    return {"max_rel_gap": rel.max().item(), "final_rel_gap": rel[-1].item()}
+
+
+def run(v: Variant, T: int, args, device) -> dict:
+    """measure(), or the error's row: one failing variant must not lose the others."""
+    try:
+        return measure(
+            v, T, args.steps, args.warmup, args.tiny, device, tuple(args.heads), args.profile,
+            args.max_variant_s,
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        d_model = 64 if args.tiny else v.width or 768
+        return {**dataclasses.asdict(v), "attention": v.name, "T": T, "d_model": d_model,
+                "error": repr(e)[:300]}  # fmt: skip
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def variants(args, device) -> list[tuple[Variant, int]]:
+    """(variant, T) in the order run: per length, each attention plain then its fast paths."""
+    fast = []
+    if args.fused:
+        fast.append({"fused": True})
+    if args.fp8:
+        fast.append({"fused": args.fused, "precision": "fp8"})
+    for mode in args.checkpoint:
+        fast.append({"fused": args.fused, "checkpoint": mode})
+    attentions = [("dense", 1)]
+    for bq in args.select_tile:
+        attentions += [("mla", bq)] + ([("mla+graphs", bq)] if args.cuda_graphs else [])
+    out = []
+    for T in [128, 256] if args.tiny else args.seq:
+        for attention, bq in attentions:
+            base = Variant(attention, bq)
+            out.append((base, T))
+            for change in fast:
+                v = dataclasses.replace(base, **change)
+                if v.checkpoint != "none" and attention == "mla+graphs":
+                    continue  # a config error: graphs are not recomputed
+                out.append((v, T))
+    if args.wide and not args.tiny:
+        for width in args.wide_widths:
+            for precision in ("bf16", "fp8"):
+                v = Variant("dense", fused=args.fused, precision=precision, width=width)
+                out.append((v, args.wide_seq))
+    if device.type != "cuda":
+        # the CPU smoke run: what runs there (no fused ops, no float8), each once
+        cpu = [(dataclasses.replace(v, fused=False), T) for v, T in out if v.precision == "bf16"]
+        out = list(dict.fromkeys(cpu))
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    def key(r, **change):
+        v = {f: r[f] for f in ("select_tile", "fused", "precision", "checkpoint", "width")}
+        return (r["T"], r["attention"], *{**v, **change}.values())
+
+    ok = {key(r): r for r in rows if "error" not in r}
+    print(
+        "| T | d_model | attention | fused | precision | checkpoint | step ms | tokens/s | "
+        "peak GB | speed vs plain | memory vs plain | speed vs plain dense |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        head = (
+            f"| {r['T']} | {r['d_model']} | {r['attention']} | {'on' if r['fused'] else 'off'} | "
+            f"{r['precision']} | {r['checkpoint']} |"
+        )
+        if "error" in r:
+            print(f"{head} failed: {r['error'][:120]} | | | | | |")
+            continue
+        plain = ok.get(key(r, fused=False, precision="bf16", checkpoint="none"))
+        dense_plain = next(
+            (
+                d
+                for d in rows
+                if "error" not in d
+                and d["T"] == r["T"]
+                and d["width"] == r["width"]
+                and d["attention"] == "dense"
+                and not d["fused"]
+                and d["precision"] == "bf16"
+                and d["checkpoint"] == "none"
+            ),
+            None,
+        )
+
+        print(
+            f"{head} {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_mem_gb']:.2f} | "
+            f"{_ratio(r, plain, 'step_ms', invert=True)} | {_ratio(r, plain, 'peak_mem_gb')} | "
+            f"{_ratio(r, dense_plain, 'step_ms', invert=True)} |"
+        )
+
+
+def _ratio(row: dict, base: dict | None, field: str, invert: bool = False) -> str:
+    """row / base of `field` (base / row with invert: a speed-up of times), '' against itself."""
+    if base is None or base is row or math.isnan(row[field]):
+        return ""
+    a, b = row[field], base[field]
+    return f"{(b / a if invert else a / b):.2f}x"
 
 
 def main() -> None:
@@ -118,6 +317,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--max-variant-s", type=float, default=20.0, help="cap on a variant's timing")
     ap.add_argument("--tiny", action="store_true", help="small model on CPU: checks the script")
     ap.add_argument(
         "--heads",
@@ -134,58 +334,86 @@ def main() -> None:
     ap.add_argument(
         "--select-tile", type=int, nargs="+", default=[1], help="MLA's select_tile values to run"
     )
+    ap.add_argument("--fused", action="store_true", help="also with fused ops (liger) on")
+    ap.add_argument("--fp8", action="store_true", help="also with float8 linears (torchao)")
+    ap.add_argument(
+        "--checkpoint",
+        nargs="+",
+        default=[],
+        choices=["attention", "block"],
+        help="also with activation checkpointing of these kinds",
+    )
+    ap.add_argument("--wide", action="store_true", help="8-layer wide stacks, bf16 against fp8")
+    ap.add_argument("--wide-widths", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--wide-seq", type=int, default=8192)
+    ap.add_argument("--loss-steps", type=int, default=0, help="fp8 vs bf16 loss curves (0: off)")
+    ap.add_argument("--loss-width", type=int, default=4096)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    seqs = [128, 256] if args.tiny else args.seq
-    variants = [("dense", 1)]
-    for bq in args.select_tile:
-        variants += [("mla", bq)] + ([("mla+graphs", bq)] if args.cuda_graphs else [])
+    t_start = time.perf_counter()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    paths = [args.json] if args.json else []
+    if os.environ.get("OUT"):
+        paths.append(os.path.join(os.environ["OUT"], "train_throughput.json"))
     rows = []
-    for T in seqs:
-        for attention, bq in variants:
-            rows.append(
-                measure(
-                    attention,
-                    T,
-                    args.steps,
-                    args.warmup,
-                    args.tiny,
-                    device,
-                    tuple(args.heads),
-                    args.profile,
-                    bq,
-                )  # fmt: skip
-            )
-            r = rows[-1]
+    for v, T in variants(args, device):
+        t0 = time.perf_counter()
+        rows.append(run(v, T, args, device))
+        r = rows[-1]
+        tag = f"{r['attention']:14s} d={v.width or 768:<5d} fused={int(v.fused)} {v.precision} "
+        tag += f"ckpt={v.checkpoint:9s} T={T:6d}"
+        if "error" in r:
+            print(f"{tag} FAILED {r['error']}", flush=True)
+        else:
             print(
-                f"{r['attention']:18s} T={T:6d} {r['step_ms']:9.1f} ms/step "
-                f"{r['tokens_per_s']:10.0f} tok/s",
+                f"{tag} {r['step_ms']:9.1f} ms/step {r['peak_mem_gb']:7.2f} GB "
+                f"({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+        write_json(paths, name, rows, None)  # after each variant: a cut-off run keeps its rows
+    loss = None
+    if args.loss_steps and device.type == "cuda":
+        curves = {}
+        for precision in ("bf16", "fp8"):
+            t0 = time.perf_counter()
+            try:
+                curves[precision] = loss_curve(
+                    args.loss_width, precision, args.fused, args.loss_steps, args.wide_seq, device
+                )
+            except Exception as e:  # noqa: BLE001 - reported below
+                curves[precision] = repr(e)[:300]
+            torch.cuda.empty_cache()
+            print(f"loss curve {precision}: {time.perf_counter() - t0:.0f} s", flush=True)
+        loss = {"width": args.loss_width, "T": args.wide_seq, "steps": args.loss_steps, **curves}
+        if all(isinstance(c, list) for c in curves.values()):
+            loss.update(curve_gap(curves["bf16"], curves["fp8"]))
     print(
-        f"\n{name}, torch {torch.__version__}, params {rows[0]['params'] / 1e6:.1f}M, "
-        f"heads {args.heads[0]} q / {args.heads[1]} KV of {args.heads[2]}, batch 1\n"
+        f"\n{name}, torch {torch.__version__}, heads {args.heads[0]} q / {args.heads[1]} KV of "
+        f"{args.heads[2]} (125M model), batch 1, {time.perf_counter() - t_start:.0f} s in all\n"
     )
-    print("| T | attention | step ms | tokens/s | peak GB | tokens/s vs dense | memory vs dense |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    dense = {r["T"]: r for r in rows if r["attention"] == "dense"}
-    for r in rows:
-        d = dense[r["T"]]
-        ratio = " | "
-        if r is not d:
-            ratio = (
-                f"{r['tokens_per_s'] / d['tokens_per_s']:.2f}x | "
-                f"{r['peak_mem_gb'] / d['peak_mem_gb']:.2f}x"
+    if loss is not None:
+        for precision in ("bf16", "fp8"):
+            c = loss[precision]
+            print(
+                f"loss d={loss['width']} {precision}: "
+                + (f"first {c[0]:.3f}, last {c[-1]:.3f}" if isinstance(c, list) else f"failed {c}")
             )
-        print(
-            f"| {r['T']} | {r['attention']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
-            f"{r['peak_mem_gb']:.2f} | {ratio} |"
-        )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        if "max_rel_gap" in loss:
+            print(
+                f"fp8 vs bf16 over {loss['steps']} steps (10-step means): max relative gap "
+                f"{loss['max_rel_gap']:.2%}, at the end {loss['final_rel_gap']:.2%}\n"
+            )
+    print_table(rows)
+    write_json(paths, name, rows, loss)
+
+
+def write_json(paths: list[str], device: str, rows: list[dict], loss: dict | None) -> None:
+    result = {"device": device, "torch": torch.__version__, "rows": rows, "loss_curves": loss}
+    for path in paths:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

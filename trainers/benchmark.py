@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .fast_ops import prepare_model
 from .model import build_model
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ def measure_throughput(
     device = state.device
     copy = build_model(cfg).to(device)
     copy.load_state_dict(model.state_dict())  # head masks and mask values come along
+    prepare_model(copy, device)  # fused ops and float8 linears as the trained model's
     copy.train()
     optimizer = torch.optim.AdamW(copy.parameters(), lr=1e-6, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if state.scaler is not None else None

@@ -56,6 +56,17 @@ class ModelConfig:
     """Replay each layer's MLA op (its ~25 kernel launches, forward and backward) from CUDA
     graphs, captured once per input shape and head mask: for small layers whose kernels take
     less time than Python needs to launch them. Only where the op runs on the Triton kernels."""
+    fused_ops: bool | None = None
+    """liger-kernel's Triton ops for RMSNorm, SwiGLU, rotary and (training) linear +
+    cross-entropy without the logits tensor. None: on where the model runs on CUDA and
+    liger-kernel is installed (the `gpu` extra); the plain PyTorch ops elsewhere."""
+    precision: Literal["bf16", "fp8"] = "bf16"
+    """fp8: torchao float8 training for the q/k/v/o projections and the MLP's linears (CUDA
+    only, their widths multiples of 16); the gate MLP, embeddings, norms, attention and loss
+    stay in `train.dtype` / float32. bf16: every linear in `train.dtype`."""
+    checkpoint: Literal["none", "attention", "block"] = "none"
+    """Activation checkpointing in training: recompute each block's attention sublayer (with
+    its norm), or the whole block, in the backward instead of keeping its activations."""
     kept_heads: list[list[int]] | None = None
     """A compacted model (see `pruning.compact`): per layer, the original ids of the query heads
     whose weights remain; a KV head remains while any head of its group does. None: all."""
@@ -93,6 +104,29 @@ class ModelConfig:
                     raise ConfigError(
                         f"kept_heads[{i}]", f"head ids must lie in [0, {self.n_heads}), got {heads}"
                     )
+
+        if self.checkpoint != "none" and self.cuda_graphs:
+            raise ConfigError(
+                "checkpoint",
+                "cannot recompute the MLA op replayed from CUDA graphs (cuda_graphs: its "
+                "capture and static buffers assume one forward per backward); turn one off",
+            )
+        if self.precision == "fp8":
+            self._check_fp8()
+
+    def _check_fp8(self) -> None:
+        """float8 matmuls need both dimensions of every converted linear divisible by 16."""
+        hidden = 32 * math.ceil(self.ffn_mult * self.d_model / 32)  # a multiple of 32
+        widths = {"d_model": self.d_model, "MLP hidden": hidden}
+        kv = [len(g) for g in self.group_sizes()]
+        for layer, (hq, hkv) in enumerate(zip(self.heads_per_layer(), kv)):
+            widths[f"layer {layer} query heads x head_dim"] = hq * self.head_dim
+            widths[f"layer {layer} q/k/v rows"] = (hq + 2 * hkv) * self.head_dim
+        for name, width in widths.items():
+            if width % 16:
+                raise ConfigError(
+                    "precision", f"fp8 needs widths divisible by 16; {name} is {width}"
+                )
 
     def heads_per_layer(self) -> list[int]:
         """Query heads each layer holds weights for."""
@@ -332,6 +366,11 @@ class TrainConfig:
             self._check_pruning()
         if self.sequence_parallel != 1:
             self._check_sequence_parallel()
+        if self.device.startswith("cpu"):
+            if self.model.precision == "fp8":
+                raise ConfigError("model.precision", "fp8 needs a CUDA GPU; device is cpu")
+            if self.model.fused_ops:
+                raise ConfigError("model.fused_ops", "the fused ops need CUDA; device is cpu")
 
     def _check_sequence_parallel(self) -> None:
         """Each rank attends whole KV groups (MLA) or at least one query head (dense)."""

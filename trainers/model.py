@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from automla.kernels import (
     GateConfig,
@@ -25,6 +26,7 @@ from automla.kernels import (
     resolve_backend,
 )
 
+from . import fast_ops
 from .config import ModelConfig
 from .graphs import GraphedOp
 
@@ -36,8 +38,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fused = False
+        """liger's Triton kernel (CUDA; `LanguageModel.use_fused_ops`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return fast_ops.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
@@ -131,6 +137,9 @@ class HeadLayout:
     """[n_slots] 1 / scale, 0 where the scale is 0."""
     zero: torch.Tensor | None
     """Slots whose scale is 0 (active heads probed for importance)."""
+    half_rows: torch.Tensor | None = None
+    """Fused rotary only: `rows` (all rows when None) with each q and k head's rows in the
+    half layout that liger's kernel rotates (built on first use)."""
 
 
 class Attention(nn.Module):
@@ -163,6 +172,8 @@ class Attention(nn.Module):
         self._scale = torch.ones(hq)
         self._layout: HeadLayout | None = None
         self._graphed = GraphedOp() if cfg.cuda_graphs else None
+        self.fused = False
+        """liger's rotary kernel (CUDA; `LanguageModel.use_fused_ops`)."""
         self.sequence_parallel = None
         """A `sequence_parallel.SequenceParallel`: attention runs across its ranks."""
         self.importance: torch.Tensor | None = None
@@ -284,13 +295,19 @@ class Attention(nn.Module):
             y = self.sequence_parallel.attend(self, x, rot, lay)
             w = self.proj.weight if lay.cols is None else self.proj.weight.index_select(1, lay.cols)
             return F.linear(self._scale_and_track(y, lay).reshape(B, T, S * d), w)
-        w = self.qkv.weight if lay.rows is None else self.qkv.weight.index_select(0, lay.rows)
         # the query heads of the layout (the op's slots for MLA) and the KV heads of their
         # groups: the weight rows come in that order, so no activation is scattered or gathered
-        qkv = F.linear(x, w).view(B, T, S + 2 * K, d)
-        # rotary on q and k together: one set of elementwise ops
-        qk = apply_rotary(qkv[:, :, : S + K], rot)
-        q, k = qk.split([S, K], dim=2)  # (B, T, S, D), (B, T, K, D)
+        half = self._fused_rotary(x)
+        rows = self._half_rows(lay) if half else lay.rows
+        w = self.qkv.weight if rows is None else self.qkv.weight.index_select(0, rows)
+        qkv = _linear(self.qkv, x, w).view(B, T, S + 2 * K, d)
+        if half:
+            # q and k in the half layout: one kernel rotates both; q.k is unchanged
+            q, k = fast_ops.rotary_half(qkv[:, :, :S], qkv[:, :, S : S + K], rot.real, rot.imag)
+        else:
+            # rotary on q and k together: one set of elementwise ops
+            qk = apply_rotary(qkv[:, :, : S + K], rot)
+            q, k = qk.split([S, K], dim=2)  # (B, T, S, D), (B, T, K, D)
         v = qkv[:, :, S + K :]  # (B, T, K, D)
         if self.gate is None:
             if lay.kv_of is None:
@@ -302,12 +319,27 @@ class Attention(nn.Module):
                 logits = self.gate(x, lay.gate_rows).view(B, T, S, 3)
             else:
                 # the query before rotary: its content, not its position
-                logits = self.gate(qkv[:, :, :S])
+                q_in = qkv[:, :, :S]
+                logits = self.gate(fast_ops.from_half(q_in) if half else q_in)
             # empty slots carry a borrowed head's query and gate: the op masks them, so their
             # output is exactly 0 and they get no gradient (nor do the proj columns they borrow)
             y = self._attend(q, k, v, torch.sigmoid(logits), lay.slot_mask)  # (B, T, S, D)
         w = self.proj.weight if lay.cols is None else self.proj.weight.index_select(1, lay.cols)
-        return F.linear(self._scale_and_track(y, lay).reshape(B, T, S * d), w)
+        return _linear(self.proj, self._scale_and_track(y, lay).reshape(B, T, S * d), w)
+
+    def _fused_rotary(self, x: torch.Tensor) -> bool:
+        # a float8 qkv keeps its own (compiled) call on its whole weight: no permuted rows
+        return self.fused and not fast_ops.is_float8(self.qkv)
+
+    def _half_rows(self, lay: HeadLayout) -> torch.Tensor:
+        if lay.half_rows is None:
+            d, n_rot = self.head_dim, lay.n_slots + lay.n_kv  # q and k heads are rotated
+            order = fast_ops.half_order(d).to(lay.head_of.device)
+            rotated = (torch.arange(n_rot, device=order.device)[:, None] * d + order).flatten()
+            v_rows = torch.arange(n_rot * d, (n_rot + lay.n_kv) * d, device=order.device)
+            index = torch.cat([rotated, v_rows])
+            lay.half_rows = index if lay.rows is None else lay.rows[index]
+        return lay.half_rows
 
     def _attend(self, q, k, v, gate, mask: torch.Tensor | None) -> torch.Tensor:
         cfg = self.cfg
@@ -376,6 +408,16 @@ class Attention(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def _linear(module: nn.Linear, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T, with `weight` the module's own or gathered from it: through the module
+    when whole (a float8 module runs its own recipe), else in the module's precision."""
+    if weight is module.weight:
+        return module(x)
+    if fast_ops.is_float8(module):
+        return fast_ops.float8_linear(module, x, weight)
+    return F.linear(x, weight)
+
+
 def _resync_mask(module: Attention, _incompatible_keys) -> None:
     module._sync_mask()  # a loaded state dict may carry pruned heads
 
@@ -396,8 +438,12 @@ class MLP(nn.Module):
         hidden = 32 * math.ceil(cfg.ffn_mult * cfg.d_model / 32)
         self.gate_up = nn.Linear(cfg.d_model, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+        self.fused = False
+        """liger's SwiGLU kernel (CUDA; `LanguageModel.use_fused_ops`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.down(fast_ops.swiglu(self.gate_up(x)))
         g, u = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(g) * u)
 
@@ -409,9 +455,24 @@ class Block(nn.Module):
         self.attn = Attention(cfg, kept)
         self.mlp_norm = RMSNorm(cfg.d_model)
         self.mlp = MLP(cfg)
+        self.checkpoint = cfg.checkpoint
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rot)
+        # only while gradients are recorded: there is nothing to recompute otherwise
+        mode = self.checkpoint if torch.is_grad_enabled() else "none"
+        if mode == "block":
+            return checkpoint(self._forward, x, rot, use_reentrant=False)
+        if mode == "attention":
+            x = x + checkpoint(self._attention, x, rot, use_reentrant=False)
+        else:
+            x = x + self._attention(x, rot)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def _attention(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.attn_norm(x), rot)
+
+    def _forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        x = x + self._attention(x, rot)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -428,7 +489,17 @@ class LanguageModel(nn.Module):
         rot = rotary_table(cfg.max_seq_len, cfg.head_dim, cfg.rope_base)
         self.register_buffer("rope", rot, persistent=False)
         self.sequence_parallel = None
+        self.fused = False
+        """liger's linear + cross-entropy in training (`use_fused_ops`)."""
         self.reset_parameters()
+
+    def use_fused_ops(self, on: bool) -> None:
+        """Run the norms, SwiGLU, rotary and the training loss on liger-kernel's Triton ops
+        (Triton kernels: CUDA tensors, or the CPU in Triton's interpreter; `fast_ops.prepare_model`
+        turns them on where the config asks)."""
+        for m in self.modules():
+            if isinstance(m, (LanguageModel, RMSNorm, Attention, MLP)):
+                m.fused = on
 
     def set_sequence_parallel(self, sp) -> None:
         """Share every sequence across the ranks of `sp` (a `sequence_parallel.
@@ -453,9 +524,10 @@ class LanguageModel(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) and, with targets, the mean cross-entropy
-        over the positions whose target is not -100."""
+        over the positions whose target is not -100. With fused ops on CUDA, a training
+        forward (targets given, gradients recorded) returns no logits: they are never held."""
         T = idx.shape[1]
         sp = self.sequence_parallel
         if sp is None and T > self.cfg.max_seq_len:
@@ -464,7 +536,15 @@ class LanguageModel(nn.Module):
         x = self.embed(idx)  # (B, T, C)
         for block in self.blocks:
             x = block(x, rot)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        h = self.norm(x)
+        train = targets is not None and torch.is_grad_enabled()
+        if self.fused and train and sp is None:
+            # the loss in chunks, no logits (an evaluation, without gradients, still gets them)
+            loss = fast_ops.linear_cross_entropy(
+                h.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index=-100
+            )
+            return None, loss
+        logits = self.lm_head(h)  # (B, T, V)
         loss = None
         if targets is not None and sp is not None:
             loss = sp.loss(logits, targets)

@@ -31,6 +31,7 @@ from .attention_stats import attention_stats
 from .benchmark import DeviceLock, StepGate, measure_throughput, sync
 from .config import TrainConfig, build, to_dict
 from .data import IGNORE, load_data, mqar_probe
+from .fast_ops import prepare_model
 from .model import LanguageModel, build_model, to_device
 from .pruning import HeadPruner, compact
 from .sequence_parallel import SequenceParallel
@@ -80,7 +81,7 @@ def build_state(config: TrainConfig, device: torch.device) -> TrainState:
     """Model (seeded by config.seed) and AdamW; decay only on the weight matrices. With several
     ranks `model` is a DistributedDataParallel wrapper of `raw_model`."""
     torch.manual_seed(config.seed)
-    model = build_model(config.model).to(device)
+    model = prepare_model(build_model(config.model).to(device), device)
     wrapped: nn.Module = model
     if dist.is_distributed():
         # buffers (head masks, rotary tables) are set identically on every rank
