@@ -108,10 +108,12 @@ def test_prepare_model_on_the_cpu():
 _NO_GPU_LIBRARIES = """
 import sys
 import torch
+from automla.kernels import AttentionConfig
 from automla.trainers import DataConfig, ModelConfig, TrainConfig, train
 cfg = TrainConfig(
     model=ModelConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
-                      max_seq_len=32, attn_backend="torch", checkpoint="block"),
+                      max_seq_len=32, attn_backend="torch", checkpoint="block",
+                      mla=AttentionConfig(budget=16, block_size=4)),
     data=DataConfig(max_bytes=20_000), steps=2, batch_size=2, seq_len=32, eval_every=2,
     eval_batches=1, device="cpu", threads=1,
 )
