@@ -236,20 +236,15 @@ def test_fused_ops_match_the_plain_path_on_cuda(attention, dtype):
     assert_grads_close(grads1, grads0, **tol)
 
 
-@pytest.mark.gpu
-def test_fused_ops_with_checkpointing_on_cuda():
-    pytest.importorskip("liger_kernel")
-    device = torch.device("cuda")
-    x, y = tokens(1, 256, vocab=512, seed=9).to(device), tokens(1, 256, vocab=512, seed=10)
-    y = y.to(device)
-    results = []
-    for checkpoint in ("none", "block"):
-        torch.manual_seed(0)
-        cfg = gpu_config("mla", fused_ops=True, checkpoint=checkpoint)
-        model = prepare_model(build_model(cfg).to(device), device)
-        results.append(loss_and_grads(model, x, y))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
-    assert_grads_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
+def test_fused_ops_and_checkpointing_are_not_combined():
+    # the combination failed in the backward on the H200 (2026-12-02): rejected when asked
+    # for, and the automatic choice leaves the fused ops off under checkpointing
+    from automla.trainers.fast_ops import resolve_fused_ops
+
+    with pytest.raises(ConfigError, match="fused_ops"):
+        ModelConfig(fused_ops=True, checkpoint="block")
+    cfg = ModelConfig(checkpoint="attention")
+    assert resolve_fused_ops(cfg, torch.device("cuda")) is False
 
 
 @pytest.mark.gpu
