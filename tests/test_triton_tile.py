@@ -116,3 +116,16 @@ def test_gpu_tile_selection_matches_select_blocks():
     want = select_tiles(q, k, plan).sort(-1).values
     assert (got != want).float().mean().item() < 1e-3
     assert select_blocks(q, k, plan).shape[1] == 8192
+
+
+def test_tile_mode_takes_longer_sequences_on_the_kernels():
+    """The per-query block scores need T x HKV x NB < 2^31 entries; a tile's need NT x HKV x NB
+    (256k tokens, 4 KV heads, blocks of 64: too many per query, few enough per tile of 64)."""
+    from automla.kernels.parallel import unsupported
+
+    T = 262144
+    q = torch.empty(1, T, 8, 64, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(1, T, 4, 64, dtype=torch.bfloat16, device="meta")
+    plan = _real_size_config(1).plan(T)
+    assert "32-bit" in unsupported(q, k, k, plan)
+    assert unsupported(q, k, k, _real_size_config(64).plan(T)) is None

@@ -396,8 +396,10 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -
     if D not in (16, 32, 64, 128):
         return f"the kernels take head dims 16, 32, 64 or 128, got {D}"
     sparse = plan.has_sparse
-    # offsets inside one batch row are 32-bit
-    if T * HQ * D >= 2**31 or (sparse and T * k.shape[2] * (T // plan.block_size) >= 2**31):
+    # offsets inside one batch row are 32-bit; the block scores have a row per token, or per
+    # selection tile with tile-shared selection
+    rows = -(-T // plan.select_tile)
+    if T * HQ * D >= 2**31 or (sparse and rows * k.shape[2] * (T // plan.block_size) >= 2**31):
         return f"sequence too long for the kernels' 32-bit offsets: T={T}, HQ={HQ}, D={D}"
     if sparse and plan.block_size > 128:
         return f"the sparse kernels take block_size <= 128, got {plan.block_size}"
