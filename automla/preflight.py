@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 
-from automla.schema import SearchConfig, SpaceError, probe_values, sample_configs, section_path
+from automla.domains import probe_values
+from automla.feasibility import sample_configs
+from automla.schema import SearchConfig, SpaceError, section_path
 from automla.trainers.config import ConfigError, TrainConfig, to_dict
 
 PROBE_TIMEOUT_S = 5.0

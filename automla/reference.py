@@ -9,7 +9,7 @@ the plot, states each front point's ratios to it, and uses its metrics as the hy
 reference point.
 
 A searched setting that still applies to dense attention (`model.d_model`, `lr`, ...) takes the
-domain's middle value (`schema.middle_value`), the one the trials' feasibility probe tries
+domain's middle value (`domains.middle_value`), the one the trials' feasibility probe tries
 first.
 """
 
@@ -22,7 +22,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from automla.schema import SearchConfig, middle_value
+from automla.domains import middle_value
+from automla.schema import SearchConfig
 from automla.space import applies, apply
 from automla.trainers.config import TrainConfig, to_dict
 

@@ -22,9 +22,11 @@ from rich.table import Table
 
 from automla import attention_view, pareto
 from automla import reference as reference_mod
+from automla.benchmark_plan import throughput_method
 from automla.gpu_usage import summarize_csv
+from automla.metrics import known_metrics
 from automla.run_folder import DamagedTrials, read_trials, rebuild_trials, study_url, trial_dir
-from automla.schema import RATIOS, SearchConfig, known_metrics, load, throughput_method
+from automla.schema import RATIOS, SearchConfig, load
 
 GPU_USAGE_FILE = "gpu_usage.csv"
 

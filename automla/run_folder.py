@@ -112,7 +112,7 @@ def rebuild_trials(run_dir: str | Path, config: Any) -> list[dict[str, Any]]:
     from optuna.trial import TrialState
 
     from automla import report
-    from automla.schema import known_metrics
+    from automla.metrics import known_metrics
     from automla.space import apply, decode, flat_values, trial_label
     from automla.trainers.config import ConfigError, to_dict
 

@@ -37,6 +37,7 @@ from rich.text import Text
 
 from automla import reference as reference_mod
 from automla import report as report_mod
+from automla.benchmark_plan import throughput_method
 from automla.distributed import (
     ResourceError,
     max_concurrent_trials,
@@ -44,19 +45,18 @@ from automla.distributed import (
     trial_resources,
     validate_resources,
 )
+from automla.domains import Domain
 from automla.gpu_usage import GpuSampler
+from automla.metrics import known_metrics
 from automla.preflight import ClusterError, check_data, cluster_address
 from automla.report import GPU_USAGE_FILE, SearchFailed, SearchInterrupted
 from automla.run_folder import relative_trial_path, study_name, study_url
 from automla.schema import (
     RATIOS,
-    Domain,
     SearchConfig,
     SpaceError,
-    known_metrics,
     load,
     scheduler_max_t,
-    throughput_method,
     to_yaml_dict,
 )
 from automla.space import apply, decode, define_by_run, flat_values, trial_label

@@ -29,9 +29,6 @@ import copy
 import dataclasses
 import json
 import math
-import random
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +36,10 @@ from typing import Any, Literal
 
 import yaml
 
+from automla.benchmark_plan import plan_benchmark
+from automla.domains import Choice, Domain, IntRange, LogUniform, Simplex, Uniform, probe_values
+from automla.introspect import defaults, field_type, leaf_kind, type_name
+from automla.metrics import check_metric
 from automla.trainers.config import ConfigError, TrainConfig, build, join_path, to_dict
 
 Mode = Literal["min", "max"]
@@ -47,53 +48,6 @@ Reference = Literal["dense", "none"]
 
 RATIOS = "model.mla.ratios"
 """The branch shares, searched as a simplex and shown as a label ('L50 G25 S25')."""
-
-METRICS = (
-    "val_loss",
-    "val_ppl",
-    "train_loss",
-    "tokens_per_s",
-    "peak_mem_gb",
-    "attn_flops",
-    "active_heads",
-    "elapsed_s",
-    "tokens",
-    "step",
-    "mqar_acc",
-    "train_tokens_per_s",
-    "benchmark_wait_s",
-)
-"""Scalar metrics the trainer reports; objectives and filters name these, and
-`tokens_per_s@T` (throughput measured at context T, see `trainers.benchmark`)."""
-
-_AT_CONTEXT = re.compile(r"tokens_per_s@([1-9][0-9]*)")
-
-
-def is_metric(name: str) -> bool:
-    return name in METRICS or _AT_CONTEXT.fullmatch(name) is not None
-
-
-def known_metrics(names: typing.Iterable[str]) -> list[str]:
-    """The metric names among `names`: METRICS' order, then tokens_per_s@T by T."""
-    names = set(names)
-    at = sorted((n for n in names if _AT_CONTEXT.fullmatch(n)), key=metric_context)
-    return [m for m in METRICS if m in names] + at
-
-
-def metric_context(name: str) -> int | None:
-    """T of a `tokens_per_s@T` metric, else None."""
-    m = _AT_CONTEXT.fullmatch(name)
-    return int(m.group(1)) if m else None
-
-
-def _check_metric(name: str) -> None:
-    if not is_metric(name):
-        raise ConfigError(
-            "metric",
-            f"unknown metric {name!r}; expected one of {', '.join(METRICS)} or tokens_per_s@T "
-            "(T a context length)",
-        )
-
 
 SECTIONS = (
     "objectives",
@@ -131,7 +85,7 @@ class Objective:
     mode: Mode
 
     def __post_init__(self) -> None:
-        _check_metric(self.metric)
+        check_metric(self.metric)
 
 
 @dataclass(kw_only=True)
@@ -217,7 +171,7 @@ class Scheduler:
     """The step at which no trial is stopped any more; None: the trials' `steps`."""
 
     def __post_init__(self) -> None:
-        _check_metric(self.metric)
+        check_metric(self.metric)
         if self.grace_period < 1:
             raise ConfigError("grace_period", f"must be >= 1, got {self.grace_period}")
         if self.reduction_factor <= 1:
@@ -226,43 +180,6 @@ class Scheduler:
             raise ConfigError(
                 "max_t", f"must be >= grace_period ({self.grace_period}), got {self.max_t}"
             )
-
-
-@dataclass(kw_only=True, frozen=True)
-class Uniform:
-    lo: float
-    hi: float
-
-
-@dataclass(kw_only=True, frozen=True)
-class LogUniform:
-    lo: float
-    hi: float
-
-
-@dataclass(kw_only=True, frozen=True)
-class IntRange:
-    lo: int
-    hi: int
-    step: int = 1
-    log: bool = False
-
-
-@dataclass(kw_only=True, frozen=True)
-class Choice:
-    values: tuple[Any, ...]
-
-
-@dataclass(kw_only=True, frozen=True)
-class Simplex:
-    """Shares summing to 1 (the ratios): one uniform weight per component, normalised; shares
-    below `min_share` are snapped to 0 so the sampler can reach corners where a branch is
-    absent (see `automla.space.simplex_shares`)."""
-
-    min_share: float = 0.05
-
-
-Domain = Uniform | LogUniform | IntRange | Choice | Simplex
 
 
 @dataclass(kw_only=True)
@@ -376,7 +293,7 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
             )
 
     _check_sequence_parallel(resources, sections["train"], space, file)
-    fixed = _merge(_defaults(TrainConfig), user_fixed)
+    fixed = _merge(defaults(TrainConfig), user_fixed)
     for key in space:
         _pop(fixed, key)
     fixed["sequence_parallel"] = resources.sequence_parallel
@@ -384,7 +301,7 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
     hv_reference = _hypervolume(data.get("hypervolume"), objectives, file)
     # the reference trains beside the trials: one more run sharing the machine
     runs_at_once = concurrency + (reference != "none")
-    _plan_benchmark(fixed, sections["train"], objectives, scheduler, resources, runs_at_once)
+    plan_benchmark(fixed, sections["train"], objectives, scheduler, resources, runs_at_once)
     config = SearchConfig(
         objectives=objectives,
         sampler=sampler,
@@ -402,8 +319,10 @@ def parse(data: Any, file: str = "<space>") -> SearchConfig:
     if scheduler is not None:
         _check_scheduler(config)
         _check_mqar(scheduler.metric, has_mqar, file, "scheduler.metric")
+    from automla.feasibility import check_trials  # it imports this module
+
     try:
-        _check_trials(config)
+        check_trials(config)
     except SpaceError as e:
         if e.path != "train.sequence_parallel":
             raise
@@ -476,70 +395,6 @@ def domain_to_dict(domain: Domain) -> dict[str, Any]:
     if isinstance(domain, Choice):
         return {"choice": [to_dict(v) for v in domain.values]}
     return {"simplex": {"min_share": domain.min_share}}
-
-
-def field_type(path: str) -> Any:
-    """The type annotation of a dotted TrainConfig path; raises ConfigError if there is none."""
-    cls: Any = TrainConfig
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(cls):
-            raise ConfigError(path, f"'{'.'.join(parts[:i])}' is a setting, not a section")
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls) if f.init]
-        if part not in names:
-            raise ConfigError(
-                path, f"{cls.__name__} has no field {part!r}; it has: {', '.join(names)}"
-            )
-        cls = hints[part]
-    return cls
-
-
-def _plan_benchmark(
-    fixed: dict,
-    user_train: dict,
-    objectives: list[Objective],
-    scheduler: Scheduler | None,
-    resources: Resources,
-    runs_at_once: int = 1,
-) -> None:
-    """Ask the trainer for what the objectives need: `tokens_per_s@T` adds T to the benchmark's
-    contexts; trials sharing a GPU, or the CPUs of one machine with other runs, get the
-    exclusive benchmark unless the file says otherwise (their training clock would measure the
-    neighbours)."""
-    bench = fixed.setdefault("benchmark", {})
-    names = [o.metric for o in objectives] + ([scheduler.metric] if scheduler else [])
-    wanted = {t for t in map(metric_context, names) if t is not None}
-    if wanted:
-        bench["contexts"] = sorted(set(bench.get("contexts") or []) | wanted)
-    user = user_train.get("benchmark")
-    explicit = isinstance(user, dict) and "enabled" in user
-    shares_cpus = resources.gpus == 0 and runs_at_once > 1
-    if not explicit and (0 < resources.gpus < 1 or shares_cpus):
-        bench["enabled"] = True
-
-
-def throughput_method(fixed: dict) -> str:
-    """How a search's tokens_per_s is measured, in words (for the run folder)."""
-    bench = fixed.get("benchmark") or {}
-    contexts = bench.get("contexts") or []
-    if bench.get("enabled"):
-        text = (
-            f"exclusive benchmark at each evaluation: median of {bench.get('steps')} training "
-            f"steps after {bench.get('warmup')} warm-up, on a copy of the model, with every "
-            "other trial on the device paused; the training clock's figure is "
-            "train_tokens_per_s"
-        )
-    else:
-        text = (
-            "training clock: steady-state steps between evaluations (shared with whatever "
-            "else runs on the device)"
-        )
-    if contexts:
-        text += "; tokens_per_s@T: the same benchmark at context T, batch " + str(
-            bench.get("context_batch", 1)
-        )
-    return text
 
 
 def scheduler_max_t(config: SearchConfig) -> int:
@@ -683,14 +538,14 @@ def _domain(spec: Any, tp: Any, key: str, file: str) -> Domain:
     if extra:
         raise SpaceError(file, f"{where}.{extra[0]}", f"unknown key for a {kind} domain")
     arg = spec[kind]
-    leaf = _leaf_kind(tp)
+    leaf = leaf_kind(tp)
 
     if kind in ("uniform", "loguniform"):
         if leaf != "float":
             raise SpaceError(
                 file,
                 where,
-                f"{kind} needs a float setting; this one is {_type_name(tp)}: {_hint(leaf)}",
+                f"{kind} needs a float setting; this one is {type_name(tp)}: {_hint(leaf)}",
             )
         lo, hi = _pair(arg, where, kind, file, number=True)
         if not lo < hi:
@@ -706,7 +561,7 @@ def _domain(spec: Any, tp: Any, key: str, file: str) -> Domain:
             raise SpaceError(
                 file,
                 where,
-                f"int needs a numeric setting; this one is {_type_name(tp)}: {_hint(leaf)}",
+                f"int needs a numeric setting; this one is {type_name(tp)}: {_hint(leaf)}",
             )
         lo, hi = _pair(arg, where, kind, file, number=False)
         step = spec.get("step", 1)
@@ -743,7 +598,7 @@ def _domain(spec: Any, tp: Any, key: str, file: str) -> Domain:
         raise SpaceError(
             file,
             where,
-            f"simplex needs a tuple of shares (model.mla.ratios); this setting is {_type_name(tp)}",
+            f"simplex needs a tuple of shares (model.mla.ratios); this setting is {type_name(tp)}",
         )
     n = len(typing.get_args(tp))
     if arg is None:
@@ -765,30 +620,12 @@ def _domain(spec: Any, tp: Any, key: str, file: str) -> Domain:
     return simplex
 
 
-def _leaf_kind(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin in (typing.Union, types.UnionType) and len(args) == 1:
-        return _leaf_kind(args[0])
-    if tp is float:
-        return "float"
-    if tp is int:
-        return "int"
-    if origin is tuple and args and all(a is float for a in args):
-        return "shares"
-    return "other"
-
-
 def _hint(leaf: str) -> str:
     return {
         "int": "use {int: [lo, hi]} or {choice: [...]}",
         "float": "use {uniform: [lo, hi]}, {loguniform: [lo, hi]} or {choice: [...]}",
         "shares": "use {simplex: {min_share: ...}} or {choice: [...]}",
     }.get(leaf, "use {choice: [...]}")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _pair(arg: Any, where: str, kind: str, file: str, *, number: bool) -> tuple[Any, Any]:
@@ -803,120 +640,6 @@ def _pair(arg: Any, where: str, kind: str, file: str, *, number: bool) -> tuple[
     return arg[0], arg[1]
 
 
-def sample_configs(config: SearchConfig) -> list[tuple[dict[str, Any], TrainConfig]]:
-    """Up to 8 valid trial configs that stand for the space (the middle of every domain, then
-    seeded random combinations), each with its searched values: for checks too costly to run
-    on every probe (reading the data)."""
-    from automla.space import apply
-
-    out = []
-    for combo in _combos({key: probe_values(d) for key, d in config.space.items()}):
-        try:
-            out.append((combo, apply(config.fixed, combo)))
-        except ConfigError:
-            continue
-        if len(out) == 8:
-            break
-    return out
-
-
-def _combos(probes: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """The middle value of every domain, then 63 seeded random combinations."""
-    rng = random.Random(0)
-    combos = [{k: v[len(v) // 2] for k, v in probes.items()}]
-    combos += [{k: rng.choice(v) for k, v in probes.items()} for _ in range(63)]
-    return combos
-
-
-def _check_trials(config: SearchConfig) -> None:
-    """Fail early when no trial can be valid, or when a domain offers an invalid value."""
-    from automla.space import apply  # the schema is imported by space; keep the cycle lazy
-
-    probes = {key: probe_values(d) for key, d in config.space.items()}
-    combos = _combos(probes)
-    valid: list[dict[str, Any]] = []
-    first: ConfigError | None = None
-    errors: list[ConfigError] = []
-    for combo in combos:
-        try:
-            apply(config.fixed, combo)
-        except ConfigError as e:
-            first = first or e
-            errors.append(e)
-            continue
-        valid.append(combo)
-        if len(valid) == 8:
-            break
-    if not valid:
-        assert first is not None
-        # a fixed setting wrong on its own fails every combination: name it, not a searched one
-        fixed_errors = [e for e in errors if _locate(e.path, config.space) == section_path(e.path)]
-        first = fixed_errors[0] if fixed_errors else first
-        message = first.message
-        if not message.startswith(("unknown key", "expected")):  # a value, not a typo
-            message = f"every trial would be invalid: {message}"
-        raise SpaceError(config.source, _locate(first.path, config.space), message)
-    # A value is wrong when it fails beside every valid setting of the others (tried: up to 8);
-    # values that fail only in some combinations are left to the trial, which is then
-    # recorded as failed with the reason.
-    for key, values in probes.items():
-        for v in values:
-            errors = []
-            for combo in valid:
-                try:
-                    apply(config.fixed, {**combo, key: v})
-                except ConfigError as e:
-                    errors.append(e)
-                    continue
-                break
-            if len(errors) == len(valid):
-                e = errors[0]
-                where = "" if _related(e.path, key) else f"{section_path(e.path)}: "
-                raise SpaceError(
-                    config.source,
-                    f"space.{key}",
-                    f"value {to_dict(v)!r} is invalid: {where}{e.message}",
-                )
-
-
-def middle_value(domain: Domain) -> Any:
-    """A representative value of a domain: its middle choice, midpoint or equal shares."""
-    values = probe_values(domain)
-    return values[0] if isinstance(domain, Simplex) else values[len(values) // 2]
-
-
-def probe_values(domain: Domain) -> list[Any]:
-    """The values a check tries of a domain: all of a small grid or choice, else its ends and
-    middle (the simplex: its centre and corners)."""
-    from automla.space import simplex_shares
-
-    if isinstance(domain, Uniform):
-        return [domain.lo, (domain.lo + domain.hi) / 2, domain.hi]
-    if isinstance(domain, LogUniform):
-        return [domain.lo, math.sqrt(domain.lo * domain.hi), domain.hi]
-    if isinstance(domain, IntRange):
-        grid = range(domain.lo, domain.hi + 1, domain.step)
-        if len(grid) <= 256:
-            return list(grid)
-        return [domain.lo, grid[len(grid) // 2], domain.hi]
-    if isinstance(domain, Choice):
-        return list(domain.values)
-    corners = [(1.0, 1.0, 1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)]
-    return [simplex_shares(w, domain.min_share) for w in corners]
-
-
-def _related(error_path: str, key: str) -> bool:
-    return error_path == key or key.startswith(error_path + ".") or error_path.startswith(key)
-
-
-def _locate(error_path: str, space: dict[str, Domain]) -> str:
-    """Where in the file a TrainConfig error path lives."""
-    for key in space:
-        if _related(error_path, key):
-            return f"space.{key}"
-    return section_path(error_path)
-
-
 def section_path(path: str) -> str:
     """Where a TrainConfig path is set in a space file: 'lr' -> 'train.lr'."""
     head = path.split(".")[0].split("[")[0]
@@ -924,23 +647,6 @@ def section_path(path: str) -> str:
 
 
 _MISSING = object()
-
-
-def _defaults(cls: type) -> dict[str, Any]:
-    """Field defaults as a nested dict, without running __post_init__ (derived values stay
-    unset, e.g. head_dim None)."""
-    out: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        if dataclasses.is_dataclass(hints[f.name]):
-            out[f.name] = _defaults(hints[f.name])
-        elif f.default is not dataclasses.MISSING:
-            out[f.name] = to_dict(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = to_dict(f.default_factory())
-    return out
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

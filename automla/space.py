@@ -31,17 +31,10 @@ from typing import Any
 
 import optuna
 
+from automla.domains import Choice, Domain, IntRange, LogUniform, Simplex, Uniform
+from automla.introspect import field_type
 from automla.kernels import BRANCHES, effective_ratios
-from automla.schema import (
-    RATIOS,
-    Choice,
-    Domain,
-    IntRange,
-    LogUniform,
-    Simplex,
-    Uniform,
-    field_type,
-)
+from automla.schema import RATIOS
 from automla.trainers.config import ConfigError, TrainConfig, build, to_dict
 
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 from helpers import TINY_MODEL, objectives
 
-from automla.schema import SpaceError, known_metrics, parse, throughput_method
+from automla.benchmark_plan import throughput_method
+from automla.metrics import known_metrics
+from automla.schema import SpaceError, parse
 from automla.trainers import DeviceLock, TrainConfig, build, measure_throughput, train
 from automla.trainers.benchmark import StepGate
 from automla.trainers.trainer import build_state

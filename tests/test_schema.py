@@ -13,7 +13,8 @@ import yaml
 from helpers import objectives
 
 from automla import cli, schema
-from automla.schema import Choice, IntRange, LogUniform, Simplex, SpaceError, Uniform
+from automla.domains import Choice, IntRange, LogUniform, Simplex, Uniform
+from automla.schema import SpaceError
 
 GOOD = {
     "objectives": objectives(),

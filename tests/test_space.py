@@ -10,8 +10,8 @@ import optuna
 import pytest
 
 from automla import schema, space
+from automla.domains import Choice, IntRange, LogUniform, Simplex, Uniform
 from automla.kernels import AttentionConfig
-from automla.schema import Choice, IntRange, LogUniform, Simplex, Uniform
 
 SPACE = {
     "model.mla.ratios": Simplex(min_share=0.1),
