@@ -1,7 +1,7 @@
 """Search quality: TPE, NSGA-II and random sampling at equal trial budgets, over several seeds.
 
 Plain Optuna (ask/tell, one trial at a time) with the samplers exactly as `automla search`
-builds them (`automla.runner.make_sampler`), on two cheap objectives, so that hundreds of
+builds them (`automla.factories.make_sampler`), on two cheap objectives, so that hundreds of
 searches take seconds rather than the CPU-hours real trials would:
 
 * `mla`: a synthetic stand-in for the default space, sampled through the same define-by-run
@@ -32,7 +32,7 @@ from typing import Any
 import optuna
 
 from automla import pareto, schema
-from automla.runner import make_sampler
+from automla.factories import make_sampler
 from automla.space import sample
 
 SAMPLERS = ("tpe", "nsga2", "random")

@@ -236,7 +236,7 @@ def test_asha_grace_period_past_the_last_step_is_rejected():
 
 
 def test_asha_with_searched_steps_runs_to_the_longest():
-    from automla.runner import make_scheduler
+    from automla.factories import make_scheduler
 
     data = search_space(scheduler=asha(grace_period=4), train={"eval_every": 1, "seq_len": 64})
     data["space"]["steps"] = {"int": [2, 6], "step": 2}

@@ -184,11 +184,11 @@ def test_dashboard_serves_the_runs_study(run: Path, monkeypatch, capsys, tmp_pat
 
 
 def test_a_saved_searcher_reopens_the_study_where_the_folder_lies(run: Path, tmp_path: Path):
-    from automla.runner import _OptunaSearch
+    from automla.searcher import StudyOptunaSearch
     from automla.space import define_by_run
 
     config = schema.load(run / "space.yaml")
-    searcher = _OptunaSearch(
+    searcher = StudyOptunaSearch(
         space=define_by_run(config.space),
         metric=config.metrics,
         mode=config.modes,
@@ -202,7 +202,7 @@ def test_a_saved_searcher_reopens_the_study_where_the_folder_lies(run: Path, tmp
     moved = tmp_path / "moved"
     shutil.move(run, moved)
     restored = pickle.loads(pickle.dumps(searcher))  # what Tune's tuner.pkl holds
-    with _OptunaSearch.study_in(moved):
+    with StudyOptunaSearch.study_in(moved):
         restored.restore(str(moved / "searcher.pkl"))
         restored.on_trial_complete(
             "new", {"val_loss": 1.0, "tokens_per_s": 9.0, "automla_final": True}
@@ -214,12 +214,12 @@ def test_a_saved_searcher_reopens_the_study_where_the_folder_lies(run: Path, tmp
 def test_search_prints_commands_that_work_from_anywhere(tmp_path: Path, monkeypatch):
     from rich.console import Console
 
-    from automla.runner import _print_banner
+    from automla.ray_setup import print_banner
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "elsewhere" / "r"
     console = Console(record=True, width=400)
-    _print_banner(console, run, None, None)
+    print_banner(console, run, None, None)
     text = console.export_text()
     assert f"optuna-dashboard sqlite:///{run}/study.db" in text
     assert "automla dashboard elsewhere/r" in text

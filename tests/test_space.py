@@ -178,7 +178,7 @@ def test_flat_values_and_labels():
 
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random"])
 def test_samplers_are_seeded(sampler):
-    from automla.runner import make_sampler
+    from automla.factories import make_sampler
 
     config = schema.parse(
         {

@@ -1,0 +1,108 @@
+"""The Ray Tune trial function: build one trial's config, train it, forward every evaluation to
+Tune, and end a trial that would fail the same way on a retry with a FAILURE result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from automla.distributed import run_distributed_trial
+from automla.domains import Domain
+from automla.space import apply, decode
+from automla.trainers.config import ConfigError
+
+TrainFn = Callable[..., dict]
+
+
+FAILURE = "automla_failure"
+"""Result key of a trial that ended without a usable result and must not be retried."""
+
+
+FINAL = "automla_final"
+"""Result key: True once the trainer reached its last step (an early-stopped trial never does)."""
+
+
+def automla_trial(
+    params: dict[str, Any],
+    *,
+    fixed: dict[str, Any],
+    space: dict[str, Domain],
+    cpus: float,
+    train_fn: TrainFn | None,
+    workers: int = 1,
+    use_gpu: bool = False,
+) -> None:
+    """One Ray Tune trial: build the config, train, forward every evaluation to Tune.
+
+    With several workers the trial starts them through Ray Train and forwards rank 0's
+    evaluations.
+
+    A diverged (NaN/inf loss), out-of-memory or invalid trial ends with a FAILURE result rather
+    than an exception: retrying it would fail the same way. Anything else raises, and Ray
+    retries the trial up to `max_failures` times from its last checkpoint.
+    """
+    import torch
+
+    threads = max(1, int(cpus))
+    torch.set_num_threads(threads)
+    node = {"node_id": ray.get_runtime_context().get_node_id()}
+    try:
+        config = apply(fixed, decode(space, params, fixed))
+    except ConfigError as e:
+        tune.report({FAILURE: "invalid", "reason": f"invalid config: {e}", **node})
+        return
+    if config.threads is None:
+        config.threads = threads
+    if train_fn is None:
+        from automla.trainers import train as train_fn
+
+    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+        for key in ("train_loss", "val_loss"):
+            v = metrics.get(key)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise FloatingPointError(f"{key} is {v} at step {metrics.get('step')}")
+        checkpoint = None
+        if checkpoint_dir is not None:
+            checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir))
+        final = metrics.get("step", 0) >= config.steps
+        tune.report({**metrics, FINAL: final, **node}, checkpoint=checkpoint)
+
+    out_dir = Path(tune.get_context().get_trial_dir()) / "train"
+
+    def run(resume: str | None = None) -> None:
+        if workers > 1:
+            run_distributed_trial(
+                config,
+                workers,
+                use_gpu,
+                report,
+                out_dir=out_dir,
+                cpus_per_worker=cpus,
+                resume=resume,
+                train_fn=train_fn,
+            )
+        elif resume is None:
+            train_fn(config, out_dir=out_dir, report=report)
+        else:
+            train_fn(config, out_dir=out_dir, report=report, resume=resume)
+
+    try:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            run()
+        else:  # a retry or a resumed search: continue from the last reported checkpoint
+            with checkpoint.as_directory() as path:
+                run(path)
+    except FloatingPointError as e:
+        tune.report({FAILURE: "diverged", "reason": f"FloatingPointError: {e}", **node})
+    except ConfigError as e:  # the trainer rejected it (its data): the same on every retry
+        tune.report({FAILURE: "invalid", "reason": f"invalid config: {e}", **node})
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'out of memory'}"
+        tune.report({FAILURE: "out_of_memory", "reason": reason[:300], **node})
