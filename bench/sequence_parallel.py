@@ -78,13 +78,15 @@ def _on_meta(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def config(T: int, tiny: bool) -> ModelConfig:
+def config(T: int, tiny: bool, select_tile: int = 1) -> ModelConfig:
     if tiny:
-        mla = AttentionConfig(budget=64, ratios=(0.5, 0.25, 0.25), block_size=16)
+        mla = AttentionConfig(
+            budget=64, ratios=(0.5, 0.25, 0.25), block_size=16, select_tile=select_tile
+        )
         return ModelConfig(
             vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=T, mla=mla
         )
-    return model_config("mla", T, False, HEADS)
+    return model_config("mla", T, False, HEADS, select_tile)
 
 
 def layer_volume(cfg: ModelConfig, T: int, P: int) -> dict[str, float]:
@@ -173,13 +175,16 @@ def main() -> None:
     ap.add_argument("--time", action="store_true", help="also time one layer per rank share")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tiny", action="store_true", help="small model and T: checks the script")
+    ap.add_argument(
+        "--select-tile", type=int, default=1, help="MLA's select_tile (64: the tile-shared kernels)"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seqs = [255, 512] if args.tiny else args.seq
     rows = []
     for T in seqs:
-        cfg = config(T, args.tiny)
+        cfg = config(T, args.tiny, args.select_tile)
         for P in args.ranks:
             if P > 1 and cfg.n_kv_heads < P:
                 print(f"skip P={P}: {cfg.n_kv_heads} KV groups cannot go one or more per rank")
@@ -199,7 +204,12 @@ def main() -> None:
                 "params": params,
             }
             if args.time:
-                row["layer_ms"] = layer_ms(cfg, T, P, device, args.steps)
+                try:
+                    row["layer_ms"] = layer_ms(cfg, T, P, device, args.steps)
+                except torch.OutOfMemoryError as e:  # recorded: the rows after it still run
+                    row["layer_ms"] = float("nan")
+                    row["error"] = f"out of memory: {str(e)[:120]}"
+                    torch.cuda.empty_cache()
                 row["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
             rows.append(row)
     if args.json:
@@ -227,7 +237,7 @@ def table(rows: list[dict], timed: bool) -> str:
             f"{r['saved_gb'] + r['states_gb']:.1f}",
         ]
         if timed:
-            cells.append(f"{r['layer_ms']:.1f}")
+            cells.append("out of memory" if "error" in r else f"{r['layer_ms']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
