@@ -25,36 +25,23 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from automla.kernels import AttentionConfig, attention_flops, mla_reference, select_blocks
+    from automla.kernels import attention_flops, mla_reference, select_blocks
     from automla.kernels.parallel import mla_triton, select_blocks_triton
     from automla.kernels.parallel.layout import _GPU_TILES, _tiles
 except ImportError:  # not installed: import the folder directly
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels import AttentionConfig, attention_flops, mla_reference, select_blocks
+    from kernels import attention_flops, mla_reference, select_blocks
     from kernels.parallel import mla_triton, select_blocks_triton
     from kernels.parallel.layout import _GPU_TILES, _tiles
 
 import triton
+from budgets import budget_config
 from timing import kernel_ms
 from triton.testing import do_bench
 
 HQ, HKV, D = 64, 4, 128
 DTYPE = torch.bfloat16
-WINDOW, N_SELECT, BLOCK = 512, 16, 64
-
-
-def nsa_config(T: int) -> AttentionConfig:
-    """Window 512, 16 blocks of 64, stride 64 at length T."""
-    g = T // 64
-    budget = WINDOW + N_SELECT * BLOCK + g
-    cfg = AttentionConfig(
-        budget=budget,
-        ratios=(WINDOW / budget, g / budget, N_SELECT * BLOCK / budget),
-        block_size=64,
-    )
-    plan = cfg.plan(T)
-    assert (plan.window, plan.n_select, plan.stride) == (WINDOW, N_SELECT, 64), plan
-    return cfg
+WINDOW = 512  # the sliding-window peer (FlexAttention), as the NSA budget's window
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -93,7 +80,7 @@ def ceilings() -> dict:
 def check_correctness() -> dict:
     """MLA vs the float32 reference at T=4096 (one KV group of 16 heads, to bound memory)."""
     T, hq, hkv = 4096, 16, 1
-    cfg = nsa_config(T)
+    cfg = budget_config(T)
     q, k, v, gate, do = inputs(T, hq, hkv, seed=1)
     o = mla_triton(q, k, v, gate, cfg)
     o.backward(do)
@@ -197,7 +184,7 @@ def dense_flops(T: int, window: int | None = None) -> int:
 
 def kernel_times(T: int, runs: int = 3, hkv: int = HKV) -> dict[str, float]:
     """Device ms per kernel of one MLA fwd+bwd (mean of `runs`), from the profiler."""
-    cfg = nsa_config(T)
+    cfg = budget_config(T)
     q, k, v, gate, do = inputs(T, HQ, hkv)
     return kernel_ms(lambda: mla_triton(q, k, v, gate, cfg).backward(do), runs=runs)
 
@@ -325,7 +312,7 @@ def main() -> None:
     }
     rows = []
     for T in args.lengths:
-        cfg = nsa_config(T)
+        cfg = budget_config(T)
         plan = cfg.plan(T)
         fl_mla = attention_flops(plan, T, D, HQ)
         entries = [

@@ -31,36 +31,18 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from automla.kernels import AttentionConfig, mla_attention, mla_reference
+    from automla.kernels import mla_attention, mla_reference
 except ImportError:  # not installed: import the folder directly
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels import AttentionConfig, mla_attention, mla_reference
+    from kernels import mla_attention, mla_reference
 
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, budgets.py
+from budgets import budget_config  # noqa: E402
 
 DTYPE = torch.bfloat16
-BLOCK = 64
-BUDGETS = {"nsa": (512, 16, 64), "small": (256, 4, 128)}  # window, blocks, stride
-
-
-def config(T: int, budget: str, select_tile: int) -> AttentionConfig:
-    """The budget's window, selected blocks and global stride at length T."""
-    window, blocks, stride = BUDGETS[budget]
-    for g in (T // stride, T // stride + 1):  # + 1 when rounding pushes the stride up
-        total = window + blocks * BLOCK + g
-        cfg = AttentionConfig(
-            budget=total,
-            ratios=(window / total, g / total, blocks * BLOCK / total),
-            block_size=BLOCK,
-            select_tile=select_tile,
-        )
-        plan = cfg.plan(T)
-        if (plan.window, plan.n_select, plan.stride) == (window, blocks, stride):
-            return cfg
-    raise AssertionError(f"no budget gives {BUDGETS[budget]} at T={T}: {plan}")
 
 
 def inputs(T: int, hq: int, hkv: int, d: int, seed: int = 0):
@@ -85,7 +67,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check(select_tile: int, hq: int = 12, hkv: int = 4, d: int = 64, T: int = 2048 + 37) -> dict:
     """MLA (Triton, bf16) against the float32 reference: relative errors of o and the grads."""
-    cfg = config(2048, "nsa", select_tile)
+    cfg = budget_config(2048, "nsa", select_tile)
     q, k, v, gate, do = inputs(T, hq, hkv, d, seed=select_tile)
     o = mla_attention(q, k, v, gate, cfg, t_max=4096, backend="triton")
     o.backward(do)
@@ -224,7 +206,7 @@ def kernel_breakdown(shape: str, T: int, budget: str, bq: int) -> dict[str, floa
     from timing import kernel_ms
 
     hq, hkv, d = (int(x) for x in shape.split("/"))
-    cfg = config(T, budget, bq)
+    cfg = budget_config(T, budget, bq)
     q, k, v, gate, do = inputs(T, hq, hkv, d)
     return kernel_ms(
         lambda: mla_attention(q, k, v, gate, cfg, backend="triton").backward(do), runs=3
@@ -314,7 +296,7 @@ def main() -> None:
                 entries.append((name, "", 0, sdpa(backends[name])))
             for budget in args.budgets:
                 for bq in args.tiles:
-                    cfg = config(T, budget, bq)
+                    cfg = budget_config(T, budget, bq)
 
                     def run(q, k, v, g, cfg=cfg):
                         return mla_attention(q, k, v, g, cfg, backend="triton")

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from budgets import budget_config
 from timing import kernel_ms, print_kernels
 
 from automla.kernels import AttentionConfig
@@ -70,21 +71,6 @@ class Variant:
         return dataclasses.replace(self, fused=False, precision="bf16", checkpoint="none")
 
 
-def nsa_sized(T: int, select_tile: int = 1) -> AttentionConfig:
-    """Window 512, 16 selected blocks of 64, global stride 64 at length T (as bench/attention.py)."""
-    for g in (T // 64, T // 64 + 1):  # + 1 when rounding pushes the stride up
-        budget = 512 + g + 1024
-        cfg = AttentionConfig(
-            budget=budget,
-            ratios=(512 / budget, g / budget, 1024 / budget),
-            block_size=64,
-            select_tile=select_tile,
-        )
-        if cfg.plan(T).stride == 64:
-            break
-    return cfg
-
-
 def model_config(
     v: Variant, T: int, tiny: bool, heads: tuple[int, int, int], vocab_size: int = 50304
 ) -> ModelConfig:
@@ -114,7 +100,7 @@ def model_config(
     if tiny:
         mla = AttentionConfig(budget=64, block_size=16, select_tile=v.select_tile)
     else:
-        mla = nsa_sized(T, v.select_tile)
+        mla = budget_config(T, "nsa", v.select_tile)
     graphs = v.attention == "mla+graphs"
     return ModelConfig(
         **size,
