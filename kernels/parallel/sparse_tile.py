@@ -386,7 +386,7 @@ def select(q, k, lay, km) -> torch.Tensor:
         GP=lay.GP,
         BS=bs,
         BQ=bq,
-        BTOK=min(bq, max(1, t["ROWS"] // lay.GP)),
+        BTOK=tile_rows(lay.G, bq, t["ROWS"])[1],
         BN=t["BN"],
         HAS_LOCAL=lay.has_local,
         SPLIT=q.dtype != torch.float32,
