@@ -141,11 +141,12 @@ def measure(
     x = torch.randint(0, vocab, (batch, T), generator=gen).to(device)
     y = torch.randint(0, vocab, (batch, T), generator=gen).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        # from the warm-up on: a CUDA graph's memory is allocated when it is captured there
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):  # Triton and torch.compile compile here
         train_step(state, x, y, 1e-4)
     sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     times = []
     start = time.perf_counter()
     for _ in range(steps):
