@@ -155,18 +155,25 @@ def measure_throughput(
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen).to(device)
     y = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen).to(device)
+    # the warm-up (Triton and torch.compile compiling for a new shape, CUDA graphs capturing)
+    # shares the device as a training step does: only the timed steps hold it alone, or every
+    # other trial would wait out this one's compilation
+    if lock is not None:
+        lock.acquire_shared()  # (after any benchmark timing now: not to disturb it)
+    for _ in range(warmup):
+        train_step(bench, x, y, lr=1e-6)
+    sync(device)
     times, host = [], []
     with lock.exclusive() if lock is not None else contextlib.nullcontext(0.0) as waited:
         sync(device)
         t0 = time.perf_counter()
-        for i in range(warmup + steps):
+        for _ in range(steps):
             train_step(bench, x, y, lr=1e-6)
             issued = time.perf_counter()
             sync(device)  # one sync per step: it ends this step's interval and opens the next
             t1 = time.perf_counter()
-            if i >= warmup:
-                times.append(t1 - t0)
-                host.append(issued - t0)
+            times.append(t1 - t0)
+            host.append(issued - t0)
             t0 = t1
     if graphs is not None:
         graphs.release(list(copy.parameters()))
