@@ -17,7 +17,7 @@ from automla import schema
 from automla.kernels import AttentionConfig
 from automla.schema import SpaceError
 from automla.trainers import DataConfig, ModelConfig, PruningConfig, TrainConfig, train
-from automla.trainers.config import ConfigError
+from automla.trainers.config import ConfigError, to_dict
 from automla.trainers.model import Attention, rotary_table
 from automla.trainers.sequence_parallel import setup, split_groups, split_heads
 
@@ -293,3 +293,40 @@ def test_bench_counts_the_exchanged_bytes():
     want = (kv + qg + out) * 2 / 2**20
     got = layer_volume(cfg, T, P)
     assert got["forward"] == pytest.approx(want) and got["backward"] == pytest.approx(want)
+
+
+def _cli_worker(rank: int, world: int, port: int, folder: str) -> None:
+    # the environment torchrun gives each process; `automla train` joins the group from it
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    from contextlib import redirect_stdout
+
+    from automla import cli
+
+    with open(os.path.join(folder, f"stdout{rank}.txt"), "w") as out, redirect_stdout(out):
+        status = cli.run(["train", "--config", os.path.join(folder, "sp.yaml"), "--out", folder])
+    with open(os.path.join(folder, f"status{rank}"), "w") as f:
+        f.write(str(status))
+    assert not tdist.is_initialized()  # the command leaves the group it joined
+
+
+def test_cli_train_under_torchrun_environment(tmp_path):
+    import socket
+
+    config = dataclasses.replace(TRAIN_CONFIGS["mla"], sequence_parallel=2)
+    (tmp_path / "sp.yaml").write_text(yaml.safe_dump(to_dict(config)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_cli_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"status{r}").read_text() for r in range(2)] == ["0", "0"]
+    assert "final metrics" in (tmp_path / "stdout0.txt").read_text()
+    assert (tmp_path / "stdout1.txt").read_text() == ""  # rank 0 alone prints and writes
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    want: list[dict] = []
+    train(TRAIN_CONFIGS["mla"], report=lambda m, _c: want.append(m))
+    got = [json.loads(line) for line in lines]
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    assert [m["val_loss"] for m in got] == pytest.approx([m["val_loss"] for m in want], rel=1e-4)

@@ -238,8 +238,10 @@ def setup(size: int) -> SequenceParallel:
         raise ConfigError(
             "sequence_parallel",
             f"{size} must divide the number of training processes ({world}): "
-            "a search starts them from its resources (workers, or gpus); a direct call needs "
-            f"torch.distributed initialised with a multiple of {size} ranks",
+            "a search starts them from its resources (workers, or gpus); run `automla train` "
+            f"under a launcher, e.g. `torchrun --nproc-per-node {size} -m automla.cli train "
+            f"--config F`; a direct call needs torch.distributed initialised with a multiple "
+            f"of {size} ranks",
         )
     rank = dist.get_rank() if initialised else 0
     group = None
