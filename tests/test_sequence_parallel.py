@@ -81,13 +81,18 @@ def _layer_worker(rank: int, world: int, folder: str) -> None:
     try:
         sp = setup(world)
         results = {}
-        for name in LAYERS:
+        runs = [(name, name, True) for name in LAYERS] + [("mla-no-overlap", "mla", False)]
+        for key_name, name, overlap in runs:
+            sp.overlap = overlap
             got = _run_layer(name, sp)
             for key, value in got.items():
                 if key not in ("y", "dx"):
                     tdist.all_reduce(value)  # weight gradients: the sum of the ranks' parts
                     got[key] = value
-            results[name] = got
+            results[key_name] = got
+        sp.overlap = False
+        _, work = sp.exchange(torch.ones(world), [1] * world, [1] * world)
+        results["no-overlap-waited"] = work.is_completed()
         torch.save(results, os.path.join(folder, f"layer{rank}.pt"))
     finally:
         tdist.destroy_process_group()
@@ -113,6 +118,14 @@ def test_layer_matches_one_process(layer_runs, name):
             continue
         for r in ranks:
             torch.testing.assert_close(r[name][key], grad, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_overlap_off_waits_and_gives_the_same_results(layer_runs):
+    _, ranks = layer_runs
+    for r in ranks:
+        assert r["no-overlap-waited"]  # overlap=False: the exchange is done when it returns
+        for key, value in r["mla"].items():
+            torch.testing.assert_close(r["mla-no-overlap"][key], value, rtol=0, atol=0, msg=key)
 
 
 def test_head_splits():
