@@ -146,6 +146,8 @@ def test_config_rules():
         TrainConfig(model=model, seq_len=32, sequence_parallel=4)
     dense = ModelConfig(d_model=32, n_heads=4, n_kv_heads=1, attention="dense", max_seq_len=32)
     TrainConfig(model=dense, seq_len=32, sequence_parallel=4)  # KV heads replicated
+    with pytest.raises(ConfigError, match="4 ranks .* 2 query heads .* needs at least one"):
+        TrainConfig(model=dataclasses.replace(dense, n_heads=2), seq_len=32, sequence_parallel=4)
     with pytest.raises(ConfigError, match="sequence_parallel"):
         TrainConfig(model=model, seq_len=32, sequence_parallel=0)
     # one process cannot share its sequences: a clean config error, not a hang
@@ -238,7 +240,7 @@ def _space(**changes) -> dict:
     "change,path,expected",
     [
         ({"resources": {"workers": 3, "sequence_parallel": 2}}, "resources", "must divide"),
-        ({"resources": {"gpus": 4, "sequence_parallel": 3}}, "resources", "must divide"),
+        ({"resources": {"gpus": 4, "sequence_parallel": 3}}, "resources", "4 worker(s) (gpus: 4"),
         (
             {"resources": {"workers": 4, "sequence_parallel": 4}},
             "resources.sequence_parallel",
