@@ -345,3 +345,26 @@ def test_cli_train_under_torchrun_environment(tmp_path):
     got = [json.loads(line) for line in lines]
     assert [m["step"] for m in got] == [m["step"] for m in want]
     assert [m["val_loss"] for m in got] == pytest.approx([m["val_loss"] for m in want], rel=1e-4)
+
+
+def test_overlap_bench_runs_and_replays_the_real_exchanges():
+    # bench/sequence_parallel_overlap.py on 2 gloo processes at a small T: the six exchanges it
+    # records (and replays for "compute only") are the layer's, by the shapes' arithmetic
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        from sequence_parallel_overlap import run, table
+
+        row = run(2, 256, reps=2, warmup=0)  # the spawned workers import the script too
+    finally:
+        sys.path.pop(0)
+    tl, d, hq, hkv = 128, 64, 8, 4
+    kv = (hkv // 2) * 2 * d * tl  # the other rank's KV groups: k and v of this rank's tokens
+    qg = (hq // 2) * (d + 3) * tl  # its query heads and their gate weights
+    out = (hq // 2) * d * tl  # this rank's heads at the other rank's tokens
+    assert row["exchanges"] == 6
+    assert row["sent_mib_per_rank"] == pytest.approx(2 * (kv + qg + out) * 4 / 2**20)
+    assert row["overlap on ms"] > 0 and row["compute only ms"] > 0
+    assert table([row]).count("\n") == 2
