@@ -143,3 +143,26 @@ def test_step_graph_training_matches_eager(attention):
     assert ((l1 - l0).abs() <= 1e-2 * l0.abs()).all(), (l0, l1)
     assert r0 == r1  # the same heads pruned at the same steps
     assert max(rel(b, a) for a, b in zip(p0, p1)) <= 2e-2
+
+
+@pytest.mark.gpu
+def test_a_step_with_fused_ops_is_captured():
+    # liger's fused linear + cross-entropy syncs the host: a captured step takes the plain loss
+    pytest.importorskip("liger_kernel")
+    dev = torch.device("cuda")
+    T = 256
+    model = dataclasses.replace(config(False, T), d_model=256, n_heads=8, head_dim=32)
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 64, (2, T + 1), generator=g).to(dev) for _ in range(6)]
+    runs = {}
+    for graphs in (False, "step"):
+        cfg = TrainConfig(
+            model=dataclasses.replace(model, cuda_graphs=graphs, fused_ops=True),
+            data=DataConfig(), steps=6, batch_size=2, seq_len=T, dtype="bfloat16",
+        )  # fmt: skip
+        state = build_state(cfg, dev)
+        runs[graphs] = torch.stack([train_step(state, b[:, :-1], b[:, 1:], 1e-3) for b in batches])
+        if graphs:
+            assert state.graphs.failure is None and state.graphs.replays == 5
+    l0, l1 = runs[False].float().cpu(), runs["step"].float().cpu()
+    assert ((l1 - l0).abs() <= 1e-2 * l0.abs()).all(), (l0, l1)
