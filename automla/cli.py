@@ -214,12 +214,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch.distributed
     import yaml
     from rich.console import Console
     from rich.table import Table
 
     from automla.trainers import train
     from automla.trainers.config import ConfigError, TrainConfig, build, to_dict
+    from automla.trainers.distributed import init_from_env, is_main
 
     path = Path(args.config)
     try:
@@ -234,11 +236,22 @@ def _train(args: argparse.Namespace) -> int:
             config = build(TrainConfig, {**to_dict(config), "steps": args.steps})
     except ConfigError as e:
         raise ConfigError("", f"{path}: {e}") from None
-    out = Path(args.out or f"runs/train-{path.stem}-{datetime.now():%Y%m%d-%H%M%S}")
+    # under torchrun (RANK, WORLD_SIZE, ... set) every process joins the group and trains its
+    # share: data parallel, or sequence parallel with `sequence_parallel: P`
+    joined = init_from_env(config.device)
+    main = is_main()  # asked before the group is gone
     try:
-        metrics = train(config, out_dir=out, progress=True)
-    except ConfigError as e:  # the data cannot train: found before out is made
-        raise ConfigError("", f"{path}: {e}") from None
+        # every rank names the folder; only rank 0 writes it, so rank 0's name is the one made
+        out = Path(args.out or f"runs/train-{path.stem}-{datetime.now():%Y%m%d-%H%M%S}")
+        try:
+            metrics = train(config, out_dir=out, progress=True)
+        except ConfigError as e:  # the data cannot train: found before out is made
+            raise ConfigError("", f"{path}: {e}") from None
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+    if not main:
+        return 0
     table = Table(title=f"final metrics ({out})", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -141,10 +141,11 @@ class Resources:
         if P < 1:
             raise ConfigError("sequence_parallel", f"must be >= 1, got {P}")
         if self.n_workers % P:
+            given = f"gpus: {self.gpus:g}" if self.gpus >= 1 else f"workers: {self.workers}"
             raise ConfigError(
                 "sequence_parallel",
-                f"must divide the trial's {self.n_workers} workers (a trial trains workers / P "
-                f"data-parallel groups of P), got {P}",
+                f"must divide the trial's {self.n_workers} worker(s) ({given}; one per GPU on "
+                f"GPUs): a trial trains workers / P data-parallel groups of P, got {P}",
             )
 
     @property

@@ -17,7 +17,7 @@ from automla import schema
 from automla.kernels import AttentionConfig
 from automla.schema import SpaceError
 from automla.trainers import DataConfig, ModelConfig, PruningConfig, TrainConfig, train
-from automla.trainers.config import ConfigError
+from automla.trainers.config import ConfigError, to_dict
 from automla.trainers.model import Attention, rotary_table
 from automla.trainers.sequence_parallel import setup, split_groups, split_heads
 
@@ -81,13 +81,18 @@ def _layer_worker(rank: int, world: int, folder: str) -> None:
     try:
         sp = setup(world)
         results = {}
-        for name in LAYERS:
+        runs = [(name, name, True) for name in LAYERS] + [("mla-no-overlap", "mla", False)]
+        for key_name, name, overlap in runs:
+            sp.overlap = overlap
             got = _run_layer(name, sp)
             for key, value in got.items():
                 if key not in ("y", "dx"):
                     tdist.all_reduce(value)  # weight gradients: the sum of the ranks' parts
                     got[key] = value
-            results[name] = got
+            results[key_name] = got
+        sp.overlap = False
+        _, work = sp.exchange(torch.ones(world), [1] * world, [1] * world)
+        results["no-overlap-waited"] = work.is_completed()
         torch.save(results, os.path.join(folder, f"layer{rank}.pt"))
     finally:
         tdist.destroy_process_group()
@@ -115,6 +120,14 @@ def test_layer_matches_one_process(layer_runs, name):
             torch.testing.assert_close(r[name][key], grad, rtol=1e-5, atol=1e-5, msg=key)
 
 
+def test_overlap_off_waits_and_gives_the_same_results(layer_runs):
+    _, ranks = layer_runs
+    for r in ranks:
+        assert r["no-overlap-waited"]  # overlap=False: the exchange is done when it returns
+        for key, value in r["mla"].items():
+            torch.testing.assert_close(r["mla-no-overlap"][key], value, rtol=0, atol=0, msg=key)
+
+
 def test_head_splits():
     # MLA: whole groups, the first ranks take the extra one; none for the fifth rank
     assert split_groups(3, 2, 2).q == [(0, 4), (4, 6)]
@@ -133,6 +146,8 @@ def test_config_rules():
         TrainConfig(model=model, seq_len=32, sequence_parallel=4)
     dense = ModelConfig(d_model=32, n_heads=4, n_kv_heads=1, attention="dense", max_seq_len=32)
     TrainConfig(model=dense, seq_len=32, sequence_parallel=4)  # KV heads replicated
+    with pytest.raises(ConfigError, match="4 ranks .* 2 query heads .* needs at least one"):
+        TrainConfig(model=dataclasses.replace(dense, n_heads=2), seq_len=32, sequence_parallel=4)
     with pytest.raises(ConfigError, match="sequence_parallel"):
         TrainConfig(model=model, seq_len=32, sequence_parallel=0)
     # one process cannot share its sequences: a clean config error, not a hang
@@ -225,7 +240,7 @@ def _space(**changes) -> dict:
     "change,path,expected",
     [
         ({"resources": {"workers": 3, "sequence_parallel": 2}}, "resources", "must divide"),
-        ({"resources": {"gpus": 4, "sequence_parallel": 3}}, "resources", "must divide"),
+        ({"resources": {"gpus": 4, "sequence_parallel": 3}}, "resources", "4 worker(s) (gpus: 4"),
         (
             {"resources": {"workers": 4, "sequence_parallel": 4}},
             "resources.sequence_parallel",
@@ -293,3 +308,63 @@ def test_bench_counts_the_exchanged_bytes():
     want = (kv + qg + out) * 2 / 2**20
     got = layer_volume(cfg, T, P)
     assert got["forward"] == pytest.approx(want) and got["backward"] == pytest.approx(want)
+
+
+def _cli_worker(rank: int, world: int, port: int, folder: str) -> None:
+    # the environment torchrun gives each process; `automla train` joins the group from it
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    from contextlib import redirect_stdout
+
+    from automla import cli
+
+    with open(os.path.join(folder, f"stdout{rank}.txt"), "w") as out, redirect_stdout(out):
+        status = cli.run(["train", "--config", os.path.join(folder, "sp.yaml"), "--out", folder])
+    with open(os.path.join(folder, f"status{rank}"), "w") as f:
+        f.write(str(status))
+    assert not tdist.is_initialized()  # the command leaves the group it joined
+
+
+def test_cli_train_under_torchrun_environment(tmp_path):
+    import socket
+
+    config = dataclasses.replace(TRAIN_CONFIGS["mla"], sequence_parallel=2)
+    (tmp_path / "sp.yaml").write_text(yaml.safe_dump(to_dict(config)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_cli_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"status{r}").read_text() for r in range(2)] == ["0", "0"]
+    assert "final metrics" in (tmp_path / "stdout0.txt").read_text()
+    assert (tmp_path / "stdout1.txt").read_text() == ""  # rank 0 alone prints and writes
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    want: list[dict] = []
+    train(TRAIN_CONFIGS["mla"], report=lambda m, _c: want.append(m))
+    got = [json.loads(line) for line in lines]
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    assert [m["val_loss"] for m in got] == pytest.approx([m["val_loss"] for m in want], rel=1e-4)
+
+
+def test_overlap_bench_runs_and_replays_the_real_exchanges():
+    # bench/sequence_parallel_overlap.py on 2 gloo processes at a small T: the six exchanges it
+    # records (and replays for "compute only") are the layer's, by the shapes' arithmetic
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        from sequence_parallel_overlap import run, table
+
+        row = run(2, 256, reps=2, warmup=0)  # the spawned workers import the script too
+    finally:
+        sys.path.pop(0)
+    tl, d, hq, hkv = 128, 64, 8, 4
+    kv = (hkv // 2) * 2 * d * tl  # the other rank's KV groups: k and v of this rank's tokens
+    qg = (hq // 2) * (d + 3) * tl  # its query heads and their gate weights
+    out = (hq // 2) * d * tl  # this rank's heads at the other rank's tokens
+    assert row["exchanges"] == 6
+    assert row["sent_mib_per_rank"] == pytest.approx(2 * (kv + qg + out) * 4 / 2**20)
+    assert row["overlap on ms"] > 0 and row["compute only ms"] > 0
+    assert table([row]).count("\n") == 2

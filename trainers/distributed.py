@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 
 def is_distributed() -> bool:
     """True when a process group with more than one rank is running."""
@@ -62,12 +64,14 @@ def local_device(device: torch.device) -> torch.device:
 
 
 def check_batch(batch_size: int, world: int | None = None) -> int:
-    """Rows per rank of a global batch; raises ValueError when it does not split evenly."""
+    """Rows per rank (per data-parallel group with sequence parallelism) of a global batch;
+    raises ConfigError when it does not split evenly."""
     world = world_size() if world is None else world
     if batch_size % world:
-        raise ValueError(
+        raise ConfigError(
+            "batch_size",
             f"batch_size={batch_size} is the global batch and must split evenly over "
-            f"{world} workers; use a multiple of {world}"
+            f"{world} workers (data-parallel groups); use a multiple of {world}",
         )
     return batch_size // world
 

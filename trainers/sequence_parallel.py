@@ -21,7 +21,8 @@ loss, and attention runs on the real T tokens only (the MLA op's `t_max` stays t
 
 Overlap: the k/v projection runs first and its exchange starts asynchronously; the q
 projection, the rotary of q and the gate MLP run while it travels, then the q/gate exchange.
-The backward exchanges run synchronously.
+The backward exchanges run synchronously. `SequenceParallel.overlap = False` makes the k/v
+exchange synchronous too, the baseline of `bench/sequence_parallel_overlap.py`.
 
 Data parallelism composes: a world of W ranks forms W/P groups of P consecutive ranks;
 DistributedDataParallel still averages gradients over all W ranks, and each rank's loss is
@@ -103,6 +104,9 @@ class SequenceParallel:
     dp_size: int = 1
     seq_len: int = 0
     """Length of the sequences last sharded (before padding)."""
+    overlap: bool = True
+    """Let the k/v exchange travel while q and the gate are computed. False waits for every
+    exchange as it starts (the same results): what the overlap is measured against."""
     _splits: dict = field(default_factory=dict, repr=False)
     """Per attention module, its last layout and that layout's split."""
 
@@ -160,6 +164,8 @@ class SequenceParallel:
         work = dist.all_to_all_single(
             recv, send, recv_sizes, send_sizes, group=self.group, async_op=True
         )
+        if not self.overlap:
+            work.wait()
         return recv, work
 
     def attend(
@@ -238,8 +244,10 @@ def setup(size: int) -> SequenceParallel:
         raise ConfigError(
             "sequence_parallel",
             f"{size} must divide the number of training processes ({world}): "
-            "a search starts them from its resources (workers, or gpus); a direct call needs "
-            f"torch.distributed initialised with a multiple of {size} ranks",
+            "a search starts them from its resources (workers, or gpus); run `automla train` "
+            f"under a launcher, e.g. `torchrun --nproc-per-node {size} -m automla.cli train "
+            f"--config F`; a direct call needs torch.distributed initialised with a multiple "
+            f"of {size} ranks",
         )
     rank = dist.get_rank() if initialised else 0
     group = None
