@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from train_throughput import model_config
+from train_throughput import Variant, model_config
 
 from automla.kernels import AttentionConfig
 from automla.trainers import ModelConfig
@@ -86,7 +86,7 @@ def config(T: int, tiny: bool, select_tile: int = 1) -> ModelConfig:
         return ModelConfig(
             vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=T, mla=mla
         )
-    return model_config("mla", T, False, HEADS, select_tile)
+    return model_config(Variant("mla", select_tile), T, False, HEADS)
 
 
 def layer_volume(cfg: ModelConfig, T: int, P: int) -> dict[str, float]:

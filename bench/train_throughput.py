@@ -49,8 +49,10 @@ from automla.trainers.trainer import build_state, lr_at, train_step
 @dataclass(frozen=True)
 class Variant:
     attention: str
-    """dense, mla, or mla+graphs (the MLA op replayed from CUDA graphs)."""
+    """dense or mla."""
     select_tile: int = 1
+    graphs: str = "off"
+    """`model.cuda_graphs`: off, op (the MLA op replayed) or step (the whole step replayed)."""
     fused: bool = False
     precision: str = "bf16"
     checkpoint: str = "none"
@@ -59,23 +61,30 @@ class Variant:
 
     @property
     def name(self) -> str:
-        return (
-            self.attention
-            if self.attention == "dense"
-            else f"{self.attention} Bq={self.select_tile}"
-        )
+        name = self.attention if self.attention == "dense" else f"mla Bq={self.select_tile}"
+        return name if self.graphs == "off" else f"{name} +{self.graphs} graphs"
 
     @property
     def plain(self) -> Variant:
         """The same model without the fast path: what it is compared against."""
-        return dataclasses.replace(self, fused=False, precision="bf16", checkpoint="none")
+        return dataclasses.replace(
+            self, fused=False, precision="bf16", checkpoint="none", graphs="off"
+        )
 
 
 def model_config(
-    v: Variant, T: int, tiny: bool, heads: tuple[int, int, int], vocab_size: int = 50304
+    v: Variant,
+    T: int,
+    tiny: bool,
+    heads: tuple[int, int, int],
+    vocab_size: int = 50304,
+    model: str = "125m",
 ) -> ModelConfig:
     if tiny:
         size = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2)
+    elif model == "search":
+        # the model gpu.yaml searches: d 512, 4 layers, 8 q / 2 KV heads of 64, 384 tokens
+        size = dict(vocab_size=384, d_model=512, n_layers=4, n_heads=8, n_kv_heads=2)
     elif v.width is not None:
         n_heads = v.width // 128
         size = dict(
@@ -100,26 +109,28 @@ def model_config(
     if tiny:
         mla = AttentionConfig(budget=64, block_size=16, select_tile=v.select_tile)
     else:
-        mla = budget_config(T, "nsa", v.select_tile)
-    graphs = v.attention == "mla+graphs"
+        mla = budget_config(T, "small" if model == "search" else "nsa", v.select_tile)
     return ModelConfig(
         **size,
         max_seq_len=T,
-        attention="mla" if graphs else v.attention,
+        attention=v.attention,
         mla=mla,
-        cuda_graphs=graphs,
+        cuda_graphs=False if v.graphs == "off" else v.graphs,
         fused_ops=v.fused,
         precision=v.precision,
         checkpoint=v.checkpoint,
     )
 
 
-def measure(v: Variant, T, steps, warmup, tiny, device, heads, profile=False, max_s=30.0):
+def measure(
+    v: Variant, T, steps, warmup, tiny, device, heads, profile=False, max_s=30.0, model="125m",
+    batch=1,
+):  # fmt: skip
     cfg = TrainConfig(
-        model=model_config(v, T, tiny, heads),
+        model=model_config(v, T, tiny, heads, model=model),
         data=DataConfig(),
         steps=steps,
-        batch_size=1,
+        batch_size=batch,
         seq_len=T,
         dtype="bfloat16",
         device=str(device),
@@ -127,14 +138,15 @@ def measure(v: Variant, T, steps, warmup, tiny, device, heads, profile=False, ma
     state = build_state(cfg, device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     vocab = cfg.model.vocab_size
-    x = torch.randint(0, vocab, (1, T), generator=gen).to(device)
-    y = torch.randint(0, vocab, (1, T), generator=gen).to(device)
+    x = torch.randint(0, vocab, (batch, T), generator=gen).to(device)
+    y = torch.randint(0, vocab, (batch, T), generator=gen).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        # from the warm-up on: a CUDA graph's memory is allocated when it is captured there
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):  # Triton and torch.compile compile here
         train_step(state, x, y, 1e-4)
     sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     times = []
     start = time.perf_counter()
     for _ in range(steps):
@@ -160,7 +172,8 @@ def measure(v: Variant, T, steps, warmup, tiny, device, heads, profile=False, ma
         "params": params,
         "steps_timed": len(times),
         "step_ms": step_s * 1e3,
-        "tokens_per_s": T / step_s,
+        "batch": batch,
+        "tokens_per_s": batch * T / step_s,
         "peak_mem_gb": peak,
     }
 
@@ -203,7 +216,7 @@ def run(v: Variant, T: int, args, device) -> dict:
     try:
         return measure(
             v, T, args.steps, args.warmup, args.tiny, device, tuple(args.heads), args.profile,
-            args.max_variant_s,
+            args.max_variant_s, args.model, args.batch,
         )  # fmt: skip
     except Exception as e:  # noqa: BLE001 - reported in the table
         d_model = 64 if args.tiny else v.width or 768
@@ -223,19 +236,21 @@ def variants(args, device) -> list[tuple[Variant, int]]:
         fast.append({"fused": args.fused, "precision": "fp8"})
     for mode in args.checkpoint:
         fast.append({"fused": args.fused, "checkpoint": mode})
-    attentions = [("dense", 1)]
-    for bq in args.select_tile:
-        attentions += [("mla", bq)] + ([("mla+graphs", bq)] if args.cuda_graphs else [])
+    attentions = [("dense", 1)] + [("mla", bq) for bq in args.select_tile]
+    graphs = ["off"] + args.cuda_graphs
     out = []
     for T in [128, 256] if args.tiny else args.seq:
         for attention, bq in attentions:
-            base = Variant(attention, bq)
-            out.append((base, T))
-            for change in fast:
-                v = dataclasses.replace(base, **change)
-                if v.checkpoint != "none" and attention == "mla+graphs":
-                    continue  # a config error: graphs are not recomputed
-                out.append((v, T))
+            for mode in graphs:
+                if attention == "dense" and mode == "op":
+                    continue  # "op" graphs only the MLA op
+                base = Variant(attention, bq, graphs=mode)
+                out.append((base, T))
+                for change in fast:
+                    v = dataclasses.replace(base, **change)
+                    if v.checkpoint != "none" and mode != "off":
+                        continue  # a config error: graphs are not recomputed
+                    out.append((v, T))
     if args.wide and not args.tiny:
         for width in args.wide_widths:
             for precision in ("bf16", "fp8"):
@@ -249,44 +264,38 @@ def variants(args, device) -> list[tuple[Variant, int]]:
 
 
 def print_table(rows: list[dict]) -> None:
+    fields = ("select_tile", "fused", "precision", "checkpoint", "width", "graphs")
+
     def key(r, **change):
-        v = {f: r[f] for f in ("select_tile", "fused", "precision", "checkpoint", "width")}
-        return (r["T"], r["attention"], *{**v, **change}.values())
+        v = {f: r[f] for f in fields}
+        return (r["T"], r["attention"].split(" +")[0], *{**v, **change}.values())
 
     ok = {key(r): r for r in rows if "error" not in r}
+
+    def dense(r, graphs):  # the plain dense row of r's length and width
+        return ok.get((r["T"], "dense", 1, False, "bf16", "none", r["width"], graphs))
+
     print(
         "| T | d_model | attention | fused | precision | checkpoint | step ms | tokens/s | "
-        "peak GB | speed vs plain | memory vs plain | speed vs plain dense |"
+        "peak GB | speed vs plain | memory vs plain | speed vs plain dense | "
+        "speed vs dense, same graphs |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- " * 13 + "|")
     for r in rows:
         head = (
             f"| {r['T']} | {r['d_model']} | {r['attention']} | {'on' if r['fused'] else 'off'} | "
             f"{r['precision']} | {r['checkpoint']} |"
         )
         if "error" in r:
-            print(f"{head} failed: {r['error'][:120]} | | | | | |")
+            print(f"{head} failed: {r['error'][:120]} | | | | | | |")
             continue
-        plain = ok.get(key(r, fused=False, precision="bf16", checkpoint="none"))
-        dense_plain = next(
-            (
-                d
-                for d in rows
-                if "error" not in d
-                and d["T"] == r["T"]
-                and d["width"] == r["width"]
-                and d["attention"] == "dense"
-                and not d["fused"]
-                and d["precision"] == "bf16"
-                and d["checkpoint"] == "none"
-            ),
-            None,
-        )
-
+        plain = ok.get(key(r, fused=False, precision="bf16", checkpoint="none", graphs="off"))
+        same = dense(r, r["graphs"]) if r["graphs"] != "op" else dense(r, "off")
         print(
             f"{head} {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_mem_gb']:.2f} | "
             f"{_ratio(r, plain, 'step_ms', invert=True)} | {_ratio(r, plain, 'peak_mem_gb')} | "
-            f"{_ratio(r, dense_plain, 'step_ms', invert=True)} |"
+            f"{_ratio(r, dense(r, 'off'), 'step_ms', invert=True)} | "
+            f"{_ratio(r, same, 'step_ms', invert=True)} |"
         )
 
 
@@ -315,8 +324,19 @@ def main() -> None:
     )
     ap.add_argument("--profile", action="store_true", help="CUDA: print each step's kernels")
     ap.add_argument(
-        "--cuda-graphs", action="store_true", help="also MLA with the op replayed from CUDA graphs"
+        "--cuda-graphs",
+        nargs="*",
+        default=[],
+        choices=["op", "step"],
+        help="also with CUDA graphs: the MLA op replayed (op), the whole step replayed (step)",
     )
+    ap.add_argument(
+        "--model",
+        choices=["125m", "search"],
+        default="125m",
+        help="the 125M model (--heads), or the model gpu.yaml searches (small MLA budget)",
+    )
+    ap.add_argument("--batch", type=int, default=1, help="sequences per step")
     ap.add_argument(
         "--select-tile", type=int, nargs="+", default=[1], help="MLA's select_tile values to run"
     )
@@ -376,7 +396,8 @@ def main() -> None:
             loss.update(curve_gap(curves["bf16"], curves["fp8"]))
     print(
         f"\n{name}, torch {torch.__version__}, heads {args.heads[0]} q / {args.heads[1]} KV of "
-        f"{args.heads[2]} (125M model), batch 1, {time.perf_counter() - t_start:.0f} s in all\n"
+        f"{args.heads[2]} ({args.model} model), batch {args.batch}, "
+        f"{time.perf_counter() - t_start:.0f} s in all\n"
     )
     if loss is not None:
         for precision in ("bf16", "fp8"):

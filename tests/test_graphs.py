@@ -1,4 +1,5 @@
-"""`ModelConfig.cuda_graphs`: the MLA op replayed from CUDA graphs gives the eager results."""
+"""`ModelConfig.cuda_graphs`: the MLA op ("op") or the whole training step ("step") replayed
+from CUDA graphs gives the eager results."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import pytest
 import torch
 
 from automla.kernels import AttentionConfig
-from automla.trainers import ModelConfig, build_model
+from automla.trainers import DataConfig, ModelConfig, PruningConfig, TrainConfig, build_model
+from automla.trainers.trainer import build_state, train_step
 
 
-def config(cuda_graphs: bool, T: int = 64, backend: str = "auto") -> ModelConfig:
+def config(cuda_graphs: bool | str, T: int = 64, backend: str = "auto") -> ModelConfig:
     return ModelConfig(
         vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
         max_seq_len=T, cuda_graphs=cuda_graphs, attn_backend=backend,
@@ -45,7 +47,7 @@ def test_graphed_training_steps_match_eager():
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 64, (2, T + 1), generator=g).to(dev) for _ in range(steps)]
     runs = {}
-    for graphs in (False, True):
+    for graphs in (False, "op"):
         torch.manual_seed(0)
         model = build_model(dataclasses.replace(base, cuda_graphs=graphs)).to(dev)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -64,7 +66,7 @@ def test_graphed_training_steps_match_eager():
         if graphs:  # the op did run from graphs: training, the new mask, evaluation
             assert len(model.blocks[1].attn._graphed._graphs) == 3
         runs[graphs] = (losses, logits, [p.detach().clone() for p in model.parameters()])
-    (l0, y0, p0), (l1, y1, p1) = runs[False], runs[True]
+    (l0, y0, p0), (l1, y1, p1) = runs[False], runs["op"]
     assert all(abs(a - b) <= 1e-2 * abs(a) for a, b in zip(l0, l1)), (l0, l1)
     assert rel(y1, y0) <= 2e-2 and not torch.isnan(y1).any()
     assert max(rel(b, a) for a, b in zip(p0, p1)) <= 2e-2
@@ -83,7 +85,7 @@ def test_graphs_dropped_during_a_capture_do_not_break_it():
     try:
         for i in range(3):
             torch.manual_seed(0)
-            model = build_model(config(True, T)).to(dev)
+            model = build_model(config("op", T)).to(dev)
             model.blocks[0].attn.set_head_mask(torch.tensor([True, i != 1, True, i != 2]))
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 _, loss = model(x, x)
@@ -94,3 +96,73 @@ def test_graphs_dropped_during_a_capture_do_not_break_it():
         torch.cuda.synchronize()
     finally:
         gc.set_threshold(*old)
+
+
+def test_true_means_the_whole_step_and_cpu_training_stays_eager():
+    assert config(True).graph_mode == "step" and config("op").graph_mode == "op"
+    assert config(False).graph_mode == "off"
+    cfg = TrainConfig(model=config(True), data=DataConfig(), steps=2, batch_size=2, seq_len=64)
+    assert build_state(cfg, torch.device("cpu")).graphs is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["mla", "dense"])
+def test_step_graph_training_matches_eager(attention):
+    # pruning ramps change the head layout every few steps: eager steps, releases, recaptures
+    dev = torch.device("cuda")
+    T, steps = 256, 24
+    model = dataclasses.replace(
+        config(False, T), d_model=256, n_heads=8, n_kv_heads=2, head_dim=32, attention=attention
+    )
+    pruning = PruningConfig(
+        enabled=True, fraction=0.25, warmup_steps=4, interval=4, ramp_steps=2, end_step=16
+    )
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 64, (2, T + 1), generator=g) for _ in range(steps)]
+    runs = {}
+    for graphs in (False, "step"):
+        cfg = TrainConfig(
+            model=dataclasses.replace(model, cuda_graphs=graphs), data=DataConfig(),
+            steps=steps, batch_size=2, seq_len=T, dtype="bfloat16", pruning=pruning,
+        )  # fmt: skip
+        state = build_state(cfg, dev)
+        losses, removed = [], []
+        for step, b in enumerate(batches, 1):
+            b = b.to(dev)
+            state.pruner.begin_step(step)
+            losses.append(train_step(state, b[:, :-1], b[:, 1:], 1e-3))
+            record = state.pruner.end_step(step)
+            removed.append(record.get("removed"))
+        if graphs:
+            assert state.graphs.failure is None
+            assert state.graphs.captures >= 2 and state.graphs.replays >= steps // 3
+        params = [p.detach().float().clone() for p in state.raw_model.parameters()]
+        runs[graphs] = (torch.stack(losses).float().cpu(), removed, params)
+    (l0, r0, p0), (l1, r1, p1) = runs[False], runs["step"]
+    assert not torch.isnan(l1).any()
+    assert ((l1 - l0).abs() <= 1e-2 * l0.abs()).all(), (l0, l1)
+    assert r0 == r1  # the same heads pruned at the same steps
+    assert max(rel(b, a) for a, b in zip(p0, p1)) <= 2e-2
+
+
+@pytest.mark.gpu
+def test_a_step_with_fused_ops_is_captured():
+    # liger's fused linear + cross-entropy syncs the host: a captured step takes the plain loss
+    pytest.importorskip("liger_kernel")
+    dev = torch.device("cuda")
+    T = 256
+    model = dataclasses.replace(config(False, T), d_model=256, n_heads=8, head_dim=32)
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 64, (2, T + 1), generator=g).to(dev) for _ in range(6)]
+    runs = {}
+    for graphs in (False, "step"):
+        cfg = TrainConfig(
+            model=dataclasses.replace(model, cuda_graphs=graphs, fused_ops=True),
+            data=DataConfig(), steps=6, batch_size=2, seq_len=T, dtype="bfloat16",
+        )  # fmt: skip
+        state = build_state(cfg, dev)
+        runs[graphs] = torch.stack([train_step(state, b[:, :-1], b[:, 1:], 1e-3) for b in batches])
+        if graphs:
+            assert state.graphs.failure is None and state.graphs.replays == 5
+    l0, l1 = runs[False].float().cpu(), runs["step"].float().cpu()
+    assert ((l1 - l0).abs() <= 1e-2 * l0.abs()).all(), (l0, l1)

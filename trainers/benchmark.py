@@ -134,7 +134,7 @@ def measure_throughput(
     means the step is bound by kernel launches, not by the device: its time then hardly grows
     with seq_len, and tokens/s grows with it (CUDA graphs, `model.cuda_graphs`, are the cure).
     """
-    from .trainer import TrainState, train_step  # the trainer imports this module
+    from .trainer import TrainState, step_graph_for, train_step  # the trainer imports this
 
     model = state.raw_model
     cfg = model.cfg
@@ -147,7 +147,11 @@ def measure_throughput(
     copy.train()
     optimizer = torch.optim.AdamW(copy.parameters(), lr=1e-6, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if state.scaler is not None else None
-    bench = TrainState(copy, copy, optimizer, scaler, device, state.autocast_dtype, state.grad_clip)
+    # the step as training runs it: replayed from a CUDA graph where training does that
+    graphs = step_graph_for(cfg, device, scaler) if state.graphs is not None else None
+    bench = TrainState(
+        copy, copy, optimizer, scaler, device, state.autocast_dtype, state.grad_clip, None, graphs
+    )
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen).to(device)
     y = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen).to(device)
@@ -164,7 +168,9 @@ def measure_throughput(
                 times.append(t1 - t0)
                 host.append(issued - t0)
             t0 = t1
-    del bench, copy, optimizer
+    if graphs is not None:
+        graphs.release(list(copy.parameters()))
+    del bench, copy, optimizer, graphs
     median = statistics.median(times)
     return {
         "tokens_per_s": batch_size * seq_len / median,

@@ -52,10 +52,16 @@ class ModelConfig:
     mla: AttentionConfig = field(default_factory=AttentionConfig)
     attn_backend: Backend = "auto"
     """auto: Triton kernels on CUDA, the budget-cost PyTorch path elsewhere."""
-    cuda_graphs: bool = False
-    """Replay each layer's MLA op (its ~25 kernel launches, forward and backward) from CUDA
-    graphs, captured once per input shape and head mask: for small layers whose kernels take
-    less time than Python needs to launch them. Only where the op runs on the Triton kernels."""
+    cuda_graphs: bool | Literal["op", "step"] = False
+    """CUDA graphs, for models whose kernels take less time than Python needs to launch them.
+    "op": each layer's MLA op (~22 launches, forward and backward) replayed from graphs
+    captured once per input shape and head mask, where it runs on the Triton kernels. "step"
+    (and true): the whole forward and backward of a training step replayed from one graph
+    (`trainers/step_graph.py`; CUDA, one process, bfloat16 or float32), and "op" wherever
+    that does not apply (evaluation, fp16, several ranks, a step that cannot be captured).
+    A captured step computes its loss from the logits: liger's fused linear + cross-entropy
+    synchronises with the host, so long contexts with large vocabularies, where the logits
+    are the memory peak, are better off with "op"."""
     fused_ops: bool | None = None
     """liger-kernel's Triton ops for RMSNorm, SwiGLU, rotary and (training) linear +
     cross-entropy without the logits tensor. None: on where the model runs on CUDA and
@@ -121,6 +127,13 @@ class ModelConfig:
             )
         if self.precision == "fp8":
             self._check_fp8()
+
+    @property
+    def graph_mode(self) -> Literal["off", "op", "step"]:
+        """What `cuda_graphs` asks for: true is "step"."""
+        if self.cuda_graphs is False:
+            return "off"
+        return "step" if self.cuda_graphs is True else self.cuda_graphs
 
     def _check_fp8(self) -> None:
         """float8 matmuls need both dimensions of every converted linear divisible by 16."""

@@ -11,8 +11,6 @@ same signature, which a training step (forward, then backward) respects.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -20,22 +18,9 @@ import torch
 
 from automla.kernels import AttentionConfig, mla_attention
 
+from .step_graph import no_gc
+
 _KEEP = 4  # signatures kept per layer: training, evaluation, and a benchmark context or two
-
-
-@contextlib.contextmanager
-def _no_gc():
-    """No garbage collection while capturing. Graphs dropped earlier (an evicted signature, a
-    discarded model) are freed by the cycle collector, and a graph destroyed in the middle of
-    another capture invalidates it ("operation not permitted when stream is capturing")."""
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class GraphedOp:
@@ -74,7 +59,7 @@ class GraphedOp:
             samples = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in inputs)
             # the op's inputs arrive in their final dtypes: nothing inside needs autocast, and
             # make_graphed_callables refuses autocast's cache
-            with torch.autocast(q.device.type, enabled=False), _no_gc():
+            with torch.autocast(q.device.type, enabled=False), no_gc():
                 graphed = torch.cuda.make_graphed_callables(op, samples)
             while len(self._graphs) >= _KEEP:
                 self._graphs.popitem(last=False)

@@ -171,6 +171,8 @@ class Attention(nn.Module):
         self._mask = torch.ones(hq, dtype=torch.bool)
         self._scale = torch.ones(hq)
         self._layout: HeadLayout | None = None
+        self.layout_version = 0
+        """Bumped whenever the mask or mask values change: what a captured step depends on."""
         self._graphed = GraphedOp() if cfg.cuda_graphs else None
         self.fused = False
         """liger's rotary kernel (CUDA; `LanguageModel.use_fused_ops`)."""
@@ -198,11 +200,13 @@ class Attention(nn.Module):
         self.head_mask.copy_(to_device(self._mask, self.head_mask.device))
         self.head_scale.copy_(to_device(self._scale, self.head_scale.device))
         self._layout = None
+        self.layout_version += 1
 
     def _sync_mask(self) -> None:
         self._mask = self.head_mask.cpu().clone()
         self._scale = self.head_scale.float().cpu().clone()
         self._layout = None
+        self.layout_version += 1
 
     def active_heads(self) -> int:
         return int(self._mask.sum())
@@ -344,8 +348,11 @@ class Attention(nn.Module):
     def _attend(self, q, k, v, gate, mask: torch.Tensor | None) -> torch.Tensor:
         cfg = self.cfg
         t_max = cfg.max_seq_len
-        if self._graphed is not None and (
-            resolve_backend(q, k, v, cfg.mla, t_max, cfg.attn_backend) == "triton"
+        if (
+            self._graphed is not None
+            and resolve_backend(q, k, v, cfg.mla, t_max, cfg.attn_backend) == "triton"
+            # inside a whole-step capture (`step_graph`) the op is recorded with the rest
+            and not torch.cuda.is_current_stream_capturing()
         ):
             return self._graphed(q, k, v, gate, cfg.mla, t_max, mask)
         return mla_attention(
@@ -501,6 +508,10 @@ class LanguageModel(nn.Module):
             if isinstance(m, (LanguageModel, RMSNorm, Attention, MLP)):
                 m.fused = on
 
+    def layout_key(self) -> tuple[int, ...]:
+        """Changes whenever a layer's head mask or mask values do (head pruning)."""
+        return tuple(block.attn.layout_version for block in self.blocks)
+
     def set_sequence_parallel(self, sp) -> None:
         """Share every sequence across the ranks of `sp` (a `sequence_parallel.
         SequenceParallel`; None: this process holds whole sequences). Inputs are then this
@@ -538,7 +549,10 @@ class LanguageModel(nn.Module):
             x = block(x, rot)
         h = self.norm(x)
         train = targets is not None and torch.is_grad_enabled()
-        if self.fused and train and sp is None:
+        # liger's linear + cross-entropy counts the targets on the host (.item()): a whole-step
+        # CUDA graph (`cuda_graphs: step`) cannot hold it, and takes the plain loss instead
+        capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()
+        if self.fused and train and sp is None and not capturing:
             # the loss in chunks, no logits (an evaluation, without gradients, still gets them)
             loss = fast_ops.linear_cross_entropy(
                 h.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index=-100

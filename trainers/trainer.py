@@ -29,13 +29,14 @@ import yaml
 from . import distributed as dist
 from .attention_stats import attention_stats
 from .benchmark import DeviceLock, StepGate, measure_throughput, sync
-from .config import TrainConfig, build, to_dict
+from .config import ModelConfig, TrainConfig, build, to_dict
 from .data import IGNORE, load_data, mqar_probe
 from .fast_ops import prepare_model
 from .model import LanguageModel, build_model, to_device
 from .pruning import HeadPruner, compact
 from .sequence_parallel import SequenceParallel
 from .sequence_parallel import setup as setup_sequence_parallel
+from .step_graph import StepGraph
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -58,11 +59,14 @@ class TrainState:
     grad_clip: float
     pruner: HeadPruner | None = None
     """Head pruning: `begin_step` before and `end_step` after each train_step."""
+    graphs: StepGraph | None = None
+    """The step's forward and backward replayed from a CUDA graph (`model.cuda_graphs`)."""
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self, cache: bool = True) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        # a CUDA graph must not capture autocast's cache of cast weights
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=cache)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,9 +115,23 @@ def build_state(config: TrainConfig, device: torch.device) -> TrainState:
     pruner = None
     if config.pruning.enabled:
         pruner = HeadPruner(model, config.pruning, config.steps)
+    graphs = step_graph_for(config.model, device, scaler)
     return TrainState(
-        wrapped, model, optimizer, scaler, device, autocast_dtype, config.grad_clip, pruner
+        wrapped, model, optimizer, scaler, device, autocast_dtype, config.grad_clip, pruner, graphs
     )
+
+
+def step_graph_for(
+    model: ModelConfig, device: torch.device, scaler: torch.amp.GradScaler | None
+) -> StepGraph | None:
+    """A StepGraph where `model.cuda_graphs` asks for one and the step can be captured: CUDA,
+    one process (DDP and sequence parallelism communicate inside the step), no fp16 loss
+    scaling (its step skips updates on a host decision)."""
+    if model.graph_mode != "step" or device.type != "cuda" or scaler is not None:
+        return None
+    if dist.is_distributed():
+        return None
+    return StepGraph(device)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -130,13 +148,23 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, lr: float) -
     """One update on batch (x, y); returns the detached loss (no device sync)."""
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    with state.autocast():
-        _, loss = state.model(x, y)
-    if state.scaler is not None:
-        state.scaler.scale(loss).backward()
-        state.scaler.unscale_(state.optimizer)
+    model = state.raw_model
+    if state.graphs is not None and model.sequence_parallel is None:
+
+        def forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            with state.autocast(cache=False):
+                return state.model(x, y)[1]
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        loss = state.graphs.forward_backward(model, params, x, y, model.layout_key(), forward)
     else:
-        loss.backward()
+        with state.autocast():
+            _, loss = state.model(x, y)
+        if state.scaler is not None:
+            state.scaler.scale(loss).backward()
+            state.scaler.unscale_(state.optimizer)
+        else:
+            loss.backward()
     if state.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(state.raw_model.parameters(), state.grad_clip)
     if state.scaler is not None:
@@ -144,7 +172,8 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, lr: float) -
         state.scaler.update()
     else:
         state.optimizer.step()
-    state.optimizer.zero_grad(set_to_none=True)
+    if state.graphs is None or not state.graphs.holds_grads:
+        state.optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
