@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -15,10 +16,12 @@ from rich.table import Table
 from rich.text import Text
 
 from automla import report as report_mod
-from automla.outcomes import error_reason
+from automla.outcomes import Outcome, classify
 from automla.schema import RATIOS, SearchConfig
-from automla.space import apply, decode, flat_values, trial_label
-from automla.trial import FAILURE, FINAL
+from automla.trial import BUILT
+
+# the live table's word for how a trial Tune ended came out (never stopped: see `classify`)
+_SHOWN = {report_mod.COMPLETED: "done", report_mod.PRUNED: "pruned", report_mod.FAILED: "failed"}
 
 
 class Progress(tune.Callback):
@@ -55,60 +58,47 @@ class Progress(tune.Callback):
             self.live.stop()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        row = self._row(trial)
-        row["state"] = "running"
-        self._event(f"start  {trial.trial_id}  {row['desc']}")
+        self._row(trial)["state"] = "running"
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
-        self._row(trial)["last"] = result
+        row = self._row(trial)
+        row["last"] = result
+        if result.get(BUILT):  # an attempt's first result: the config the trial built
+            row["desc"] = _describe(json.loads(result[BUILT]))
+            self._event(f"start  {trial.trial_id}  {row['desc']}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        row = self._row(trial)
-        last = row.get("last") or {}
-        if last.get(FAILURE):
-            row["state"], row["reason"] = "failed", last.get("reason", "")
-            self._event(f"FAILED {trial.trial_id}  {row['reason']}")
-        elif not last.get(FINAL, True):
-            row["state"] = "pruned"
-            self._event(f"pruned {trial.trial_id}  at step {last.get('step')}")
-        else:
-            row["state"] = "done"
-            shown = " ".join(f"{m}={_num(last.get(m))}" for m in self.config.metrics)
-            self._event(f"done   {trial.trial_id}  {shown}")
+        last = self._row(trial).get("last") or {}
+        self._ended(trial, classify(last, self.config.metrics, ended=True))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        row = self._row(trial)
-        row["state"] = "failed"
-        reason = ""
+        error: BaseException | bool = True
         try:  # the error files are still in the driver's staging folder at this point
             if trial.pickled_error_file and os.path.exists(trial.pickled_error_file):
                 with open(trial.pickled_error_file, "rb") as f:
-                    reason = error_reason(ray.cloudpickle.load(f))
+                    error = ray.cloudpickle.load(f)
         except Exception:  # cosmetic here; trials.csv records the reason from the results
             pass
-        row["reason"] = reason
-        self._event(f"FAILED {trial.trial_id}  {reason}")
+        self._ended(trial, classify({}, self.config.metrics, error=error))
+
+    def _ended(self, trial: Any, outcome: Outcome) -> None:
+        row = self._row(trial)
+        last = row.get("last") or {}
+        row["state"] = _SHOWN[outcome.state]
+        if outcome.state == report_mod.FAILED:
+            row["reason"] = outcome.reason
+            self._event(f"FAILED {trial.trial_id}  {outcome.reason}")
+        elif outcome.state == report_mod.PRUNED:
+            self._event(f"pruned {trial.trial_id}  at step {last.get('step')}")
+        else:
+            shown = " ".join(f"{m}={_num(last.get(m))}" for m in self.config.metrics)
+            self._event(f"done   {trial.trial_id}  {shown}")
 
     def _row(self, trial: Any) -> dict[str, Any]:
         if trial.trial_id not in self.rows:
-            desc = ""
-            try:
-                fixed = self.config.fixed
-                cfg = apply(fixed, decode(self.config.space, trial.config, fixed))
-                values = flat_values(cfg, self.config.space)
-                desc = " ".join(
-                    [trial_label(cfg)]
-                    + [
-                        f"{report_mod.short_name(k)}={v}"
-                        for k, v in values.items()
-                        if not k.startswith(RATIOS + ".")
-                    ]
-                )
-            except Exception as e:  # shown as failed by the trial itself
-                desc = f"(invalid: {e})"
-            self.rows[trial.trial_id] = {"desc": desc, "state": "pending", "last": None}
+            self.rows[trial.trial_id] = {"desc": "", "state": "pending", "last": None}
         return self.rows[trial.trial_id]
 
     def _event(self, text: str) -> None:
@@ -144,6 +134,19 @@ class Progress(tune.Callback):
                 style=style,
             )
         return Group(head, table)
+
+
+def _describe(built: dict[str, Any]) -> str:
+    """A trial's config in one line: its label, then its searched values (ratio shares left to
+    the label)."""
+    return " ".join(
+        [built["label"]]
+        + [
+            f"{report_mod.short_name(k)}={v}"
+            for k, v in built["params"].items()
+            if not k.startswith(RATIOS + ".")
+        ]
+    )
 
 
 def _num(v: Any) -> str:

@@ -93,10 +93,10 @@ def _data_error(cfg: TrainConfig, seen: dict[str, ConfigError | None]) -> Config
 
 
 def _find_local_cluster(label: str) -> str:
-    from ray._private.services import canonicalize_bootstrap_address_or_die
+    from automla import compat
 
     try:
-        found = canonicalize_bootstrap_address_or_die("auto")
+        found = compat.local_cluster_address()
     except ConnectionError:
         raise ClusterError(
             f"{label}: no running Ray cluster found on this machine; start one with "
@@ -134,7 +134,9 @@ def _probe_gcs(label: str, target: str) -> None:
     """One call to the head's GCS, with this machine's token when token mode is on."""
     import grpc
 
-    auth = _token_metadata()
+    from automla import compat
+
+    auth = compat.token_metadata()
     with grpc.insecure_channel(target) as channel:
         call = channel.unary_unary(_GCS_METHOD)
         try:
@@ -168,16 +170,3 @@ def _why_unavailable(details: str) -> str:
     if "http/2" in text or "settings frame" in text:
         return "the port speaks something else than gRPC; a Ray head's GCS port is 6379 by default"
     return details.splitlines()[0][:200] if details else "unreachable"
-
-
-def _token_metadata() -> tuple[tuple[str, str], ...]:
-    """The header Ray's own clients send when token mode is on (an internal helper of Ray's,
-    kept to this one place)."""
-    try:
-        from ray._private.authentication.authentication_utils import is_token_auth_enabled
-        from ray._private.authentication.grpc_authentication_client_interceptor import (
-            _get_authentication_metadata_tuple,
-        )
-    except ImportError:  # an older Ray without token authentication
-        return ()
-    return _get_authentication_metadata_tuple() if is_token_auth_enabled() else ()

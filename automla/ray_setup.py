@@ -15,6 +15,7 @@ import optuna
 import ray
 from rich.console import Console
 
+from automla import compat
 from automla.run_folder import study_url
 
 # Ray's INFO lines would tear through the live table.
@@ -43,13 +44,11 @@ def start_ray(address: str | None, run_name: str) -> Any:
 
 
 def print_banner(console: Console, run_dir: Path, url: str | None, address: str | None) -> None:
-    from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR
-
     rel = os.path.relpath(run_dir)
     where = f"joined {address}" if address else "local Ray"
     if url:
         console.print(f"[bold]Ray dashboard[/] ({where}): {url}")
-        if os.environ.get(AUTH_MODE_ENV_VAR, "token").lower() == "token":
+        if compat.token_auth_on():
             console.print(
                 "  token-protected: run `ray get-auth-token` (or read ~/.ray/auth_token) and "
                 "paste it when the page asks; API clients send "

@@ -26,6 +26,7 @@ import yaml
 from ray import tune
 from rich.console import Console
 
+from automla import compat
 from automla import reference as reference_mod
 from automla import report as report_mod
 from automla.benchmark_plan import throughput_method
@@ -170,12 +171,13 @@ def _execute(
     started = time.time()
     owns_ray = not ray.is_initialized()
     try:
-        ctx = start_ray(address, name) if owns_ray else ray.get_runtime_context()
+        ctx = start_ray(address, name) if owns_ray else None
     except (ConnectionError, TimeoutError) as e:
         where = f"cluster {address}" if address else "a local Ray"
         raise ClusterError(f"could not start or join {where}: {e}") from None
     try:
-        dashboard = ctx.dashboard_url if owns_ray else ray._private.worker.get_dashboard_url()
+        # ray.init tells who starts Ray where its dashboard is; a caller's Ray must be asked
+        dashboard = ctx.dashboard_url if ctx is not None else compat.dashboard_url()
         url = f"http://{dashboard}" if dashboard else None
         print_banner(console, run_dir, url, address)
         log.info("ray dashboard: %s; ray gcs: %s", url, ray.get_runtime_context().gcs_address)
@@ -207,7 +209,7 @@ def _execute(
             )
             progress = Progress(console, config, name, started, log)
             if resume:
-                _repoint_search_state(run_dir / "ray")
+                compat.repoint_search_state(run_dir / "ray")
                 tuner = tune.Tuner.restore(
                     str(run_dir / "ray"),
                     trainable,
@@ -216,7 +218,7 @@ def _execute(
                     restart_errored=False,
                 )
                 # the callbacks come back from Tune's pickle without the display
-                tuner._local_tuner.get_run_config().callbacks = [progress]
+                compat.set_restored_callbacks(tuner, [progress])
             else:
                 tuner = _new_tuner(config, run_dir, trainable, progress)
             reference = None
@@ -271,23 +273,6 @@ def _execute(
     if records and not counts[report_mod.COMPLETED] and not counts[report_mod.PRUNED]:
         raise SearchFailed(run_dir, [f"{r['trial_id']}: {r['reason']}" for r in records])
     return run_dir
-
-
-def _repoint_search_state(experiment_dir: Path) -> None:
-    """Point the saved search generator's storage at where the run folder lies now.
-
-    Ray Tune (2.60) restores moved trials into the new folder, but its search generator comes
-    back with the Experiment it pickled, storage path included: trials proposed after the
-    resume of a moved run folder would write into the old one (or fail where it is gone)."""
-    from ray import cloudpickle
-
-    run_dir = str(experiment_dir.parent)
-    for path in experiment_dir.glob("search_gen_state-*"):
-        state = cloudpickle.loads(path.read_bytes())
-        storage = getattr(state.get("experiment"), "storage", None)
-        if storage is not None and storage.storage_fs_path != run_dir:
-            storage.storage_fs_path = run_dir
-            path.write_bytes(cloudpickle.dumps(state))
 
 
 def _finish_reference(
@@ -361,15 +346,19 @@ def _settle_study(run_dir: Path, ray_ids: set[str]) -> dict[str, int]:
     Ray trial id -> Optuna trial number."""
     from optuna.trial import TrialState
 
-    study = optuna.load_study(study_name=study_name(run_dir), storage=study_url(run_dir))
+    storage = optuna.storages.RDBStorage(study_url(run_dir))
+    name = study_name(run_dir)
+    study = optuna.load_study(study_name=name, storage=storage)
+    study_id = storage.get_study_id_from_name(name)
     numbers = {}
     for t in study.get_trials(deepcopy=False):
         rid = t.user_attrs.get("ray_trial_id")
         if rid in ray_ids:
             numbers[rid] = t.number
         elif t.state == TrialState.RUNNING:
-            study._storage.set_trial_user_attr(t._trial_id, "failure", "lost with the driver")
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            storage.set_trial_user_attr(trial_id, "failure", "lost with the driver")
+            study.tell(t.number, state=TrialState.FAIL)
     return numbers
 
 

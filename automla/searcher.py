@@ -11,16 +11,18 @@ from typing import Any, ClassVar
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
+from automla import compat
 from automla import report as report_mod
+from automla.outcomes import classify
 from automla.run_folder import study_url
-from automla.trial import FAILURE, FINAL
+from automla.trial import FAILURE
 
 
 class StudyOptunaSearch(OptunaSearch):
-    """OptunaSearch that records every trial's outcome in the study: a failed trial, or one that
-    reported a NaN or no objective, is told FAIL (the stock searcher leaves it RUNNING when
-    Optuna rejects the values), an early-stopped one PRUNED; the Ray trial id is kept as a
-    user attribute.
+    """OptunaSearch that records every trial's outcome in the study (see `outcomes.classify`):
+    a failed trial, or one that reported a NaN or no objective, is told FAIL (the stock searcher
+    leaves it RUNNING when Optuna rejects the values), an early-stopped one PRUNED; the Ray
+    trial id is kept as a user attribute.
 
     Its saved state names no path: the storage, the study and the trials are reopened from the
     run folder's study.db when Tune restores it (see `study_in`), so a copied or moved run
@@ -39,11 +41,7 @@ class StudyOptunaSearch(OptunaSearch):
             cls.study_dir = None
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_storage"] = state["_ot_study"] = None
-        # trial ids stand for the trials (already ids in a copy not reopened yet)
-        state["_ot_trials"] = {k: getattr(t, "_trial_id", t) for k, t in self._ot_trials.items()}
-        return state
+        return compat.searcher_state(self)
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -54,23 +52,18 @@ class StudyOptunaSearch(OptunaSearch):
         self._reopen()
 
     def _reopen(self) -> None:
-        if self._ot_study is not None:
+        if compat.searcher_study(self) is not None:
             return
         if self.study_dir is None:
             raise RuntimeError("a restored search needs its run folder: use resume_search")
-        self._storage = optuna.storages.RDBStorage(study_url(self.study_dir))
-        self._ot_study = optuna.load_study(
-            study_name=self._study_name, storage=self._storage, sampler=self._sampler
-        )
-        self._ot_trials = {
-            k: optuna.trial.Trial(self._ot_study, t) if isinstance(t, int) else t
-            for k, t in self._ot_trials.items()
-        }
+        compat.reopen_searcher(self, optuna.storages.RDBStorage(study_url(self.study_dir)))
 
     def suggest(self, trial_id: str) -> dict | None:
         self._reopen()
         params = super().suggest(trial_id)
-        self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        asked = compat.asked_trial(self, trial_id)
+        if asked is not None:
+            asked.set_user_attr("ray_trial_id", trial_id)
         return params
 
     def on_trial_complete(
@@ -78,25 +71,25 @@ class StudyOptunaSearch(OptunaSearch):
     ) -> None:
         from optuna.trial import TrialState
 
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if compat.asked_trial(self, trial_id) is None:
             return
         self._reopen()
-        ot_trial = self._ot_trials[trial_id]
-        self._completed_trials.add(trial_id)
-        # a resumed driver may replay a trial its predecessor already told the study
-        stored = self._ot_study._storage.get_trial(ot_trial._trial_id)
-        if stored.state.is_finished():
-            return
+        ot_trial, study = compat.asked_trial(self, trial_id), compat.searcher_study(self)
+        compat.mark_told(self, trial_id)
         result = result or {}
-        values = [result.get(m) for m in self._metric]
-        if error or result.get(FAILURE):
-            ot_trial.set_user_attr("failure", result.get(FAILURE) or "error")
-            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-        elif not result.get(FINAL, True):
+        outcome = classify(result, self.metric, error=error, ended=True)
+        if outcome.state == report_mod.FAILED:
+            failure = result.get(FAILURE) or "error"
+            if outcome.failure == "no_result":
+                failure = f"objectives {[result.get(m) for m in self.metric]}"
+            try:
+                ot_trial.set_user_attr("failure", failure)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                return  # a resumed driver replays a trial its predecessor already told
+            study.tell(ot_trial, state=TrialState.FAIL, skip_if_finished=True)
+        elif outcome.state == report_mod.PRUNED:
             # stopped early by the scheduler: its metrics are those of a shorter run
-            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-        elif all(report_mod.finite_number(v) for v in values):
-            self._ot_study.tell(ot_trial, values, state=TrialState.COMPLETE)
+            study.tell(ot_trial, state=TrialState.PRUNED, skip_if_finished=True)
         else:
-            ot_trial.set_user_attr("failure", f"objectives {values}")
-            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+            values = [result[m] for m in self.metric]
+            study.tell(ot_trial, values, state=TrialState.COMPLETE, skip_if_finished=True)

@@ -4,8 +4,9 @@ Tune, and end a trial that would fail the same way on a retry with a FAILURE res
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,8 @@ from ray import tune
 
 from automla.distributed import run_distributed_trial
 from automla.domains import Domain
-from automla.space import apply, decode
-from automla.trainers.config import ConfigError
+from automla.space import apply, decode, flat_values, trial_label
+from automla.trainers.config import ConfigError, TrainConfig, to_dict
 
 TrainFn = Callable[..., dict]
 
@@ -26,6 +27,21 @@ FAILURE = "automla_failure"
 
 FINAL = "automla_final"
 """Result key: True once the trainer reached its last step (an early-stopped trial never does)."""
+
+
+BUILT = "automla_built"
+"""Result key of a trial's first result (per attempt): the config it built, as JSON of
+`built_description`, so the driver (records, live display) never rebuilds it."""
+
+
+def built_description(config: TrainConfig, space: Mapping[str, Domain]) -> dict[str, Any]:
+    """A built trial config as the records show it: its label ('dense', 'L50 G25 S25'), its
+    searched values one column each, and the whole config."""
+    return {
+        "label": trial_label(config),
+        "params": flat_values(config, space),
+        "config": to_dict(config),
+    }
 
 
 def automla_trial(
@@ -57,6 +73,14 @@ def automla_trial(
     except ConfigError as e:
         tune.report({FAILURE: "invalid", "reason": f"invalid config: {e}", **node})
         return
+    # the config as searched, before this worker's thread count is filled in
+    built = {BUILT: json.dumps(built_description(config, space))}
+
+    def send(result: dict, checkpoint: tune.Checkpoint | None = None) -> None:
+        """Report to Tune; the attempt's first result carries the built config."""
+        tune.report({**result, **built, **node}, checkpoint=checkpoint)
+        built.clear()
+
     if config.threads is None:
         config.threads = threads
     if train_fn is None:
@@ -71,7 +95,7 @@ def automla_trial(
         if checkpoint_dir is not None:
             checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir))
         final = metrics.get("step", 0) >= config.steps
-        tune.report({**metrics, FINAL: final, **node}, checkpoint=checkpoint)
+        send({**metrics, FINAL: final}, checkpoint)
 
     out_dir = Path(tune.get_context().get_trial_dir()) / "train"
 
@@ -100,9 +124,9 @@ def automla_trial(
             with checkpoint.as_directory() as path:
                 run(path)
     except FloatingPointError as e:
-        tune.report({FAILURE: "diverged", "reason": f"FloatingPointError: {e}", **node})
+        send({FAILURE: "diverged", "reason": f"FloatingPointError: {e}"})
     except ConfigError as e:  # the trainer rejected it (its data): the same on every retry
-        tune.report({FAILURE: "invalid", "reason": f"invalid config: {e}", **node})
+        send({FAILURE: "invalid", "reason": f"invalid config: {e}"})
     except (torch.OutOfMemoryError, MemoryError) as e:
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'out of memory'}"
-        tune.report({FAILURE: "out_of_memory", "reason": reason[:300], **node})
+        send({FAILURE: "out_of_memory", "reason": reason[:300]})
