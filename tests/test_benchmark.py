@@ -136,6 +136,30 @@ def test_the_trainer_reports_benchmarked_throughput_only_when_asked():
     assert m["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
 
 
+@pytest.mark.parametrize("every_eval", [False, True])
+def test_the_benchmark_runs_once_per_head_layout_unless_asked_every_evaluation(
+    monkeypatch, every_eval
+):
+    import automla.trainers.trainer as trainer
+
+    calls = []
+
+    def counting(state, seq_len, batch, **kw):
+        calls.append((state.raw_model.layout_key(), seq_len))
+        return measure_throughput(state, seq_len, batch, **kw)
+
+    monkeypatch.setattr(trainer, "measure_throughput", counting)
+    bench = {"enabled": True, "steps": 1, "warmup": 0, "every_eval": every_eval}
+    # three evaluations; pruning removes a head after the first (a new layout, measured anew)
+    pruning = {"enabled": True, "fraction": 0.25, "warmup_steps": 4, "interval": 2,
+               "ramp_steps": 0, "end_step": 6}  # fmt: skip
+    m = train(_config(steps=12, eval_every=4, benchmark=bench, pruning=pruning))
+    layouts = {key for key, _ in calls}
+    # the layout of the first evaluation, then one pruned layout for the last two
+    assert m["tokens_per_s"] > 0 and len(layouts) == 2, calls
+    assert len(calls) == (3 if every_eval else 2), calls
+
+
 SPACE = {
     "objectives": objectives(),
     "trials": 2,

@@ -313,6 +313,10 @@ class BenchmarkConfig:
     """Also measure at these sequence lengths (batch `context_batch`), as `tokens_per_s@T`:
     the speed at the length the model will be deployed at, longer than it trains at."""
     context_batch: int = 1
+    every_eval: bool = False
+    """Measure again at every evaluation. Off: once per head layout (a model's speed changes
+    when pruning changes its heads, not as its weights train), so a search's trials spend
+    less time waiting for each other's exclusive benchmarks."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup < 0:
