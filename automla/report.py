@@ -138,6 +138,9 @@ def summarise(
         point = [hv["point"][m] for m in metrics]
         history = pareto.relative_history(history_points, modes, point)
     front = sorted((done[i] for i in front_idx), key=lambda t: t["metrics"][metrics[0]])
+    unbeaten = []
+    if hv["point"] is not None and done:
+        unbeaten = _unbeaten(points, [hv["point"][m] for m in metrics], metrics, modes)
     return {
         "objectives": [{"metric": m, "mode": d} for m, d in zip(metrics, modes)],
         "trials": len(trials),
@@ -151,6 +154,7 @@ def summarise(
         "hypervolume_stable": hv["point"] is not None,
         "hypervolume_note": hv["note"],
         "hypervolume_reference": hv["reference"],
+        "hypervolume_unbeaten": unbeaten,
         "front_note": ONE_POINT_FRONT if len(front) == 1 and len(done) > 1 else "",
         "reference": _reference_entry(reference, metrics),
         "hypervolume_history": [
@@ -200,10 +204,26 @@ def hypervolume_text(summary: dict[str, Any]) -> str:
     if summary.get("hypervolume_stable"):
         source = summary["hypervolume_reference"].get("source", "")
         text = f"{summary['hypervolume']:.4f} (vs {source.removeprefix('the ')})"
+        unbeaten = summary.get("hypervolume_unbeaten")
+        if unbeaten:
+            text += f": no completed trial beats it on {' or '.join(unbeaten)}"
         return f"{text}; {note}" if note else text
     if note:
         return f"n/a: {note}"
     return f"{summary['hypervolume']:.4f} (normalised over this run; not comparable)"
+
+
+def _unbeaten(
+    points: list[list[float]], point: list[float], metrics: list[str], modes: list[str]
+) -> list[str]:
+    """The objectives on which no point is strictly better than the reference point: each one
+    makes the hypervolume 0, however good the front is on the others (a recall metric at
+    chance for every trial, say)."""
+    return [
+        m
+        for i, (m, mode) in enumerate(zip(metrics, modes))
+        if not any((p[i] < point[i]) if mode == "min" else (p[i] > point[i]) for p in points)
+    ]
 
 
 def _point_text(point: dict[str, float]) -> str:

@@ -142,6 +142,25 @@ def test_one_point_front_is_said_so():
     assert text.endswith("one trial dominates all others")
 
 
+def test_a_zero_hypervolume_names_the_objective_nobody_beats():
+    # a recall metric at chance everywhere: the front beats the reference on loss and speed,
+    # ties it on recall, and the volume beyond it is 0; the text says why
+    config = parse(objectives=[{"metric": "val_loss", "mode": "min"},
+                               {"metric": "tokens_per_s", "mode": "max"},
+                               {"metric": "mqar_acc", "mode": "max"}],
+                   data={"source": "stdlib", "max_bytes": 100_000, "mqar_mix": 0.25})  # fmt: skip
+    dense = {"state": "completed", "metrics": {**DENSE["metrics"], "mqar_acc": 0.01}}
+    trials = [_trial(i, loss, tps) for i, (loss, tps) in enumerate([(1.8, 1500.0), (1.9, 2500.0)])]
+    for t in trials:
+        t["metrics"]["mqar_acc"] = 0.01
+    summary = report.summarise(config, trials, dense)
+    assert summary["hypervolume"] == 0 and summary["hypervolume_unbeaten"] == ["mqar_acc"]
+    assert report.hypervolume_text(summary).endswith("no completed trial beats it on mqar_acc")
+    trials[1]["metrics"]["mqar_acc"] = 0.02
+    summary = report.summarise(config, trials, dense)
+    assert summary["hypervolume"] > 0 and summary["hypervolume_unbeaten"] == []
+
+
 def test_a_failed_reference_is_shown_but_anchors_nothing():
     failed = {"state": "failed", "reason": "boom", "metrics": {}}
     summary = report.summarise(parse(), TRIALS, failed)
