@@ -148,7 +148,7 @@ def test_a_zero_hypervolume_names_the_objective_nobody_beats():
     config = parse(objectives=[{"metric": "val_loss", "mode": "min"},
                                {"metric": "tokens_per_s", "mode": "max"},
                                {"metric": "mqar_acc", "mode": "max"}],
-                   data={"source": "stdlib", "max_bytes": 100_000, "mqar_mix": 0.25})  # fmt: skip
+                   data={"source": "mqar"})  # fmt: skip
     dense = {"state": "completed", "metrics": {**DENSE["metrics"], "mqar_acc": 0.01}}
     trials = [_trial(i, loss, tps) for i, (loss, tps) in enumerate([(1.8, 1500.0), (1.9, 2500.0)])]
     for t in trials:
