@@ -59,6 +59,9 @@ class Progress(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._row(trial)["state"] = "running"
+        # the values Optuna proposed, as they are: the trial's label and built config arrive
+        # with its first result, one evaluation later
+        self._event(f"start  {trial.trial_id}  {_proposed(trial.config)}")
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
@@ -67,7 +70,6 @@ class Progress(tune.Callback):
         row["last"] = result
         if result.get(BUILT):  # an attempt's first result: the config the trial built
             row["desc"] = _describe(json.loads(result[BUILT]))
-            self._event(f"start  {trial.trial_id}  {row['desc']}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = self._row(trial).get("last") or {}
@@ -146,6 +148,13 @@ def _describe(built: dict[str, Any]) -> str:
             for k, v in built["params"].items()
             if not k.startswith(RATIOS + ".")
         ]
+    )
+
+
+def _proposed(params: dict[str, Any]) -> str:
+    return " ".join(
+        f"{report_mod.short_name(k)}={f'{v:.3g}' if isinstance(v, float) else v}"
+        for k, v in params.items()
     )
 
 

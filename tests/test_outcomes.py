@@ -147,7 +147,7 @@ def test_searcher_and_display_agree_with_the_records(tmp_path: Path):
     }
     for tid, last in lasts.items():
         searcher.suggest(tid)
-        trial = SimpleNamespace(trial_id=tid)
+        trial = SimpleNamespace(trial_id=tid, config={"lr": 0.001})
         progress.on_trial_start(0, [], trial)
         progress.on_trial_result(0, [], trial, last)
         progress.on_trial_complete(0, [], trial)
@@ -168,3 +168,10 @@ def _log() -> logging.Logger:
     log.handlers = [logging.NullHandler()]
     log.propagate = False
     return log
+
+
+def test_the_display_names_a_trial_when_it_starts():
+    from automla.display import _proposed
+
+    text = _proposed({"model.mla.budget": 128, "model.mla.ratios.local": 0.123456, "lr": 2e-3})
+    assert text == "budget=128 ratios.local=0.123 lr=0.002"
