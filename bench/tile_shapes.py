@@ -19,7 +19,6 @@ table last. Bq = select_tile.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -32,9 +31,11 @@ import torch.nn.functional as F
 
 try:
     from automla.kernels import mla_attention, mla_reference
+    from automla.trainers.step_graph import no_gc
 except ImportError:  # not installed: import the folder directly
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from kernels import mla_attention, mla_reference
+    from trainers.step_graph import no_gc
 
 import triton
 from triton.testing import do_bench
@@ -142,14 +143,10 @@ def measure(fn, args, rep: int, graphs: bool = True, uses_gate: bool = True) -> 
         samples = tuple(x.detach().clone().requires_grad_() for x in leaves)
         # no garbage collection while capturing: a graph of an earlier row freed by the cycle
         # collector in the middle of a capture invalidates it
-        gc.collect()
-        gc.disable()
-        try:
+        with no_gc():
             graphed = torch.cuda.make_graphed_callables(
                 fn if uses_gate else (lambda q, k, v: fn(q, k, v, None)), samples
             )
-        finally:
-            gc.enable()
 
         def replay():
             graphed(*leaves).backward(do)
@@ -179,13 +176,8 @@ def in_one_graph(fn, args, rep: int, uses_gate: bool) -> float:
     for x in (q, k, v, gate):
         x.grad = None  # the captured backward allocates them in the graph's pool
     graph = torch.cuda.CUDAGraph()
-    gc.collect()
-    gc.disable()
-    try:
-        with torch.cuda.graph(graph, stream=side):
-            fwd_bwd()
-    finally:
-        gc.enable()
+    with no_gc(), torch.cuda.graph(graph, stream=side):
+        fwd_bwd()
     ms = do_bench(graph.replay, warmup=50, rep=rep, return_mode="median")
     for x in (q, k, v, gate):
         x.grad = None

@@ -148,7 +148,7 @@ def measure_throughput(
     optimizer = torch.optim.AdamW(copy.parameters(), lr=1e-6, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if state.scaler is not None else None
     # the step as training runs it: replayed from a CUDA graph where training does that
-    graphs = step_graph_for(cfg, device, scaler) if state.graphs is not None else None
+    graphs = step_graph_for(copy, device, scaler) if state.graphs is not None else None
     bench = TrainState(
         copy, copy, optimizer, scaler, device, state.autocast_dtype, state.grad_clip, None, graphs
     )
@@ -176,7 +176,7 @@ def measure_throughput(
             host.append(issued - t0)
             t0 = t1
     if graphs is not None:
-        graphs.release(list(copy.parameters()))
+        graphs.release()
     del bench, copy, optimizer, graphs
     median = statistics.median(times)
     return {

@@ -48,7 +48,9 @@ def no_gc() -> Iterator[None]:
 class StepGraph:
     """Forward and backward of a training step, replayed from a CUDA graph where possible."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, params: list[nn.Parameter], device: torch.device):
+        self.params = [p for p in params if p.requires_grad]
+        """Whose gradients the captured backward writes."""
         self.stream = torch.cuda.Stream(device)
         self._key: tuple | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -64,13 +66,7 @@ class StepGraph:
         return self._graph is not None
 
     def forward_backward(
-        self,
-        model: nn.Module,
-        params: list[nn.Parameter],
-        x: torch.Tensor,
-        y: torch.Tensor,
-        key: tuple,
-        forward: Forward,
+        self, x: torch.Tensor, y: torch.Tensor, key: tuple, forward: Forward
     ) -> torch.Tensor:
         """Run forward(x, y) -> loss and its backward; returns the detached loss, a tensor of its
         own (valid after the next replay). `key` names what the capture depends on besides the
@@ -78,7 +74,7 @@ class StepGraph:
         key = (x.shape, x.dtype, y.shape, y.dtype, key)
         if self.failure is None and key == self._key:
             if self._graph is None:
-                self._capture(params, x, y, forward)
+                self._capture(x, y, forward)
             if self._graph is not None:
                 sx, sy, loss = self._static
                 sx.copy_(x, non_blocking=True)
@@ -86,15 +82,14 @@ class StepGraph:
                 self._graph.replay()
                 self.replays += 1
                 return loss.clone()
-        self.release(params)
+        self.release()
         self._key = key
         return self._eager(x, y, forward)
 
-    def release(self, params: list[nn.Parameter]) -> None:
+    def release(self) -> None:
         """Drop the graph and its memory; the gradients it held go with it."""
         if self._graph is not None:
-            for p in params:
-                p.grad = None
+            self._drop_grads()
             self._graph = self._static = None
         self._key = None
 
@@ -109,11 +104,12 @@ class StepGraph:
         current.wait_stream(self.stream)
         return loss.detach()
 
-    def _capture(
-        self, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor, forward: Forward
-    ) -> None:
-        for p in params:
-            p.grad = None  # the captured backward allocates them in the graph's pool
+    def _drop_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor, forward: Forward) -> None:
+        self._drop_grads()  # the captured backward allocates them in the graph's pool
         sx, sy = x.clone(), y.clone()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(x.device)
@@ -123,8 +119,7 @@ class StepGraph:
                 loss.backward()
         except Exception as e:  # noqa: BLE001 - any op that cannot be captured: stay eager
             self.failure = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            for p in params:
-                p.grad = None
+            self._drop_grads()
             torch.cuda.synchronize(x.device)
             log.warning(
                 "training step not captured in a CUDA graph, staying eager: %s", self.failure

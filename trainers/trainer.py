@@ -29,7 +29,7 @@ import yaml
 from . import distributed as dist
 from .attention_stats import attention_stats
 from .benchmark import DeviceLock, StepGate, measure_throughput, sync
-from .config import ModelConfig, TrainConfig, build, to_dict
+from .config import TrainConfig, build, to_dict
 from .data import IGNORE, load_data, mqar_probe
 from .fast_ops import prepare_model
 from .model import LanguageModel, build_model, to_device
@@ -115,23 +115,21 @@ def build_state(config: TrainConfig, device: torch.device) -> TrainState:
     pruner = None
     if config.pruning.enabled:
         pruner = HeadPruner(model, config.pruning, config.steps)
-    graphs = step_graph_for(config.model, device, scaler)
+    graphs = step_graph_for(model, device, scaler)
     return TrainState(
         wrapped, model, optimizer, scaler, device, autocast_dtype, config.grad_clip, pruner, graphs
     )
 
 
 def step_graph_for(
-    model: ModelConfig, device: torch.device, scaler: torch.amp.GradScaler | None
+    model: LanguageModel, device: torch.device, scaler: torch.amp.GradScaler | None
 ) -> StepGraph | None:
-    """A StepGraph where `model.cuda_graphs` asks for one and the step can be captured: CUDA,
-    one process (DDP and sequence parallelism communicate inside the step), no fp16 loss
-    scaling (its step skips updates on a host decision)."""
-    if model.graph_mode != "step" or device.type != "cuda" or scaler is not None:
+    """A StepGraph for `model` where its `cuda_graphs` asks for one and the step can be
+    captured: CUDA, one process (DDP and sequence parallelism communicate inside the step), no
+    fp16 loss scaling (its step skips updates on a host decision)."""
+    if model.cfg.graph_mode != "step" or device.type != "cuda" or scaler is not None:
         return None
-    if dist.is_distributed():
-        return None
-    return StepGraph(device)
+    return None if dist.is_distributed() else StepGraph(list(model.parameters()), device)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -148,15 +146,14 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, lr: float) -
     """One update on batch (x, y); returns the detached loss (no device sync)."""
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    model = state.raw_model
-    if state.graphs is not None and model.sequence_parallel is None:
+    if state.graphs is not None:
 
         def forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             with state.autocast(cache=False):
                 return state.model(x, y)[1]
 
-        params = [p for p in model.parameters() if p.requires_grad]
-        loss = state.graphs.forward_backward(model, params, x, y, model.layout_key(), forward)
+        key = state.raw_model.layout_key()
+        loss = state.graphs.forward_backward(x, y, key, forward)
     else:
         with state.autocast():
             _, loss = state.model(x, y)
@@ -551,8 +548,6 @@ class _Benchmarks:
         self._peak = 0.0
         self._measured: dict[tuple, dict[str, float]] = {}
         """Results by (head layout, seq_len, batch): measured once unless `every_eval`."""
-        self.runs = 0
-        """Benchmarks run (not taken from `_measured`)."""
 
     def before_step(self) -> None:
         if self.gate is not None:
@@ -608,7 +603,6 @@ class _Benchmarks:
                         lock=self.lock,
                     )
                     self._measured[(layout, seq_len, batch)] = r
-                    self.runs += 1
                 else:
                     r = {**r, "wait_s": 0.0}
                 out[key] = r["tokens_per_s"]
