@@ -64,13 +64,6 @@ class Variant:
         name = self.attention if self.attention == "dense" else f"mla Bq={self.select_tile}"
         return name if self.graphs == "off" else f"{name} +{self.graphs} graphs"
 
-    @property
-    def plain(self) -> Variant:
-        """The same model without the fast path: what it is compared against."""
-        return dataclasses.replace(
-            self, fused=False, precision="bf16", checkpoint="none", graphs="off"
-        )
-
 
 def model_config(
     v: Variant,
@@ -219,7 +212,8 @@ def run(v: Variant, T: int, args, device) -> dict:
             args.max_variant_s, args.model, args.batch,
         )  # fmt: skip
     except Exception as e:  # noqa: BLE001 - reported in the table
-        d_model = 64 if args.tiny else v.width or 768
+        # (not from model_config: the error may be its own)
+        d_model = 64 if args.tiny else v.width or (512 if args.model == "search" else 768)
         return {**dataclasses.asdict(v), "attention": v.name, "T": T, "d_model": d_model,
                 "error": repr(e)[:300]}  # fmt: skip
     finally:
