@@ -114,6 +114,32 @@ def trial_resources(cpus: float, gpus: float, workers: int) -> dict[str, float]:
     return {"cpu": DRIVER_CPUS}
 
 
+def run_training(
+    config: TrainConfig,
+    report: Report,
+    out_dir: Path,
+    *,
+    workers: int,
+    cpus: float,
+    use_gpu: bool,
+    train_fn: Callable[..., dict] | None = None,
+    resume: str | Path | None = None,
+) -> None:
+    """Train `config` in this process (one worker) or on `workers` Ray Train workers
+    (`run_distributed_trial`), resuming from the checkpoint folder `resume` when given; every
+    evaluation goes to report(metrics, checkpoint_dir)."""
+    if workers > 1:
+        run_distributed_trial(
+            config, workers, use_gpu, report,
+            out_dir=out_dir, cpus_per_worker=cpus, resume=resume, train_fn=train_fn,
+        )  # fmt: skip
+        return
+    if train_fn is None:
+        from automla.trainers import train as train_fn
+    extra = {} if resume is None else {"resume": resume}
+    train_fn(config, out_dir=out_dir, report=report, **extra)
+
+
 def run_distributed_trial(
     config: TrainConfig,
     workers: int,

@@ -146,10 +146,8 @@ def _train_reference(
     """In the Ray task: train like a trial of this search would, collect every evaluation."""
     import torch
 
-    from automla.distributed import run_distributed_trial
+    from automla.distributed import run_training
 
-    if train_fn is None:
-        from automla.trainers import train as train_fn
     threads = max(1, int(cpus_per_worker))
     torch.set_num_threads(threads)
     if config.threads is None:
@@ -162,18 +160,10 @@ def _train_reference(
     # the trainer's files stay on the worker's node; the metrics travel back in the result
     with tempfile.TemporaryDirectory(prefix="automla-reference-") as tmp:
         out_dir = Path(tmp) / "train"
-        if workers > 1:
-            run_distributed_trial(
-                config,
-                workers,
-                use_gpu,
-                report,
-                out_dir=out_dir,
-                cpus_per_worker=cpus_per_worker,
-                train_fn=train_fn,
-            )
-        else:
-            train_fn(config, out_dir=out_dir, report=report)
+        run_training(
+            config, report, out_dir,
+            workers=workers, cpus=cpus_per_worker, use_gpu=use_gpu, train_fn=train_fn,
+        )  # fmt: skip
     return history
 
 

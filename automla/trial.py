@@ -13,7 +13,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from automla.distributed import run_distributed_trial
+from automla.distributed import run_training
 from automla.domains import Domain
 from automla.space import apply, decode, flat_values, trial_label
 from automla.trainers.config import ConfigError, TrainConfig, to_dict
@@ -83,8 +83,6 @@ def automla_trial(
 
     if config.threads is None:
         config.threads = threads
-    if train_fn is None:
-        from automla.trainers import train as train_fn
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         for key in ("train_loss", "val_loss"):
@@ -100,21 +98,10 @@ def automla_trial(
     out_dir = Path(tune.get_context().get_trial_dir()) / "train"
 
     def run(resume: str | None = None) -> None:
-        if workers > 1:
-            run_distributed_trial(
-                config,
-                workers,
-                use_gpu,
-                report,
-                out_dir=out_dir,
-                cpus_per_worker=cpus,
-                resume=resume,
-                train_fn=train_fn,
-            )
-        elif resume is None:
-            train_fn(config, out_dir=out_dir, report=report)
-        else:
-            train_fn(config, out_dir=out_dir, report=report, resume=resume)
+        run_training(
+            config, report, out_dir,
+            workers=workers, cpus=cpus, use_gpu=use_gpu, train_fn=train_fn, resume=resume,
+        )  # fmt: skip
 
     try:
         checkpoint = tune.get_checkpoint()
