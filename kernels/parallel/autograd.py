@@ -9,16 +9,10 @@ import triton
 
 from ..common import check_inputs
 from ..config import AttentionConfig, Plan
-from . import sparse_tile
+from . import sparse, sparse_tile
 from .common import _interpret
 from .layout import _Layout, _options, _tiles
-from .selection import _pool, _select
-from .sparse import (
-    _invert,
-    _sparse_bwd_dkv_kernel,
-    _sparse_bwd_dq_kernel,
-    _sparse_fwd_kernel,
-)
+from .selection import _pool
 from .window import (
     _global_bwd_dkv_kernel,
     _local_bwd_dkv_kernel,
@@ -96,34 +90,10 @@ def mla_fwd(
             **_options(t),
         )
     idx = lse_l
-    if lay.has_sparse and lay.plan.select_tile > 1:
-        idx = sparse_tile.select(q, k, lay, km)
-        sparse_tile.forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store)
-    elif lay.has_sparse:
-        idx = _select(q, k, lay, km)
-        t = _tiles("sparse_fwd")
-        _sparse_fwd_kernel[(T, B * lay.NA)](
-            q=q,
-            k=k,
-            v=v,
-            gate=gate,
-            idx=idx,
-            active=lay.active,
-            groups=lay.groups,
-            o=o,
-            o_s=o_s,
-            lse_s=lse_s,
-            T=T,
-            NA=lay.NA,
-            **lay.args,
-            GP=lay.GP16,
-            NSEL=lay.plan.n_select,
-            BS=lay.plan.block_size,
-            BSP=lay.BSP,
-            ACCUMULATE=lay.has_window,
-            STORE=store,
-            **_options(t),
-        )
+    if lay.has_sparse:
+        branch = sparse_tile if lay.plan.select_tile > 1 else sparse
+        idx = branch.select(q, k, lay, km)
+        branch.forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store)
     saved = {"o_l": o_l, "o_g": o_g, "o_s": o_s, "lse_l": lse_l, "lse_g": lse_g}
     saved.update({"lse_s": lse_s, "kc": kc, "vc": vc, "idx": idx})
     return o, saved
@@ -257,64 +227,9 @@ def mla_bwd(
             dkc=dkc, dvc=dvc, groups=lay.groups, dk=dk, dv=dv, T=T, NC=NC, NA=lay.NA,
             stride=lay.stride, NSPLIT=nsplit, HKV=HKV, D=D, BK=BK,
         )  # fmt: skip
-    if lay.has_sparse and lay.plan.select_tile > 1:
-        sparse_tile.backward(
-            q, k, v, gate, do, saved["idx"], lay, saved, dgate, delta_s, dq, dk, dv
-        )
-    elif lay.has_sparse:
-        idx = saved["idx"]
-        t = _tiles("sparse_dq")
-        _sparse_bwd_dq_kernel[(T, B * lay.NA)](
-            q=q,
-            k=k,
-            v=v,
-            gate=gate,
-            idx=idx,
-            active=lay.active,
-            groups=lay.groups,
-            do=do,
-            o_s=saved["o_s"],
-            lse_s=saved["lse_s"],
-            dgate=dgate,
-            delta_s=delta_s,
-            dq=dq,
-            T=T,
-            NA=lay.NA,
-            **lay.args,
-            scale=lay.scale,
-            GP=lay.GP16,
-            NSEL=lay.plan.n_select,
-            BS=lay.plan.block_size,
-            BSP=lay.BSP,
-            ACCUMULATE=lay.has_window,
-            **_options(t),
-        )
-        t = _tiles("sparse_dkv")
-        chunks, tokens, used = _invert(idx, lay.NB, t["CH"])
-        _sparse_bwd_dkv_kernel[(chunks.shape[0],)](
-            q=q,
-            k=k,
-            v=v,
-            gate=gate,
-            active=lay.active,
-            chunks=chunks,
-            tokens=tokens,
-            used=used,
-            do=do,
-            lse_s=saved["lse_s"],
-            delta_s=delta_s,
-            dk=dk,
-            dv=dv,
-            T=T,
-            NB=lay.NB,
-            **lay.args,
-            scale=lay.scale,
-            GP=lay.GP,
-            BS=lay.plan.block_size,
-            BSP=lay.BSP,
-            BQ=max(1, t["ROWS"] // lay.GP),
-            **_options(t),
-        )
+    if lay.has_sparse:
+        branch = sparse_tile if lay.plan.select_tile > 1 else sparse
+        branch.backward(q, k, v, gate, do, saved["idx"], lay, saved, dgate, delta_s, dq, dk, dv)
     dkv = dkv.to(k.dtype)
     return dq, dkv[0], dkv[1], dgate
 

@@ -1,6 +1,7 @@
 """The sparse branch: forward and dq per token and KV group (the group's queries share each
 selected key block), dk/dv per chunk of the tokens that chose a key block, with the selection
-inverted on the device (a count, a scan and an atomic fill).
+inverted on the device (a count, a scan and an atomic fill); `select`, `forward` and
+`backward` launch them (the tile-mode branch, `sparse_tile`, has the same three).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from .common import (
     _softmax_step,
     _sparse_dkv_rows,
 )
+from .layout import _options, _tiles
+from .selection import _select
 
 
 @triton.jit
@@ -307,3 +310,38 @@ def _invert(idx: torch.Tensor, NB: int, CH: int) -> tuple[torch.Tensor, torch.Te
     _invert_pass_kernel[grid](**bufs, **sizes, FILL=True)
     _chunk_kernel[(nseg,)](counts=counts, ends=ends, cends=cends, chunks=chunks, CH=CH)
     return chunks, tokens, cends[-1:]
+
+
+def select(q, k, lay, km) -> torch.Tensor:
+    """Block indices [B, T, HKV, n_select] int32 of each query, best first (-1: no block).
+    km: the float32 block means [B, NB, HKV, D] when the global branch pooled them, else None."""
+    return _select(q, k, lay, km)
+
+
+def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
+    """The sparse branch's output, gated and added to o (written when no window branch ran)."""
+    _sparse_fwd_kernel[(lay.T, lay.B * lay.NA)](
+        q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, o=o, o_s=o_s,
+        lse_s=lse_s, T=lay.T, NA=lay.NA, **lay.args, GP=lay.GP16, NSEL=lay.plan.n_select,
+        BS=lay.plan.block_size, BSP=lay.BSP, ACCUMULATE=lay.has_window, STORE=store,
+        **_options(_tiles("sparse_fwd")),
+    )  # fmt: skip
+
+
+def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv) -> None:
+    """dq (added to the window branches'), dgate's sparse column, and dk/dv added atomically."""
+    _sparse_bwd_dq_kernel[(lay.T, lay.B * lay.NA)](
+        q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, do=do,
+        o_s=saved["o_s"], lse_s=saved["lse_s"], dgate=dgate, delta_s=delta_s, dq=dq, T=lay.T,
+        NA=lay.NA, **lay.args, scale=lay.scale, GP=lay.GP16, NSEL=lay.plan.n_select,
+        BS=lay.plan.block_size, BSP=lay.BSP, ACCUMULATE=lay.has_window,
+        **_options(_tiles("sparse_dq")),
+    )  # fmt: skip
+    t = _tiles("sparse_dkv")
+    chunks, tokens, used = _invert(idx, lay.NB, t["CH"])
+    _sparse_bwd_dkv_kernel[(chunks.shape[0],)](
+        q=q, k=k, v=v, gate=gate, active=lay.active, chunks=chunks, tokens=tokens, used=used,
+        do=do, lse_s=saved["lse_s"], delta_s=delta_s, dk=dk, dv=dv, T=lay.T, NB=lay.NB,
+        **lay.args, scale=lay.scale, GP=lay.GP, BS=lay.plan.block_size, BSP=lay.BSP,
+        BQ=max(1, t["ROWS"] // lay.GP), **_options(t),
+    )  # fmt: skip
