@@ -188,32 +188,23 @@ def _select(
 ) -> torch.Tensor:
     """Block indices [B, T, HKV, n_select] int32, as `selection.select_blocks` (-1: no block).
     km: the float32 block means of k [B, NB, HKV, D] when the caller has them already."""
-    B, T, HKV, NB = lay.B, lay.T, lay.HKV, lay.NB
-    bs = lay.plan.block_size
     t = _tiles("score")
-    if km is None:
-        km = _pool(k, None, bs, NB, None, km=True)[2]
-    score = torch.empty(B, T, HKV, NB, dtype=torch.float32, device=q.device)
     BTOK = max(1, 64 // lay.GP)
-    _score_kernel[(triton.cdiv(T, BTOK), B * lay.NA)](
-        q=q,
-        km=km,
-        active=lay.active,
-        groups=lay.groups,
-        score=score,
-        T=T,
-        NB=NB,
-        NA=lay.NA,
-        window=lay.plan.window,
-        **lay.args,
-        GP=lay.GP,
-        BS=bs,
-        BTOK=BTOK,
-        BN=t["BN"],
-        HAS_LOCAL=lay.has_local,
-        SPLIT=q.dtype != torch.float32,
+    return _rank(_score_kernel, lay.T, triton.cdiv(lay.T, BTOK), q, k, lay, km, t, BTOK=BTOK)
+
+
+def _rank(kernel, rows: int, programs: int, q, k, lay: _Layout, km, t: dict, **extra):
+    """Score every candidate block for `rows` rows (tokens, or selection tiles) with `kernel`,
+    launched on `programs` x the active KV groups, and keep each row's n_select best."""
+    if km is None:
+        km = _pool(k, None, lay.plan.block_size, lay.NB, None, km=True)[2]
+    score = torch.empty(lay.B, rows, lay.HKV, lay.NB, dtype=torch.float32, device=q.device)
+    kernel[(programs, lay.B * lay.NA)](
+        q=q, km=km, active=lay.active, groups=lay.groups, score=score, T=lay.T, NB=lay.NB,
+        NA=lay.NA, window=lay.plan.window, **lay.args, GP=lay.GP, BS=lay.plan.block_size,
+        BN=t["BN"], HAS_LOCAL=lay.has_local, SPLIT=q.dtype != torch.float32, **extra,
         **_options(t),
-    )
+    )  # fmt: skip
     return _topk(score, lay)
 
 

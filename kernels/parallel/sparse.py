@@ -312,10 +312,8 @@ def _invert(idx: torch.Tensor, NB: int, CH: int) -> tuple[torch.Tensor, torch.Te
     return chunks, tokens, cends[-1:]
 
 
-def select(q, k, lay, km) -> torch.Tensor:
-    """Block indices [B, T, HKV, n_select] int32 of each query, best first (-1: no block).
-    km: the float32 block means [B, NB, HKV, D] when the global branch pooled them, else None."""
-    return _select(q, k, lay, km)
+select = _select
+"""The per-query selection, [B, T, HKV, n_select] block indices (`sparse_tile.select` for tiles)."""
 
 
 def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:

@@ -27,7 +27,7 @@ from .common import (
     _sparse_dkv_rows,
 )
 from .layout import _options, _tiles
-from .selection import _pool, _topk
+from .selection import _rank
 from .sparse import _invert
 
 
@@ -364,35 +364,12 @@ def tile_rows(G: int, select_tile: int, rows: int) -> tuple[int, int, int]:
 
 def select(q, k, lay, km) -> torch.Tensor:
     """Block indices [B, NT, HKV, n_select] int32 of each tile of Bq queries, best first (-1:
-    no block), as `selection.select_tiles`. km: the float32 block means [B, NB, HKV, D]."""
-    B, T, HKV, NB, NT = lay.B, lay.T, lay.HKV, lay.NB, lay.NT
-    bs, bq = lay.plan.block_size, lay.plan.select_tile
+    no block), as `selection.select_tiles`. km: the float32 block means [B, NB, HKV, D], or
+    None (pooled here)."""
     t = _tiles("tile_score")
-    if km is None:
-        km = _pool(k, None, bs, NB, None, km=True)[2]
-    score = torch.empty(B, NT, HKV, NB, dtype=torch.float32, device=q.device)
-    _tile_score_kernel[(NT, B * lay.NA)](
-        q=q,
-        km=km,
-        active=lay.active,
-        groups=lay.groups,
-        score=score,
-        T=T,
-        NB=NB,
-        NT=NT,
-        NA=lay.NA,
-        window=lay.plan.window,
-        **lay.args,
-        GP=lay.GP,
-        BS=bs,
-        BQ=bq,
-        BTOK=tile_rows(lay.G, bq, t["ROWS"])[1],
-        BN=t["BN"],
-        HAS_LOCAL=lay.has_local,
-        SPLIT=q.dtype != torch.float32,
-        **_options(t),
-    )
-    return _topk(score, lay)
+    bq = lay.plan.select_tile
+    BTOK = tile_rows(lay.G, bq, t["ROWS"])[1]
+    return _rank(_tile_score_kernel, lay.NT, lay.NT, q, k, lay, km, t, NT=lay.NT, BQ=bq, BTOK=BTOK)
 
 
 def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
