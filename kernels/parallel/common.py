@@ -157,6 +157,40 @@ def _interpret() -> bool:
 
 
 @triton.jit
+def _chunk_block(
+    chunks,
+    k,
+    v,
+    i_c,
+    T,
+    NB,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    BSP: tl.constexpr,
+):
+    # The sparse dk/dv kernels' chunk i_c = (segment, first, end), segment = (b * HKV + hkv) *
+    # NB + block: its range [p_lo, p_hi), KV head, the batch's row offset o_bq, and the key
+    # block's offsets o_kv (with o_d, m_k) and contents b_k, b_v [BSP, D].
+    seg = tl.load(chunks + i_c * 3)
+    p_lo = tl.load(chunks + i_c * 3 + 1)
+    p_hi = tl.load(chunks + i_c * 3 + 2)
+    i_n = seg % NB
+    i_hk = (seg // NB) % HKV
+    i_b = seg // (NB * HKV)
+    o_bq = (i_b * T * HQ).to(tl.int64)
+    o_k = tl.arange(0, BSP)
+    o_d = tl.arange(0, D)
+    m_k = o_k < BS
+    o_kv = (i_b * T * HKV + i_hk).to(tl.int64) * D
+    o_kv = o_kv + ((i_n * BS + o_k) * (HKV * D))[:, None] + o_d[None, :]
+    b_k = tl.load(k + o_kv, mask=m_k[:, None], other=0.0)
+    b_v = tl.load(v + o_kv, mask=m_k[:, None], other=0.0)
+    return p_lo, p_hi, i_hk, o_bq, o_d, o_kv, m_k, b_k, b_v
+
+
+@triton.jit
 def _sparse_dkv_rows(
     q,
     do,

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    _chunk_block,
     _gate_grad,
     _group_rows,
     _load_block,
@@ -177,21 +178,9 @@ def _sparse_bwd_dkv_kernel(
     # programs even, and each adds its partial dk/dv atomically. Rows from *used on are unset.
     i_c = tl.program_id(0)
     if i_c < tl.load(used):
-        seg = tl.load(chunks + i_c * 3)
-        p_lo = tl.load(chunks + i_c * 3 + 1)
-        p_hi = tl.load(chunks + i_c * 3 + 2)
-        i_n = seg % NB
-        i_hk = (seg // NB) % HKV
-        i_b = seg // (NB * HKV)
-        o_bq = (i_b * T * HQ).to(tl.int64)
-        o_k = tl.arange(0, BSP)
-        o_d = tl.arange(0, D)
-        m_k = o_k < BS
-        o_kv = (i_b * T * HKV + i_hk).to(tl.int64) * D
-        o_kv = o_kv + ((i_n * BS + o_k) * (HKV * D))[:, None] + o_d[None, :]
-        # [BSP, D]
-        b_k = tl.load(k + o_kv, mask=m_k[:, None], other=0.0)
-        b_v = tl.load(v + o_kv, mask=m_k[:, None], other=0.0)
+        p_lo, p_hi, i_hk, o_bq, o_d, o_kv, m_k, b_k, b_v = _chunk_block(
+            chunks, k, v, i_c, T, NB, HQ, HKV, D, BS, BSP
+        )
         b_dk = tl.zeros([BSP, D], dtype=tl.float32)
         b_dv = tl.zeros([BSP, D], dtype=tl.float32)
         o_r = tl.arange(0, BQ * GP)
