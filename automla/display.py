@@ -141,21 +141,22 @@ class Progress(tune.Callback):
 def _describe(built: dict[str, Any]) -> str:
     """A trial's config in one line: its label, then its searched values (ratio shares left to
     the label)."""
-    return " ".join(
-        [built["label"]]
-        + [
-            f"{report_mod.short_name(k)}={v}"
-            for k, v in built["params"].items()
-            if not k.startswith(RATIOS + ".")
-        ]
-    )
+    return " ".join([built["label"]] + [f"{k}={v}" for k, v in _searched(built["params"])])
 
 
 def _proposed(params: dict[str, Any]) -> str:
+    """The values Optuna proposed, less the ratios' raw simplex coordinates (their shares come
+    with the built config, in the trial's label)."""
     return " ".join(
-        f"{report_mod.short_name(k)}={f'{v:.3g}' if isinstance(v, float) else v}"
-        for k, v in params.items()
+        f"{k}={f'{v:.3g}' if isinstance(v, float) else v}" for k, v in _searched(params)
     )
+
+
+def _searched(params: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(short name, value) of the searched settings other than the ratios."""
+    return [
+        (report_mod.short_name(k), v) for k, v in params.items() if not k.startswith(RATIOS + ".")
+    ]
 
 
 def _num(v: Any) -> str:
