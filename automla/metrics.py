@@ -22,6 +22,12 @@ METRICS = (
     "mqar_acc",
     "train_tokens_per_s",
     "benchmark_wait_s",
+    "setup_s",
+    "warmup_s",
+    "steady_s",
+    "val_s",
+    "stats_s",
+    "benchmark_s",
 )
 """Scalar metrics the trainer reports; objectives and filters name these, and
 `tokens_per_s@T` (throughput measured at context T, see `trainers.benchmark`)."""

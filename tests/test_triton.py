@@ -73,6 +73,8 @@ CASES = [
     pytest.param(1, 37, 2, 1, 16, 64, (0.0, 1.0, 0.0), 1, id="B1-T37-HQ2-G2-D16-causal"),
     pytest.param(1, 63, 2, 2, 16, 16, (0.0, 1.0, 0.0), 8, id="B1-T63-HQ2-G1-D16-global"),
     pytest.param(1, 63, 4, 1, 16, 32, (0.5, 0.0, 0.5), 16, id="B1-T63-HQ4-G4-D16-local-sparse"),
+    # a window and a compressed prefix that span several of the interpreter's tiles
+    pytest.param(1, 150, 4, 2, 16, 96, (0.5, 0.3, 0.2), 4, id="B1-T150-HQ4-G2-D16-long-window"),
 ]
 
 

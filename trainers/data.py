@@ -87,40 +87,59 @@ class MQARSource:
         n_keys = (vocab - 1) // 2
         g = torch.Generator().manual_seed(seed)
         n = n_examples
-        keys = torch.rand(n, n_keys, generator=g).argsort(1)[:, :pairs] + 1  # distinct keys
+        # the `pairs` smallest of each row's random draws, by value (as a full argsort would
+        # rank them, without sorting every row)
+        keys = torch.rand(n, n_keys, generator=g).topk(pairs, largest=False).indices + 1
         values = torch.randint(1 + n_keys, vocab, (n, pairs), generator=g)
         order = torch.rand(n, pairs, generator=g).argsort(1)  # the order keys are asked in
         # query j sits in two-token slot qslot[:, j] after the pairs, slots in increasing order
-        qslot = torch.rand(n, slots, generator=g).argsort(1)[:, :pairs].sort(1).values
-        qpos = 2 * pairs + 2 * qslot  # (n, pairs) position of each query key
-
-        seq = torch.zeros(n, seq_len + 1, dtype=torch.long)
-        seq[:, 0 : 2 * pairs : 2] = keys
-        seq[:, 1 : 2 * pairs : 2] = values
-        seq.scatter_(1, qpos, keys.gather(1, order))
-        seq.scatter_(1, qpos + 1, values.gather(1, order))
-        self.x = seq[:, :-1].contiguous() + offset
-        y = torch.full((n, seq_len), IGNORE, dtype=torch.long)
-        y.scatter_(1, qpos, values.gather(1, order) + offset)
-        self.y = y
+        qslot = torch.rand(n, slots, generator=g).topk(pairs, largest=False).indices.sort(1).values
+        # Rows are built when sampled: a set of 16k rows of 2k tokens would be ~0.5 GB per trial
+        # for the few hundred rows a short run reads.
+        self._keys, self._values = keys, values
+        self._asked_keys, self._asked_values = keys.gather(1, order), values.gather(1, order)
+        self._qpos = 2 * pairs + 2 * qslot  # (n, pairs) position of each query key
+        self.offset = offset
         self.seq_len = seq_len
         self.vocab_size = vocab + offset
 
+    def rows(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the examples r, [len(r), seq_len] each."""
+        pairs = self._keys.shape[1]
+        qpos = self._qpos[r]
+        seq = torch.zeros(len(r), self.seq_len + 1, dtype=torch.long)
+        seq[:, 0 : 2 * pairs : 2] = self._keys[r]
+        seq[:, 1 : 2 * pairs : 2] = self._values[r]
+        seq.scatter_(1, qpos, self._asked_keys[r])
+        seq.scatter_(1, qpos + 1, self._asked_values[r])
+        y = torch.full((len(r), self.seq_len), IGNORE, dtype=torch.long)
+        y.scatter_(1, qpos, self._asked_values[r] + self.offset)
+        return seq[:, :-1] + self.offset, y
+
+    @property
+    def x(self) -> torch.Tensor:
+        """Every example's inputs (built on each access: for inspection, not training)."""
+        return self.rows(torch.arange(len(self)))[0]
+
+    @property
+    def y(self) -> torch.Tensor:
+        """Every example's targets (-100 except at the query keys)."""
+        return self.rows(torch.arange(len(self)))[1]
+
     def __len__(self) -> int:
-        return len(self.x)
+        return len(self._keys)
 
     def sample(
         self, batch_size: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.randint(0, len(self.x), (batch_size,), generator=generator)
-        return self.x[rows], self.y[rows]
+        return self.rows(torch.randint(0, len(self), (batch_size,), generator=generator))
 
     def fixed_batches(
         self, n_batches: int, batch_size: int
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         # rows in order, wrapping around when the set is smaller than what is asked
-        rows = torch.arange(n_batches * batch_size) % len(self.x)
-        return [(self.x[r], self.y[r]) for r in rows.split(batch_size)]
+        rows = torch.arange(n_batches * batch_size) % len(self)
+        return [self.rows(r) for r in rows.split(batch_size)]
 
 
 class MixedSource:

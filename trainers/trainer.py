@@ -299,6 +299,9 @@ def _train(
     bench = _Benchmarks(config, state)
 
     bar = _progress_bar(progress, config.steps, start_step)
+    # where a run's wall time goes (a search's trials are short: start-up and evaluations count)
+    timeline = {"setup_s": time.perf_counter() - t_start, "val_s": 0.0, "stats_s": 0.0,
+                "benchmark_s": 0.0}  # fmt: skip
     try:
         with bar or contextlib.nullcontext():
             state.model.train()
@@ -333,12 +336,16 @@ def _train(
                 elapsed = prior_elapsed + time.perf_counter() - t_start
                 if is_eval:
                     with bench.holding_device():
+                        t0 = time.perf_counter()
                         ev = evaluate(state, val_batches, mqar=is_mqar)
                         if probe_batches is not None:  # MQAR mixed into the training data
                             ev["mqar_acc"] = evaluate(state, probe_batches, mqar=True)["mqar_acc"]
+                        t1 = time.perf_counter()
                         # one validation row: the gates, heads and sparse reach (the report's
                         # view of what the attention learned)
                         learned = attention_stats(model, val_batches[0][0], state.autocast())
+                        timeline["val_s"] += t1 - t0
+                        timeline["stats_s"] += time.perf_counter() - t1
                     if not math.isfinite(ev["val_loss"]):
                         raise FloatingPointError(
                             f"validation loss is {ev['val_loss']} at step {step}"
@@ -346,6 +353,9 @@ def _train(
                     heads = model.active_heads_per_layer()
                     mem, mem_kind = bench.peak_memory()
                     tps = clock.tokens_per_s(tokens_per_step)
+                    t0 = time.perf_counter()
+                    measured = bench.measure(tps)
+                    timeline["benchmark_s"] += time.perf_counter() - t0
                     metrics = {
                         "step": step,
                         "tokens": step * tokens_per_step,
@@ -353,7 +363,7 @@ def _train(
                         "val_loss": ev["val_loss"],
                         "val_ppl": math.exp(min(ev["val_loss"], 700.0)),
                         "tokens_per_s": tps,
-                        **bench.measure(tps),
+                        **measured,
                         "peak_mem_gb": mem,
                         "peak_mem_kind": mem_kind,
                         "attn_flops": model.attn_flops_per_token(config.seq_len),
@@ -361,6 +371,9 @@ def _train(
                         "active_heads_per_layer": heads,
                         "active_kv_heads_per_layer": model.active_kv_heads_per_layer(),
                         "elapsed_s": elapsed,
+                        **timeline,
+                        "warmup_s": clock.time[0],
+                        "steady_s": clock.time[1],
                         "lr": lr_at(step, config),
                         "params": model.num_params(),
                         **({"mqar_acc": ev["mqar_acc"]} if "mqar_acc" in ev else {}),
