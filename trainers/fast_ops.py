@@ -27,7 +27,7 @@ def liger_importable() -> bool:
     """Whether the liger-kernel modules used here import (called on the CUDA path only)."""
     try:
         import liger_kernel.ops  # noqa: F401
-        import liger_kernel.transformers.functional  # noqa: F401
+        import liger_kernel.ops.fused_linear_cross_entropy  # noqa: F401
     except ImportError:
         return False
     return True
@@ -143,15 +143,21 @@ def linear_cross_entropy(
     held whole. Under autocast the matmuls run in its dtype, as the plain path's: h and the
     (tied, float32) weight are cast once here rather than in every chunk, and the weight's
     gradient is summed over the chunks in float32."""
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    # liger's autograd Function itself, not its `liger_kernel.transformers` wrapper: that
+    # package imports Hugging Face transformers (and sklearn, torchao) where they are
+    # installed, ~6 s of every trial's start-up on the GPU image (bench/RESULTS.md)
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
     accum = None
     if torch.is_autocast_enabled(h.device.type):
         dtype = torch.get_autocast_dtype(h.device.type)
         h, weight, accum = h.to(dtype), weight.to(dtype), torch.float32
-    return liger_fused_linear_cross_entropy(
-        h, weight, targets, ignore_index=ignore_index, accum_dtype=accum
+    # positional (autograd's apply): bias, class weights, ignore_index, lse_square_scale,
+    # label_smoothing, reduction, softcap, return_z_loss, accum_dtype; the loss comes first
+    out = LigerFusedLinearCrossEntropyFunction.apply(
+        h, weight, targets, None, None, ignore_index, 0.0, 0.0, "mean", None, False, accum
     )
+    return out[0] if isinstance(out, tuple) else out
 
 
 def half_order(head_dim: int) -> torch.Tensor:
