@@ -23,7 +23,7 @@ timeout -s INT -k 30 "${SEARCH_S:-330}" python -m automla.cli search --space sea
   --out runs --name "$RUN_NAME" 2>&1 | tail -n 30
 echo "search exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s"
 run=runs/$RUN_NAME
-cp "$run"/trials.json "$run"/pareto.json "$run"/report.html "$run"/search.log "$out"/
+cp "$run"/trials.json "$run"/trials.csv "$run"/pareto.json "$run"/report.html "$run"/search.log "$out"/
 cp "$run"/gpu_usage.csv "$out"/ 2>/dev/null
 
 python -m automla.cli export "$run" --pick knee -o "$out/best.yaml"
@@ -42,7 +42,17 @@ print("gpu usage", s.get("gpu_usage"))
 for e in s["front"]:
     print("front", e["trial_id"], {k: round(v, 4) for k, v in e["metrics"].items()
           if k in ("val_loss", "tokens_per_s", "mqar_acc", "train_tokens_per_s")}, e.get("knee"))
-for line in open(f"{out}/best_long_metrics.jsonl"):
+# where the trials' time went (cumulative at each trial's last evaluation; bench/RESULTS.md)
+keys = ("setup_s", "warmup_s", "steady_s", "val_s", "stats_s", "benchmark_s", "benchmark_wait_s")
+for t in json.load(open(f"{out}/trials.json")):
+    m = t.get("metrics", {})
+    print("timeline", t["trial_id"], t["state"], m.get("step"),
+          " ".join(f"{k}={m[k]:.1f}" for k in keys if k in m))
+try:
+    long_rows = open(f"{out}/best_long_metrics.jsonl").read().splitlines()
+except OSError:
+    long_rows = []
+for line in long_rows:
     m = json.loads(line)
     print("long", m["step"], round(m["val_loss"], 4), round(m.get("mqar_acc", -1), 3), round(m["tokens_per_s"]))
 PY
