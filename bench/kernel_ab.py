@@ -2,12 +2,11 @@
 
 `--before FILE` is an earlier copy of one module of `kernels/parallel/` (e.g. from
 `git show REV:kernels/parallel/window.py > bench/_before.py`; loaded as a module of that
-package, so its relative imports resolve; keep it out of the package itself, where
-tests/test_triton_compile.py would find it). Its `@triton.jit` kernels replace those of the
-same name in the launch layer for the "before" rows. For each point (head shape, length,
-budget, select_tile) the script checks that both versions give the same outputs and
-gradients, then times MLA fwd+bwd before and after, the changed kernels alone, and cuDNN's
-fwd+bwd on the same inputs.
+package, so its relative imports resolve, wherever the file is). Its `@triton.jit` kernels
+replace those of the same name in the launch layer for the "before" rows. For each point
+(head shape, length, budget, select_tile) the script checks that both versions give the same
+outputs and gradients, then times MLA fwd+bwd before and after, the changed kernels alone,
+and cuDNN's fwd+bwd on the same inputs.
 
     python bench/kernel_ab.py --before bench/_before.py \
         [--points 64/4/128:32768:nsa:64 12/4/64:8192:nsa:64 ...] [--rep 200]

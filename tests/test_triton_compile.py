@@ -103,15 +103,17 @@ def record_launches(monkeypatch) -> list[dict]:
     for module in MODULES:
         if hasattr(module, "_tiles"):
             monkeypatch.setattr(module, "_tiles", layout._gpu_tiles)
-    # a kernel is launched from the module that defines it or from one that imports it
+    # a kernel is launched from the module that defines it or from one that imports it; one
+    # recorder per kernel object, so that a same-named kernel of another module (an old copy
+    # kept for comparison) is not recorded in its place
     recorders = {}
     for module in MODULES:
         for name, kernel in vars(module).copy().items():
             if not (name.endswith("_kernel") and hasattr(kernel, "fn")):
                 continue
-            if name not in recorders:
-                recorders[name] = _recorder(name, kernel, launches)
-            monkeypatch.setattr(module, name, recorders[name])
+            if id(kernel) not in recorders:
+                recorders[id(kernel)] = _recorder(name, kernel, launches)
+            monkeypatch.setattr(module, name, recorders[id(kernel)])
     for B, T, HQ, HKV, D, dtype, budget, ratios, bs, mask, bq in CASES:
         cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs, select_tile=bq)
         assert cfg.plan(T).n_select % 2 == 1  # odd on purpose
