@@ -63,6 +63,16 @@ def print_banner(console: Console, run_dir: Path, url: str | None, address: str 
     console.print(f"[bold]Run folder[/]: {rel}")
 
 
+def _not_attention_stats(record: logging.LogRecord) -> bool:
+    """Tune's TensorBoard logger takes scalars and arrays; the per-layer attention statistics
+    (`attn_gate`, `attn_reach`: lists of dicts) are for the report, and its warning that it
+    cannot log them would only alarm."""
+    return "(ray/tune/attn_" not in record.getMessage()
+
+
+_TBX_LOGGER = "ray.tune.logger.tensorboardx"
+
+
 @contextlib.contextmanager
 def ray_output_to(log: logging.Logger) -> Iterator[None]:
     """Send Ray's and Optuna's log lines to search.log while the live display runs, and use
@@ -70,6 +80,7 @@ def ray_output_to(log: logging.Logger) -> Iterator[None]:
     ray_log = logging.getLogger("ray")
     saved = ray_log.handlers[:]
     ray_log.handlers = log.handlers[:]
+    logging.getLogger(_TBX_LOGGER).addFilter(_not_attention_stats)
     env = {
         "RAY_AIR_NEW_OUTPUT": "0",
         # a failed trial's last result carries no objectives; trial_records checks them instead
@@ -84,6 +95,7 @@ def ray_output_to(log: logging.Logger) -> Iterator[None]:
         yield
     finally:
         ray_log.handlers = saved
+        logging.getLogger(_TBX_LOGGER).removeFilter(_not_attention_stats)
         optuna.logging.set_verbosity(optuna_level)
         for k, v in old_env.items():
             if v is None:

@@ -229,3 +229,22 @@ def test_search_prints_commands_that_work_from_anywhere(tmp_path: Path, monkeypa
 def test_a_damaged_reference_is_left_out_of_the_report(run: Path, content: str):
     (run / "reference.json").write_text(content)
     assert cli.run(["report", str(run)]) == 0
+
+
+def test_the_search_log_leaves_out_tensorboards_complaint_about_attention_stats(tmp_path: Path):
+    """Tune's TensorBoard logger cannot log the per-layer attention statistics (lists of
+    dicts, for the report) and says so; the search log keeps its other lines."""
+    import logging
+
+    from automla.ray_setup import ray_output_to
+
+    log = logging.getLogger("automla.search.test-tbx")
+    log.handlers = [logging.FileHandler(tmp_path / "search.log")]
+    tbx = logging.getLogger("ray.tune.logger.tensorboardx")
+    with ray_output_to(log):
+        tbx.warning("You are trying to log an invalid value (ray/tune/attn_gate=[{}]) via X!")
+        tbx.warning("You are trying to log an invalid value (ray/tune/other=[[]]) via X!")
+    for h in log.handlers:
+        h.close()
+    text = (tmp_path / "search.log").read_text()
+    assert "attn_gate" not in text and "ray/tune/other" in text
