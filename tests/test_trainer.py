@@ -50,6 +50,12 @@ def test_run_learns_and_writes_its_folder(tmp_path):
     assert final["active_heads"] == 8 and final["active_heads_per_layer"] == [4, 4]
     assert final["tokens_per_s"] > 0 and final["peak_mem_gb"] > 0
     assert final["peak_mem_kind"] == "cpu_peak_rss"
+    # the timeline: cumulative, and the parts before an evaluation fit in its elapsed time
+    timeline = ("setup_s", "warmup_s", "steady_s", "val_s", "stats_s", "benchmark_s")
+    for (m, _), (later, _) in zip(reports, reports[1:]):
+        assert all(0 <= m[k] <= later[k] for k in timeline)
+        assert m["setup_s"] + m["warmup_s"] + m["steady_s"] <= m["elapsed_s"]
+    assert reports[-1][0]["val_s"] > reports[0][0]["val_s"] > 0
     # bytes start near ln(256) = 5.5; 30 steps must get well below it
     losses = [m["val_loss"] for m, _ in reports]
     assert losses[-1] < losses[0] and losses[-1] < math.log(256) - 1.5

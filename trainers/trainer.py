@@ -299,9 +299,7 @@ def _train(
     bench = _Benchmarks(config, state)
 
     bar = _progress_bar(progress, config.steps, start_step)
-    # where a run's wall time goes (a search's trials are short: start-up and evaluations count)
-    timeline = {"setup_s": time.perf_counter() - t_start, "val_s": 0.0, "stats_s": 0.0,
-                "benchmark_s": 0.0}  # fmt: skip
+    timeline = _Timeline(setup_s=time.perf_counter() - t_start)
     try:
         with bar or contextlib.nullcontext():
             state.model.train()
@@ -336,16 +334,15 @@ def _train(
                 elapsed = prior_elapsed + time.perf_counter() - t_start
                 if is_eval:
                     with bench.holding_device():
-                        t0 = time.perf_counter()
-                        ev = evaluate(state, val_batches, mqar=is_mqar)
-                        if probe_batches is not None:  # MQAR mixed into the training data
-                            ev["mqar_acc"] = evaluate(state, probe_batches, mqar=True)["mqar_acc"]
-                        t1 = time.perf_counter()
+                        with timeline.timing("val_s"):
+                            ev = evaluate(state, val_batches, mqar=is_mqar)
+                            if probe_batches is not None:  # MQAR mixed into the training data
+                                probe = evaluate(state, probe_batches, mqar=True)
+                                ev["mqar_acc"] = probe["mqar_acc"]
                         # one validation row: the gates, heads and sparse reach (the report's
                         # view of what the attention learned)
-                        learned = attention_stats(model, val_batches[0][0], state.autocast())
-                        timeline["val_s"] += t1 - t0
-                        timeline["stats_s"] += time.perf_counter() - t1
+                        with timeline.timing("stats_s"):
+                            learned = attention_stats(model, val_batches[0][0], state.autocast())
                     if not math.isfinite(ev["val_loss"]):
                         raise FloatingPointError(
                             f"validation loss is {ev['val_loss']} at step {step}"
@@ -353,9 +350,8 @@ def _train(
                     heads = model.active_heads_per_layer()
                     mem, mem_kind = bench.peak_memory()
                     tps = clock.tokens_per_s(tokens_per_step)
-                    t0 = time.perf_counter()
-                    measured = bench.measure(tps)
-                    timeline["benchmark_s"] += time.perf_counter() - t0
+                    with timeline.timing("benchmark_s"):
+                        measured = bench.measure(tps)
                     metrics = {
                         "step": step,
                         "tokens": step * tokens_per_step,
@@ -371,9 +367,7 @@ def _train(
                         "active_heads_per_layer": heads,
                         "active_kv_heads_per_layer": model.active_kv_heads_per_layer(),
                         "elapsed_s": elapsed,
-                        **timeline,
-                        "warmup_s": clock.time[0],
-                        "steady_s": clock.time[1],
+                        **timeline.metrics(clock),
                         "lr": lr_at(step, config),
                         "params": model.num_params(),
                         **({"mqar_acc": ev["mqar_acc"]} if "mqar_acc" in ev else {}),
@@ -632,6 +626,27 @@ class _Benchmarks:
     def close(self) -> None:
         if self.lock is not None:
             self.lock.close()
+
+
+class _Timeline:
+    """Where this process's run time went, in cumulative seconds: set-up before the first
+    step, the warm-up and steady steps (from the step clock), validation, the attention
+    statistics and the benchmark. A search's trials are short, so their start-up and
+    evaluations weigh as much as their training."""
+
+    def __init__(self, setup_s: float):
+        self.seconds = {"setup_s": setup_s, "val_s": 0.0, "stats_s": 0.0, "benchmark_s": 0.0}
+
+    @contextlib.contextmanager
+    def timing(self, key: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[key] += time.perf_counter() - t0
+
+    def metrics(self, clock: _StepClock) -> dict[str, float]:
+        return {**self.seconds, "warmup_s": clock.time[0], "steady_s": clock.time[1]}
 
 
 class _StepClock:
