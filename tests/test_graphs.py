@@ -166,3 +166,34 @@ def test_a_step_with_fused_ops_is_captured():
             assert state.graphs.failure is None and state.graphs.replays == 5
     l0, l1 = runs[False].float().cpu(), runs["step"].float().cpu()
     assert ((l1 - l0).abs() <= 1e-2 * l0.abs()).all(), (l0, l1)
+
+
+def test_a_run_freezes_the_heap_it_found_and_frees_it_after():
+    """`frozen_heap`: garbage from before is collected, not frozen; what lives on is left out
+    of the collector's scans during the block (cheap collections at each capture); garbage
+    made inside is still collected; nothing stays frozen after."""
+    import gc
+    import weakref
+
+    from automla.trainers.step_graph import frozen_heap
+
+    class Node:
+        pass
+
+    def cycle() -> weakref.ref:
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return weakref.ref(a)
+
+    gc.disable()  # no automatic collection: only frozen_heap's own can free `before`
+    try:
+        before = cycle()
+        with frozen_heap():
+            assert before() is None  # an earlier run's garbage was freed, not frozen
+            assert gc.get_freeze_count() > 0
+            inside = cycle()
+            gc.collect()
+            assert inside() is None
+    finally:
+        gc.enable()
+    assert gc.get_freeze_count() == 0

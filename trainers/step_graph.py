@@ -45,6 +45,23 @@ def no_gc() -> Iterator[None]:
             gc.enable()
 
 
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """The objects alive now (modules, model, data) stay out of the cycle collector's scans
+    until the block ends. With torch, triton and ray loaded a full collection walks ~400k
+    objects (0.15 s on this project's CPU machine, 0.27 s in a GPU trial's profile), and every
+    capture asks for one (`no_gc`): a step graph, and per-op graphs for each layer and input
+    signature, 18 in a 20-step gpu.yaml trial (bench/RESULTS.md). Frozen, a collection walks
+    only what the run has made since. One collection first, so that a previous run's garbage
+    (a reused worker's last trial, its graphs and their memory) is freed rather than frozen."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()  # back to the collector: also what lets the interpreter free it at exit
+
+
 class StepGraph:
     """Forward and backward of a training step, replayed from a CUDA graph where possible."""
 

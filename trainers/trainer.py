@@ -36,7 +36,7 @@ from .model import LanguageModel, build_model, to_device
 from .pruning import HeadPruner, compact
 from .sequence_parallel import SequenceParallel
 from .sequence_parallel import setup as setup_sequence_parallel
-from .step_graph import StepGraph
+from .step_graph import StepGraph, frozen_heap
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -301,7 +301,9 @@ def _train(
     bar = _progress_bar(progress, config.steps, start_step)
     timeline = _Timeline(setup_s=time.perf_counter() - t_start)
     try:
-        with bar or contextlib.nullcontext():
+        # CUDA runs capture graphs, and each capture collects garbage first (`no_gc`)
+        frozen = frozen_heap() if device.type == "cuda" else contextlib.nullcontext()
+        with bar or contextlib.nullcontext(), frozen:
             state.model.train()
             clock.start()
             for step in range(start_step + 1, config.steps + 1):
