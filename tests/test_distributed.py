@@ -10,8 +10,7 @@ import os
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
-from helpers import cpu_train_config, local_ray
+from helpers import cpu_train_config, local_ray, spawn_workers
 
 from automla.distributed import ResourceError, validate_resources
 from automla.kernels import AttentionConfig
@@ -77,8 +76,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory) -> tuple[dict, str]:
-    folder = str(tmp_path_factory.mktemp("ddp"))
-    mp.spawn(_worker, args=(2, folder), nprocs=2, join=True)
+    _, folder = spawn_workers(_worker, 2, lambda: (2, str(tmp_path_factory.mktemp("ddp"))))
     ranks = []
     for r in range(2):
         with open(os.path.join(folder, f"rank{r}.json")) as f:

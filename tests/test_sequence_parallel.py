@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 import yaml
-from helpers import cpu_train_config, local_ray, search_space
+from helpers import cpu_train_config, local_ray, search_space, spawn_workers
 
 from automla import schema
 from automla.kernels import AttentionConfig
@@ -101,8 +101,9 @@ def _layer_worker(rank: int, world: int, folder: str) -> None:
 @pytest.fixture(scope="module", params=[2, 4], ids=["P2", "P4"])
 def layer_runs(request, tmp_path_factory) -> tuple[int, list[dict]]:
     world = request.param
-    folder = str(tmp_path_factory.mktemp(f"sp{world}"))
-    mp.spawn(_layer_worker, args=(world, folder), nprocs=world, join=True)
+    _, folder = spawn_workers(
+        _layer_worker, world, lambda: (world, str(tmp_path_factory.mktemp(f"sp{world}")))
+    )
     return world, [torch.load(os.path.join(folder, f"layer{r}.pt")) for r in range(world)]
 
 
@@ -211,8 +212,10 @@ def _train_worker(rank: int, world: int, folder: str, sp: int, names: list[str])
     ids=["2-ranks-P2", "4-ranks-P2-DP2"],
 )
 def test_training_matches_one_process(tmp_path, world, sp, names):
-    mp.spawn(_train_worker, args=(world, str(tmp_path), sp, names), nprocs=world, join=True)
-    with open(tmp_path / "reports.json") as f:
+    folder = spawn_workers(
+        _train_worker, world, lambda: (world, tempfile.mkdtemp(dir=tmp_path), sp, names)
+    )[1]
+    with open(os.path.join(folder, "reports.json")) as f:
         runs = json.load(f)
     for name in names:
         want: list[dict] = []
@@ -329,17 +332,23 @@ def _cli_worker(rank: int, world: int, port: int, folder: str) -> None:
 
 def test_cli_train_under_torchrun_environment(tmp_path):
     import socket
+    from pathlib import Path
 
     config = dataclasses.replace(TRAIN_CONFIGS["mla"], sequence_parallel=2)
-    (tmp_path / "sp.yaml").write_text(yaml.safe_dump(to_dict(config)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_cli_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    assert [(tmp_path / f"status{r}").read_text() for r in range(2)] == ["0", "0"]
-    assert "final metrics" in (tmp_path / "stdout0.txt").read_text()
-    assert (tmp_path / "stdout1.txt").read_text() == ""  # rank 0 alone prints and writes
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+
+    def args() -> tuple:
+        folder = tempfile.mkdtemp(dir=tmp_path)
+        (Path(folder) / "sp.yaml").write_text(yaml.safe_dump(to_dict(config)))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return 2, port, folder
+
+    run = Path(spawn_workers(_cli_worker, 2, args)[2])
+    assert [(run / f"status{r}").read_text() for r in range(2)] == ["0", "0"]
+    assert "final metrics" in (run / "stdout0.txt").read_text()
+    assert (run / "stdout1.txt").read_text() == ""  # rank 0 alone prints and writes
+    lines = (run / "metrics.jsonl").read_text().splitlines()
     want: list[dict] = []
     train(TRAIN_CONFIGS["mla"], report=lambda m, _c: want.append(m))
     got = [json.loads(line) for line in lines]
