@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -296,7 +297,6 @@ def test_bench_counts_the_exchanged_bytes():
     # bench/sequence_parallel.py reads the volume off the real exchanges: it must equal the
     # shapes' arithmetic (bf16, one sequence; rank 0 keeps its own chunk)
     import sys
-    from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     try:
@@ -332,7 +332,6 @@ def _cli_worker(rank: int, world: int, port: int, folder: str) -> None:
 
 def test_cli_train_under_torchrun_environment(tmp_path):
     import socket
-    from pathlib import Path
 
     config = dataclasses.replace(TRAIN_CONFIGS["mla"], sequence_parallel=2)
 
@@ -360,7 +359,6 @@ def test_overlap_bench_runs_and_replays_the_real_exchanges():
     # bench/sequence_parallel_overlap.py on 2 gloo processes at a small T: the six exchanges it
     # records (and replays for "compute only") are the layer's, by the shapes' arithmetic
     import sys
-    from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     try:
