@@ -136,6 +136,8 @@ def test_step_graph_training_matches_eager(attention):
         if graphs:
             assert state.graphs.failure is None
             assert state.graphs.captures >= 2 and state.graphs.replays >= steps // 3
+            # the eager steps ran the op eagerly: no per-op graphs beside the step graph
+            assert all(b.attn._graphed is None for b in state.raw_model.blocks)
         params = [p.detach().float().clone() for p in state.raw_model.parameters()]
         runs[graphs] = (torch.stack(losses).float().cpu(), removed, params)
     (l0, r0, p0), (l1, r1, p1) = runs[False], runs["step"]
@@ -197,3 +199,32 @@ def test_a_run_freezes_the_heap_it_found_and_frees_it_after():
     finally:
         gc.enable()
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.gpu
+def test_a_step_that_cannot_be_captured_falls_back_to_op_graphs():
+    # a host sync inside the forward breaks the capture: the steps stay eager, and the MLA op
+    # is replayed from per-op graphs again, as with cuda_graphs: op
+    dev = torch.device("cuda")
+    T = 256
+    cfg = TrainConfig(
+        model=dataclasses.replace(config(True, T), d_model=256, n_heads=8, head_dim=32),
+        data=DataConfig(), steps=4, batch_size=2, seq_len=T, dtype="bfloat16",
+    )  # fmt: skip
+    state = build_state(cfg, dev)
+    blocks = state.raw_model.blocks
+    assert all(b.attn._graphed is None for b in blocks)
+    forward = state.raw_model.forward
+
+    def syncing_forward(x, y=None):
+        out = forward(x, y)
+        out[1].item()  # not allowed while capturing
+        return out
+
+    state.raw_model.forward = syncing_forward
+    g = torch.Generator().manual_seed(3)
+    b = [torch.randint(0, 64, (2, T + 1), generator=g).to(dev) for _ in range(3)]
+    losses = [train_step(state, x[:, :-1], x[:, 1:], 1e-3) for x in b]
+    assert state.graphs.failure is not None and state.graphs.replays == 0
+    assert all(torch.isfinite(loss) for loss in losses)
+    assert all(b.attn._graphed is not None and b.attn._graphed._graphs for b in blocks)

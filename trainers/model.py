@@ -508,6 +508,18 @@ class LanguageModel(nn.Module):
             if isinstance(m, (LanguageModel, RMSNorm, Attention, MLP)):
                 m.fused = on
 
+    def use_op_graphs(self, on: bool) -> None:
+        """Replay each layer's MLA op from per-op CUDA graphs (`GraphedOp`) outside a step
+        graph, where `cuda_graphs` is set. A step graph turns them off: its captured steps hold
+        the op already, and for the few forwards left eager (the first step of a layout, the
+        evaluations) the per-op captures cost more than they save (bench/RESULTS.md)."""
+        for block in self.blocks:
+            graphed = block.attn._graphed
+            if on and self.cfg.cuda_graphs and graphed is None:
+                block.attn._graphed = GraphedOp()
+            elif not on:
+                block.attn._graphed = None
+
     def layout_key(self) -> tuple[int, ...]:
         """Changes whenever a layer's head mask or mask values do (head pruning)."""
         return tuple(block.attn.layout_version for block in self.blocks)

@@ -65,7 +65,12 @@ def frozen_heap() -> Iterator[None]:
 class StepGraph:
     """Forward and backward of a training step, replayed from a CUDA graph where possible."""
 
-    def __init__(self, params: list[nn.Parameter], device: torch.device):
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        device: torch.device,
+        on_failure: Callable[[], None] | None = None,
+    ):
         self.params = [p for p in params if p.requires_grad]
         """Whose gradients the captured backward writes."""
         self.stream = torch.cuda.Stream(device)
@@ -76,6 +81,7 @@ class StepGraph:
         """Why capture failed (the step then stays eager); None while it has not."""
         self.replays = 0
         self.captures = 0
+        self._on_failure = on_failure
 
     @property
     def holds_grads(self) -> bool:
@@ -141,6 +147,8 @@ class StepGraph:
             log.warning(
                 "training step not captured in a CUDA graph, staying eager: %s", self.failure
             )
+            if self._on_failure is not None:
+                self._on_failure()
             return
         self._graph, self._static = graph, (sx, sy, loss.detach())
         self.captures += 1

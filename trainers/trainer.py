@@ -129,7 +129,11 @@ def step_graph_for(
     fp16 loss scaling (its step skips updates on a host decision)."""
     if model.cfg.graph_mode != "step" or device.type != "cuda" or scaler is not None:
         return None
-    return None if dist.is_distributed() else StepGraph(list(model.parameters()), device)
+    if dist.is_distributed():
+        return None
+    model.use_op_graphs(False)
+    # where a capture fails the steps stay eager: the per-op graphs then spare them the launches
+    return StepGraph(list(model.parameters()), device, on_failure=lambda: model.use_op_graphs(True))
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
