@@ -131,6 +131,45 @@ def test_the_cpu_path_never_imports_the_gpu_libraries():
     assert "loaded: []" in out.stdout
 
 
+def test_packages_kept_out_of_an_import_are_missing_inside_only(tmp_path, monkeypatch):
+    from automla.trainers.fast_ops import without_packages
+
+    (tmp_path / "kept_out_pkg").mkdir()
+    (tmp_path / "kept_out_pkg" / "__init__.py").write_text("VALUE = 1\n")
+    (tmp_path / "kept_out_pkg" / "sub.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with without_packages("kept_out_pkg"):
+        for name in ("kept_out_pkg", "kept_out_pkg.sub"):
+            with pytest.raises(ModuleNotFoundError, match="kept out"):
+                __import__(name)
+    assert "kept_out_pkg" not in sys.modules
+    import kept_out_pkg.sub  # noqa: F401 - found again after the block
+
+    with without_packages("kept_out_pkg"):  # already imported: left alone
+        assert __import__("kept_out_pkg").VALUE == 1
+    monkeypatch.delitem(sys.modules, "kept_out_pkg")
+    monkeypatch.delitem(sys.modules, "kept_out_pkg.sub")
+
+
+_LIGER_ALONE = """
+import sys
+from automla.trainers.fast_ops import LIGER_UNUSED, liger_importable
+assert liger_importable()
+print("loaded:", sorted(m for m in sys.modules if m.split(".")[0] in LIGER_UNUSED))
+"""
+
+
+@pytest.mark.gpu
+def test_liger_imports_without_peft_and_transformers():
+    # where they are installed (the GPU image), they cost seconds of every trial's start-up
+    pytest.importorskip("liger_kernel")
+    out = subprocess.run(
+        [sys.executable, "-c", _LIGER_ALONE], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "loaded: []" in out.stdout
+
+
 @pytest.mark.parametrize(
     "attention, gate",
     [("dense", GateConfig()), ("mla", GateConfig()), ("mla", GateConfig(input="query"))],

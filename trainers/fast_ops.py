@@ -14,6 +14,12 @@ device: the CPU path never loads them (the plain PyTorch ops of `model` stay the
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.abc
+import sys
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 
@@ -22,12 +28,42 @@ from .config import ConfigError, ModelConfig
 FP8_LAYERS = ("attn.qkv", "attn.proj", "mlp.gate_up", "mlp.down")
 """Names (suffixes) of the linears that `precision: fp8` converts."""
 
+LIGER_UNUSED = ("peft", "transformers")
+"""What liger-kernel's modules import where installed, only to detect PEFT and Ascend NPUs:
+Hugging Face peft and transformers (which bring sklearn and torchao along), ~4-6 s of every
+trial's start-up on the GPU image (bench/RESULTS.md). Kept out while liger imports."""
 
+
+class _Unimportable(importlib.abc.MetaPathFinder):
+    def __init__(self, packages: set[str]):
+        self.packages = packages
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.partition(".")[0] in self.packages:
+            raise ModuleNotFoundError(f"{fullname} is kept out of this import", name=fullname)
+        return None
+
+
+@contextlib.contextmanager
+def without_packages(*names: str) -> Iterator[None]:
+    """Imports inside the block find the named top-level packages missing (as if not
+    installed), unless already imported; nothing is cached, so later imports find them."""
+    finder = _Unimportable({n for n in names if n not in sys.modules})
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+
+
+@functools.cache
 def liger_importable() -> bool:
     """Whether the liger-kernel modules used here import (called on the CUDA path only)."""
     try:
-        import liger_kernel.ops  # noqa: F401
-        import liger_kernel.ops.fused_linear_cross_entropy  # noqa: F401
+        with without_packages(*LIGER_UNUSED):
+            import liger_kernel.ops  # noqa: F401
+            import liger_kernel.ops.fused_linear_cross_entropy  # noqa: F401
+            import liger_kernel.ops.swiglu  # noqa: F401
     except ImportError:
         return False
     return True
@@ -143,9 +179,8 @@ def linear_cross_entropy(
     held whole. Under autocast the matmuls run in its dtype, as the plain path's: h and the
     (tied, float32) weight are cast once here rather than in every chunk, and the weight's
     gradient is summed over the chunks in float32."""
-    # liger's autograd Function itself, not its `liger_kernel.transformers` wrapper: that
-    # package imports Hugging Face transformers (and sklearn, torchao) where they are
-    # installed, ~6 s of every trial's start-up on the GPU image (bench/RESULTS.md)
+    # liger's autograd Function itself, not its `liger_kernel.transformers` wrapper, which
+    # imports Hugging Face transformers (see LIGER_UNUSED)
     from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
     accum = None
