@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 5's GPU run on one H200, end to end, in one device call:
 #   1. the GPU-marked test: two trials sharing the GPU (fractional resources) complete;
-#   2. the search on search_spaces/gpu.yaml (16 trials), Ctrl-C'd if it outruns SEARCH_S
+#   2. the search on search_spaces/gpu.yaml (16 trials, or TRIALS), Ctrl-C'd if it outruns SEARCH_S
 #      (after a first, unmeasured one with WARM_FIRST=1);
 #   3. the knee's exported config trained for a longer budget (LONG_STEPS, cut at TRAIN_S).
 # Usage (device): source .devicepkgs/setup .devicepkgs && bash bench/search_gpu.sh OUTDIR
@@ -23,15 +23,18 @@ fi
 # call always starts on a bare machine, where every first wave compiles everything.
 if [ -n "${WARM_FIRST:-}" ]; then
   t0=$(date +%s)
+  warm=warm-$(date +%H%M%S)
   timeout -s INT -k 30 "${SEARCH_S:-330}" python -m automla.cli search \
-    --space search_spaces/gpu.yaml --out runs --name "warm-$(date +%H%M%S)" 2>&1 | tail -n 2
+    --space search_spaces/gpu.yaml --out runs --name "$warm" 2>&1 | tail -n 2
   echo "warming search exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s"
+  mkdir -p "$out/warming" && cp runs/"$warm"/{trials.csv,pareto.json,gpu_usage.csv} "$out/warming/" 2>/dev/null
+  python -c "import json,sys; s=json.load(open(sys.argv[1])); print('warming search', s['trials'], 'trials, gpu usage', s.get('gpu_usage'))" "$out/warming/pareto.json"
 fi
 
 RUN_NAME=${RUN_NAME:-gpu-$(date +%Y%m%d-%H%M%S)}  # a warm machine keeps runs/ of earlier calls
 t0=$(date +%s)
 timeout -s INT -k 30 "${SEARCH_S:-330}" python -m automla.cli search --space search_spaces/gpu.yaml \
-  --out runs --name "$RUN_NAME" 2>&1 | tail -n 30
+  --out runs --name "$RUN_NAME" ${TRIALS:+--trials "$TRIALS"} 2>&1 | tail -n 30
 echo "search exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s"
 run=runs/$RUN_NAME
 cp "$run"/trials.json "$run"/trials.csv "$run"/pareto.json "$run"/report.html "$run"/search.log "$out"/

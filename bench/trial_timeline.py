@@ -2,7 +2,7 @@
 a fresh process, first with empty compile caches (Triton's and Inductor's, as the first wave
 of a search finds them) and then again with the caches it left (the later waves).
 
-    python bench/trial_timeline.py [--steps 300] [--variants mla mla-fp8 dense]
+    python bench/trial_timeline.py [--steps 300] [--variants mla mla-fp8 dense] [--warm-runs 1]
 
 Prints, per run, the process's wall time and the trainer's timeline at its last evaluation
 (cumulative seconds: setup before the first step, the warm-up steps with their compiles and
@@ -64,12 +64,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--variants", nargs="+", default=["mla", "mla-fp8", "dense"])
+    ap.add_argument("--warm-runs", type=int, default=1, help="runs with warm caches per variant")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants:
             caches = Path(tmp) / f"caches-{variant}"
-            for label in ("cold", "warm"):
+            for label in ("cold", *["warm"] * args.warm_runs):
                 r = run(variant, args.steps, caches, Path(tmp))
                 rows.append({"variant": variant, "caches": label, **r})
                 print(rows[-1], flush=True)
