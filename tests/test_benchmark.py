@@ -136,6 +136,23 @@ def test_the_trainer_reports_benchmarked_throughput_only_when_asked():
     assert m["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
 
 
+def test_warm_up_steps_do_not_hold_the_device_lock(monkeypatch):
+    # they compile and capture (tens of seconds on cold caches): a neighbour's benchmark must
+    # not wait for them, nor every trial queued behind that benchmark
+    held = []
+    real = StepGate.before_step
+
+    def before_step(gate):
+        real(gate)
+        held.append(True)
+
+    monkeypatch.setattr(StepGate, "before_step", before_step)
+    config = _config(steps=8, eval_every=8, throughput_warmup=3, benchmark={"enabled": True})
+    train(config)
+    # steps 4..8 hold it, and the evaluation once
+    assert len(held) == 8 - 3 + 1
+
+
 @pytest.mark.parametrize("every_eval", [False, True])
 def test_the_benchmark_runs_once_per_head_layout_unless_asked_every_evaluation(
     monkeypatch, every_eval

@@ -156,10 +156,8 @@ def measure_throughput(
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen).to(device)
     y = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen).to(device)
     # the warm-up (Triton and torch.compile compiling for a new shape, CUDA graphs capturing)
-    # shares the device as a training step does: only the timed steps hold it alone, or every
-    # other trial would wait out this one's compilation
-    if lock is not None:
-        lock.acquire_shared()  # (after any benchmark timing now: not to disturb it)
+    # runs outside the lock, as training's warm-up steps do: only the timed steps hold the
+    # device alone, or every other trial would wait out this one's compilation
     for _ in range(warmup):
         train_step(bench, x, y, lr=1e-6)
     sync(device)

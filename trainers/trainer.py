@@ -316,11 +316,17 @@ def _train(
                 x, y = shard(*train_data.sample(config.batch_size, generator))
                 if pruner is not None:
                     pruner.begin_step(step)
-                bench.before_step()
+                # the warm-up steps compile kernels and capture graphs, host work of up to tens
+                # of seconds on cold caches: held over them, the device lock would keep a
+                # neighbour's benchmark waiting, and every trial behind it (bench/RESULTS.md)
+                holds_device = step - start_step > config.throughput_warmup
+                if holds_device:
+                    bench.before_step()
                 # a plain host-to-GPU copy waits for the GPU's queue; a pinned one does not
                 x, y = to_device(x, device), to_device(y, device)
                 loss = train_step(state, x, y, lr_at(step, config))
-                bench.after_step()
+                if holds_device:
+                    bench.after_step()
                 if pruner is not None:
                     dist.all_reduce_mean(pruner.acc)  # the global batch's Taylor scores
                     record = pruner.end_step(step)
