@@ -136,7 +136,7 @@ def test_the_trainer_reports_benchmarked_throughput_only_when_asked():
     assert m["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
 
 
-def test_warm_up_steps_do_not_hold_the_device_lock(monkeypatch):
+def test_warm_up_steps_and_the_first_evaluation_do_not_hold_the_device_lock(monkeypatch):
     # they compile and capture (tens of seconds on cold caches): a neighbour's benchmark must
     # not wait for them, nor every trial queued behind that benchmark
     held = []
@@ -147,10 +147,10 @@ def test_warm_up_steps_do_not_hold_the_device_lock(monkeypatch):
         held.append(True)
 
     monkeypatch.setattr(StepGate, "before_step", before_step)
-    config = _config(steps=8, eval_every=8, throughput_warmup=3, benchmark={"enabled": True})
+    config = _config(steps=12, eval_every=4, throughput_warmup=3, benchmark={"enabled": True})
     train(config)
-    # steps 4..8 hold it, and the evaluation once
-    assert len(held) == 8 - 3 + 1
+    # steps 4..12 hold it, and the evaluations at steps 8 and 12: the first (step 4) compiles
+    assert len(held) == 12 - 3 + 2
 
 
 @pytest.mark.parametrize("every_eval", [False, True])

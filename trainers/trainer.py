@@ -565,6 +565,7 @@ class _Benchmarks:
             # a GPU runs ahead of Python: sync and release only every few steps
             self.gate = StepGate(self.lock, state.device, 8 if state.device.type == "cuda" else 1)
         self._peak = 0.0
+        self._evaluated = False
         self._measured: dict[tuple, dict[str, float]] = {}
         """Results by (head layout, seq_len, batch): measured once unless `every_eval`."""
 
@@ -582,8 +583,10 @@ class _Benchmarks:
 
     @contextlib.contextmanager
     def holding_device(self) -> Iterator[None]:
-        """Evaluations use the device too: a neighbour's benchmark waits for them."""
-        if self.gate is None:
+        """Evaluations use the device too: a neighbour's benchmark waits for them, except for
+        the first, which compiles the evaluation's kernels (as the warm-up steps, outside)."""
+        first, self._evaluated = not self._evaluated, True
+        if self.gate is None or first:
             yield
             return
         self.gate.before_step()
