@@ -59,7 +59,8 @@ class ModelConfig:
     (and true): the whole forward and backward of a training step replayed from one graph
     (`trainers/step_graph.py`; CUDA, one process, bfloat16 or float32), and "op" wherever
     that does not apply (fp16, several ranks, a step that cannot be captured); evaluations
-    and the first step of each head layout then run eagerly, cheaper than capturing them.
+    and the first step of each head layout then run eagerly (as fast as per-op graphs with
+    warm compile caches, and faster with cold ones: bench/RESULTS.md).
     A captured step computes its loss from the logits: liger's fused linear + cross-entropy
     synchronises with the host, so long contexts with large vocabularies, where the logits
     are the memory peak, are better off with "op"."""

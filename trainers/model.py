@@ -512,7 +512,8 @@ class LanguageModel(nn.Module):
         """Replay each layer's MLA op from per-op CUDA graphs (`GraphedOp`) outside a step
         graph, where `cuda_graphs` is set. A step graph turns them off: its captured steps hold
         the op already, and for the few forwards left eager (the first step of a layout, the
-        evaluations) the per-op captures cost more than they save (bench/RESULTS.md)."""
+        evaluations) per-op captures save nothing on warm caches and cost compiles and captures on
+        cold ones (bench/RESULTS.md)."""
         for block in self.blocks:
             graphed = block.attn._graphed
             if on and self.cfg.cuda_graphs and graphed is None:
