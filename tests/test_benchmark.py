@@ -136,9 +136,13 @@ def test_the_trainer_reports_benchmarked_throughput_only_when_asked():
     assert m["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
 
 
-def test_warm_up_steps_and_the_first_evaluation_do_not_hold_the_device_lock(monkeypatch):
-    # they compile and capture (tens of seconds on cold caches): a neighbour's benchmark must
-    # not wait for them, nor every trial queued behind that benchmark
+@pytest.mark.parametrize("compiles", [False, True])
+def test_where_warm_up_compiles_it_does_not_hold_the_device_lock(compiles, monkeypatch):
+    # on CUDA the warm-up steps and the first evaluation compile (tens of seconds on cold
+    # caches): a neighbour's benchmark must not wait for them, nor every trial queued behind
+    # that benchmark; on a CPU every step holds it
+    from automla.trainers import trainer
+
     held = []
     real = StepGate.before_step
 
@@ -147,10 +151,11 @@ def test_warm_up_steps_and_the_first_evaluation_do_not_hold_the_device_lock(monk
         held.append(True)
 
     monkeypatch.setattr(StepGate, "before_step", before_step)
+    monkeypatch.setattr(trainer._Benchmarks, "compiles", property(lambda self: compiles))
     config = _config(steps=12, eval_every=4, throughput_warmup=3, benchmark={"enabled": True})
     train(config)
-    # steps 4..12 hold it, and the evaluations at steps 8 and 12: the first (step 4) compiles
-    assert len(held) == 12 - 3 + 2
+    # 12 steps and 3 evaluations; compiling, steps 1..3 and the first evaluation do not hold it
+    assert len(held) == (12 - 3 + 2 if compiles else 12 + 3)
 
 
 @pytest.mark.parametrize("every_eval", [False, True])

@@ -155,9 +155,12 @@ def measure_throughput(
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen).to(device)
     y = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen).to(device)
-    # the warm-up (Triton and torch.compile compiling for a new shape, CUDA graphs capturing)
-    # runs outside the lock, as training's warm-up steps do: only the timed steps hold the
-    # device alone, or every other trial would wait out this one's compilation
+    # on CUDA the warm-up (Triton and torch.compile compiling for a new shape, CUDA graphs
+    # capturing) runs outside the lock, as training's warm-up steps do: only the timed steps
+    # hold the device alone, or every other trial would wait out this one's compilation.
+    # Elsewhere it shares the device as a training step does
+    if lock is not None and device.type != "cuda":
+        lock.acquire_shared()
     for _ in range(warmup):
         train_step(bench, x, y, lr=1e-6)
     sync(device)

@@ -350,8 +350,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     """0: checkpoint at each evaluation and at the end."""
     throughput_warmup: int = 5
-    """Steps left out of tokens_per_s (compilation, allocator warm-up); they also run outside
-    the device lock that neighbours' benchmarks wait on (`train.benchmark`)."""
+    """Steps left out of tokens_per_s (compilation, allocator warm-up); on CUDA they also run
+    outside the device lock that neighbours' benchmarks wait on (`train.benchmark`)."""
     seed: int = 0
     """Seeds the model's initialisation and the order of training batches."""
     device: str = "auto"

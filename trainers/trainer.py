@@ -316,17 +316,12 @@ def _train(
                 x, y = shard(*train_data.sample(config.batch_size, generator))
                 if pruner is not None:
                     pruner.begin_step(step)
-                # the warm-up steps compile kernels and capture graphs, host work of up to tens
-                # of seconds on cold caches: held over them, the device lock would keep a
-                # neighbour's benchmark waiting, and every trial behind it (bench/RESULTS.md)
-                holds_device = step - start_step > config.throughput_warmup
-                if holds_device:
-                    bench.before_step()
+                warming_up = step - start_step <= config.throughput_warmup
+                bench.before_step(warming_up)
                 # a plain host-to-GPU copy waits for the GPU's queue; a pinned one does not
                 x, y = to_device(x, device), to_device(y, device)
                 loss = train_step(state, x, y, lr_at(step, config))
-                if holds_device:
-                    bench.after_step()
+                bench.after_step(warming_up)
                 if pruner is not None:
                     dist.all_reduce_mean(pruner.acc)  # the global batch's Taylor scores
                     record = pruner.end_step(step)
@@ -569,12 +564,23 @@ class _Benchmarks:
         self._measured: dict[tuple, dict[str, float]] = {}
         """Results by (head layout, seq_len, batch): measured once unless `every_eval`."""
 
-    def before_step(self) -> None:
-        if self.gate is not None:
+    @property
+    def compiles(self) -> bool:
+        """On CUDA the warm-up steps and the first evaluation compile kernels and capture
+        graphs, host work of up to tens of seconds on cold caches. They run outside the lock,
+        or a neighbour's benchmark would wait for them, and every trial behind that benchmark
+        (bench/RESULTS.md); on a CPU they are steps like the others."""
+        return self.state.device.type == "cuda"
+
+    def _holds(self, warming_up: bool) -> bool:
+        return self.gate is not None and not (warming_up and self.compiles)
+
+    def before_step(self, warming_up: bool = False) -> None:
+        if self._holds(warming_up):
             self.gate.before_step()
 
-    def after_step(self) -> None:
-        if self.gate is not None:
+    def after_step(self, warming_up: bool = False) -> None:
+        if self._holds(warming_up):
             self.gate.after_step()
 
     def pause(self) -> None:
@@ -583,10 +589,10 @@ class _Benchmarks:
 
     @contextlib.contextmanager
     def holding_device(self) -> Iterator[None]:
-        """Evaluations use the device too: a neighbour's benchmark waits for them, except for
-        the first, which compiles the evaluation's kernels (as the warm-up steps, outside)."""
+        """Evaluations use the device too: a neighbour's benchmark waits for them (except for
+        the first where it compiles, see `compiles`)."""
         first, self._evaluated = not self._evaluated, True
-        if self.gate is None or first:
+        if not self._holds(warming_up=first):
             yield
             return
         self.gate.before_step()
