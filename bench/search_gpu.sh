@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 5's GPU run on one H200, end to end, in one device call:
 #   1. the GPU-marked test: two trials sharing the GPU (fractional resources) complete;
-#   2. the search on search_spaces/gpu.yaml (its trial budget, or TRIALS), Ctrl-C'd if it outruns SEARCH_S
-#      (after a first, unmeasured one with WARM_FIRST=1);
+#   2. the search on search_spaces/gpu.yaml (its trial budget, or TRIALS), Ctrl-C'd if it
+#      outruns SEARCH_S (after a first, unmeasured one with WARM_FIRST=1);
 #   3. the knee's exported config trained for a longer budget (LONG_STEPS, cut at TRAIN_S).
 # Usage (device): source .devicepkgs/setup .devicepkgs && bash bench/search_gpu.sh OUTDIR
 # The figures go to bench/search_gpu.md by hand, with this command.
