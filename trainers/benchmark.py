@@ -115,6 +115,15 @@ class StepGate:
         self._steps = 0
 
 
+def warmup_compiles(device: torch.device) -> bool:
+    """Whether a run's warm-up (its first steps, first evaluation, a benchmark's warm-up) is
+    mostly compiling: on CUDA, Triton and torch.compile build kernels and CUDA graphs capture,
+    host work of up to tens of seconds on cold caches. Such work runs outside the device lock,
+    or a neighbour's benchmark would wait for it, and every trial behind that benchmark
+    (bench/RESULTS.md); on a CPU a warm-up step is a step like the others."""
+    return device.type == "cuda"
+
+
 def measure_throughput(
     state: TrainState,
     seq_len: int,
@@ -155,11 +164,8 @@ def measure_throughput(
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen).to(device)
     y = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=gen).to(device)
-    # on CUDA the warm-up (Triton and torch.compile compiling for a new shape, CUDA graphs
-    # capturing) runs outside the lock, as training's warm-up steps do: only the timed steps
-    # hold the device alone, or every other trial would wait out this one's compilation.
-    # Elsewhere it shares the device as a training step does
-    if lock is not None and device.type != "cuda":
+    # only the timed steps hold the device alone; a warm-up that compiles holds nothing
+    if lock is not None and not warmup_compiles(device):
         lock.acquire_shared()
     for _ in range(warmup):
         train_step(bench, x, y, lr=1e-6)

@@ -515,11 +515,10 @@ class LanguageModel(nn.Module):
         evaluations) per-op captures save nothing on warm caches and cost compiles and captures on
         cold ones (bench/RESULTS.md)."""
         for block in self.blocks:
-            graphed = block.attn._graphed
-            if on and self.cfg.cuda_graphs and graphed is None:
-                block.attn._graphed = GraphedOp()
-            elif not on:
+            if not on:
                 block.attn._graphed = None
+            elif self.cfg.cuda_graphs and block.attn._graphed is None:
+                block.attn._graphed = GraphedOp()
 
     def layout_key(self) -> tuple[int, ...]:
         """Changes whenever a layer's head mask or mask values do (head pruning)."""

@@ -50,8 +50,9 @@ def frozen_heap() -> Iterator[None]:
     """The objects alive now (modules, model, data) stay out of the cycle collector's scans
     until the block ends. With torch, triton and ray loaded a full collection walks ~400k
     objects (0.15 s on this project's CPU machine, 0.27 s in a GPU trial's profile), and every
-    capture asks for one (`no_gc`): a step graph, and per-op graphs for each layer and input
-    signature, 18 in a 20-step gpu.yaml trial (bench/RESULTS.md). Frozen, a collection walks
+    capture asks for one (`no_gc`): each step graph, and with `cuda_graphs: op` each layer's
+    graphs per input signature (18 in a 20-step gpu.yaml trial when step mode still captured
+    per-op graphs too; bench/RESULTS.md). Frozen, a collection walks
     only what the run has made since. One collection first, so that a previous run's garbage
     (a reused worker's last trial, its graphs and their memory) is freed rather than frozen."""
     gc.collect()

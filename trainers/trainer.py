@@ -28,7 +28,7 @@ import yaml
 
 from . import distributed as dist
 from .attention_stats import attention_stats
-from .benchmark import DeviceLock, StepGate, measure_throughput, sync
+from .benchmark import DeviceLock, StepGate, measure_throughput, sync, warmup_compiles
 from .config import TrainConfig, build, to_dict
 from .data import IGNORE, load_data, mqar_probe
 from .fast_ops import prepare_model
@@ -126,13 +126,13 @@ def step_graph_for(
 ) -> StepGraph | None:
     """A StepGraph for `model` where its `cuda_graphs` asks for one and the step can be
     captured: CUDA, one process (DDP and sequence parallelism communicate inside the step), no
-    fp16 loss scaling (its step skips updates on a host decision)."""
+    fp16 loss scaling (its step skips updates on a host decision). The model's per-op graphs
+    go off beside it, and come back if a capture fails (the steps then stay eager)."""
     if model.cfg.graph_mode != "step" or device.type != "cuda" or scaler is not None:
         return None
     if dist.is_distributed():
         return None
     model.use_op_graphs(False)
-    # where a capture fails the steps stay eager: the per-op graphs then spare them the launches
     return StepGraph(list(model.parameters()), device, on_failure=lambda: model.use_op_graphs(True))
 
 
@@ -566,11 +566,8 @@ class _Benchmarks:
 
     @property
     def compiles(self) -> bool:
-        """On CUDA the warm-up steps and the first evaluation compile kernels and capture
-        graphs, host work of up to tens of seconds on cold caches. They run outside the lock,
-        or a neighbour's benchmark would wait for them, and every trial behind that benchmark
-        (bench/RESULTS.md); on a CPU they are steps like the others."""
-        return self.state.device.type == "cuda"
+        """The warm-up steps and the first evaluation then hold no lock (`warmup_compiles`)."""
+        return warmup_compiles(self.state.device)
 
     def _holds(self, warming_up: bool) -> bool:
         return self.gate is not None and not (warming_up and self.compiles)
