@@ -8,8 +8,12 @@ replace those of the same name in the launch layer for the "before" rows. For ea
 outputs and gradients, then times MLA fwd+bwd before and after, the changed kernels alone,
 and cuDNN's fwd+bwd on the same inputs.
 
+`--set NAME=VALUE` instead changes a setting of the launch layer (`kernels/parallel/autograd.py`)
+for the "after" rows, and `--kernels` names the kernels whose time it moves:
+
     python bench/kernel_ab.py --before bench/_before.py \
         [--points 64/4/128:32768:nsa:64 12/4/64:8192:nsa:64 ...] [--rep 200]
+    python bench/kernel_ab.py --set GLOBAL_DKV_PROGRAMS=4096 --kernels global_bwd_dkv spread
 """
 
 from __future__ import annotations
@@ -77,8 +81,9 @@ def max_diff(a: list, b: list) -> float:
     return worst
 
 
-def measure(point: str, before: dict, after: dict, rep: int) -> dict:
-    """One point: outputs compared, then MLA before and after, their changed kernels, cuDNN."""
+def measure(point: str, before: dict, after: dict, rep: int, names: list[str]) -> dict:
+    """One point: outputs compared, then MLA before and after, the kernels `names` (whose
+    names contain one of them), cuDNN. before/after: launch-layer attributes to set."""
     shape, T, budget, bq = point.split(":")
     hq, hkv, d = (int(x) for x in shape.split("/"))
     cfg = budget_config(int(T), budget, int(bq))
@@ -93,7 +98,7 @@ def measure(point: str, before: dict, after: dict, rep: int) -> dict:
         res[label] = outputs(xs, cfg)
         row[label] = do_bench(mla, rep=rep, return_mode="median")
         per = kernel_ms(mla, runs=3)
-        row[label + "_kernels"] = sum(v for n, v in per.items() if any(s in n for s in kernels))
+        row[label + "_kernels"] = sum(v for n, v in per.items() if any(s in n for s in names))
     row["diff"] = max_diff(res["after"], res["before"])
     cudnn = sdpa(SDPBackend.CUDNN_ATTENTION)
     q, k, v, _, do = xs
@@ -107,16 +112,28 @@ def measure(point: str, before: dict, after: dict, rep: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--before", required=True)
+    ap.add_argument("--before", help="an earlier copy of a kernels/parallel module")
+    ap.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="launch-layer settings (integers) for the after rows",
+    )
+    ap.add_argument("--kernels", nargs="+", default=[], help="kernels a --set change moves")
     ap.add_argument("--points", nargs="+", default=POINTS, metavar="SHAPE:T:BUDGET:BQ")
     ap.add_argument("--rep", type=int, default=200, help="do_bench repetition time (ms)")
     args = ap.parse_args()
-    before = load_before(args.before)
+    before = load_before(args.before) if args.before else {}
+    settings = dict(kv.split("=") for kv in args.set)
+    before.update({k: getattr(launch, k) for k in settings})
     after = {k: getattr(launch, k) for k in before}
-    print("swapped kernels:", ", ".join(sorted(before)), flush=True)
+    after.update({k: int(v) for k, v in settings.items()})
+    names = [k for k in before if k not in settings] + args.kernels
+    print("changed:", ", ".join(sorted(before)), "; timed kernels:", ", ".join(names), flush=True)
     rows = []
     for point in args.points:
-        rows.append(measure(point, before, after, args.rep))
+        rows.append(measure(point, before, after, args.rep, names))
         print(rows[-1], flush=True)
     vars(launch).update(after)
     print("\n| point | MLA before ms | after ms | after/before | changed kernels before → after ms "

@@ -119,14 +119,6 @@ class ModelConfig:
                 "cannot recompute the MLA op replayed from CUDA graphs (cuda_graphs: its "
                 "capture and static buffers assume one forward per backward); turn one off",
             )
-        if self.checkpoint != "none" and self.fused_ops:
-            # measured on the H200 (2026-12-02): recomputing liger's ops under non-reentrant
-            # checkpointing raised a RuntimeError in the backward; not diagnosed yet
-            raise ConfigError(
-                "fused_ops",
-                "the fused ops are not supported with checkpoint yet (their recomputation "
-                "failed on CUDA); set fused_ops: null or false, or checkpoint: none",
-            )
         if self.precision == "fp8":
             self._check_fp8()
 

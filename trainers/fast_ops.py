@@ -70,10 +70,10 @@ def liger_importable() -> bool:
 
 
 def resolve_fused_ops(cfg: ModelConfig, device: torch.device) -> bool:
-    """`model.fused_ops` for `device`: None means on exactly when the device is CUDA, liger-kernel
-    imports and no activation checkpointing is asked for; True elsewhere is a config error."""
-    if cfg.fused_ops is False or cfg.checkpoint != "none":
-        return False  # checkpointing recomputes the plain ops (see ModelConfig's check)
+    """`model.fused_ops` for `device`: None means on exactly when the device is CUDA and
+    liger-kernel imports; True elsewhere is a config error."""
+    if cfg.fused_ops is False:
+        return False
     if device.type != "cuda":
         if cfg.fused_ops:
             raise ConfigError(
