@@ -167,3 +167,69 @@ def test_kernels_compile_for_sm90(monkeypatch, tmp_path):
         timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
+class _Kernel:
+    """Stands in for a jit kernel: records launches (grid) and compiles ahead (warmup)."""
+
+    def __init__(self, name: str, calls: list):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        return lambda **kwargs: self.calls.append(("run", self.name, grid, _shape_of(kwargs)))
+
+    def warmup(self, *, grid, **kwargs):
+        self.calls.append(("compile", self.name, grid, _shape_of(kwargs)))
+
+
+def _shape_of(kwargs: dict) -> str:
+    """A launch's arguments as the compiler sees them: tensors by dtype and shape, the rest
+    (sizes, flags, constexprs, tiles) by value."""
+    out = {
+        k: (str(v.dtype), tuple(v.shape)) if isinstance(v, torch.Tensor) else v
+        for k, v in kwargs.items()
+    }
+    return json.dumps(out, sort_keys=True, default=str)
+
+
+def test_launch_compiles_ahead_only_inside_the_block():
+    from automla.kernels.parallel.launch import compiling_ahead, launch
+
+    calls = []
+    kernel = _Kernel("k", calls)
+    launch(kernel, (3, 1), x=1, BLOCK=16)
+    with compiling_ahead(threads=2):
+        launch(kernel, (3, 1), x=1, BLOCK=16)
+    launch(kernel, (2,), x=2, BLOCK=16)
+    assert [c[:3] for c in calls] == [
+        ("run", "k", (3, 1)),
+        ("compile", "k", (3, 1)),
+        ("run", "k", (2,)),
+    ]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"G{c[2] // c[3]}-bq{c[-1]}" for c in CASES])
+def test_compile_ahead_compiles_what_the_op_launches(monkeypatch, case):
+    # the kernels, tiles and argument kinds that compile_ahead hands to the compiler are
+    # exactly those that a training step (forward, backward) and an evaluation (forward
+    # without gradients) launch, so the first real call compiles nothing
+    B, T, HQ, HKV, D, dtype, budget, ratios, bs, mask, bq = case
+    calls: list = []
+    for module in MODULES:
+        for name, kernel in vars(module).copy().items():
+            if name.endswith("_kernel") and hasattr(kernel, "fn"):
+                monkeypatch.setattr(module, name, _Kernel(name, calls))
+    cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs, select_tile=bq)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, T, h, D, generator=g).to(dtype) for h in (HQ, HKV, HKV))
+    gate = torch.rand(B, T, HQ, 3, generator=g).to(dtype)
+    head_mask = None if mask is None else torch.tensor(mask)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, gate)]
+    parallel.mla_triton(*leaves, cfg, head_mask=head_mask).float().sum().backward()
+    with torch.no_grad():
+        parallel.mla_triton(q, k, v, gate, cfg, head_mask=head_mask)
+    launched = {c[1:] for c in calls if c[0] == "run"}
+    calls.clear()
+    parallel.compile_ahead(q, k, v, gate, cfg, head_mask=head_mask, threads=2)
+    assert calls and all(c[0] == "compile" for c in calls)
+    assert {c[1:] for c in calls} == launched

@@ -359,6 +359,30 @@ class Attention(nn.Module):
             q, k, v, gate, cfg.mla, t_max=t_max, head_mask=mask, backend=cfg.attn_backend
         )
 
+    def compile_kernels(self, batch: int, seq_len: int, dtype: torch.dtype, threads: int) -> bool:
+        """Compile ahead, `threads` at a time, the Triton kernels that this layer's MLA op
+        launches for [batch, seq_len] steps in `dtype` under the current head layout, so that
+        the first step does not compile them one by one (`kernels.parallel.compile_ahead`).
+        False, compiling nothing, where the op runs no Triton kernels (dense attention, the
+        CPU, the torch backend, sequence parallelism)."""
+        from automla.kernels.parallel import compile_ahead
+
+        device = self.head_mask.device
+        if self.gate is None or self.sequence_parallel is not None or device.type != "cuda":
+            return False
+        lay = self.layout(device)
+        if lay.n_active == 0:
+            return False
+        S, K, d = lay.n_slots, lay.n_kv, self.head_dim
+        q = torch.empty(batch, seq_len, S, d, dtype=dtype, device=device)
+        kv = torch.empty(batch, seq_len, K, d, dtype=dtype, device=device)
+        gate = torch.empty(batch, seq_len, S, 3, dtype=dtype, device=device)
+        t_max, mla = self.cfg.max_seq_len, self.cfg.mla
+        if resolve_backend(q, kv, kv, mla, t_max, self.cfg.attn_backend) != "triton":
+            return False
+        compile_ahead(q, kv, kv, gate, mla, t_max=t_max, head_mask=lay.slot_mask, threads=threads)
+        return True
+
     def _scale_and_track(self, y: torch.Tensor, lay: HeadLayout) -> torch.Tensor:
         """Multiply each slot's output by its mask value; while pruning tracks importance, hook
         the backward to add sum <o_h, dL/d(xi_h o_h)> per head (an empty slot adds exactly 0:
@@ -523,6 +547,11 @@ class LanguageModel(nn.Module):
     def layout_key(self) -> tuple[int, ...]:
         """Changes whenever a layer's head mask or mask values do (head pruning)."""
         return tuple(block.attn.layout_version for block in self.blocks)
+
+    def compile_kernels(self, batch: int, seq_len: int, dtype: torch.dtype, threads: int) -> int:
+        """`Attention.compile_kernels` for every layer (a layer whose kernels an earlier one
+        compiled costs only the op's host launch sequence); returns how many compiled."""
+        return sum(b.attn.compile_kernels(batch, seq_len, dtype, threads) for b in self.blocks)
 
     def set_sequence_parallel(self, sp) -> None:
         """Share every sequence across the ranks of `sp` (a `sequence_parallel.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -37,6 +38,8 @@ from .pruning import HeadPruner, compact
 from .sequence_parallel import SequenceParallel
 from .sequence_parallel import setup as setup_sequence_parallel
 from .step_graph import StepGraph, frozen_heap
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -119,6 +122,24 @@ def build_state(config: TrainConfig, device: torch.device) -> TrainState:
     return TrainState(
         wrapped, model, optimizer, scaler, device, autocast_dtype, config.grad_clip, pruner, graphs
     )
+
+
+def compile_kernels_ahead(
+    model: LanguageModel, batch: int, seq_len: int, dtype: torch.dtype | None
+) -> None:
+    """Compile the MLA layers' Triton kernels for the training shape in parallel threads, one
+    per core (up to 8), before the first step, which would otherwise compile them one by one
+    while the GPU waits (~10 s for one layer's forward and backward; bench/NOTES.md). Where
+    this cannot be done (an older Triton, a failure), the first step compiles them as before."""
+    from automla.kernels.parallel import async_compile_available
+
+    if not async_compile_available():
+        return
+    threads = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+    try:
+        model.compile_kernels(batch, seq_len, dtype or torch.float32, threads)
+    except Exception as e:  # the real launch compiles (and reports) the same kernels
+        log.warning("MLA kernels not compiled ahead, the first step compiles them: %s", e)
 
 
 def step_graph_for(
@@ -276,6 +297,10 @@ def _train(
     start_step, prior_elapsed = 0, 0.0
     if resume is not None:
         start_step, prior_elapsed = _restore(Path(resume), state, generator, config)
+
+    if device.type == "cuda" and sp is None:
+        rows = config.batch_size // dist.world_size()
+        compile_kernels_ahead(state.raw_model, rows, config.seq_len, state.autocast_dtype)
 
     run_dir = Path(out_dir) if out_dir is not None else None
     ckpt_dir = run_dir / CHECKPOINT_DIR if run_dir is not None else None

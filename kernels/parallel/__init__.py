@@ -19,10 +19,18 @@ Files: `common.py` the shared `@triton.jit` helpers; `selection.py` the block sc
 pooling; `window.py` the local and global branches; `sparse.py` the sparse branch and the
 inversion of the selection; `sparse_tile.py` the sparse branch with tile-shared selection
 (select_tile > 1); `layout.py` the tiles and the sizes of one call; `autograd.py` the launch
-sequence, the autograd Function and `mla_triton`.
+sequence, the autograd Function and `mla_triton`; `launch.py` every launch, and compiling
+them ahead (`compile_ahead`).
 """
 
-from .autograd import mla_triton, unsupported
+from .autograd import compile_ahead, mla_triton, unsupported
+from .launch import async_compile_available
 from .selection import select_blocks_triton
 
-__all__ = ["mla_triton", "select_blocks_triton", "unsupported"]
+__all__ = [
+    "async_compile_available",
+    "compile_ahead",
+    "mla_triton",
+    "select_blocks_triton",
+    "unsupported",
+]

@@ -11,6 +11,7 @@ from ..common import check_inputs
 from ..config import AttentionConfig, Plan
 from . import sparse, sparse_tile
 from .common import _interpret
+from .launch import compiling_ahead, launch
 from .layout import _Layout, _options, _tiles
 from .selection import _pool
 from .window import (
@@ -61,7 +62,9 @@ def mla_fwd(
     if lay.has_window:
         t = _tiles("window_fwd", lay.G)
         packs = lay.packs(t["HP"])
-        _window_fwd_kernel[(triton.cdiv(T, t["BT"]), B * packs.shape[0])](
+        launch(
+            _window_fwd_kernel,
+            (triton.cdiv(T, t["BT"]), B * packs.shape[0]),
             q=q,
             k=k,
             v=v,
@@ -135,7 +138,9 @@ def mla_bwd(
     if lay.has_window:
         t = _tiles("window_dq", lay.G)
         packs = lay.packs(t["HP"])
-        _window_bwd_dq_kernel[(triton.cdiv(T, t["BT"]), B * packs.shape[0])](
+        launch(
+            _window_bwd_dq_kernel,
+            (triton.cdiv(T, t["BT"]), B * packs.shape[0]),
             q=q,
             k=k,
             v=v,
@@ -169,7 +174,9 @@ def mla_bwd(
         )
     if lay.has_local:
         t = _tiles("local_dkv")
-        _local_bwd_dkv_kernel[(triton.cdiv(T, t["BK"]), B * lay.NA)](
+        launch(
+            _local_bwd_dkv_kernel,
+            (triton.cdiv(T, t["BK"]), B * lay.NA),
             q=q,
             k=k,
             v=v,
@@ -199,7 +206,9 @@ def mla_bwd(
         chunk = triton.cdiv(triton.cdiv(T, nsplit), t["BT"]) * t["BT"]
         # fully pruned groups' rows stay unset: the spread below skips them too
         dkc, dvc = torch.empty(2, nsplit, B, NC, HKV, D, dtype=torch.float32, device=dev)
-        _global_bwd_dkv_kernel[(n_tiles, B * lay.NA, nsplit)](
+        launch(
+            _global_bwd_dkv_kernel,
+            (n_tiles, B * lay.NA, nsplit),
             q=q,
             kc=saved["kc"],
             vc=saved["vc"],
@@ -223,7 +232,7 @@ def mla_bwd(
             **_options(t),
         )
         BK = min(64, triton.next_power_of_2(lay.stride))
-        _spread_kernel[(NC, B * lay.NA)](
+        launch(_spread_kernel, (NC, B * lay.NA),
             dkc=dkc, dvc=dvc, groups=lay.groups, dk=dk, dv=dv, T=T, NC=NC, NA=lay.NA,
             stride=lay.stride, NSPLIT=nsplit, HKV=HKV, D=D, BK=BK,
         )  # fmt: skip
@@ -295,6 +304,39 @@ def mla_triton(
         if bool(head_mask.all()):
             head_mask = None
     return MLATritonFunction.apply(q, k, v, gate.to(q.dtype), plan, head_mask)
+
+
+def compile_ahead(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor,
+    config: AttentionConfig,
+    *,
+    t_max: int | None = None,
+    head_mask: torch.Tensor | None = None,
+    threads: int = 4,
+) -> None:
+    """Compile, `threads` at a time, every kernel that `mla_triton` launches for inputs of this
+    kind (shapes, dtype, device, plan, head mask; their values are never read): the forward
+    that keeps what the backward needs, the backward, and the forward without gradients. No
+    kernel runs. Afterwards the op's first calls find their kernels compiled instead of
+    compiling them one by one (`launch.py`). Needs CUDA tensors and a Triton with
+    AsyncCompileMode (`launch.async_compile_available`)."""
+    _check(q, k, v, gate, t_max, head_mask)
+    plan = config.plan(t_max or q.shape[1])
+    reason = unsupported(q, k, v, plan)
+    if reason is not None:
+        raise ValueError(reason)
+    if head_mask is not None and bool(head_mask.cpu().all()):
+        head_mask = None  # as mla_triton calls the kernels
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    gate = gate.to(q.dtype).contiguous()
+    lay = _Layout(q, k, plan, None if head_mask is None else head_mask.cpu())
+    with torch.no_grad(), compiling_ahead(threads):
+        o, saved = mla_fwd(q, k, v, gate, lay, store=True)
+        mla_bwd(o, q, k, v, gate, lay, saved)
+        mla_fwd(q, k, v, gate, lay, store=False)
 
 
 def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> str | None:

@@ -10,6 +10,7 @@ import triton.language as tl
 
 from ..config import Plan
 from .common import _kmean_scores
+from .launch import launch
 from .layout import _Layout, _options, _tiles
 
 
@@ -175,7 +176,8 @@ def _pool(k: torch.Tensor, v: torch.Tensor | None, S: int, N: int, kc_dtype, km:
         vc = torch.empty_like(kc)
     if km:
         k32 = torch.empty(B, N, HKV, D, dtype=torch.float32, device=k.device)
-    _pool_kernel[(N, B * HKV)](
+    launch(
+        _pool_kernel, (N, B * HKV),
         k=k, v=v, out_k=kc, out_v=vc, out_k32=k32, T=T, N=N, S=S, HKV=HKV, D=D,
         BR=min(64, triton.next_power_of_2(S)), POOL_V=vc is not None, OUT_K=kc is not None,
         OUT_K32=km,
@@ -199,7 +201,8 @@ def _rank(kernel, rows: int, programs: int, q, k, lay: _Layout, km, t: dict, **e
     if km is None:
         km = _pool(k, None, lay.plan.block_size, lay.NB, None, km=True)[2]
     score = torch.empty(lay.B, rows, lay.HKV, lay.NB, dtype=torch.float32, device=q.device)
-    kernel[(programs, lay.B * lay.NA)](
+    launch(
+        kernel, (programs, lay.B * lay.NA),
         q=q, km=km, active=lay.active, groups=lay.groups, score=score, T=lay.T, NB=lay.NB,
         NA=lay.NA, window=lay.plan.window, **lay.args, GP=lay.GP, BS=lay.plan.block_size,
         BN=t["BN"], HAS_LOCAL=lay.has_local, SPLIT=q.dtype != torch.float32, **extra,
@@ -216,7 +219,9 @@ def _topk(score: torch.Tensor, lay: _Layout) -> torch.Tensor:
     if lay.NA < HKV:
         idx.fill_(-1)  # fully pruned groups are neither scored nor ranked: they select nothing
     rows, BR = B * R * lay.NA, 4
-    _topk_kernel[(triton.cdiv(rows, BR),)](
+    launch(
+        _topk_kernel,
+        (triton.cdiv(rows, BR),),
         score=score,
         idx=idx,
         groups=lay.groups,

@@ -20,6 +20,7 @@ from .common import (
     _softmax_step,
     _sparse_dkv_rows,
 )
+from .launch import launch
 from .layout import _options, _tiles
 from .selection import _select
 
@@ -294,10 +295,10 @@ def _invert(idx: torch.Tensor, NB: int, CH: int) -> tuple[torch.Tensor, torch.Te
     grid = (triton.cdiv(R, BR),)
     bufs = dict(idx=idx, counts=counts, cursor=cursor, ends=ends, tokens=tokens)
     sizes = dict(R=R, T=T, NB=NB, HKV=HKV, NSEL=nsel, NSP=triton.next_power_of_2(nsel), BR=BR)
-    _invert_pass_kernel[grid](**bufs, **sizes, FILL=False)
-    _scan_kernel[(1,)](counts=counts, ends=ends, cends=cends, NSEG=nseg, CH=CH, BLOCK=1024)
-    _invert_pass_kernel[grid](**bufs, **sizes, FILL=True)
-    _chunk_kernel[(nseg,)](counts=counts, ends=ends, cends=cends, chunks=chunks, CH=CH)
+    launch(_invert_pass_kernel, grid, **bufs, **sizes, FILL=False)
+    launch(_scan_kernel, (1,), counts=counts, ends=ends, cends=cends, NSEG=nseg, CH=CH, BLOCK=1024)
+    launch(_invert_pass_kernel, grid, **bufs, **sizes, FILL=True)
+    launch(_chunk_kernel, (nseg,), counts=counts, ends=ends, cends=cends, chunks=chunks, CH=CH)
     return chunks, tokens, cends[-1:]
 
 
@@ -307,7 +308,8 @@ select = _select
 
 def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
     """The sparse branch's output, gated and added to o (written when no window branch ran)."""
-    _sparse_fwd_kernel[(lay.T, lay.B * lay.NA)](
+    launch(
+        _sparse_fwd_kernel, (lay.T, lay.B * lay.NA),
         q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, o=o, o_s=o_s,
         lse_s=lse_s, T=lay.T, NA=lay.NA, **lay.args, GP=lay.GP16, NSEL=lay.plan.n_select,
         BS=lay.plan.block_size, BSP=lay.BSP, ACCUMULATE=lay.has_window, STORE=store,
@@ -317,7 +319,8 @@ def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
 
 def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv) -> None:
     """dq (added to the window branches'), dgate's sparse column, and dk/dv added atomically."""
-    _sparse_bwd_dq_kernel[(lay.T, lay.B * lay.NA)](
+    launch(
+        _sparse_bwd_dq_kernel, (lay.T, lay.B * lay.NA),
         q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, do=do,
         o_s=saved["o_s"], lse_s=saved["lse_s"], dgate=dgate, delta_s=delta_s, dq=dq, T=lay.T,
         NA=lay.NA, **lay.args, scale=lay.scale, GP=lay.GP16, NSEL=lay.plan.n_select,
@@ -326,7 +329,8 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv) -> 
     )  # fmt: skip
     t = _tiles("sparse_dkv")
     chunks, tokens, used = _invert(idx, lay.NB, t["CH"])
-    _sparse_bwd_dkv_kernel[(chunks.shape[0],)](
+    launch(
+        _sparse_bwd_dkv_kernel, (chunks.shape[0],),
         q=q, k=k, v=v, gate=gate, active=lay.active, chunks=chunks, tokens=tokens, used=used,
         do=do, lse_s=saved["lse_s"], delta_s=delta_s, dk=dk, dv=dv, T=lay.T, NB=lay.NB,
         **lay.args, scale=lay.scale, GP=lay.GP, BS=lay.plan.block_size, BSP=lay.BSP,

@@ -27,6 +27,7 @@ from .common import (
     _softmax_step,
     _sparse_dkv_rows,
 )
+from .launch import launch
 from .layout import _options, _tiles
 from .selection import _rank
 from .sparse import _invert
@@ -365,7 +366,8 @@ def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
     """The sparse branch's output, gated and added to o (written when no window branch ran)."""
     t = _tiles("sparse_tile_fwd")
     GP, BT, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
-    _sparse_tile_fwd_kernel[(triton.cdiv(lay.T, BT), lay.B * lay.NA)](
+    launch(
+        _sparse_tile_fwd_kernel, (triton.cdiv(lay.T, BT), lay.B * lay.NA),
         q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, o=o, o_s=o_s,
         lse_s=lse_s, T=lay.T, NT=lay.NT, NA=lay.NA, **lay.args, GP=GP,
         NSEL=lay.plan.n_select, BS=lay.plan.block_size, BSP=lay.BSP, BQ=lay.plan.select_tile,
@@ -377,7 +379,8 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv) -> 
     """dq (added to the window branches'), dgate's sparse column, and dk/dv added atomically."""
     t = _tiles("sparse_tile_dq")
     GP, BT, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
-    _sparse_tile_dq_kernel[(triton.cdiv(lay.T, BT), lay.B * lay.NA)](
+    launch(
+        _sparse_tile_dq_kernel, (triton.cdiv(lay.T, BT), lay.B * lay.NA),
         q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, do=do,
         o_s=saved["o_s"], lse_s=saved["lse_s"], dgate=dgate, delta_s=delta_s, dq=dq, T=lay.T,
         NT=lay.NT, NA=lay.NA, **lay.args, scale=lay.scale, GP=GP, NSEL=lay.plan.n_select,
@@ -388,7 +391,8 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv) -> 
     GP, BT, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
     # chunks of about CH queries: CH // Bq tiles
     chunks, tiles, used = _invert(idx, lay.NB, max(1, t["CH"] // lay.plan.select_tile))
-    _sparse_tile_dkv_kernel[(chunks.shape[0],)](
+    launch(
+        _sparse_tile_dkv_kernel, (chunks.shape[0],),
         q=q, k=k, v=v, gate=gate, active=lay.active, chunks=chunks, tiles=tiles, used=used,
         do=do, lse_s=saved["lse_s"], delta_s=delta_s, dk=dk, dv=dv, T=lay.T, NB=lay.NB,
         **lay.args, scale=lay.scale, GP=GP, BS=lay.plan.block_size, BSP=lay.BSP,
