@@ -18,7 +18,8 @@ def _nan_empty(*args, **kwargs):
     # Poison fresh buffers so a kernel that forgets to write an element fails loudly.
     t = _empty(*args, **kwargs)
     if t.is_floating_point():
-        t.fill_(float("nan"))
+        with torch.no_grad():  # a leaf made with requires_grad (torch's checkpoint makes one)
+            t.fill_(float("nan"))
     return t
 
 

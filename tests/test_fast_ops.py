@@ -285,7 +285,8 @@ def test_fused_ops_combine_with_checkpointing():
 @pytest.mark.parametrize("attention", ["mla", "dense"])
 def test_fused_ops_with_checkpointing_on_cuda(attention, dtype):
     # recomputing liger's ops in the backward gives the losses and gradients of keeping their
-    # activations (failed on the H200 on 2026-12-02 06:33, passes since: bench/RESULTS.md)
+    # activations. (Its failure on the H200 on 2026-12-02 came from this suite's NaN-filled
+    # torch.empty, which torch 2.11's checkpoint calls for a leaf that requires grad.)
     pytest.importorskip("liger_kernel")
     device = torch.device("cuda")
     x, y = tokens(1, 256, vocab=512, seed=9).to(device), tokens(1, 256, vocab=512, seed=10)
