@@ -211,11 +211,16 @@ SWEEP = {
         {"BT": 64, "BK": 64, "num_warps": 4},
         {"BT": 32, "BK": 64, "num_warps": 4, "num_stages": 3},
         {"BT": 64, "BK": 64, "num_warps": 4, "num_stages": 3},
+        {"BT": 128, "BK": 64, "num_warps": 8},
+        {"BT": 32, "BK": 128, "num_warps": 8},
+        {"BT": 32, "BK": 64, "num_warps": 4},
     ],
     "global_dkv": [
         {"BT": 64, "BC": 64, "num_warps": 4},
         {"BT": 64, "BC": 64, "num_warps": 4, "num_stages": 3},
         {"BT": 64, "BC": 32, "num_warps": 4},
+        {"BT": 128, "BC": 64, "num_warps": 8},
+        {"BT": 32, "BC": 64, "num_warps": 4},
     ],
     "sparse_fwd": [
         {"num_warps": 2},

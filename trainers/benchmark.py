@@ -143,7 +143,8 @@ def measure_throughput(
     means the step is bound by kernel launches, not by the device: its time then hardly grows
     with seq_len, and tokens/s grows with it (CUDA graphs, `model.cuda_graphs`, are the cure).
     """
-    from .trainer import TrainState, step_graph_for, train_step  # the trainer imports this
+    # the trainer imports this module
+    from .trainer import TrainState, compile_kernels_ahead, step_graph_for, train_step
 
     model = state.raw_model
     cfg = model.cfg
@@ -153,6 +154,8 @@ def measure_throughput(
     copy = build_model(cfg).to(device)
     copy.load_state_dict(model.state_dict())  # head masks and mask values come along
     prepare_model(copy, device)  # fused ops and float8 linears as the trained model's
+    if device.type == "cuda":  # kernels for a context training never ran at
+        compile_kernels_ahead(copy, batch_size, seq_len, state.autocast_dtype)
     copy.train()
     optimizer = torch.optim.AdamW(copy.parameters(), lr=1e-6, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if state.scaler is not None else None
