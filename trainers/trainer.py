@@ -129,8 +129,9 @@ def compile_kernels_ahead(
 ) -> None:
     """Compile the MLA layers' Triton kernels for the training shape in parallel threads, one
     per core (up to 8), before the first step, which would otherwise compile them one by one
-    while the GPU waits (~10 s for one layer's forward and backward; bench/NOTES.md). Where
-    this cannot be done (an older Triton, a failure), the first step compiles them as before."""
+    while the GPU waits (gpu.yaml's layer: 12.8 s one by one, 3.1 s in 8 threads;
+    bench/RESULTS.md). Where this cannot be done (an older Triton, a failure), the first step
+    compiles them as before."""
     from automla.kernels.parallel import async_compile_available
 
     if not async_compile_available():

@@ -232,7 +232,8 @@ def mla_bwd(
             **_options(t),
         )
         BK = min(64, triton.next_power_of_2(lay.stride))
-        launch(_spread_kernel, (NC, B * lay.NA),
+        launch(
+            _spread_kernel, (NC, B * lay.NA),
             dkc=dkc, dvc=dvc, groups=lay.groups, dk=dk, dv=dv, T=T, NC=NC, NA=lay.NA,
             stride=lay.stride, NSPLIT=nsplit, HKV=HKV, D=D, BK=BK,
         )  # fmt: skip

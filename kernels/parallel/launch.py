@@ -1,7 +1,8 @@
 """Every kernel launch of the Triton path, and compiling them ahead of the first call.
 
-Triton compiles a kernel at its first launch, one after another: ~15 kernels and ~10 s of CPU
-for one MLA layer's forward and backward (bench/NOTES.md), while the GPU waits. Inside
+Triton compiles a kernel at its first launch, one after another: 17 kernels and ~13 s for the
+gpu.yaml model's layer in a training step and an evaluation (bench/RESULTS.md), while the GPU
+waits. Inside
 `compiling_ahead`, `launch` hands each kernel to a pool of threads to compile (Triton's
 compiler releases the GIL) and runs nothing, so the op's launch sequence, replayed once on
 inputs of the right kind, compiles all its kernels at once.
