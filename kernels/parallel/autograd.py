@@ -294,16 +294,7 @@ def mla_triton(
     Raises:
         ValueError: inputs the kernels cannot take (device, dtype, shape, head dim).
     """
-    _check(q, k, v, gate, t_max, head_mask)
-    if plan is None:
-        plan = config.plan(t_max or q.shape[1])
-    reason = unsupported(q, k, v, plan)
-    if reason is not None:
-        raise ValueError(reason)
-    if head_mask is not None:
-        head_mask = head_mask.cpu()  # once: _Layout reads it on the host too
-        if bool(head_mask.all()):
-            head_mask = None
+    plan, head_mask = _checked(q, k, v, gate, config, t_max, head_mask, plan)
     return MLATritonFunction.apply(q, k, v, gate.to(q.dtype), plan, head_mask)
 
 
@@ -324,16 +315,10 @@ def compile_ahead(
     kernel runs. Afterwards the op's first calls find their kernels compiled instead of
     compiling them one by one (`launch.py`). Needs CUDA tensors and a Triton with
     AsyncCompileMode (`launch.async_compile_available`)."""
-    _check(q, k, v, gate, t_max, head_mask)
-    plan = config.plan(t_max or q.shape[1])
-    reason = unsupported(q, k, v, plan)
-    if reason is not None:
-        raise ValueError(reason)
-    if head_mask is not None and bool(head_mask.cpu().all()):
-        head_mask = None  # as mla_triton calls the kernels
+    plan, head_mask = _checked(q, k, v, gate, config, t_max, head_mask, None)
     q, k, v = (x.contiguous() for x in (q, k, v))
-    gate = gate.to(q.dtype).contiguous()
-    lay = _Layout(q, k, plan, None if head_mask is None else head_mask.cpu())
+    gate = gate.to(q.dtype).contiguous()  # as MLATritonFunction receives them
+    lay = _Layout(q, k, plan, head_mask)
     with torch.no_grad(), compiling_ahead(threads):
         o, saved = mla_fwd(q, k, v, gate, lay, store=True)
         mla_bwd(o, q, k, v, gate, lay, saved)
@@ -362,6 +347,22 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -
     if sparse and plan.block_size > 128:
         return f"the sparse kernels take block_size <= 128, got {plan.block_size}"
     return None
+
+
+def _checked(q, k, v, gate, config, t_max, head_mask, plan) -> tuple[Plan, torch.Tensor | None]:
+    """The checks of `mla_triton` (ValueError); returns the plan and the head mask as the
+    kernels take it: on the host (`_Layout` reads it there), None when every head is active."""
+    _check(q, k, v, gate, t_max, head_mask)
+    if plan is None:
+        plan = config.plan(t_max or q.shape[1])
+    reason = unsupported(q, k, v, plan)
+    if reason is not None:
+        raise ValueError(reason)
+    if head_mask is not None:
+        head_mask = head_mask.cpu()
+        if bool(head_mask.all()):
+            head_mask = None
+    return plan, head_mask
 
 
 def _check(q, k, v, gate, t_max, head_mask) -> None:
