@@ -154,8 +154,8 @@ def measure_throughput(
     copy = build_model(cfg).to(device)
     copy.load_state_dict(model.state_dict())  # head masks and mask values come along
     prepare_model(copy, device)  # fused ops and float8 linears as the trained model's
-    if device.type == "cuda":  # kernels for a context training never ran at
-        compile_kernels_ahead(copy, batch_size, seq_len, state.autocast_dtype)
+    # a context training never ran at has kernels of its own to compile
+    compile_kernels_ahead(copy, batch_size, seq_len, state.autocast_dtype)
     copy.train()
     optimizer = torch.optim.AdamW(copy.parameters(), lr=1e-6, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if state.scaler is not None else None

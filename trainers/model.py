@@ -364,11 +364,13 @@ class Attention(nn.Module):
         launches for [batch, seq_len] steps in `dtype` under the current head layout, so that
         the first step does not compile them one by one (`kernels.parallel.compile_ahead`).
         False, compiling nothing, where the op runs no Triton kernels (dense attention, the
-        CPU, the torch backend, sequence parallelism)."""
-        from automla.kernels.parallel import compile_ahead
-
+        CPU, the torch backend, sequence parallelism) or Triton cannot compile ahead."""
         device = self.head_mask.device
         if self.gate is None or self.sequence_parallel is not None or device.type != "cuda":
+            return False  # before any import: the CPU path never loads Triton
+        from automla.kernels.parallel import async_compile_available, compile_ahead
+
+        if not async_compile_available():
             return False
         lay = self.layout(device)
         if lay.n_active == 0:

@@ -130,12 +130,8 @@ def compile_kernels_ahead(
     """Compile the MLA layers' Triton kernels for the training shape in parallel threads, one
     per core (up to 8), before the first step, which would otherwise compile them one by one
     while the GPU waits (gpu.yaml's layer: 12.8 s one by one, 3.1 s in 8 threads;
-    bench/RESULTS.md). Where this cannot be done (an older Triton, a failure), the first step
-    compiles them as before."""
-    from automla.kernels.parallel import async_compile_available
-
-    if not async_compile_available():
-        return
+    bench/RESULTS.md). Where it does not apply (`Attention.compile_kernels`) or fails, the
+    first step compiles them as before."""
     threads = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
     try:
         model.compile_kernels(batch, seq_len, dtype or torch.float32, threads)
@@ -282,7 +278,7 @@ def _train(
     if config.sequence_parallel > 1:
         sp = setup_sequence_parallel(config.sequence_parallel)
         shard = sp.shard
-    dist.check_batch(config.batch_size, None if sp is None else sp.dp_size)
+    rows = dist.check_batch(config.batch_size, None if sp is None else sp.dp_size)
     if not dist.is_main():
         out_dir, report, progress, compact_model = None, None, False, False
     if device.type == "cuda":
@@ -299,9 +295,7 @@ def _train(
     if resume is not None:
         start_step, prior_elapsed = _restore(Path(resume), state, generator, config)
 
-    if device.type == "cuda" and sp is None:
-        rows = config.batch_size // dist.world_size()
-        compile_kernels_ahead(state.raw_model, rows, config.seq_len, state.autocast_dtype)
+    compile_kernels_ahead(state.raw_model, rows, config.seq_len, state.autocast_dtype)
 
     run_dir = Path(out_dir) if out_dir is not None else None
     ckpt_dir = run_dir / CHECKPOINT_DIR if run_dir is not None else None
