@@ -289,8 +289,20 @@ import triton
 from automla.kernels import AttentionConfig, mla_attention
 from automla.kernels.parallel import compile_ahead, mla_triton
 
-compiled = []
+from triton.compiler.compiler import CompiledKernel
+
+compiled, loaded = [], []
 triton.knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiled.append(1)
+load = CompiledKernel._init_handles
+
+
+def counted_load(self):  # a kernel's first launch loads it (launcher, binary)
+    if self.module is None:
+        loaded.append(self.name)
+    return load(self)
+
+
+CompiledKernel._init_handles = counted_load
 bq = int(sys.argv[1])
 cfg = AttentionConfig(budget=448, ratios=(0.3, 0.2, 0.5), block_size=64, select_tile=bq)
 g = torch.Generator(device="cuda").manual_seed(3)
@@ -299,7 +311,7 @@ q, k, v = (torch.randn(2, 2048, h, 64, device="cuda", generator=g, dtype=torch.b
 gate = torch.rand(2, 2048, 12, 3, device="cuda", generator=g, dtype=torch.bfloat16)
 t0 = time.perf_counter()
 compile_ahead(q, k, v, gate, cfg, threads=8)
-ahead, seconds = len(compiled), time.perf_counter() - t0
+ahead, seconds, loaded_ahead = len(compiled), time.perf_counter() - t0, len(loaded)
 leaves = [x.clone().requires_grad_() for x in (q, k, v, gate)]
 o = mla_triton(*leaves, cfg)
 o.float().square().sum().backward()
@@ -307,15 +319,16 @@ with torch.no_grad():
     mla_triton(q, k, v, gate, cfg)
 ref = mla_attention(q.float(), k.float(), v.float(), gate.float(), cfg, backend="torch")
 err = ((o.float() - ref).norm() / ref.norm()).item()
-print(ahead, len(compiled) - ahead, round(seconds, 2), err)
+print(ahead, len(compiled) - ahead, loaded_ahead, len(loaded) - loaded_ahead, round(seconds, 2), err)
 """
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("select_tile", [1, 64])
-def test_gpu_compile_ahead_leaves_the_first_call_nothing_to_compile(select_tile, tmp_path):
-    # a fresh process (empty in-memory kernel caches): compile_ahead compiles the kernels, the
-    # training step and evaluation after it compile none, and the op still computes MLA
+def test_gpu_compile_ahead_leaves_the_first_call_nothing_to_compile_or_load(select_tile, tmp_path):
+    # a fresh process (empty in-memory kernel caches): compile_ahead compiles and loads the
+    # kernels, the training step and evaluation after it compile and load none, and the op
+    # still computes MLA
     import subprocess
     import sys
 
@@ -326,6 +339,7 @@ def test_gpu_compile_ahead_leaves_the_first_call_nothing_to_compile(select_tile,
         timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    ahead, after, seconds, err = done.stdout.split()[-4:]
+    ahead, after, loaded_ahead, loaded_after, seconds, err = done.stdout.split()[-6:]
     assert int(ahead) >= 10 and int(after) == 0, done.stdout
+    assert int(loaded_ahead) == int(ahead) and int(loaded_after) == 0, done.stdout
     assert float(err) <= 1e-2, done.stdout

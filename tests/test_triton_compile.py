@@ -19,6 +19,7 @@ import os
 import pkgutil
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -170,16 +171,31 @@ def test_kernels_compile_for_sm90(monkeypatch, tmp_path):
 
 
 class _Kernel:
-    """Stands in for a jit kernel: records launches (grid) and compiles ahead (warmup)."""
+    """Stands in for a jit kernel: records launches (grid) and compiles ahead (warmup), which
+    returns a stand-in compiled kernel per distinct set of arguments, as Triton's cache does."""
 
     def __init__(self, name: str, calls: list):
-        self.name, self.calls = name, calls
+        self.name, self.calls, self.compiled = name, calls, {}
 
     def __getitem__(self, grid):
         return lambda **kwargs: self.calls.append(("run", self.name, grid, _shape_of(kwargs)))
 
     def warmup(self, *, grid, **kwargs):
-        self.calls.append(("compile", self.name, grid, _shape_of(kwargs)))
+        key = _shape_of(kwargs)
+        self.calls.append(("compile", self.name, grid, key))
+        return self.compiled.setdefault(
+            key, _Compiled(f"{self.name}{len(self.compiled)}", self.calls)
+        )
+
+
+class _Compiled:
+    """Stands in for Triton's CompiledKernel: records where it is loaded."""
+
+    def __init__(self, name: str, calls: list):
+        self.name, self.calls = name, calls
+
+    def _init_handles(self):
+        self.calls.append(("load", self.name, threading.current_thread().name))
 
 
 def _shape_of(kwargs: dict) -> str:
@@ -204,8 +220,27 @@ def test_launch_compiles_ahead_only_inside_the_block():
     assert [c[:3] for c in calls] == [
         ("run", "k", (3, 1)),
         ("compile", "k", (3, 1)),
+        ("load", "k0", calls[2][2]),
         ("run", "k", (2,)),
     ]
+
+
+def test_compiling_ahead_loads_each_compiled_kernel_once_in_the_pool():
+    # a first launch builds the launcher and loads the binary: the pool does it for every
+    # kernel compiled in the block, once each, after the compiles and before the block is left
+    from automla.kernels.parallel.launch import compiling_ahead, launch
+
+    calls = []
+    a, b = _Kernel("a", calls), _Kernel("b", calls)
+    with compiling_ahead(threads=2):
+        launch(a, (1,), x=1)
+        launch(b, (1,), x=1)
+        launch(a, (2,), x=1)  # the same compiled kernel: another grid only
+        launch(a, (1,), x=2)
+    loads = [c for c in calls if c[0] == "load"]
+    assert sorted(c[1] for c in loads) == ["a0", "a1", "b0"]
+    assert calls[:4] == [c for c in calls if c[0] == "compile"]  # compiles first
+    assert all(c[2] != threading.current_thread().name for c in loads)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"G{c[2] // c[3]}-bq{c[-1]}" for c in CASES])
@@ -231,5 +266,8 @@ def test_compile_ahead_compiles_what_the_op_launches(monkeypatch, case):
     launched = {c[1:] for c in calls if c[0] == "run"}
     calls.clear()
     parallel.compile_ahead(q, k, v, gate, cfg, head_mask=head_mask, threads=2)
-    assert calls and all(c[0] == "compile" for c in calls)
-    assert {c[1:] for c in calls} == launched
+    compiles = [c for c in calls if c[0] == "compile"]
+    assert compiles and all(c[0] in ("compile", "load") for c in calls)
+    assert {c[1:] for c in compiles} == launched
+    # and every kernel it compiled is loaded, once
+    assert len([c for c in calls if c[0] == "load"]) == len(set(compiles))

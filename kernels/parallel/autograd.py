@@ -314,14 +314,15 @@ def compile_ahead(
     that keeps what the backward needs, the backward, and the forward without gradients. No
     kernel runs. Afterwards the op's first calls find their kernels compiled instead of
     compiling them one by one (`launch.py`). Needs CUDA tensors and a Triton with
-    AsyncCompileMode (`launch.async_compile_available`). The launches are made here, not
+    AsyncCompileMode (`launch.async_compile_available`); the same threads then load the kernels
+    on q's device. The launches are made here, not
     through autograd: on CUDA its engine runs the backward in a thread of its own, outside
     this thread's `compiling_ahead`."""
     plan, head_mask = _checked(q, k, v, gate, config, t_max, head_mask, None)
     q, k, v = (x.contiguous() for x in (q, k, v))
     gate = gate.to(q.dtype).contiguous()  # as MLATritonFunction receives them
     lay = _Layout(q, k, plan, head_mask)
-    with torch.no_grad(), compiling_ahead(threads):
+    with torch.no_grad(), compiling_ahead(threads, q.device):
         o, saved = mla_fwd(q, k, v, gate, lay, store=True)
         mla_bwd(o, q, k, v, gate, lay, saved)
         mla_fwd(q, k, v, gate, lay, store=False)

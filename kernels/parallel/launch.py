@@ -2,10 +2,12 @@
 
 Triton compiles a kernel at its first launch, one after another: 17 kernels and ~13 s for the
 gpu.yaml model's layer in a training step and an evaluation (bench/RESULTS.md), while the GPU
-waits. Inside
-`compiling_ahead`, `launch` hands each kernel to a pool of threads to compile (Triton's
-compiler releases the GIL) and runs nothing, so the op's launch sequence, replayed once on
-inputs of the right kind, compiles all its kernels at once.
+waits. Inside `compiling_ahead`, `launch` hands each kernel to a pool of threads to compile
+(Triton's compiler releases the GIL) and runs nothing, so the op's launch sequence, replayed
+once on inputs of the right kind, compiles all its kernels at once. The same pool then loads
+them: a kernel's first launch also builds its launcher (Triton 3.6 runs the C compiler for it)
+and loads its binary, ~0.2 s a kernel, which left ~3.9 s of a layer's first calls when only
+the compiling ran ahead.
 """
 
 from __future__ import annotations
@@ -15,13 +17,19 @@ import contextvars
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-_AHEAD = contextvars.ContextVar("mla_compiling_ahead", default=False)
+import torch
+
+# inside `compiling_ahead`: the list of what each launch compiled; None outside
+_AHEAD: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "mla_compiling_ahead", default=None
+)
 
 
 def launch(kernel, grid: tuple, **kwargs) -> None:
     """kernel[grid](**kwargs); inside `compiling_ahead`, compiled in the pool and not run."""
-    if _AHEAD.get():
-        kernel.warmup(grid=grid, **kwargs)
+    compiled = _AHEAD.get()
+    if compiled is not None:
+        compiled.append(kernel.warmup(grid=grid, **kwargs))
     else:
         kernel[grid](**kwargs)
 
@@ -36,14 +44,32 @@ def async_compile_available() -> bool:
 
 
 @contextlib.contextmanager
-def compiling_ahead(threads: int) -> Iterator[None]:
+def compiling_ahead(threads: int, device: torch.device | None = None) -> Iterator[None]:
     """Launches inside compile their kernels in `threads` threads and run none; on leaving,
-    every compile has finished and sits in the kernels' caches (errors are raised there)."""
+    every compile has finished and sits in the kernels' caches (errors are raised there), and
+    each kernel is loaded on `device` (the current one when None), as its first launch would."""
     from triton.runtime._async_compile import AsyncCompileMode
 
-    with ThreadPoolExecutor(max(1, threads)) as pool, AsyncCompileMode(pool):
-        token = _AHEAD.set(True)
-        try:
-            yield
-        finally:
-            _AHEAD.reset(token)
+    compiled: list = []
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        with AsyncCompileMode(pool):
+            token = _AHEAD.set(compiled)
+            try:
+                yield
+            finally:
+                _AHEAD.reset(token)
+        unique = {id(k): k for k in compiled if k is not None}.values()
+        for _ in pool.map(lambda k: _load(k, device), unique):
+            pass
+
+
+def _load(kernel, device: torch.device | None) -> None:
+    """Build the launcher of a compiled kernel and load its binary on `device`. A pool thread
+    has no current device of its own, hence the explicit one."""
+    if hasattr(kernel, "result"):  # a compile handed to the pool: its CompiledKernel
+        kernel = kernel.result()
+    init = getattr(kernel, "_init_handles", None)  # private: absent, the first launch loads
+    if init is not None:
+        on_device = device is not None and device.type == "cuda"
+        with torch.cuda.device(device) if on_device else contextlib.nullcontext():
+            init()
