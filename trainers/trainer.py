@@ -127,10 +127,10 @@ def build_state(config: TrainConfig, device: torch.device) -> TrainState:
 def compile_kernels_ahead(
     model: LanguageModel, batch: int, seq_len: int, dtype: torch.dtype | None
 ) -> None:
-    """Compile the MLA layers' Triton kernels for the training shape in parallel threads, one
-    per core (up to 8), before the first step, which would otherwise compile them one by one
-    while the GPU waits (gpu.yaml's layer: 12.8 s one by one, 3.1 s in 8 threads;
-    bench/RESULTS.md). Where it does not apply (`Attention.compile_kernels`) or fails, the
+    """Compile and load the MLA layers' Triton kernels for the training shape in parallel
+    threads, one per core (up to 8), before the first step, which would otherwise do it one
+    kernel at a time while the GPU waits (gpu.yaml's layer: 14 s one by one, 4.6 s in 8
+    threads; bench/RESULTS.md). Where it does not apply (`Attention.compile_kernels`) or fails, the
     first step compiles them as before."""
     threads = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
     try:

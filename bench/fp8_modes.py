@@ -1,0 +1,69 @@
+"""float8 against bf16 on train_throughput.py's wide stack (8 layers, heads of 128, dense
+attention, one sequence of 8192) three ways: plain ops, fused ops (liger), and each block
+torch.compiled (plain ops, so that Inductor could fuse the float8 casts with the norms and
+SwiGLU). Median of 8 training steps after 4.
+
+    python bench/fp8_modes.py [d_model]
+"""
+
+import statistics
+import sys
+import time
+
+import torch
+import train_throughput as tt
+
+from automla.trainers import DataConfig, TrainConfig
+from automla.trainers.trainer import build_state, train_step
+
+
+def main() -> None:
+    width = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
+    T = 8192
+    dev = torch.device("cuda")
+    rows = []
+    for mode in ("plain", "fused", "blocks"):
+        for prec in ("bf16", "fp8"):
+            v = tt.Variant("dense", fused=mode == "fused", precision=prec, width=width)
+            try:
+                cfg = TrainConfig(
+                    model=tt.model_config(v, T, False, (0, 0, 0)),
+                    data=DataConfig(),
+                    steps=10,
+                    batch_size=1,
+                    seq_len=T,
+                    dtype="bfloat16",
+                    device="cuda",
+                )
+                st = build_state(cfg, dev)
+                if mode == "blocks":
+                    torch._dynamo.config.recompile_limit = 64
+                    for b in st.raw_model.blocks:
+                        b.compile(dynamic=False)
+                g = torch.Generator().manual_seed(0)
+                x = torch.randint(0, 50304, (1, T), generator=g).to(dev)
+                y = torch.randint(0, 50304, (1, T), generator=g).to(dev)
+                for _ in range(4):
+                    train_step(st, x, y, 1e-4)
+                torch.cuda.synchronize()
+                ts = []
+                for _ in range(8):
+                    t0 = time.perf_counter()
+                    loss = train_step(st, x, y, 1e-4)
+                    torch.cuda.synchronize()
+                    ts.append(time.perf_counter() - t0)
+                rows.append((mode, prec, statistics.median(ts) * 1e3, float(loss)))
+                del st
+                torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                rows.append((mode, prec, float("nan"), repr(e)[:200]))
+            print(rows[-1], flush=True)
+    best_bf16 = min(r[2] for r in rows if r[1] == "bf16" and r[2] == r[2])
+    for mode, prec, ms, loss in rows:
+        print(
+            f"| {width} | {mode} | {prec} | {ms:.1f} | {loss} | vs best bf16 {best_bf16 / ms:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
