@@ -1,9 +1,10 @@
 """float8 against bf16 on train_throughput.py's wide stack (8 layers, heads of 128, dense
-attention, one sequence of 8192) three ways: plain ops, fused ops (liger), and each block
+attention, one sequence of 8192) four ways: plain ops, fused ops (liger), each block
 torch.compiled (plain ops, so that Inductor could fuse the float8 casts with the norms and
-SwiGLU). Median of 8 training steps after 4.
+SwiGLU), and only each block's feed-forward half (norm, MLP) compiled. Median of 8 training
+steps after 4.
 
-    python bench/fp8_modes.py [d_model]
+    python bench/fp8_modes.py [d_model [mode ...]]
 """
 
 import statistics
@@ -22,7 +23,7 @@ def main() -> None:
     T = 8192
     dev = torch.device("cuda")
     rows = []
-    for mode in ("plain", "fused", "blocks"):
+    for mode in sys.argv[2:] or ("plain", "fused", "blocks", "mlp"):
         for prec in ("bf16", "fp8"):
             v = tt.Variant("dense", fused=mode == "fused", precision=prec, width=width)
             try:
@@ -40,6 +41,10 @@ def main() -> None:
                     torch._dynamo.config.recompile_limit = 64
                     for b in st.raw_model.blocks:
                         b.compile(dynamic=False)
+                if mode == "mlp":
+                    torch._dynamo.config.recompile_limit = 64
+                    for b in st.raw_model.blocks:
+                        b._feed_forward = torch.compile(b._feed_forward, dynamic=False)
                 g = torch.Generator().manual_seed(0)
                 x = torch.randint(0, 50304, (1, T), generator=g).to(dev)
                 y = torch.randint(0, 50304, (1, T), generator=g).to(dev)

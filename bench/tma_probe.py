@@ -17,6 +17,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _online_softmax_step(b_q, b_k, b_v, m, den, acc):
+    # one key tile of the running softmax; scores scaled by 0.125 in both kernels and in SDPA
+    sc = tl.dot(b_q, tl.trans(b_k)) * 0.125
+    mn = tl.maximum(m, tl.max(sc, 1))
+    p = tl.exp(sc - mn[:, None])
+    a = tl.exp(m - mn)
+    return mn, den * a + tl.sum(p, 1), acc * a[:, None] + tl.dot(p.to(b_v.dtype), b_v)
+
+
+@triton.jit
 def _fwd_ptr(
     q,
     k,
@@ -40,13 +50,7 @@ def _fwd_ptr(
         o_n = s + tl.arange(0, BN)
         b_k = tl.load(k + (o_n * H + i_h)[:, None] * D + o_d[None, :])
         b_v = tl.load(v + (o_n * H + i_h)[:, None] * D + o_d[None, :])
-        sc = tl.dot(b_q, tl.trans(b_k)) * 0.125
-        mn = tl.maximum(m, tl.max(sc, 1))
-        p = tl.exp(sc - mn[:, None])
-        a = tl.exp(m - mn)
-        den = den * a + tl.sum(p, 1)
-        acc = acc * a[:, None] + tl.dot(p.to(b_v.dtype), b_v)
-        m = mn
+        m, den, acc = _online_softmax_step(b_q, b_k, b_v, m, den, acc)
     tl.store(
         o + (o_m * H + i_h)[:, None] * D + o_d[None, :], (acc / den[:, None]).to(o.dtype.element_ty)
     )
@@ -78,13 +82,7 @@ def _fwd_tma(
     for s in tl.range(0, T, BN, num_stages=STAGES, warp_specialize=WS):
         b_k = dk.load([s, i_h * D])
         b_v = dv.load([s, i_h * D])
-        sc = tl.dot(b_q, tl.trans(b_k)) * 0.125
-        mn = tl.maximum(m, tl.max(sc, 1))
-        p = tl.exp(sc - mn[:, None])
-        a = tl.exp(m - mn)
-        den = den * a + tl.sum(p, 1)
-        acc = acc * a[:, None] + tl.dot(p.to(b_v.dtype), b_v)
-        m = mn
+        m, den, acc = _online_softmax_step(b_q, b_k, b_v, m, den, acc)
     do.store([i_m * BM, i_h * D], (acc / den[:, None]).to(o.dtype.element_ty))
 
 

@@ -499,14 +499,17 @@ class Block(nn.Module):
             x = x + checkpoint(self._attention, x, rot, use_reentrant=False)
         else:
             x = x + self._attention(x, rot)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self._feed_forward(x)
 
     def _attention(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         return self.attn(self.attn_norm(x), rot)
 
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.mlp_norm(x))
+
     def _forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         x = x + self._attention(x, rot)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self._feed_forward(x)
 
 
 class LanguageModel(nn.Module):

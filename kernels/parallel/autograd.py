@@ -313,11 +313,10 @@ def compile_ahead(
     kind (shapes, dtype, device, plan, head mask; their values are never read): the forward
     that keeps what the backward needs, the backward, and the forward without gradients. No
     kernel runs. Afterwards the op's first calls find their kernels compiled instead of
-    compiling them one by one (`launch.py`). Needs CUDA tensors and a Triton with
-    AsyncCompileMode (`launch.async_compile_available`); the same threads then load the kernels
-    on q's device. The launches are made here, not
-    through autograd: on CUDA its engine runs the backward in a thread of its own, outside
-    this thread's `compiling_ahead`."""
+    compiling them one by one (`launch.py`); the same threads then load them on q's device.
+    Needs CUDA tensors and a Triton with AsyncCompileMode (`launch.async_compile_available`).
+    The launches are made here, not through autograd: on CUDA its engine runs the backward in a
+    thread of its own, outside this thread's `compiling_ahead`."""
     plan, head_mask = _checked(q, k, v, gate, config, t_max, head_mask, None)
     q, k, v = (x.contiguous() for x in (q, k, v))
     gate = gate.to(q.dtype).contiguous()  # as MLATritonFunction receives them

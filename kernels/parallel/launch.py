@@ -47,7 +47,8 @@ def async_compile_available() -> bool:
 def compiling_ahead(threads: int, device: torch.device | None = None) -> Iterator[None]:
     """Launches inside compile their kernels in `threads` threads and run none; on leaving,
     every compile has finished and sits in the kernels' caches (errors are raised there), and
-    each kernel is loaded on `device` (the current one when None), as its first launch would."""
+    each kernel is loaded on `device`, as its first launch would (None: on the pool thread's
+    default device)."""
     from triton.runtime._async_compile import AsyncCompileMode
 
     compiled: list = []
