@@ -4,11 +4,11 @@ torch.compiled (plain ops, so that Inductor could fuse the float8 casts with the
 SwiGLU), and only each block's feed-forward half (norm, MLP) compiled. Median of 8 training
 steps after 4.
 
-    python bench/fp8_modes.py [d_model [mode ...]]
+    python bench/fp8_modes.py [--width 4096] [--modes plain fused blocks mlp]
 """
 
+import argparse
 import statistics
-import sys
 import time
 
 import torch
@@ -19,11 +19,15 @@ from automla.trainers.trainer import build_state, train_step
 
 
 def main() -> None:
-    width = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--width", type=int, default=4096, help="d_model of the stack")
+    ap.add_argument("--modes", nargs="+", default=["plain", "fused", "blocks", "mlp"])
+    args = ap.parse_args()
+    width = args.width
     T = 8192
     dev = torch.device("cuda")
     rows = []
-    for mode in sys.argv[2:] or ("plain", "fused", "blocks", "mlp"):
+    for mode in args.modes:
         for prec in ("bf16", "fp8"):
             v = tt.Variant("dense", fused=mode == "fused", precision=prec, width=width)
             try:

@@ -5,11 +5,11 @@ ways: pointer loads, TMA descriptor loads (`tl.make_tensor_descriptor`), and TMA
 (relative error < 1e-2) and timed beside it. A question for the window kernels (bench/NOTES.md):
 whether the FA3 shape is within Triton's reach before rewriting them.
 
-    python bench/tma_probe.py [T]
+    python bench/tma_probe.py [--seq 8192]
 """
 
+import argparse
 import itertools
-import sys
 
 import torch
 import triton
@@ -97,7 +97,9 @@ def run_variant(kind, q, k, v, o, BM, BN, warps, stages):
 
 
 def main():
-    T, H, D = int(sys.argv[1]) if len(sys.argv) > 1 else 8192, 64, 128
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq", type=int, default=8192, help="queries and keys")
+    T, H, D = ap.parse_args().seq, 64, 128
     triton.set_allocator(
         lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda")
     )
