@@ -4,15 +4,20 @@ torch.compiled (plain ops, so that Inductor could fuse the float8 casts with the
 SwiGLU), and only each block's feed-forward half (norm, MLP) compiled. Median of 8 training
 steps after 4.
 
-    python bench/fp8_modes.py [--width 4096] [--modes plain fused blocks mlp]
+    python bench/fp8_modes.py [--width 4096] [--modes plain fused blocks mlp] [--profile]
+
+`--profile` also prints each variant's kernels over one step, largest first, and their time by
+kind (matmuls in fp8 and in bf16, attention, the float8 casts, the rest).
 """
 
 import argparse
+import functools
 import statistics
 import time
 
 import torch
 import train_throughput as tt
+from timing import kernel_ms, print_kernels
 
 from automla.trainers import DataConfig, TrainConfig
 from automla.trainers.trainer import build_state, train_step
@@ -22,6 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=int, default=4096, help="d_model of the stack")
     ap.add_argument("--modes", nargs="+", default=["plain", "fused", "blocks", "mlp"])
+    ap.add_argument("--profile", action="store_true", help="each variant's kernels in one step")
     args = ap.parse_args()
     width = args.width
     T = 8192
@@ -62,6 +68,10 @@ def main() -> None:
                     torch.cuda.synchronize()
                     ts.append(time.perf_counter() - t0)
                 rows.append((mode, prec, statistics.median(ts) * 1e3, float(loss)))
+                if args.profile:
+                    per = kernel_ms(functools.partial(train_step, st, x, y, 1e-4), runs=2, width=90)
+                    print_kernels(f"{mode} {prec}", per, top=15)
+                    print("  by kind:", by_kind(per), flush=True)
                 del st
                 torch.cuda.empty_cache()
             except Exception as e:  # noqa: BLE001 - reported in the table
@@ -72,6 +82,24 @@ def main() -> None:
         print(
             f"| {width} | {mode} | {prec} | {ms:.1f} | {loss} | vs best bf16 {best_bf16 / ms:.2f}x |"
         )
+
+
+def by_kind(per: dict[str, float]) -> dict[str, float]:
+    """Kernel milliseconds summed by kind, from the kernels' names (cuBLAS / CUTLASS names
+    carry the input types; the float8 casts are Inductor's fused kernels and amax reductions)."""
+    kinds = {"fp8 gemm": 0.0, "bf16 gemm": 0.0, "attention": 0.0, "fp8 casts": 0.0, "rest": 0.0}
+    for name, ms in per.items():
+        low = name.lower()
+        if "gemm" in low or "sm90_xmma" in low or "cutlass" in low or "nvjet" in low:
+            kind = "fp8 gemm" if ("e4m3" in low or "e5m2" in low or "f8" in low) else "bf16 gemm"
+        elif "flash" in low or "fmha" in low or "cudnn" in low or "attention" in low:
+            kind = "attention"
+        elif low.startswith("triton_") or "amax" in low or "float8" in low:
+            kind = "fp8 casts"
+        else:
+            kind = "rest"
+        kinds[kind] += ms
+    return {k: round(v, 2) for k, v in kinds.items()}
 
 
 if __name__ == "__main__":

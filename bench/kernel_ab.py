@@ -1,9 +1,10 @@
 """A kernel change timed against the code it replaces, in one run, with cuDNN beside them.
 
-`--before FILE` is an earlier copy of one module of `kernels/parallel/` (e.g. from
-`git show REV:kernels/parallel/window.py > bench/_before.py`; loaded as a module of that
-package, so its relative imports resolve, wherever the file is). Its `@triton.jit` kernels
-replace those of the same name in the launch layer for the "before" rows. For each point
+`--before FILE` is an earlier copy of one module of `kernels/parallel/`, under the same file
+name (e.g. `git show REV:kernels/parallel/window.py > _ab/window.py`; loaded as a module of
+that package, so its relative imports resolve, wherever the file is). Its `@triton.jit` kernels
+replace those of the same name in the launch layer for the "before" rows; a branch module that
+the launch layer calls as a whole (`sparse_tile.py`, `sparse.py`) replaces it whole. For each point
 (head shape, length, budget, select_tile) the script checks that both versions give the same
 outputs and gradients, then times MLA fwd+bwd before and after, the changed kernels alone,
 and cuDNN's fwd+bwd on the same inputs.
@@ -48,12 +49,17 @@ POINTS = [
 
 
 def load_before(path: str) -> dict:
-    """The jit kernels of the earlier module that the launch layer also names."""
-    name = "kernels.parallel." + Path(path).stem
+    """The launch-layer names that the earlier module replaces: the module itself where the
+    launch layer calls it as one (`sparse_tile`, `sparse`: its launches and kernels swapped
+    together), else its jit kernels that the launch layer also names."""
+    stem = Path(path).stem
+    name = "kernels.parallel._before_" + stem  # beside the current module, not over it
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
+    if type(getattr(launch, stem, None)).__name__ == "module":
+        return {stem: mod}
     return {k: getattr(mod, k) for k in vars(launch) if k.startswith("_") and hasattr(mod, k)
             and type(getattr(mod, k)).__name__ == "JITFunction"}  # fmt: skip
 
@@ -98,7 +104,8 @@ def measure(point: str, before: dict, after: dict, rep: int, names: list[str]) -
         res[label] = outputs(xs, cfg)
         row[label] = do_bench(mla, rep=rep, return_mode="median")
         per = kernel_ms(mla, runs=3)
-        row[label + "_kernels"] = sum(v for n, v in per.items() if any(s in n for s in names))
+        row[label + "_per"] = {n: v for n, v in per.items() if any(s in n for s in names)}
+        row[label + "_kernels"] = sum(row[label + "_per"].values())
     row["diff"] = max_diff(res["after"], res["before"])
     cudnn = sdpa(SDPBackend.CUDNN_ATTENTION)
     q, k, v, _, do = xs
@@ -134,7 +141,7 @@ def main() -> None:
     rows = []
     for point in args.points:
         rows.append(measure(point, before, after, args.rep, names))
-        print(rows[-1], flush=True)
+        print({k: v for k, v in rows[-1].items() if not k.endswith("_per")}, flush=True)
     vars(launch).update(after)
     print("\n| point | MLA before ms | after ms | after/before | changed kernels before → after ms "
           "| cuDNN ms | after vs cuDNN | max rel diff |")  # fmt: skip
@@ -144,6 +151,12 @@ def main() -> None:
               f"{r['after'] / r['before']:.3f} | {r['before_kernels']:.3f} → "
               f"{r['after_kernels']:.3f} | {r['cudnn']:.3f} | {r['cudnn'] / r['after']:.2f}× | "
               f"{r['diff']:.1e} |")  # fmt: skip
+    print("\n| point | changed kernel | before ms | after ms |")
+    print("| --- | --- | --- | --- |")
+    for r in rows:
+        for n in sorted(set(r["before_per"]) | set(r["after_per"])):
+            b, a = r["before_per"].get(n, 0.0), r["after_per"].get(n, 0.0)
+            print(f"| {r['point']} | {n} | {b:.3f} | {a:.3f} |")
     print("geomean after/before:",
           round(statistics.geometric_mean(r["after"] / r["before"] for r in rows), 3))  # fmt: skip
 

@@ -23,6 +23,9 @@ CASES = [
     pytest.param(1, 41, 16, 1, 16, 24, (0.3, 0.2, 0.5), 4, 16, id="T41-G16-Bq16"),
     pytest.param(1, 33, 2, 1, 64, 16, (0.25, 0.25, 0.5), 4, 2, id="T33-G2-D64-Bq2"),
     pytest.param(1, 19, 2, 2, 128, 16, (0.25, 0.25, 0.5), 4, 16, id="T19-G1-D128-Bq16"),
+    # G not a power of two, rows packed without padding (`tile_rows`), T past the last tile
+    pytest.param(1, 150, 6, 2, 16, 32, (0.25, 0.25, 0.5), 4, 64, id="T150-G3-Bq64-packed"),
+    pytest.param(2, 53, 6, 1, 32, 24, (0.3, 0.2, 0.5), 4, 16, id="B2-T53-G6-Bq16-packed"),
 ]
 
 
@@ -45,9 +48,30 @@ def test_tile_setting_leaves_sparse_free_corners_alone(ratios):
         pytest.param([False, False, False, True, True, True], id="whole-group"),
     ],
 )
-def test_tile_mode_head_mask(mask):
+@pytest.mark.parametrize("bq", [16, 64], ids=["padded", "packed"])
+def test_tile_mode_head_mask(mask, bq):
+    cfg = AttentionConfig(budget=24, ratios=(0.25, 0.25, 0.5), block_size=4, select_tile=bq)
+    check(1, 45 + bq, 6, 2, 16, cfg, torch.float32, tol=1e-5, head_mask=torch.tensor(mask))
+
+
+def test_tile_mode_head_mask_of_a_64_head_group():
+    # the dk/dv kernel reads a group's active heads as the bits of an int64: head 63 is its sign
     cfg = AttentionConfig(budget=24, ratios=(0.25, 0.25, 0.5), block_size=4, select_tile=16)
-    check(1, 45, 6, 2, 16, cfg, torch.float32, tol=1e-5, head_mask=torch.tensor(mask))
+    mask = torch.ones(64, dtype=torch.bool)
+    mask[[0, 5, 63]] = False
+    check(1, 37, 64, 1, 16, cfg, torch.float32, tol=1e-5, head_mask=mask)
+
+
+def test_tile_rows_pack_groups_that_are_not_a_power_of_two():
+    from automla.kernels.parallel.sparse_tile import tile_rows
+
+    # (GR, RU, RP): G = 3 packs 64 rows of a 64 x 3 tile; too small a tile keeps the padding
+    assert tile_rows(3, 64, 64) == (3, 64, 64)
+    assert tile_rows(3, 64, 128) == (3, 64, 64)
+    assert tile_rows(3, 16, 64) == (4, 64, 64)
+    assert tile_rows(3, 2, 32) == (4, 8, 16)
+    assert tile_rows(6, 16, 32) == (6, 32, 32)
+    assert tile_rows(16, 64, 128) == (16, 128, 128)
 
 
 def test_tile_mode_float16():

@@ -66,6 +66,7 @@ class _HeadLists:
     active: torch.Tensor  # [HQ] int32 on the device, 1 where a head is active
     groups: torch.Tensor  # [NA] int32, the KV heads of the groups with an active head
     group_heads: list[list[int]]  # on the host: the active heads of each group in `groups`
+    bits: torch.Tensor  # [HKV] int64: bit g of entry j set where head j * G + g is active
     _packs: dict = field(default_factory=dict)
 
     def packs(self, HP: int) -> torch.Tensor:
@@ -104,6 +105,10 @@ def _head_lists(
             active=host.to(torch.int32).to(device),
             groups=torch.tensor(list(by_group), dtype=torch.int32).to(device),
             group_heads=list(by_group.values()),
+            bits=torch.tensor(
+                [_signed64(sum(int(host[j * G + g]) << g for g in range(G))) for j in range(HKV)],
+                dtype=torch.int64,
+            ).to(device),
         )
         # the packs the window kernels will launch with, now: none is then copied to the
         # device while a CUDA graph is being captured
@@ -113,6 +118,11 @@ def _head_lists(
             _HEAD_LISTS.clear()
         _HEAD_LISTS[key] = lists
     return lists
+
+
+def _signed64(x: int) -> int:
+    """x < 2**64 as the int64 of the same bits (bit 63 is a group's 64th head)."""
+    return x - (1 << 64) if x >= 1 << 63 else x
 
 
 class _Layout:
@@ -138,7 +148,7 @@ class _Layout:
         heads = _head_lists(head_mask, self.HQ, self.HKV, q.device)
         self.partial = head_mask is not None
         self.A, self.NA = heads.A, heads.NA
-        self.active, self.groups = heads.active, heads.groups
+        self.active, self.groups, self.bits = heads.active, heads.groups, heads.bits
         self.packs = heads.packs
         self.has_window = self.has_local or self.has_global  # the window kernels run
         self.any = self.A > 0 and (self.has_window or self.has_sparse)

@@ -192,7 +192,9 @@ def _select(
     km: the float32 block means of k [B, NB, HKV, D] when the caller has them already."""
     t = _tiles("score")
     BTOK = max(1, 64 // lay.GP)
-    return _rank(_score_kernel, lay.T, triton.cdiv(lay.T, BTOK), q, k, lay, km, t, BTOK=BTOK)
+    return _rank(
+        _score_kernel, lay.T, triton.cdiv(lay.T, BTOK), q, k, lay, km, t, GP=lay.GP, BTOK=BTOK
+    )
 
 
 def _rank(kernel, rows: int, programs: int, q, k, lay: _Layout, km, t: dict, **extra):
@@ -204,7 +206,7 @@ def _rank(kernel, rows: int, programs: int, q, k, lay: _Layout, km, t: dict, **e
     launch(
         kernel, (programs, lay.B * lay.NA),
         q=q, km=km, active=lay.active, groups=lay.groups, score=score, T=lay.T, NB=lay.NB,
-        NA=lay.NA, window=lay.plan.window, **lay.args, GP=lay.GP, BS=lay.plan.block_size,
+        NA=lay.NA, window=lay.plan.window, **lay.args, BS=lay.plan.block_size,
         BN=t["BN"], HAS_LOCAL=lay.has_local, SPLIT=q.dtype != torch.float32, **extra,
         **_options(t),
     )  # fmt: skip

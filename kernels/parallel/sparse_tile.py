@@ -2,13 +2,16 @@
 FlashAttention.
 
 Every query of a tile of Bq consecutive positions attends to the same selected key blocks,
-each complete at the tile's first position, so no key is masked: a program of BT tokens x GP
-(padded) heads of one KV group reads each selected block once for all its rows. Selection
+each complete at the tile's first position, so no key is masked: a program of RU rows
+(tokens x heads of one KV group) reads each selected block once for all its rows. Selection
 scores a whole tile in one pass (`_tile_score_kernel`); the backward inverts the selection per
 tile, so each dk/dv program runs over the tiles that chose its key block.
 
-Rows are (token, head) pairs, token-major: row r is token t0 + r // GP, head r % GP of the
-group. A program's BT tokens never straddle two selection tiles (BT divides Bq).
+Rows are (token, head) pairs of one KV group, token-major, GR rows per token: row r is token
+r // GR, head r % GR of the group. GR is the group size G itself where a selection tile's Bq x G
+rows split into programs of 16 or more (a power of two); otherwise G padded to a power of two
+(`tile_rows`), whose extra rows are masked. So G = 3 (the 125M model) runs no empty rows. A
+program's RU rows never straddle two selection tiles (RU divides Bq x GR).
 """
 
 from __future__ import annotations
@@ -49,11 +52,12 @@ def _tile_score_kernel(
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     G: tl.constexpr,
-    GP: tl.constexpr,
+    GR: tl.constexpr,
     D: tl.constexpr,
     BS: tl.constexpr,
     BQ: tl.constexpr,
-    BTOK: tl.constexpr,
+    RU: tl.constexpr,
+    RP: tl.constexpr,
     BN: tl.constexpr,
     HAS_LOCAL: tl.constexpr,
     SPLIT: tl.constexpr,
@@ -63,7 +67,7 @@ def _tile_score_kernel(
     # probability of every query (its softmax over the blocks complete at it) summed over the
     # tile; -inf for the other blocks. Candidates are the blocks complete at the tile's first
     # position t0, less those wholly inside t0's window. The program owns its score row, so it
-    # adds each chunk of BTOK tokens to it in place (in a fixed order: deterministic).
+    # adds each chunk of RU rows to it in place (in a fixed order: deterministic).
     i_tile, i_bg = tl.program_id(0), tl.program_id(1)
     i_b = i_bg // NA
     i_hk = tl.load(groups + i_bg % NA)
@@ -75,27 +79,36 @@ def _tile_score_kernel(
     n_cand = tl.minimum((t0 + 1) // BS, NB)
     if HAS_LOCAL:
         n_cand = tl.minimum(n_cand, (tl.maximum(t0 - window + 1, 0) + BS - 1) // BS)
-    o_r = tl.arange(0, BTOK * GP)
-    o_g = o_r % GP
-    o_h = i_hk * G + o_g
+    o_r = tl.arange(0, RP)
     o_d = tl.arange(0, D)
-    m_h = o_g < G
+    # whole tokens per chunk (RU a multiple of GR): every chunk's rows have the same heads
+    o_g = o_r % GR
+    o_h = i_hk * G + o_g
+    m_h = (o_r < RU) & (o_g < G)
     m_h = m_h & (tl.load(active + o_h, mask=m_h, other=0) != 0)
     if n_cand > 0:
-        for i_tk in range(t0, t_end, BTOK):
-            o_tok = i_tk + o_r // GP
-            m_r = m_h & (o_tok < t_end)
-            # [BTOK * GP, D]
+        for i_r in range(0, (t_end - t0) * GR, RU):
+            if RU % GR == 0:
+                o_tok = t0 + i_r // GR + o_r // GR
+                m_r = m_h & (o_tok < t_end)
+            else:  # packed rows: each chunk starts at another head
+                o_tok = t0 + (i_r + o_r) // GR
+                o_g = (i_r + o_r) % GR
+                o_h = i_hk * G + o_g
+                m_r = (o_r < RU) & (o_tok < t_end)
+                m_r = m_r & (tl.load(active + o_h, mask=m_r, other=0) != 0)
+            # [RP, D]
             b_q = tl.load(
                 q + ((o_tok * HQ + o_h) * D)[:, None] + o_d[None, :], mask=m_r[:, None], other=0.0
             )
             n_vis = (o_tok + 1) // BS
-            hi = tl.minimum(tl.minimum(i_tk + BTOK, t_end) // BS, NB)
-            b_m = tl.full([BTOK * GP], float("-inf"), dtype=tl.float32)
-            b_l = tl.zeros([BTOK * GP], dtype=tl.float32)
+            # the blocks complete at the chunk's last token
+            hi = tl.minimum((tl.minimum(t0 + (i_r + RU - 1) // GR, t_end - 1) + 1) // BS, NB)
+            b_m = tl.full([RP], float("-inf"), dtype=tl.float32)
+            b_l = tl.zeros([RP], dtype=tl.float32)
             for i_n in range(0, hi, BN):
                 o_n = i_n + tl.arange(0, BN)
-                # [BTOK * GP, BN]
+                # [RP, BN]
                 b_s = _kmean_scores(km, b_q, o_n, o_d, n_vis, NB, scale2, HKV, D, SPLIT, PREC)
                 b_mn = tl.maximum(b_m, tl.max(b_s, 1))
                 b_mu = tl.where(b_mn == float("-inf"), 0.0, b_mn)
@@ -111,7 +124,7 @@ def _tile_score_kernel(
                 # [BN]: this chunk's probabilities summed over its rows
                 b_p = tl.sum(tl.exp2(b_s - b_lse[:, None]), 0)
                 m_o = o_n < n_cand
-                b_p += tl.load(score + o_n, mask=m_o & (tl.zeros_like(o_n) + i_tk > t0), other=0.0)
+                b_p += tl.load(score + o_n, mask=m_o & (tl.zeros_like(o_n) + i_r > 0), other=0.0)
                 tl.store(score + o_n, b_p, mask=m_o)
     for i_n in range(n_cand // BN * BN, NB, BN):
         o_n = i_n + tl.arange(0, BN)
@@ -132,27 +145,31 @@ def _tile_rows(
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     G: tl.constexpr,
-    GP: tl.constexpr,
+    GR: tl.constexpr,
     D: tl.constexpr,
     NSEL: tl.constexpr,
     BQ: tl.constexpr,
-    BT: tl.constexpr,
+    RU: tl.constexpr,
     RP: tl.constexpr,
 ):
-    # The program's BT tokens x GP heads of one KV group (RP rows, padding past BT * GP): k, v
-    # and idx moved to the group and the tile, the batch's row offset o_bq, each row's offset
-    # o_row = t * HQ + h and m_r, whether it is a real, active row.
+    # The program's RU rows of one KV group (RP in all, padding past RU): k, v and idx moved to
+    # the group and the tile, the batch's row offset o_bq, each row's offset o_row = t * HQ + h
+    # and m_r, whether it is a real, active row.
     i_t, i_bg = tl.program_id(0), tl.program_id(1)
     i_b = i_bg // NA
     i_hk = tl.load(groups + i_bg % NA)
     k += (i_b * T * HKV + i_hk).to(tl.int64) * D
     v += (i_b * T * HKV + i_hk).to(tl.int64) * D
-    idx += ((i_b * NT + (i_t * BT) // BQ) * HKV + i_hk).to(tl.int64) * NSEL
+    idx += ((i_b * NT + (i_t * RU) // (BQ * GR)) * HKV + i_hk).to(tl.int64) * NSEL
     o_r = tl.arange(0, RP)
-    o_tok = i_t * BT + o_r // GP
-    o_g = o_r % GP
+    if RU % GR == 0:  # whole tokens: the scalar part apart, as the compiler tracks it best
+        o_tok = (i_t * RU) // GR + o_r // GR
+        o_g = o_r % GR
+    else:
+        o_tok = (i_t * RU + o_r) // GR
+        o_g = (i_t * RU + o_r) % GR
     o_h = i_hk * G + o_g
-    m_r = (o_r < BT * GP) & (o_g < G) & (o_tok < T)
+    m_r = (o_r < RU) & (o_g < G) & (o_tok < T)
     m_r = m_r & (tl.load(active + o_h, mask=m_r, other=0) != 0)
     o_bq = (i_b * T * HQ).to(tl.int64)
     return k, v, idx, o_bq, o_tok * HQ + o_h, m_r
@@ -177,20 +194,20 @@ def _sparse_tile_fwd_kernel(
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     G: tl.constexpr,
-    GP: tl.constexpr,
+    GR: tl.constexpr,
     D: tl.constexpr,
     NSEL: tl.constexpr,
     BS: tl.constexpr,
     BSP: tl.constexpr,
     BQ: tl.constexpr,
-    BT: tl.constexpr,
+    RU: tl.constexpr,
     RP: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     STORE: tl.constexpr,
     PREC: tl.constexpr,
 ):
     k, v, idx, o_bq, o_row, m_r = _tile_rows(
-        k, v, idx, active, groups, T, NT, NA, HQ, HKV, G, GP, D, NSEL, BQ, BT, RP
+        k, v, idx, active, groups, T, NT, NA, HQ, HKV, G, GR, D, NSEL, BQ, RU, RP
     )
     o_d = tl.arange(0, D)
     o_k = tl.arange(0, BSP)
@@ -241,13 +258,13 @@ def _sparse_tile_dq_kernel(
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     G: tl.constexpr,
-    GP: tl.constexpr,
+    GR: tl.constexpr,
     D: tl.constexpr,
     NSEL: tl.constexpr,
     BS: tl.constexpr,
     BSP: tl.constexpr,
     BQ: tl.constexpr,
-    BT: tl.constexpr,
+    RU: tl.constexpr,
     RP: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     PREC: tl.constexpr,
@@ -255,7 +272,7 @@ def _sparse_tile_dq_kernel(
     # dq of the program's rows over their tile's blocks; first the branch's dgate and softmax
     # delta, stored for the dk/dv kernel launched after.
     k, v, idx, o_bq, o_row, m_r = _tile_rows(
-        k, v, idx, active, groups, T, NT, NA, HQ, HKV, G, GP, D, NSEL, BQ, BT, RP
+        k, v, idx, active, groups, T, NT, NA, HQ, HKV, G, GR, D, NSEL, BQ, RU, RP
     )
     o_d = tl.arange(0, D)
     o_k = tl.arange(0, BSP)
@@ -289,7 +306,7 @@ def _sparse_tile_dkv_kernel(
     k,
     v,
     gate,
-    active,
+    bits,
     chunks,
     tiles,
     used,
@@ -305,18 +322,18 @@ def _sparse_tile_dkv_kernel(
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     G: tl.constexpr,
-    GP: tl.constexpr,
+    GR: tl.constexpr,
     D: tl.constexpr,
     BS: tl.constexpr,
     BSP: tl.constexpr,
     BQ: tl.constexpr,
-    BT: tl.constexpr,
+    RU: tl.constexpr,
     RP: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # One chunk of the tiles that selected one key block of one KV head: chunks[pid] =
     # (segment, first, end), segment = (b * HKV + hkv) * NB + block, tiles[first:end]. The
-    # block is loaded once; the tiles' queries stream past it BT tokens x GP heads at a time.
+    # block is loaded once; the tiles' query rows stream past it RU at a time.
     # Partial sums are added atomically (a block chosen by many tiles spans several chunks).
     i_c = tl.program_id(0)
     if i_c < tl.load(used):
@@ -326,16 +343,22 @@ def _sparse_tile_dkv_kernel(
         b_dk = tl.zeros([BSP, D], dtype=tl.float32)
         b_dv = tl.zeros([BSP, D], dtype=tl.float32)
         o_r = tl.arange(0, RP)
-        o_g = o_r % GP
-        o_h = i_hk * G + o_g
-        m_h = (o_r < BT * GP) & (o_g < G)
-        m_h = m_h & (tl.load(active + o_h, mask=m_h, other=0) != 0)
-        # positions over the chunk's tiles' queries: BT of them per step, inside one tile
-        for i_p in range(p_lo * BQ, p_hi * BQ, BT):
-            i_tile = tl.load(tiles + i_p // BQ)
-            o_tok = i_tile * BQ + i_p % BQ + o_r // GP
-            m_r = m_h & (o_tok < T)
-            o_row = o_tok * HQ + o_h
+        # the group's active heads as bits: a row's test is arithmetic, not a load per step
+        b_bits = tl.load(bits + i_hk)
+        # whole tokens per step (RU a multiple of GR): each step's rows have the same heads
+        o_g = o_r % GR
+        m_h = (o_r < RU) & (o_g < G) & (((b_bits >> o_g.to(tl.int64)) & 1) != 0)
+        # row positions over the chunk's tiles (BQ x GR rows each), RU per step, inside one tile
+        for i_p in range(p_lo * (BQ * GR), p_hi * (BQ * GR), RU):
+            i_tile = tl.load(tiles + i_p // (BQ * GR))
+            if RU % GR == 0:
+                o_tok = i_tile * BQ + (i_p % (BQ * GR)) // GR + o_r // GR
+                m_r = m_h & (o_tok < T)
+            else:  # packed rows: each step starts at another head
+                o_tok = i_tile * BQ + (i_p % (BQ * GR) + o_r) // GR
+                o_g = (i_p + o_r) % GR
+                m_r = (o_r < RU) & (((b_bits >> o_g.to(tl.int64)) & 1) != 0) & (o_tok < T)
+            o_row = o_tok * HQ + i_hk * G + o_g
             b_dk, b_dv = _sparse_dkv_rows(
                 q, do, gate, lse_s, delta_s, o_bq, o_row, o_d, m_r, m_k, b_k, b_v, b_dk, b_dv,
                 scale2, D, PREC,
@@ -345,11 +368,27 @@ def _sparse_tile_dkv_kernel(
 
 
 def tile_rows(G: int, select_tile: int, rows: int) -> tuple[int, int, int]:
-    """(GP, BT, RP): the group padded to a power of two, the tokens per program (a divisor of
-    the selection tile, about `rows` rows in all) and the rows padded to tl.dot's 16."""
+    """(GR, RU, RP): rows per token, the rows a program uses and those padded to tl.dot's 16.
+
+    Padded: GR is G rounded up to a power of two, RU whole tokens of GR rows, about `rows`.
+    Packed, where G is not a power of two: GR = G and RU the largest power of two that divides
+    a selection tile's select_tile x G rows, at most `rows`, so no row is padding. Taken when
+    its programs are as large as the padded ones or a full 64 rows (one warpgroup's MMA)."""
     GP = triton.next_power_of_2(G)
-    BT = min(select_tile, max(1, rows // GP))
-    return GP, BT, max(16, BT * GP)
+    padded = min(select_tile, max(1, rows // GP)) * GP
+    tile = select_tile * G
+    packed = min(tile & -tile, rows)  # the largest power of two dividing the tile's rows
+    if GP != G and packed >= max(16, min(padded, 64)):
+        return G, packed, packed
+    return GP, padded, max(16, padded)
+
+
+def _row_options(t: dict, GR: int, RU: int) -> dict:
+    """Launch options for programs of RU rows: the tile's own, or where packing (GR not a power
+    of two) gave fewer rows than it was tuned for, its warps scaled down with them (at least 4)."""
+    if RU >= t["ROWS"] or not GR & (GR - 1):
+        return _options(t)
+    return {"num_warps": max(4, t["num_warps"] * RU // t["ROWS"]), "num_stages": 2}
 
 
 def select(q, k, lay, km) -> torch.Tensor:
@@ -358,43 +397,46 @@ def select(q, k, lay, km) -> torch.Tensor:
     None (pooled here)."""
     t = _tiles("tile_score")
     bq = lay.plan.select_tile
-    BTOK = tile_rows(lay.G, bq, t["ROWS"])[1]
-    return _rank(_tile_score_kernel, lay.NT, lay.NT, q, k, lay, km, t, NT=lay.NT, BQ=bq, BTOK=BTOK)
+    GR, RU, RP = tile_rows(lay.G, bq, t["ROWS"])
+    t = {**t, **_row_options(t, GR, RU)}
+    return _rank(
+        _tile_score_kernel, lay.NT, lay.NT, q, k, lay, km, t, NT=lay.NT, BQ=bq, GR=GR, RU=RU, RP=RP
+    )
 
 
 def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
     """The sparse branch's output, gated and added to o (written when no window branch ran)."""
     t = _tiles("sparse_tile_fwd")
-    GP, BT, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
+    GR, RU, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
     launch(
-        _sparse_tile_fwd_kernel, (triton.cdiv(lay.T, BT), lay.B * lay.NA),
+        _sparse_tile_fwd_kernel, (triton.cdiv(lay.T * GR, RU), lay.B * lay.NA),
         q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, o=o, o_s=o_s,
-        lse_s=lse_s, T=lay.T, NT=lay.NT, NA=lay.NA, **lay.args, GP=GP,
+        lse_s=lse_s, T=lay.T, NT=lay.NT, NA=lay.NA, **lay.args, GR=GR,
         NSEL=lay.plan.n_select, BS=lay.plan.block_size, BSP=lay.BSP, BQ=lay.plan.select_tile,
-        BT=BT, RP=RP, ACCUMULATE=lay.has_window, STORE=store, **_options(t),
+        RU=RU, RP=RP, ACCUMULATE=lay.has_window, STORE=store, **_row_options(t, GR, RU),
     )  # fmt: skip
 
 
 def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv) -> None:
     """dq (added to the window branches'), dgate's sparse column, and dk/dv added atomically."""
     t = _tiles("sparse_tile_dq")
-    GP, BT, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
+    GR, RU, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
     launch(
-        _sparse_tile_dq_kernel, (triton.cdiv(lay.T, BT), lay.B * lay.NA),
+        _sparse_tile_dq_kernel, (triton.cdiv(lay.T * GR, RU), lay.B * lay.NA),
         q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, do=do,
         o_s=saved["o_s"], lse_s=saved["lse_s"], dgate=dgate, delta_s=delta_s, dq=dq, T=lay.T,
-        NT=lay.NT, NA=lay.NA, **lay.args, scale=lay.scale, GP=GP, NSEL=lay.plan.n_select,
-        BS=lay.plan.block_size, BSP=lay.BSP, BQ=lay.plan.select_tile, BT=BT, RP=RP,
-        ACCUMULATE=lay.has_window, **_options(t),
+        NT=lay.NT, NA=lay.NA, **lay.args, scale=lay.scale, GR=GR, NSEL=lay.plan.n_select,
+        BS=lay.plan.block_size, BSP=lay.BSP, BQ=lay.plan.select_tile, RU=RU, RP=RP,
+        ACCUMULATE=lay.has_window, **_row_options(t, GR, RU),
     )  # fmt: skip
     t = _tiles("sparse_tile_dkv")
-    GP, BT, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
+    GR, RU, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
     # chunks of about CH queries: CH // Bq tiles
     chunks, tiles, used = _invert(idx, lay.NB, max(1, t["CH"] // lay.plan.select_tile))
     launch(
         _sparse_tile_dkv_kernel, (chunks.shape[0],),
-        q=q, k=k, v=v, gate=gate, active=lay.active, chunks=chunks, tiles=tiles, used=used,
+        q=q, k=k, v=v, gate=gate, bits=lay.bits, chunks=chunks, tiles=tiles, used=used,
         do=do, lse_s=saved["lse_s"], delta_s=delta_s, dk=dk, dv=dv, T=lay.T, NB=lay.NB,
-        **lay.args, scale=lay.scale, GP=GP, BS=lay.plan.block_size, BSP=lay.BSP,
-        BQ=lay.plan.select_tile, BT=BT, RP=RP, **_options(t),
+        **lay.args, scale=lay.scale, GR=GR, BS=lay.plan.block_size, BSP=lay.BSP,
+        BQ=lay.plan.select_tile, RU=RU, RP=RP, **_row_options(t, GR, RU),
     )  # fmt: skip
