@@ -105,10 +105,8 @@ def _head_lists(
             active=host.to(torch.int32).to(device),
             groups=torch.tensor(list(by_group), dtype=torch.int32).to(device),
             group_heads=list(by_group.values()),
-            bits=torch.tensor(
-                [_signed64(sum(int(host[j * G + g]) << g for g in range(G))) for j in range(HKV)],
-                dtype=torch.int64,
-            ).to(device),
+            # the bits' sum is their OR; bit 63 (a 64th head) wraps to int64's sign as it should
+            bits=(host.view(HKV, G).to(torch.int64) << torch.arange(G)).sum(1).to(device),
         )
         # the packs the window kernels will launch with, now: none is then copied to the
         # device while a CUDA graph is being captured
@@ -118,11 +116,6 @@ def _head_lists(
             _HEAD_LISTS.clear()
         _HEAD_LISTS[key] = lists
     return lists
-
-
-def _signed64(x: int) -> int:
-    """x < 2**64 as the int64 of the same bits (bit 63 is a group's 64th head)."""
-    return x - (1 << 64) if x >= 1 << 63 else x
 
 
 class _Layout:

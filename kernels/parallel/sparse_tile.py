@@ -37,6 +37,16 @@ from .sparse import _invert
 
 
 @triton.jit
+def _split_rows(start, o_r, GR: tl.constexpr, RU: tl.constexpr):
+    # Token offsets and group heads of rows start + o_r (GR rows per token). Whole tokens per
+    # program (RU a multiple of GR, so start is one too) keep the scalar part apart, which the
+    # compiler tracks best; packed rows start anywhere in a token.
+    if RU % GR == 0:
+        return start // GR + o_r // GR, o_r % GR
+    return (start + o_r) // GR, (start + o_r) % GR
+
+
+@triton.jit
 def _tile_score_kernel(
     q,
     km,
@@ -88,12 +98,11 @@ def _tile_score_kernel(
     m_h = m_h & (tl.load(active + o_h, mask=m_h, other=0) != 0)
     if n_cand > 0:
         for i_r in range(0, (t_end - t0) * GR, RU):
+            o_tok, o_g = _split_rows(i_r, o_r, GR, RU)
+            o_tok += t0
             if RU % GR == 0:
-                o_tok = t0 + i_r // GR + o_r // GR
                 m_r = m_h & (o_tok < t_end)
             else:  # packed rows: each chunk starts at another head
-                o_tok = t0 + (i_r + o_r) // GR
-                o_g = (i_r + o_r) % GR
                 o_h = i_hk * G + o_g
                 m_r = (o_r < RU) & (o_tok < t_end)
                 m_r = m_r & (tl.load(active + o_h, mask=m_r, other=0) != 0)
@@ -162,12 +171,7 @@ def _tile_rows(
     v += (i_b * T * HKV + i_hk).to(tl.int64) * D
     idx += ((i_b * NT + (i_t * RU) // (BQ * GR)) * HKV + i_hk).to(tl.int64) * NSEL
     o_r = tl.arange(0, RP)
-    if RU % GR == 0:  # whole tokens: the scalar part apart, as the compiler tracks it best
-        o_tok = (i_t * RU) // GR + o_r // GR
-        o_g = o_r % GR
-    else:
-        o_tok = (i_t * RU + o_r) // GR
-        o_g = (i_t * RU + o_r) % GR
+    o_tok, o_g = _split_rows(i_t * RU, o_r, GR, RU)
     o_h = i_hk * G + o_g
     m_r = (o_r < RU) & (o_g < G) & (o_tok < T)
     m_r = m_r & (tl.load(active + o_h, mask=m_r, other=0) != 0)
@@ -351,12 +355,11 @@ def _sparse_tile_dkv_kernel(
         # row positions over the chunk's tiles (BQ x GR rows each), RU per step, inside one tile
         for i_p in range(p_lo * (BQ * GR), p_hi * (BQ * GR), RU):
             i_tile = tl.load(tiles + i_p // (BQ * GR))
+            o_tok, o_g = _split_rows(i_p % (BQ * GR), o_r, GR, RU)
+            o_tok += i_tile * BQ
             if RU % GR == 0:
-                o_tok = i_tile * BQ + (i_p % (BQ * GR)) // GR + o_r // GR
                 m_r = m_h & (o_tok < T)
             else:  # packed rows: each step starts at another head
-                o_tok = i_tile * BQ + (i_p % (BQ * GR) + o_r) // GR
-                o_g = (i_p + o_r) % GR
                 m_r = (o_r < RU) & (((b_bits >> o_g.to(tl.int64)) & 1) != 0) & (o_tok < T)
             o_row = o_tok * HQ + i_hk * G + o_g
             b_dk, b_dv = _sparse_dkv_rows(
