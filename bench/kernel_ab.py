@@ -9,12 +9,16 @@ the launch layer calls as a whole (`sparse_tile.py`, `sparse.py`) replaces it wh
 outputs and gradients, then times MLA fwd+bwd before and after, the changed kernels alone,
 and cuDNN's fwd+bwd on the same inputs.
 
-`--set NAME=VALUE` instead changes a setting of the launch layer (`kernels/parallel/autograd.py`)
-for the "after" rows, and `--kernels` names the kernels whose time it moves:
+`--set NAME=VALUE` instead changes a setting of the launch layer (`kernels/parallel/autograd.py`;
+`MODULE.NAME` for another module of the package, e.g. `sparse_tile.DKV_PROGRAMS`) for the "after"
+rows, and `--kernels` names the kernels whose time it moves. MLA and cuDNN are timed both as
+called from Python and captured with their backward in one CUDA graph (as a whole-step graph
+runs them: at short T the first is host time):
 
     python bench/kernel_ab.py --before bench/_before.py \
         [--points 64/4/128:32768:nsa:64 12/4/64:8192:nsa:64 ...] [--rep 200]
-    python bench/kernel_ab.py --set GLOBAL_DKV_PROGRAMS=4096 --kernels global_bwd_dkv spread
+    python bench/kernel_ab.py --base LOCAL_DKV_PROGRAMS=1 --set LOCAL_DKV_PROGRAMS=1024 \
+        --kernels local_bwd_dkv
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, as `kernels`
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, budgets.py, tile_shapes.py
 from budgets import budget_config  # noqa: E402
-from tile_shapes import inputs, sdpa  # noqa: E402
+from tile_shapes import in_one_graph, inputs, sdpa  # noqa: E402
 from timing import kernel_ms  # noqa: E402
 
+import kernels.parallel  # noqa: E402
 import kernels.parallel.autograd as launch  # noqa: E402
 from kernels import mla_attention  # noqa: E402
 
@@ -62,6 +67,21 @@ def load_before(path: str) -> dict:
         return {stem: mod}
     return {k: getattr(mod, k) for k in vars(launch) if k.startswith("_") and hasattr(mod, k)
             and type(getattr(mod, k)).__name__ == "JITFunction"}  # fmt: skip
+
+
+def module_of(name: str):
+    """The module that holds setting `name` ("NAME": the launch layer; "MODULE.NAME": that
+    module of kernels.parallel) and the attribute's own name."""
+    if "." not in name:
+        return launch, name
+    mod, attr = name.rsplit(".", 1)
+    return getattr(kernels.parallel, mod), attr
+
+
+def apply(values: dict) -> None:
+    for name, value in values.items():
+        mod, attr = module_of(name)
+        setattr(mod, attr, value)
 
 
 def run(q, k, v, gate, do, cfg):
@@ -99,10 +119,14 @@ def measure(point: str, before: dict, after: dict, rep: int, names: list[str]) -
     def mla():
         run(*xs, cfg)
 
-    for label, kernels in (("before", before), ("after", after)):
-        vars(launch).update(kernels)
+    def op(q, k, v, g):
+        return mla_attention(q, k, v, g, cfg, backend="triton")
+
+    for label, values in (("before", before), ("after", after)):
+        apply(values)
         res[label] = outputs(xs, cfg)
         row[label] = do_bench(mla, rep=rep, return_mode="median")
+        row[label + "_graph"] = in_one_graph(op, xs, rep, uses_gate=True)
         per = kernel_ms(mla, runs=3)
         row[label + "_per"] = {n: v for n, v in per.items() if any(s in n for s in names)}
         row[label + "_kernels"] = sum(row[label + "_per"].values())
@@ -114,6 +138,7 @@ def measure(point: str, before: dict, after: dict, rep: int, names: list[str]) -
         cudnn(q, k, v, None).backward(do)
 
     row["cudnn"] = do_bench(dense, rep=rep, return_mode="median")
+    row["cudnn_graph"] = in_one_graph(cudnn, xs, rep, uses_gate=False)
     return row
 
 
@@ -127,29 +152,40 @@ def main() -> None:
         metavar="NAME=VALUE",
         help="launch-layer settings (integers) for the after rows",
     )
+    ap.add_argument(
+        "--base",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="settings for the before rows (default: the code's own)",
+    )
     ap.add_argument("--kernels", nargs="+", default=[], help="kernels a --set change moves")
     ap.add_argument("--points", nargs="+", default=POINTS, metavar="SHAPE:T:BUDGET:BQ")
     ap.add_argument("--rep", type=int, default=200, help="do_bench repetition time (ms)")
     args = ap.parse_args()
     before = load_before(args.before) if args.before else {}
     settings = dict(kv.split("=") for kv in args.set)
-    before.update({k: getattr(launch, k) for k in settings})
-    after = {k: getattr(launch, k) for k in before}
+    before.update({k: getattr(*module_of(k)) for k in settings})
+    after = {k: getattr(*module_of(k)) for k in before}
     after.update({k: int(v) for k, v in settings.items()})
+    before.update({k: int(v) for k, v in (kv.split("=") for kv in args.base)})
     names = [k for k in before if k not in settings] + args.kernels
     print("changed:", ", ".join(sorted(before)), "; timed kernels:", ", ".join(names), flush=True)
     rows = []
     for point in args.points:
         rows.append(measure(point, before, after, args.rep, names))
         print({k: v for k, v in rows[-1].items() if not k.endswith("_per")}, flush=True)
-    vars(launch).update(after)
-    print("\n| point | MLA before ms | after ms | after/before | changed kernels before → after ms "
-          "| cuDNN ms | after vs cuDNN | max rel diff |")  # fmt: skip
+    apply(after)
+    print("\n| point | MLA before ms (one graph) | after ms (one graph) | after/before (one graph) "
+          "| changed kernels before → after ms | cuDNN ms (one graph) "
+          "| after vs cuDNN (one graph) | max rel diff |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['point']} | {r['before']:.3f} | {r['after']:.3f} | "
-              f"{r['after'] / r['before']:.3f} | {r['before_kernels']:.3f} → "
-              f"{r['after_kernels']:.3f} | {r['cudnn']:.3f} | {r['cudnn'] / r['after']:.2f}× | "
+        print(f"| {r['point']} | {r['before']:.3f} ({r['before_graph']:.3f}) | {r['after']:.3f} "
+              f"({r['after_graph']:.3f}) | {r['after'] / r['before']:.3f} "
+              f"({r['after_graph'] / r['before_graph']:.3f}) | {r['before_kernels']:.3f} → "
+              f"{r['after_kernels']:.3f} | {r['cudnn']:.3f} ({r['cudnn_graph']:.3f}) | "
+              f"{r['cudnn'] / r['after']:.2f}× ({r['cudnn_graph'] / r['after_graph']:.2f}×) | "
               f"{r['diff']:.1e} |")  # fmt: skip
     print("\n| point | changed kernel | before ms | after ms |")
     print("| --- | --- | --- | --- |")

@@ -35,6 +35,16 @@ def test_tile_mode_matches_reference(B, T, HQ, HKV, D, budget, ratios, bs, bq):
     check(B, T, HQ, HKV, D, cfg, torch.float32, tol=1e-5, seed=T + bq)
 
 
+def test_tile_dkv_chunks_of_several_tiles(monkeypatch):
+    # short sequences get one tile per dk/dv chunk (`DKV_PROGRAMS`, as in the tests above);
+    # here the tiles' CH decides: chunks of 4 tiles of Bq 2
+    import automla.kernels.parallel.sparse_tile as sparse_tile
+
+    monkeypatch.setattr(sparse_tile, "DKV_PROGRAMS", 1)
+    cfg = AttentionConfig(budget=24, ratios=(0.25, 0.25, 0.5), block_size=4, select_tile=2)
+    check(1, 37, 4, 2, 16, cfg, torch.float32, tol=1e-5, seed=39)
+
+
 @pytest.mark.parametrize("ratios", [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0)], ids=["local", "global"])
 def test_tile_setting_leaves_sparse_free_corners_alone(ratios):
     cfg = AttentionConfig(budget=16, ratios=ratios, block_size=4, select_tile=16)

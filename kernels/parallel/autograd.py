@@ -23,6 +23,8 @@ from .window import (
 )
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# programs the local dk/dv launch aims for (key tiles x groups x splits); 1 splits nothing
+LOCAL_DKV_PROGRAMS = 1024
 
 
 def mla_fwd(
@@ -174,9 +176,14 @@ def mla_bwd(
         )
     if lay.has_local:
         t = _tiles("local_dkv")
+        n_tiles = triton.cdiv(T, t["BK"])
+        # each key tile's (head, query tile) items split over programs until the launch has
+        # about LOCAL_DKV_PROGRAMS of them: at short T there are too few key tiles alone
+        items = lay.G * triton.cdiv(min(lay.plan.window + t["BK"], T) + t["BT"], t["BT"])
+        nsplit = max(1, min(items, LOCAL_DKV_PROGRAMS // (n_tiles * B * lay.NA)))
         launch(
             _local_bwd_dkv_kernel,
-            (triton.cdiv(T, t["BK"]), B * lay.NA),
+            (n_tiles, B * lay.NA, nsplit),
             q=q,
             k=k,
             v=v,
@@ -190,6 +197,7 @@ def mla_bwd(
             dv=dv,
             T=T,
             NA=lay.NA,
+            NSPLIT=nsplit,
             window=lay.plan.window,
             **lay.args,
             scale=lay.scale,

@@ -225,6 +225,7 @@ def _local_bwd_dkv_kernel(
     dv,
     T,
     NA,
+    NSPLIT,
     window,
     scale2,
     scale,
@@ -236,9 +237,11 @@ def _local_bwd_dkv_kernel(
     BK: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # One key tile of one KV head; the queries that see it are the next `window` tokens of
-    # each active head of the group. dk/dv are float32 buffers that every branch adds to.
-    i_s, i_bg = tl.program_id(0), tl.program_id(1)
+    # One key tile of one KV head, one of NSPLIT programs: the queries that see the tile are
+    # the next `window` tokens of each active head of the group, G x nq (head, query tile)
+    # items, of which this program takes every NSPLIT-th. Splitting keeps short sequences from
+    # running a few long programs. dk/dv are float32 buffers that every branch adds to.
+    i_s, i_bg, i_sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bg // NA
     i_hk = tl.load(groups + i_bg % NA)
     o_kh = (i_b * T * HKV + i_hk).to(tl.int64) * D
@@ -253,40 +256,37 @@ def _local_bwd_dkv_kernel(
     b_dv = tl.zeros([BK, D], dtype=tl.float32)
     lo = (i_s * BK) // BT * BT
     hi = tl.minimum(i_s * BK + BK - 1 + window, T)
-    for i_g in range(G):
-        i_h = i_hk * G + i_g
+    nq = tl.cdiv(hi - lo, BT)
+    for i_it in range(i_sp, G * nq, NSPLIT):
+        i_h = i_hk * G + i_it // nq
         if tl.load(active + i_h) != 0:
             o_qh = (i_b * T * HQ + i_h).to(tl.int64)
-            for i_t in range(lo, hi, BT):
-                o_t = i_t + tl.arange(0, BT)
-                m_t = o_t < T
-                o_x = o_qh * D + (o_t * (HQ * D))[:, None] + o_d[None, :]
-                o_r = o_qh + o_t * HQ
-                # [BT, D]
-                b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
-                b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
-                b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
-                b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
-                b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
-                b_delta = tl.load(delta_l + o_r, mask=m_t, other=0.0)
-                # [BK, BT]
-                b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
-                m_st = (
-                    (o_t[None, :] >= o_s[:, None])
-                    & (o_t[None, :] < o_s[:, None] + window)
-                    & m_t[None, :]
-                )
-                b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
-                b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
-                b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
-                b_dst = b_pt * (b_dpt - b_delta[None, :])
-                b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
-    tl.store(
-        dk + o_kv,
-        tl.load(dk + o_kv, mask=m_s[:, None], other=0.0) + b_dk * scale,
-        mask=m_s[:, None],
-    )
-    tl.store(dv + o_kv, tl.load(dv + o_kv, mask=m_s[:, None], other=0.0) + b_dv, mask=m_s[:, None])
+            o_t = lo + (i_it % nq) * BT + tl.arange(0, BT)
+            m_t = o_t < T
+            o_x = o_qh * D + (o_t * (HQ * D))[:, None] + o_d[None, :]
+            o_r = o_qh + o_t * HQ
+            # [BT, D]
+            b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
+            b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
+            b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
+            b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+            b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
+            b_delta = tl.load(delta_l + o_r, mask=m_t, other=0.0)
+            # [BK, BT]
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
+            m_st = (
+                (o_t[None, :] >= o_s[:, None])
+                & (o_t[None, :] < o_s[:, None] + window)
+                & m_t[None, :]
+            )
+            b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
+            b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
+            b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    if i_sp < G * nq:  # the split programs of one key tile add up (relaxed: only sums matter)
+        tl.atomic_add(dk + o_kv, b_dk * scale, mask=m_s[:, None], sem="relaxed")
+        tl.atomic_add(dv + o_kv, b_dv, mask=m_s[:, None], sem="relaxed")
 
 
 @triton.jit
