@@ -305,14 +305,17 @@ class Attention(nn.Module):
         rows = self._half_rows(lay) if half else lay.rows
         w = self.qkv.weight if rows is None else self.qkv.weight.index_select(0, rows)
         qkv = _linear(self.qkv, x, w).view(B, T, S + 2 * K, d)
+        # split, not sliced: a split's backward writes qkv's gradient with one cat, where each
+        # slice's would zero a tensor of qkv's size, copy into it and add it to the others
         if half:
+            q_in, k_in, v = qkv.split([S, K, K], dim=2)  # (B, T, S, D), (B, T, K, D) x 2
             # q and k in the half layout: one kernel rotates both; q.k is unchanged
-            q, k = fast_ops.rotary_half(qkv[:, :, :S], qkv[:, :, S : S + K], rot.real, rot.imag)
+            q, k = fast_ops.rotary_half(q_in, k_in, rot.real, rot.imag)
         else:
+            qk_in, v = qkv.split([S + K, K], dim=2)
             # rotary on q and k together: one set of elementwise ops
-            qk = apply_rotary(qkv[:, :, : S + K], rot)
-            q, k = qk.split([S, K], dim=2)  # (B, T, S, D), (B, T, K, D)
-        v = qkv[:, :, S + K :]  # (B, T, K, D)
+            q, k = apply_rotary(qk_in, rot).split([S, K], dim=2)
+            q_in = qk_in[:, :, :S]
         if self.gate is None:
             if lay.kv_of is None:
                 y = self._sdpa(q, k, v, self.group)
@@ -323,7 +326,6 @@ class Attention(nn.Module):
                 logits = self.gate(x, lay.gate_rows).view(B, T, S, 3)
             else:
                 # the query before rotary: its content, not its position
-                q_in = qkv[:, :, :S]
                 logits = self.gate(fast_ops.from_half(q_in) if half else q_in)
             # empty slots carry a borrowed head's query and gate: the op masks them, so their
             # output is exactly 0 and they get no gradient (nor do the proj columns they borrow)

@@ -24,7 +24,7 @@ from .window import (
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # programs the local dk/dv launch aims for (key tiles x groups x splits); 1 splits nothing
-LOCAL_DKV_PROGRAMS = 1024
+LOCAL_DKV_PROGRAMS = 512
 
 
 def mla_fwd(

@@ -197,17 +197,12 @@ def _select(
     )
 
 
-def _rank(kernel, rows: int, programs: int, q, k, lay: _Layout, km, t: dict, ranks=False, **extra):
+def _rank(kernel, rows: int, programs: int, q, k, lay: _Layout, km, t: dict, **extra):
     """Score every candidate block for `rows` rows (tokens, or selection tiles) with `kernel`,
-    launched on `programs` x the active KV groups, and keep each row's n_select best: in the
-    same launch where the kernel `ranks` its rows itself (one program per row), else in a
-    second one."""
+    launched on `programs` x the active KV groups, and keep each row's n_select best."""
     if km is None:
         km = _pool(k, None, lay.plan.block_size, lay.NB, None, km=True)[2]
     score = torch.empty(lay.B, rows, lay.HKV, lay.NB, dtype=torch.float32, device=q.device)
-    idx = _indices(score, lay)
-    if ranks:
-        extra.update(idx=idx, NSEL=lay.plan.n_select, NBP=triton.next_power_of_2(lay.NB))
     launch(
         kernel, (programs, lay.B * lay.NA),
         q=q, km=km, active=lay.active, groups=lay.groups, score=score, T=lay.T, NB=lay.NB,
@@ -215,24 +210,16 @@ def _rank(kernel, rows: int, programs: int, q, k, lay: _Layout, km, t: dict, ran
         BN=t["BN"], HAS_LOCAL=lay.has_local, SPLIT=q.dtype != torch.float32, **extra,
         **_options(t),
     )  # fmt: skip
-    return idx if ranks else _topk(score, idx, lay)
+    return _topk(score, lay)
 
 
-def _indices(score: torch.Tensor, lay: _Layout) -> torch.Tensor:
-    """The selection [B, R, HKV, n_select] int32 for score [B, R, HKV, NB]; -1 in the rows of
-    fully pruned groups, which are neither scored nor ranked: they select nothing."""
+def _topk(score: torch.Tensor, lay: _Layout) -> torch.Tensor:
+    """The n_select best blocks [B, R, HKV, n_select] int32 of each row of score [B, R, HKV,
+    NB] (rows: tokens, or selection tiles), best first; -1 once a row has no candidate left."""
     B, R, HKV, NB = score.shape
     idx = torch.empty(B, R, HKV, lay.plan.n_select, dtype=torch.int32, device=score.device)
     if lay.NA < HKV:
-        idx.fill_(-1)
-    return idx
-
-
-def _topk(score: torch.Tensor, idx: torch.Tensor, lay: _Layout) -> torch.Tensor:
-    """idx [B, R, HKV, n_select] filled with the n_select best blocks of each row of score [B,
-    R, HKV, NB] (rows: tokens, or selection tiles), best first; -1 once a row has no candidate
-    left."""
-    B, R, HKV, NB = score.shape
+        idx.fill_(-1)  # fully pruned groups are neither scored nor ranked: they select nothing
     rows, BR = B * R * lay.NA, 4
     launch(
         _topk_kernel,

@@ -53,7 +53,6 @@ def _tile_score_kernel(
     active,
     groups,
     score,
-    idx,
     T,
     NB,
     NT,
@@ -70,8 +69,6 @@ def _tile_score_kernel(
     RU: tl.constexpr,
     RP: tl.constexpr,
     BN: tl.constexpr,
-    NSEL: tl.constexpr,
-    NBP: tl.constexpr,
     HAS_LOCAL: tl.constexpr,
     SPLIT: tl.constexpr,
     PREC: tl.constexpr,
@@ -80,15 +77,13 @@ def _tile_score_kernel(
     # probability of every query (its softmax over the blocks complete at it) summed over the
     # tile; -inf for the other blocks. Candidates are the blocks complete at the tile's first
     # position t0, less those wholly inside t0's window. The program owns its score row, so it
-    # adds each chunk of RU rows to it in place (in a fixed order: deterministic), then ranks
-    # the row: idx gets its NSEL best blocks, best first, -1 once no candidate is left.
+    # adds each chunk of RU rows to it in place (in a fixed order: deterministic).
     i_tile, i_bg = tl.program_id(0), tl.program_id(1)
     i_b = i_bg // NA
     i_hk = tl.load(groups + i_bg % NA)
     q += (i_b * T * HQ).to(tl.int64) * D
     km += (i_b * NB * HKV + i_hk).to(tl.int64) * D
     score += ((i_b * NT + i_tile) * HKV + i_hk).to(tl.int64) * NB
-    idx += ((i_b * NT + i_tile) * HKV + i_hk).to(tl.int64) * NSEL
     t0 = i_tile * BQ
     t_end = tl.minimum(t0 + BQ, T)
     n_cand = tl.minimum((t0 + 1) // BS, NB)
@@ -144,16 +139,6 @@ def _tile_score_kernel(
         o_n = i_n + tl.arange(0, BN)
         m_o = (o_n >= n_cand) & (o_n < NB)
         tl.store(score + o_n, tl.full([BN], float("-inf"), tl.float32), mask=m_o)
-    # the whole row, as the program's threads stored it (the barrier makes their stores
-    # visible), ranked as `_topk_kernel` ranks rows: ties go to the lower block
-    tl.debug_barrier()
-    o_a = tl.arange(0, NBP)
-    b_s = tl.load(score + o_a, mask=o_a < NB, other=float("-inf"))
-    for i in range(NSEL):
-        b_max = tl.max(b_s, 0)
-        b_arg = tl.min(tl.where(b_s == b_max, o_a, NBP), 0)
-        tl.store(idx + i, tl.where(b_max == float("-inf"), -1, b_arg))
-        b_s = tl.where(o_a == b_arg, float("-inf"), b_s)
 
 
 @triton.jit
@@ -422,9 +407,8 @@ def select(q, k, lay, km) -> torch.Tensor:
     GR, RU, RP = tile_rows(lay.G, bq, t["ROWS"])
     t = {**t, **_row_options(t, GR, RU)}
     return _rank(
-        _tile_score_kernel, lay.NT, lay.NT, q, k, lay, km, t, ranks=True, NT=lay.NT, BQ=bq,
-        GR=GR, RU=RU, RP=RP,
-    )  # fmt: skip
+        _tile_score_kernel, lay.NT, lay.NT, q, k, lay, km, t, NT=lay.NT, BQ=bq, GR=GR, RU=RU, RP=RP
+    )
 
 
 def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
