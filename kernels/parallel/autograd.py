@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 
@@ -25,6 +27,33 @@ from .window import (
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # programs the local dk/dv launch aims for (key tiles x groups x splits); 1 splits nothing
 LOCAL_DKV_PROGRAMS = 512
+# on CUDA, the sparse branch's selection (forward) and its inversion, dq and dk/dv (backward)
+# run on a second stream beside the window branches' kernels: at short T neither chain of
+# launches fills the GPU alone
+OVERLAP = True
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _fork(q: torch.Tensor, lay: _Layout) -> torch.cuda.Stream | None:
+    """A side stream that has waited for this stream's work so far, where the sparse branch can
+    overlap the window branches; else None. Whatever runs on it is joined (`_join`) before the
+    op returns, so every tensor either stream touches outlives the other's use of it."""
+    if not (OVERLAP and q.is_cuda and lay.has_sparse and lay.has_window):
+        return None
+    side = _SIDE_STREAMS.get(q.device)
+    if side is None:
+        side = _SIDE_STREAMS[q.device] = torch.cuda.Stream(q.device)
+    side.wait_stream(torch.cuda.current_stream(q.device))
+    return side
+
+
+def _join(side: torch.cuda.Stream | None) -> None:
+    if side is not None:
+        torch.cuda.current_stream(side.device).wait_stream(side)
+
+
+def _on(side: torch.cuda.Stream | None):
+    return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
 
 
 def mla_fwd(
@@ -61,6 +90,12 @@ def mla_fwd(
         # with stride == block_size the selection's float32 block means come from the same pass
         shared = lay.has_sparse and lay.plan.stride == lay.plan.block_size
         kc, vc, km = _pool(k, v, lay.plan.stride, lay.NC, q.dtype, km=shared)
+    branch = sparse_tile if lay.plan.select_tile > 1 else sparse
+    idx = lse_l
+    side = _fork(q, lay)
+    if side is not None:  # the selection beside the window kernel
+        with _on(side):
+            idx = branch.select(q, k, lay, km)
     if lay.has_window:
         t = _tiles("window_fwd", lay.G)
         packs = lay.packs(t["HP"])
@@ -94,10 +129,10 @@ def mla_fwd(
             STORE=store,
             **_options(t),
         )
-    idx = lse_l
+    _join(side)
     if lay.has_sparse:
-        branch = sparse_tile if lay.plan.select_tile > 1 else sparse
-        idx = branch.select(q, k, lay, km)
+        if side is None:
+            idx = branch.select(q, k, lay, km)
         branch.forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store)
     saved = {"o_l": o_l, "o_g": o_g, "o_s": o_s, "lse_l": lse_l, "lse_g": lse_g}
     saved.update({"lse_s": lse_s, "kc": kc, "vc": vc, "idx": idx})
@@ -137,6 +172,40 @@ def mla_bwd(
     delta_l = delta_buffer(lay.has_local)
     delta_g = delta_buffer(lay.has_global)
     delta_s = delta_buffer(lay.has_sparse)
+    side = _fork(q, lay)
+    main = torch.cuda.current_stream(dev) if side is not None else None
+
+    def window_dq() -> None:
+        with _on(main):  # the main stream, also when called from the side stream's turn
+            _window_dq(do, q, k, v, gate, lay, saved, dgate, delta_l, delta_g, dq)
+        if side is not None:
+            side.wait_stream(main)  # the sparse dq adds to the window branches' dq
+
+    def window_dkv() -> None:
+        _window_dkv(do, q, k, v, gate, lay, saved, delta_l, delta_g, dk, dv)
+
+    if lay.has_sparse:
+        branch = sparse_tile if lay.plan.select_tile > 1 else sparse
+        args = (q, k, v, gate, do, saved["idx"], lay, saved, dgate, delta_s, dq, dk, dv)
+    if side is None:
+        window_dq()
+        window_dkv()
+        if lay.has_sparse:
+            branch.backward(*args)
+    else:
+        # side: the inversion, then (once the window dq is written) the sparse dq and dk/dv;
+        # main meanwhile: the window dq, then the window branches' dk/dv
+        with _on(side):
+            branch.backward(*args, ready=window_dq)
+        window_dkv()
+        _join(side)
+    dkv = dkv.to(k.dtype)
+    return dq, dkv[0], dkv[1], dgate
+
+
+def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, dq) -> None:
+    """The window branches' dq (written), their dgate columns and softmax deltas."""
+    B, T = lay.B, lay.T
     if lay.has_window:
         t = _tiles("window_dq", lay.G)
         packs = lay.packs(t["HP"])
@@ -174,6 +243,12 @@ def mla_bwd(
             HAS_GLOBAL=lay.has_global,
             **_options(t),
         )
+
+
+def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv) -> None:
+    """The local and global branches' dk/dv, added to the float32 dk, dv."""
+    B, T, HKV, D = lay.B, lay.T, lay.HKV, lay.D
+    dev = q.device
     if lay.has_local:
         t = _tiles("local_dkv")
         n_tiles = triton.cdiv(T, t["BK"])
@@ -245,11 +320,6 @@ def mla_bwd(
             dkc=dkc, dvc=dvc, groups=lay.groups, dk=dk, dv=dv, T=T, NC=NC, NA=lay.NA,
             stride=lay.stride, NSPLIT=nsplit, HKV=HKV, D=D, BK=BK,
         )  # fmt: skip
-    if lay.has_sparse:
-        branch = sparse_tile if lay.plan.select_tile > 1 else sparse
-        branch.backward(q, k, v, gate, do, saved["idx"], lay, saved, dgate, delta_s, dq, dk, dv)
-    dkv = dkv.to(k.dtype)
-    return dq, dkv[0], dkv[1], dgate
 
 
 class MLATritonFunction(torch.autograd.Function):

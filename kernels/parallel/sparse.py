@@ -317,8 +317,14 @@ def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
     )  # fmt: skip
 
 
-def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv) -> None:
-    """dq (added to the window branches'), dgate's sparse column, and dk/dv added atomically."""
+def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv, ready=None) -> None:
+    """dq (added to the window branches'), dgate's sparse column, and dk/dv added atomically.
+    The selection is inverted first; `ready()`, if given, runs before the dq launch (which
+    adds to dq: the window branches' dq must be written by then)."""
+    t = _tiles("sparse_dkv")
+    chunks, tokens, used = _invert(idx, lay.NB, t["CH"])
+    if ready is not None:
+        ready()
     launch(
         _sparse_bwd_dq_kernel, (lay.T, lay.B * lay.NA),
         q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, do=do,
@@ -327,8 +333,6 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv) -> 
         BS=lay.plan.block_size, BSP=lay.BSP, ACCUMULATE=lay.has_window,
         **_options(_tiles("sparse_dq")),
     )  # fmt: skip
-    t = _tiles("sparse_dkv")
-    chunks, tokens, used = _invert(idx, lay.NB, t["CH"])
     launch(
         _sparse_bwd_dkv_kernel, (chunks.shape[0],),
         q=q, k=k, v=v, gate=gate, active=lay.active, chunks=chunks, tokens=tokens, used=used,

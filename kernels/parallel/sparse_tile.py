@@ -424,18 +424,10 @@ def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
     )  # fmt: skip
 
 
-def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv) -> None:
-    """dq (added to the window branches'), dgate's sparse column, and dk/dv added atomically."""
-    t = _tiles("sparse_tile_dq")
-    GR, RU, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
-    launch(
-        _sparse_tile_dq_kernel, (triton.cdiv(lay.T * GR, RU), lay.B * lay.NA),
-        q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, do=do,
-        o_s=saved["o_s"], lse_s=saved["lse_s"], dgate=dgate, delta_s=delta_s, dq=dq, T=lay.T,
-        NT=lay.NT, NA=lay.NA, **lay.args, scale=lay.scale, GR=GR, NSEL=lay.plan.n_select,
-        BS=lay.plan.block_size, BSP=lay.BSP, BQ=lay.plan.select_tile, RU=RU, RP=RP,
-        ACCUMULATE=lay.has_window, **_row_options(t, GR, RU),
-    )  # fmt: skip
+def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv, ready=None) -> None:
+    """dq (added to the window branches'), dgate's sparse column, and dk/dv added atomically.
+    The selection is inverted first; `ready()`, if given, runs before the dq launch (which
+    adds to dq: the window branches' dq must be written by then)."""
     t = _tiles("sparse_tile_dkv")
     GR, RU, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
     # chunks of about CH queries (CH // Bq tiles), fewer where the (tile, block) pairs would
@@ -443,6 +435,18 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv) -> 
     pairs = lay.B * lay.NA * lay.NT * lay.plan.n_select
     per_chunk = max(1, min(t["CH"] // lay.plan.select_tile, pairs // DKV_PROGRAMS))
     chunks, tiles, used = _invert(idx, lay.NB, per_chunk)
+    if ready is not None:
+        ready()
+    tq = _tiles("sparse_tile_dq")
+    GRq, RUq, RPq = tile_rows(lay.G, lay.plan.select_tile, tq["ROWS"])
+    launch(
+        _sparse_tile_dq_kernel, (triton.cdiv(lay.T * GRq, RUq), lay.B * lay.NA),
+        q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, do=do,
+        o_s=saved["o_s"], lse_s=saved["lse_s"], dgate=dgate, delta_s=delta_s, dq=dq, T=lay.T,
+        NT=lay.NT, NA=lay.NA, **lay.args, scale=lay.scale, GR=GRq, NSEL=lay.plan.n_select,
+        BS=lay.plan.block_size, BSP=lay.BSP, BQ=lay.plan.select_tile, RU=RUq, RP=RPq,
+        ACCUMULATE=lay.has_window, **_row_options(tq, GRq, RUq),
+    )  # fmt: skip
     launch(
         _sparse_tile_dkv_kernel, (chunks.shape[0],),
         q=q, k=k, v=v, gate=gate, bits=lay.bits, chunks=chunks, tiles=tiles, used=used,

@@ -402,5 +402,7 @@ def _spread_kernel(
         o_s = i_c * stride + i_s + tl.arange(0, BK)
         m_s = (i_s + tl.arange(0, BK) < stride)[:, None]
         o_kv = o_kh + (o_s * (HKV * D))[:, None] + o_d[None, :]
-        tl.store(dk + o_kv, tl.load(dk + o_kv, mask=m_s, other=0.0) + b_dk[None, :], mask=m_s)
-        tl.store(dv + o_kv, tl.load(dv + o_kv, mask=m_s, other=0.0) + b_dv[None, :], mask=m_s)
+        # atomic: the sparse branch's dk/dv may be adding to the same rows from another stream
+        b_zk = tl.zeros([BK, D], dtype=tl.float32)
+        tl.atomic_add(dk + o_kv, b_zk + b_dk[None, :], mask=m_s, sem="relaxed")
+        tl.atomic_add(dv + o_kv, b_zk + b_dv[None, :], mask=m_s, sem="relaxed")
