@@ -3,8 +3,10 @@ only on the GPU machine or by hand, so an import they lost would otherwise surfa
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -14,11 +16,27 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 SCRIPTS = sorted(p for p in BENCH.glob("*.py") if "argparse" in p.read_text())
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
-def test_bench_script_parses_its_command_line(script: Path):
-    out = subprocess.run(
+def _help(script: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300
     )
+
+
+@pytest.fixture(scope="module")
+def helps():
+    """Each script's `--help`, a fresh process each, run a few at a time in the background
+    (each is mostly one core importing torch); the tests take them in order."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    pool = ThreadPoolExecutor(max_workers=max(1, min(cpus or 1, 4)))
+    try:
+        yield {script: pool.submit(_help, script) for script in SCRIPTS}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
+def test_bench_script_parses_its_command_line(helps, script: Path):
+    out = helps[script].result()
     if out.returncode != 0 and not torch.cuda.is_available():
         assert "needs a CUDA GPU" in out.stderr, out.stderr[-2000:]  # says so, nothing else
         return

@@ -43,9 +43,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_TOKEN: list[str] = []
+
+
 def token() -> str:
-    out = subprocess.run(["ray", "get-auth-token"], capture_output=True, text=True, check=True)
-    return out.stdout.strip().splitlines()[-1]
+    """The cluster's auth token (~/.ray/auth_token), read once: `ray get-auth-token` is a
+    Python process that imports Ray (about a second a call)."""
+    if not _TOKEN:
+        out = subprocess.run(["ray", "get-auth-token"], capture_output=True, text=True, check=True)
+        _TOKEN.append(out.stdout.strip().splitlines()[-1])
+    return _TOKEN[0]
 
 
 def get(url: str) -> dict:
@@ -102,9 +109,12 @@ def cluster():
         for node in reversed(nodes):
             if node.poll() is None:
                 os.killpg(node.pid, signal.SIGTERM)
+        # the nodes stop together, with a short grace in all: a `ray start --block` node takes
+        # about half a minute to stop on SIGTERM, so what ends it is the SIGKILL after the grace
+        grace = time.time() + 2
         for node in reversed(nodes):
             try:
-                node.wait(timeout=5)
+                node.wait(timeout=max(0.0, grace - time.time()))
             except subprocess.TimeoutExpired:
                 os.killpg(node.pid, signal.SIGKILL)
                 node.wait()

@@ -272,10 +272,13 @@ def test_no_activation_is_scattered_or_gathered(monkeypatch, gate, name):
     into slots, no index_select out of them, and no zeros + index_add in the backward."""
 
     def op(self, q, k, v, gate, mask):
+        # reads q, k and v, as attention does: a projection whose output no op reads would get
+        # a zero-filled gradient from the split of the fused qkv projection
         G = q.shape[2] // k.shape[2]
         kq = k.unsqueeze(3).expand(*k.shape[:3], G, k.shape[3]).flatten(2, 3)
+        vq = v.unsqueeze(3).expand(*v.shape[:3], G, v.shape[3]).flatten(2, 3)
         m = torch.ones(q.shape[2]) if mask is None else mask.to(q.dtype)
-        return q * kq * gate[..., :1] * m[:, None]
+        return q * kq * vq * gate[..., :1] * m[:, None]
 
     monkeypatch.setattr(Attention, "_attend", op)
     model = model_of(config(gate))

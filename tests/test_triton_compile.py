@@ -4,10 +4,10 @@ The CPU tests run the kernels under the interpreter with small tiles; the GPU ru
 the tiles of `_gpu_tiles` (`_GPU_TILES`, with one head per window program where G is not a
 multiple of the packed heads), through the real compiler. Here the launches of one MLA forward
 and backward are recorded under the interpreter with the GPU's tiles, at awkward shapes (odd T
-and n_select, G = 3 and 16, a partial head mask), and each distinct kernel signature is then
-compiled for sm_90 by Triton's compiler in a process without the interpreter. (A kernel with
-a `tl.arange` over n_select reached the H200 untested: every CPU test had a power-of-two
-n_select.)
+and n_select, G = 3 and 16, a partial head mask), and each distinct kernel signature is
+compiled for sm_90 by Triton's compiler in processes without the interpreter (a few at once,
+as the launches are recorded). (A kernel with a `tl.arange` over n_select reached the H200
+untested: every CPU test had a power-of-two n_select.)
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pkgutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -99,8 +100,10 @@ def _recorder(name: str, kernel, launches: list[dict]):
     return Recorder()
 
 
-def record_launches(monkeypatch) -> list[dict]:
-    launches: list[dict] = []
+def record_launches(monkeypatch, launches: list[dict] | None = None) -> list[dict]:
+    """Every launch of an MLA forward and backward per case, with the GPU's tiles, appended to
+    `launches` (a list, or anything with `append`) in the order they run."""
+    launches = [] if launches is None else launches
     for module in MODULES:
         if hasattr(module, "_tiles"):
             monkeypatch.setattr(module, "_tiles", layout._gpu_tiles)
@@ -134,7 +137,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 failed = []
-for rec in json.load(open(sys.argv[1])):
+for line in sys.stdin:  # one launch record a line, compiled as it comes
+    rec = json.loads(line)
     fn = getattr(importlib.import_module(rec["module"]), rec["kernel"])
     names = list(rec["params"])
     signature = {n: rec["params"][n].get("type", "constexpr") for n in names}
@@ -151,23 +155,84 @@ sys.exit(1 if failed else 0)
 """
 
 
+class _Compilers:
+    """A few processes without the interpreter that compile each distinct launch for sm_90 as
+    soon as it is recorded (each compile is single-threaded), each with its own empty cache."""
+
+    def __init__(self, tmp_path, n: int):
+        script = tmp_path / "compile_kernels.py"
+        script.write_text(COMPILE)
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        self.distinct: dict[str, dict] = {}
+        self.outputs = [tmp_path / f"compile{i}.out" for i in range(n)]
+        self.procs = []
+        for i, out in enumerate(self.outputs):
+            with open(out, "w") as f:
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, str(script)],
+                        stdin=subprocess.PIPE,
+                        stdout=f,
+                        stderr=subprocess.STDOUT,
+                        text=True,
+                        env={**env, "TRITON_CACHE_DIR": str(tmp_path / f"cache{i}")},
+                    )
+                )
+
+    def append(self, launch: dict) -> None:
+        key = json.dumps(launch, sort_keys=True)
+        if key not in self.distinct:
+            self.distinct[key] = launch
+            proc = self.procs[(len(self.distinct) - 1) % len(self.procs)]
+            try:
+                proc.stdin.write(json.dumps(launch) + "\n")  # parameters in their order
+                proc.stdin.flush()
+            except BrokenPipeError:  # it died: its exit status and output tell why
+                pass
+
+    def failures(self, timeout: float) -> list[str]:
+        """Waits for every compile; the output of each process that failed one."""
+        for proc in self.procs:
+            try:
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        deadline = time.time() + timeout
+        for proc in self.procs:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+        return [
+            out.read_text()[-8000:]
+            for proc, out in zip(self.procs, self.outputs)
+            if proc.returncode != 0
+        ]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def test_kernels_compile_for_sm90(monkeypatch, tmp_path):
-    launches = record_launches(monkeypatch)
-    unique = {json.dumps(x, sort_keys=True): x for x in launches}
-    kernels = {x["kernel"] for x in unique.values()}
-    assert len(kernels) >= 10, kernels  # every kernel of the forward and backward launched
-    assert {"_tile_score_kernel", "_sparse_tile_fwd_kernel", "_sparse_tile_dkv_kernel"} <= kernels
-    path = tmp_path / "launches.json"
-    path.write_text(json.dumps(list(unique.values())))
-    script = tmp_path / "compile_kernels.py"
-    script.write_text(COMPILE)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    done = subprocess.run(
-        [sys.executable, str(script), str(path)], env=env, capture_output=True, text=True,
-        timeout=900,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    compilers = _Compilers(tmp_path, n=max(1, min(_cpus(), 8)))
+    try:
+        record_launches(monkeypatch, compilers)
+        kernels = {x["kernel"] for x in compilers.distinct.values()}
+        assert len(kernels) >= 10, kernels  # every kernel of the forward and backward launched
+        assert {"_tile_score_kernel", "_sparse_tile_fwd_kernel", "_sparse_tile_dkv_kernel"} <= (
+            kernels
+        )
+        failed = compilers.failures(timeout=900)
+    finally:
+        compilers.stop()
+    assert not failed, "\n\n".join(failed)
 
 
 class _Kernel:
