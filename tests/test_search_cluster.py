@@ -81,7 +81,7 @@ def cluster():
             try:
                 get(f"{url}/api/version")
                 break
-            except OSError:
+            except (OSError, subprocess.CalledProcessError):  # not up, or no token written yet
                 time.sleep(0.5)
         worker = ["ray", "start", f"--address=127.0.0.1:{port}", *common]
         # joining a token-protected cluster takes token mode on the joining side too
