@@ -13,7 +13,10 @@ its branches' dgate and softmax delta (read by the dk/dv kernels after it); dk/d
 for the local branch, per compressed tile for the global one (its gradient spread back over
 the pooled keys), and for the sparse one per chunk of the tokens that chose a key block (the
 selection inverted on the device by a count, a scan and an atomic fill), added atomically.
-The forward is deterministic; the sparse dk/dv sums are not bitwise (atomic order).
+On CUDA the sparse branch's chain (its selection in the forward; its inversion, dq and dk/dv in
+the backward) runs on a second stream beside the window branches' kernels (`OVERLAP`), and at
+short T the dk/dv launches split their work over more programs. The forward is deterministic;
+the dk/dv sums are not bitwise (atomic order).
 
 Files: `common.py` the shared `@triton.jit` helpers; `selection.py` the block scores, top-k and
 pooling; `window.py` the local and global branches; `sparse.py` the sparse branch and the
