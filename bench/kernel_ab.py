@@ -165,11 +165,13 @@ def main() -> None:
     args = ap.parse_args()
     before = load_before(args.before) if args.before else {}
     settings = dict(kv.split("=") for kv in args.set)
-    before.update({k: getattr(*module_of(k)) for k in settings})
+    base = dict(kv.split("=") for kv in args.base)
+    # every setting either side changes is set on both: the code's own value where not given
+    before.update({k: getattr(*module_of(k)) for k in {**settings, **base}})
     after = {k: getattr(*module_of(k)) for k in before}
     after.update({k: int(v) for k, v in settings.items()})
-    before.update({k: int(v) for k, v in (kv.split("=") for kv in args.base)})
-    names = [k for k in before if k not in settings] + args.kernels
+    before.update({k: int(v) for k, v in base.items()})
+    names = [k for k in before if k not in settings and k not in base] + args.kernels
     print("changed:", ", ".join(sorted(before)), "; timed kernels:", ", ".join(names), flush=True)
     rows = []
     for point in args.points:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from pathlib import Path
 
 
@@ -107,3 +108,11 @@ def spawn_workers(fn, nprocs: int, make_args) -> tuple:
     args = make_args()
     mp.spawn(fn, args=args, nprocs=nprocs, join=True)
     return args
+
+
+def cpus() -> int:
+    """The CPUs this process may run on (tests that start processes of their own size by it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

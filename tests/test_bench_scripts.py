@@ -3,7 +3,6 @@ only on the GPU machine or by hand, so an import they lost would otherwise surfa
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cpus
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 SCRIPTS = sorted(p for p in BENCH.glob("*.py") if "argparse" in p.read_text())
@@ -26,8 +26,7 @@ def _help(script: Path) -> subprocess.CompletedProcess:
 def helps():
     """Each script's `--help`, a fresh process each, run a few at a time in the background
     (each is mostly one core importing torch); the tests take them in order."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    pool = ThreadPoolExecutor(max_workers=max(1, min(cpus or 1, 4)))
+    pool = ThreadPoolExecutor(max_workers=max(1, min(cpus(), 4)))
     try:
         yield {script: pool.submit(_help, script) for script in SCRIPTS}
     finally:

@@ -24,6 +24,7 @@ import time
 
 import pytest
 import torch
+from helpers import cpus
 
 from automla.kernels import AttentionConfig, parallel
 from automla.kernels.parallel import layout
@@ -213,15 +214,8 @@ class _Compilers:
                 proc.wait()
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def test_kernels_compile_for_sm90(monkeypatch, tmp_path):
-    compilers = _Compilers(tmp_path, n=max(1, min(_cpus(), 8)))
+    compilers = _Compilers(tmp_path, n=max(1, min(cpus(), 8)))
     try:
         record_launches(monkeypatch, compilers)
         kernels = {x["kernel"] for x in compilers.distinct.values()}

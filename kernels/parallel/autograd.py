@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 
@@ -52,10 +50,6 @@ def _join(side: torch.cuda.Stream | None) -> None:
         torch.cuda.current_stream(side.device).wait_stream(side)
 
 
-def _on(side: torch.cuda.Stream | None):
-    return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
-
-
 def mla_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -94,7 +88,7 @@ def mla_fwd(
     idx = lse_l
     side = _fork(q, lay)
     if side is not None:  # the selection beside the window kernel
-        with _on(side):
+        with torch.cuda.stream(side):
             idx = branch.select(q, k, lay, km)
     if lay.has_window:
         t = _tiles("window_fwd", lay.G)
@@ -172,32 +166,29 @@ def mla_bwd(
     delta_l = delta_buffer(lay.has_local)
     delta_g = delta_buffer(lay.has_global)
     delta_s = delta_buffer(lay.has_sparse)
-    side = _fork(q, lay)
-    main = torch.cuda.current_stream(dev) if side is not None else None
-
-    def window_dq() -> None:
-        with _on(main):  # the main stream, also when called from the side stream's turn
-            _window_dq(do, q, k, v, gate, lay, saved, dgate, delta_l, delta_g, dq)
-        if side is not None:
-            side.wait_stream(main)  # the sparse dq adds to the window branches' dq
-
-    def window_dkv() -> None:
-        _window_dkv(do, q, k, v, gate, lay, saved, delta_l, delta_g, dk, dv)
-
+    window = (do, q, k, v, gate, lay, saved)
     if lay.has_sparse:
         branch = sparse_tile if lay.plan.select_tile > 1 else sparse
         args = (q, k, v, gate, do, saved["idx"], lay, saved, dgate, delta_s, dq, dk, dv)
+    side = _fork(q, lay)
     if side is None:
-        window_dq()
-        window_dkv()
+        _window_dq(*window, dgate, delta_l, delta_g, dq)
+        _window_dkv(*window, delta_l, delta_g, dk, dv)
         if lay.has_sparse:
             branch.backward(*args)
     else:
+        main = torch.cuda.current_stream(dev)
+
+        def window_dq() -> None:  # called from the side stream's turn, launched on main
+            with torch.cuda.stream(main):
+                _window_dq(*window, dgate, delta_l, delta_g, dq)
+            side.wait_stream(main)  # the sparse dq adds to the window branches' dq
+
         # side: the inversion, then (once the window dq is written) the sparse dq and dk/dv;
         # main meanwhile: the window dq, then the window branches' dk/dv
-        with _on(side):
+        with torch.cuda.stream(side):
             branch.backward(*args, ready=window_dq)
-        window_dkv()
+        _window_dkv(*window, delta_l, delta_g, dk, dv)
         _join(side)
     dkv = dkv.to(k.dtype)
     return dq, dkv[0], dkv[1], dgate
