@@ -149,9 +149,13 @@ def mla_bwd(
     # the dq kernels write every (active head, present branch) entry of dgate
     full = not lay.partial and lay.has_local and lay.has_global and lay.has_sparse
     dgate = (torch.empty if full else torch.zeros)(B, T, HQ, 3, dtype=gate.dtype, device=dev)
-    # float32: the branches add into them (the sparse one atomically); one buffer, one cast
-    dkv = torch.zeros(2, B, T, HKV, D, dtype=torch.float32, device=dev)
+    # float32: the branches add into them atomically; one buffer, one memset, one cast. Behind
+    # dk/dv, the global branch's gradient of the compressed keys (dkc/dvc), spread back later.
+    n_kv, n_c = 2 * B * T * HKV * D, 2 * B * lay.NC * HKV * D
+    buffer = torch.zeros(n_kv + n_c, dtype=torch.float32, device=dev)
+    dkv = buffer[:n_kv].view(2, B, T, HKV, D)
     dk, dv = dkv
+    dkvc = buffer[n_kv:].view(2, B, lay.NC, HKV, D)
     if lay.partial or not lay.any:
         dq = torch.zeros_like(q)
     else:
@@ -167,13 +171,14 @@ def mla_bwd(
     delta_g = delta_buffer(lay.has_global)
     delta_s = delta_buffer(lay.has_sparse)
     window = (do, q, k, v, gate, lay, saved)
+    window_dkv = (delta_l, delta_g, dk, dv, dkvc)
     if lay.has_sparse:
         branch = sparse_tile if lay.plan.select_tile > 1 else sparse
         args = (q, k, v, gate, do, saved["idx"], lay, saved, dgate, delta_s, dq, dk, dv)
     side = _fork(q, lay)
     if side is None:
         _window_dq(*window, dgate, delta_l, delta_g, dq)
-        _window_dkv(*window, delta_l, delta_g, dk, dv)
+        _window_dkv(*window, *window_dkv)
         if lay.has_sparse:
             branch.backward(*args)
     else:
@@ -188,7 +193,7 @@ def mla_bwd(
         # main meanwhile: the window dq, then the window branches' dk/dv
         with torch.cuda.stream(side):
             branch.backward(*args, ready=window_dq)
-        _window_dkv(*window, delta_l, delta_g, dk, dv)
+        _window_dkv(*window, *window_dkv)
         _join(side)
     dkv = dkv.to(k.dtype)
     return dq, dkv[0], dkv[1], dgate
@@ -236,41 +241,11 @@ def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, 
         )
 
 
-def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv) -> None:
-    """The local and global branches' dk/dv, added to the float32 dk, dv."""
+def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv, dkvc) -> None:
+    """The local and global branches' dk/dv, added to the float32 dk, dv. dkvc: the zeroed
+    float32 [2, B, NC, HKV, D] that the global branch's compressed-key gradient is summed in."""
     B, T, HKV, D = lay.B, lay.T, lay.HKV, lay.D
-    dev = q.device
-    if lay.has_local:
-        t = _tiles("local_dkv")
-        n_tiles = triton.cdiv(T, t["BK"])
-        # each key tile's (head, query tile) items split over programs until the launch has
-        # about LOCAL_DKV_PROGRAMS of them: at short T there are too few key tiles alone
-        items = lay.G * triton.cdiv(min(lay.plan.window + t["BK"], T) + t["BT"], t["BT"])
-        nsplit = max(1, min(items, LOCAL_DKV_PROGRAMS // (n_tiles * B * lay.NA)))
-        launch(
-            _local_bwd_dkv_kernel,
-            (n_tiles, B * lay.NA, nsplit),
-            q=q,
-            k=k,
-            v=v,
-            gate=gate,
-            active=lay.active,
-            groups=lay.groups,
-            do=do,
-            lse_l=saved["lse_l"],
-            delta_l=delta_l,
-            dk=dk,
-            dv=dv,
-            T=T,
-            NA=lay.NA,
-            NSPLIT=nsplit,
-            window=lay.plan.window,
-            **lay.args,
-            scale=lay.scale,
-            BT=t["BT"],
-            BK=t["BK"],
-            **_options(t),
-        )
+    dkc, dvc = dkvc
     if lay.has_global:
         t = _tiles("global_dkv")
         NC = lay.NC
@@ -278,8 +253,6 @@ def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv
         # split the queries after each tile so that the launch fills the GPU
         nsplit = max(1, min(triton.cdiv(T, t["BT"]), triton.cdiv(1024, n_tiles * B * lay.NA)))
         chunk = triton.cdiv(triton.cdiv(T, nsplit), t["BT"]) * t["BT"]
-        # fully pruned groups' rows stay unset: the spread below skips them too
-        dkc, dvc = torch.empty(2, nsplit, B, NC, HKV, D, dtype=torch.float32, device=dev)
         launch(
             _global_bwd_dkv_kernel,
             (n_tiles, B * lay.NA, nsplit),
@@ -305,11 +278,50 @@ def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv
             BC=t["BC"],
             **_options(t),
         )
+    if lay.has_local:
+        t = _tiles("local_dkv")
+        n_tiles = triton.cdiv(T, t["BK"])
+        # each key tile's (head, query tile) items split over programs until the launch has
+        # about LOCAL_DKV_PROGRAMS of them: at short T there are too few key tiles alone
+        items = lay.G * triton.cdiv(min(lay.plan.window + t["BK"], T) + t["BT"], t["BT"])
+        nsplit = max(1, min(items, LOCAL_DKV_PROGRAMS // (n_tiles * B * lay.NA)))
+        launch(
+            _local_bwd_dkv_kernel,
+            (n_tiles, B * lay.NA, nsplit),
+            q=q,
+            k=k,
+            v=v,
+            gate=gate,
+            active=lay.active,
+            groups=lay.groups,
+            do=do,
+            lse_l=saved["lse_l"],
+            delta_l=delta_l,
+            dk=dk,
+            dv=dv,
+            dkc=dkc,
+            dvc=dvc,
+            T=T,
+            NC=lay.NC,
+            NA=lay.NA,
+            NSPLIT=nsplit,
+            window=lay.plan.window,
+            stride=lay.stride,
+            **lay.args,
+            scale=lay.scale,
+            BT=t["BT"],
+            BK=t["BK"],
+            # the global branch's key gradient goes back over the pooled keys here, not in a
+            # launch of its own
+            SPREAD=lay.has_global,
+            **_options(t),
+        )
+    elif lay.has_global:
         BK = min(64, triton.next_power_of_2(lay.stride))
         launch(
-            _spread_kernel, (NC, B * lay.NA),
-            dkc=dkc, dvc=dvc, groups=lay.groups, dk=dk, dv=dv, T=T, NC=NC, NA=lay.NA,
-            stride=lay.stride, NSPLIT=nsplit, HKV=HKV, D=D, BK=BK,
+            _spread_kernel, (lay.NC, B * lay.NA),
+            dkc=dkc, dvc=dvc, groups=lay.groups, dk=dk, dv=dv, T=T, NC=lay.NC, NA=lay.NA,
+            stride=lay.stride, HKV=HKV, D=D, BK=BK,
         )  # fmt: skip
 
 

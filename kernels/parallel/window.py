@@ -223,10 +223,14 @@ def _local_bwd_dkv_kernel(
     delta_l,
     dk,
     dv,
+    dkc,
+    dvc,
     T,
+    NC,
     NA,
     NSPLIT,
     window,
+    stride,
     scale2,
     scale,
     HQ: tl.constexpr,
@@ -235,12 +239,15 @@ def _local_bwd_dkv_kernel(
     D: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
+    SPREAD: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # One key tile of one KV head, one of NSPLIT programs: the queries that see the tile are
     # the next `window` tokens of each active head of the group, G x nq (head, query tile)
     # items, of which this program takes every NSPLIT-th. Splitting keeps short sequences from
     # running a few long programs. dk/dv are float32 buffers that every branch adds to.
+    # SPREAD: the first program also adds the global branch's gradient of the compressed
+    # token that pooled each key (dkc/dvc [B, NC, HKV, D], complete), 1/stride of it.
     i_s, i_bg, i_sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bg // NA
     i_hk = tl.load(groups + i_bg % NA)
@@ -284,8 +291,15 @@ def _local_bwd_dkv_kernel(
             b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
             b_dst = b_pt * (b_dpt - b_delta[None, :])
             b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    b_dk = b_dk * scale
+    if SPREAD:
+        o_c = o_s // stride
+        m_c = (m_s & (o_c < tl.where(i_sp == 0, NC, 0)))[:, None]  # the first program only
+        o_ckv = (i_b * NC * HKV + i_hk).to(tl.int64) * D + (o_c * (HKV * D))[:, None] + o_d[None, :]
+        b_dk += tl.load(dkc + o_ckv, mask=m_c, other=0.0) / stride
+        b_dv += tl.load(dvc + o_ckv, mask=m_c, other=0.0) / stride
     if i_sp < G * nq:  # the split programs of one key tile add up (relaxed: only sums matter)
-        tl.atomic_add(dk + o_kv, b_dk * scale, mask=m_s[:, None], sem="relaxed")
+        tl.atomic_add(dk + o_kv, b_dk, mask=m_s[:, None], sem="relaxed")
         tl.atomic_add(dv + o_kv, b_dv, mask=m_s[:, None], sem="relaxed")
 
 
@@ -318,10 +332,9 @@ def _global_bwd_dkv_kernel(
     PREC: tl.constexpr,
 ):
     # One tile of compressed keys of one KV head, over one chunk of the queries after it;
-    # each chunk writes its own partial gradient [NSPLIT, B, NC, HKV, D] (`_spread_kernel`
-    # sums them).
+    # the chunks add their partial gradients into dkc/dvc [B, NC, HKV, D] (float32, zeroed),
+    # which the local dk/dv kernel or `_spread_kernel` spreads back over the pooled keys.
     i_c, i_bg, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    B = tl.num_programs(1) // NA
     i_b = i_bg // NA
     i_hk = tl.load(groups + i_bg % NA)
     o_kh = (i_b * NC * HKV + i_hk).to(tl.int64) * D
@@ -360,9 +373,9 @@ def _global_bwd_dkv_kernel(
                 b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
                 b_dst = b_pt * (b_dpt - b_delta[None, :])
                 b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
-    o_out = (i_p * B * NC * HKV).to(tl.int64) * D + o_kh
-    tl.store(dkc + o_out + o_kv, b_dk * scale, mask=m_c[:, None])
-    tl.store(dvc + o_out + o_kv, b_dv, mask=m_c[:, None])
+    if lo < T:  # a chunk past the end read nothing (relaxed: only the sums matter)
+        tl.atomic_add(dkc + o_kh + o_kv, b_dk * scale, mask=m_c[:, None], sem="relaxed")
+        tl.atomic_add(dvc + o_kh + o_kv, b_dv, mask=m_c[:, None], sem="relaxed")
 
 
 @triton.jit
@@ -376,27 +389,19 @@ def _spread_kernel(
     NC,
     NA,
     stride,
-    NSPLIT,
     HKV: tl.constexpr,
     D: tl.constexpr,
     BK: tl.constexpr,
 ):
-    # One compressed token of one batch and active group: its gradient, summed over the query
-    # splits of the global dk/dv kernel, goes 1/stride to each of the keys it pooled.
+    # One compressed token of one batch and active group (without a local branch, which
+    # otherwise does this): its gradient goes 1/stride to each of the keys it pooled.
     i_c, i_bg = tl.program_id(0), tl.program_id(1)
-    B = tl.num_programs(1) // NA
     i_b = i_bg // NA
     i_hk = tl.load(groups + i_bg % NA)
     o_d = tl.arange(0, D)
     o_c = ((i_b * NC + i_c) * HKV + i_hk).to(tl.int64) * D + o_d
-    b_dk = tl.zeros([D], dtype=tl.float32)
-    b_dv = tl.zeros([D], dtype=tl.float32)
-    for i_p in range(NSPLIT):
-        o_p = (i_p * B * NC * HKV).to(tl.int64) * D
-        b_dk += tl.load(dkc + o_p + o_c)
-        b_dv += tl.load(dvc + o_p + o_c)
-    b_dk = b_dk / stride
-    b_dv = b_dv / stride
+    b_dk = tl.load(dkc + o_c) / stride
+    b_dv = tl.load(dvc + o_c) / stride
     o_kh = (i_b * T * HKV + i_hk).to(tl.int64) * D
     for i_s in range(0, stride, BK):
         o_s = i_c * stride + i_s + tl.arange(0, BK)
