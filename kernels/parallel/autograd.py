@@ -12,7 +12,7 @@ from ..config import AttentionConfig, Plan
 from . import sparse, sparse_tile
 from .common import _interpret
 from .launch import compiling_ahead, launch
-from .layout import _Layout, _options, _tiles
+from .layout import _Layout, _options
 from .selection import _pool
 from .window import (
     _global_bwd_dkv_kernel,
@@ -91,7 +91,7 @@ def mla_fwd(
         with torch.cuda.stream(side):
             idx = branch.select(q, k, lay, km)
     if lay.has_window:
-        t = _tiles("window_fwd", lay.G)
+        t = lay.tiles("window_fwd")
         packs = lay.packs(t["HP"])
         launch(
             _window_fwd_kernel,
@@ -203,7 +203,7 @@ def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, 
     """The window branches' dq (written), their dgate columns and softmax deltas."""
     B, T = lay.B, lay.T
     if lay.has_window:
-        t = _tiles("window_dq", lay.G)
+        t = lay.tiles("window_dq")
         packs = lay.packs(t["HP"])
         launch(
             _window_bwd_dq_kernel,
@@ -247,7 +247,7 @@ def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv
     B, T, HKV, D = lay.B, lay.T, lay.HKV, lay.D
     dkc, dvc = dkvc
     if lay.has_global:
-        t = _tiles("global_dkv")
+        t = lay.tiles("global_dkv")
         NC = lay.NC
         n_tiles = triton.cdiv(NC, t["BC"])
         # split the queries after each tile so that the launch fills the GPU
@@ -279,7 +279,7 @@ def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv
             **_options(t),
         )
     if lay.has_local:
-        t = _tiles("local_dkv")
+        t = lay.tiles("local_dkv")
         n_tiles = triton.cdiv(T, t["BK"])
         # each key tile's (head, query tile) items split over programs until the launch has
         # about LOCAL_DKV_PROGRAMS of them: at short T there are too few key tiles alone

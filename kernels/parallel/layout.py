@@ -40,18 +40,30 @@ _CPU_TILES = {
 _GPU_TILES_ONE_HEAD = {"BT": 64, "BK": 64, "BC": 64, "HP": 1, "num_warps": 4}
 
 
-def _gpu_tiles(kernel: str, G: int | None = None) -> dict:
-    """The GPU launch tiles of `kernel`; G (window kernels): the group size."""
+# Changes to the tiles above at head dim 64 and below, where a tile's MMAs are half as long
+# (swept at 8k, 12 q / 4 KV heads, D 64: bench/NOTES.md, ninth session).
+_GPU_TILES_D64 = {
+    "window_dq": {"num_stages": 3},
+    "local_dkv": {"num_stages": 3},
+    "global_dkv": {"BC": 32},
+    "sparse_tile_dq": {"ROWS": 64, "num_warps": 4, "num_stages": 3},
+}
+
+
+def _gpu_tiles(kernel: str, G: int | None = None, D: int | None = None) -> dict:
+    """The GPU launch tiles of `kernel`; G (window kernels): the group size; D: the head dim."""
     tiles = _GPU_TILES[kernel]
     if G is not None and G % tiles.get("HP", 1):
         tiles = _GPU_TILES_ONE_HEAD
+    if D is not None and D <= 64:
+        tiles = {**tiles, **_GPU_TILES_D64.get(kernel, {})}
     return {"num_stages": 2, **tiles}
 
 
-def _tiles(kernel: str, G: int | None = None) -> dict:
+def _tiles(kernel: str, G: int | None = None, D: int | None = None) -> dict:
     if _interpret():
         return dict(_CPU_TILES, num_stages=1)
-    return _gpu_tiles(kernel, G)
+    return _gpu_tiles(kernel, G, D)
 
 
 def _options(tiles: dict) -> dict:
@@ -154,3 +166,7 @@ class _Layout:
         self.args = dict(
             scale2=self.scale2, HQ=self.HQ, HKV=self.HKV, G=self.G, D=self.D, PREC=self.prec
         )
+
+    def tiles(self, kernel: str) -> dict:
+        """The launch tiles of `kernel` for this call's group size and head dim."""
+        return _tiles(kernel, self.G, self.D)

@@ -11,7 +11,7 @@ import triton.language as tl
 from ..config import Plan
 from .common import _kmean_scores
 from .launch import launch
-from .layout import _Layout, _options, _tiles
+from .layout import _Layout, _options
 
 
 @triton.jit
@@ -190,7 +190,7 @@ def _select(
 ) -> torch.Tensor:
     """Block indices [B, T, HKV, n_select] int32, as `selection.select_blocks` (-1: no block).
     km: the float32 block means of k [B, NB, HKV, D] when the caller has them already."""
-    t = _tiles("score")
+    t = lay.tiles("score")
     BTOK = max(1, 64 // lay.GP)
     return _rank(
         _score_kernel, lay.T, triton.cdiv(lay.T, BTOK), q, k, lay, km, t, GP=lay.GP, BTOK=BTOK

@@ -21,7 +21,7 @@ from .common import (
     _sparse_dkv_rows,
 )
 from .launch import launch
-from .layout import _options, _tiles
+from .layout import _options
 from .selection import _select
 
 
@@ -313,7 +313,7 @@ def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
         q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, o=o, o_s=o_s,
         lse_s=lse_s, T=lay.T, NA=lay.NA, **lay.args, GP=lay.GP16, NSEL=lay.plan.n_select,
         BS=lay.plan.block_size, BSP=lay.BSP, ACCUMULATE=lay.has_window, STORE=store,
-        **_options(_tiles("sparse_fwd")),
+        **_options(lay.tiles("sparse_fwd")),
     )  # fmt: skip
 
 
@@ -321,7 +321,7 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv, rea
     """dq (added to the window branches'), dgate's sparse column, and dk/dv added atomically.
     The selection is inverted first; `ready()`, if given, runs before the dq launch (which
     adds to dq: the window branches' dq must be written by then)."""
-    t = _tiles("sparse_dkv")
+    t = lay.tiles("sparse_dkv")
     chunks, tokens, used = _invert(idx, lay.NB, t["CH"])
     if ready is not None:
         ready()
@@ -331,7 +331,7 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv, rea
         o_s=saved["o_s"], lse_s=saved["lse_s"], dgate=dgate, delta_s=delta_s, dq=dq, T=lay.T,
         NA=lay.NA, **lay.args, scale=lay.scale, GP=lay.GP16, NSEL=lay.plan.n_select,
         BS=lay.plan.block_size, BSP=lay.BSP, ACCUMULATE=lay.has_window,
-        **_options(_tiles("sparse_dq")),
+        **_options(lay.tiles("sparse_dq")),
     )  # fmt: skip
     launch(
         _sparse_bwd_dkv_kernel, (chunks.shape[0],),

@@ -31,7 +31,7 @@ from .common import (
     _sparse_dkv_rows,
 )
 from .launch import launch
-from .layout import _options, _tiles
+from .layout import _options
 from .selection import _rank
 from .sparse import _invert
 
@@ -402,7 +402,7 @@ def select(q, k, lay, km) -> torch.Tensor:
     """Block indices [B, NT, HKV, n_select] int32 of each tile of Bq queries, best first (-1:
     no block), as `selection.select_tiles`. km: the float32 block means [B, NB, HKV, D], or
     None (pooled here)."""
-    t = _tiles("tile_score")
+    t = lay.tiles("tile_score")
     bq = lay.plan.select_tile
     GR, RU, RP = tile_rows(lay.G, bq, t["ROWS"])
     t = {**t, **_row_options(t, GR, RU)}
@@ -413,7 +413,7 @@ def select(q, k, lay, km) -> torch.Tensor:
 
 def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
     """The sparse branch's output, gated and added to o (written when no window branch ran)."""
-    t = _tiles("sparse_tile_fwd")
+    t = lay.tiles("sparse_tile_fwd")
     GR, RU, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
     launch(
         _sparse_tile_fwd_kernel, (triton.cdiv(lay.T * GR, RU), lay.B * lay.NA),
@@ -428,7 +428,7 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv, rea
     """dq (added to the window branches'), dgate's sparse column, and dk/dv added atomically.
     The selection is inverted first; `ready()`, if given, runs before the dq launch (which
     adds to dq: the window branches' dq must be written by then)."""
-    t = _tiles("sparse_tile_dkv")
+    t = lay.tiles("sparse_tile_dkv")
     GR, RU, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
     # chunks of about CH queries (CH // Bq tiles), fewer where the (tile, block) pairs would
     # give less than about DKV_PROGRAMS chunks: short sequences would run a few long programs
@@ -437,7 +437,7 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv, rea
     chunks, tiles, used = _invert(idx, lay.NB, per_chunk)
     if ready is not None:
         ready()
-    tq = _tiles("sparse_tile_dq")
+    tq = lay.tiles("sparse_tile_dq")
     GRq, RUq, RPq = tile_rows(lay.G, lay.plan.select_tile, tq["ROWS"])
     launch(
         _sparse_tile_dq_kernel, (triton.cdiv(lay.T * GRq, RUq), lay.B * lay.NA),
