@@ -4,8 +4,9 @@ A trial asking for several workers runs `run_distributed_trial` in its Tune func
 a TorchTrainer (one process per worker, gloo on CPU, NCCL on GPUs), every worker calls
 `automla.trainers.train` with the same config (batch_size is the global batch), and rank 0's
 evaluations come back to the trial's own process through a Ray queue, where `report` forwards
-them to Tune. The trial itself holds no resources (see `trial_resources`): the workers reserve
-theirs, and they are owned by the trial, so a trial stopped by Tune takes its workers with it.
+them to Tune; rank 0 trains on once that is done, as in a one-worker trial. The trial itself
+holds no resources (see `trial_resources`): the workers reserve theirs, and they are owned by
+the trial, so a trial stopped by Tune takes its workers with it.
 
 Ray 2.60 runs Ray Train v2, which no longer accepts a TorchTrainer as a Tune trainable; calling
 `fit()` inside a function trainable is the supported way.
@@ -157,9 +158,9 @@ def run_distributed_trial(
     Call it from a Ray Tune function trainable (or any Ray driver). report(metrics,
     checkpoint_dir) is called in this process for each of rank 0's evaluations, with
     `world_size` added to the metrics; checkpoint_dir is the folder rank 0 wrote (under out_dir)
-    or None. Returns rank 0's final metrics. A worker's failure (or a NaN loss, raised on every
-    rank alike) is raised here, so the trial fails with it; a worker whose process died raises
-    WorkerDiedError naming its rank.
+    or None, left as it is until report returns (rank 0 waits for it). Returns rank 0's final
+    metrics. A worker's failure (or a NaN loss, raised on every rank alike) is raised here, so
+    the trial fails with it; a worker whose process died raises WorkerDiedError naming its rank.
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -175,6 +176,11 @@ def run_distributed_trial(
     out = str(out_dir) if out_dir is not None else None
     resume_at = str(resume) if resume is not None else None
     channel = Queue(actor_options={"num_cpus": 0})
+    # a token per evaluation once `report` has returned. Tune's report copies the checkpoint
+    # folder and syncs the trial folder (out_dir lies inside it): rank 0 going on meanwhile
+    # rewrites them under the copy (the next step's checkpoint, or checkpoint.tmp renamed away
+    # mid-copy: FileNotFoundError, and the trial fails as if it had crashed)
+    reported = Queue(actor_options={"num_cpus": 0})
 
     def worker_loop(_loop_config: dict) -> None:
         import torch
@@ -193,6 +199,7 @@ def run_distributed_trial(
             # the trainer reports on rank 0 only
             ckpt = str(checkpoint_dir) if checkpoint_dir is not None else None
             channel.put(({**metrics, "world_size": world}, ckpt))
+            reported.get()  # out_dir is Tune's until the trial has reported this
 
         train_fn(cfg, out_dir=out if dist.is_main() else None, report=forward, resume=resume_at)
 
@@ -232,6 +239,7 @@ def run_distributed_trial(
         final = metrics
         if report is not None:
             report(dict(metrics), Path(ckpt) if ckpt is not None else None)
+        reported.put(None)
 
     try:
         while runner.is_alive():
@@ -245,8 +253,9 @@ def run_distributed_trial(
                 deliver(channel.get_nowait())
             except (Empty, queue.Empty):
                 break
-    finally:
+    finally:  # a rank 0 still waiting (report raised) fails with the queues
         channel.shutdown(force=True)
+        reported.shutdown(force=True)
     if "error" in outcome:
         raise _worker_death(outcome["error"], workers) or outcome["error"]
     result = outcome["result"]

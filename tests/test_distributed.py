@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -191,13 +192,23 @@ def test_ray_train_workers_inside_a_tune_trial(tmp_path):
 
     config = tiny(steps=4, eval_every=2)
 
+    def report(metrics: dict, checkpoint_dir) -> None:
+        # Tune copies the folder while report runs; a slow copy must still find this step's
+        # checkpoint there at the end (rank 0 waits for report before it trains on)
+        def held() -> int:
+            return torch.load(checkpoint_dir / "checkpoint.pt", weights_only=True)["step"]
+
+        first = held()
+        time.sleep(1.0)  # the next evaluation, if rank 0 went on, is well under a second away
+        tune.report({**metrics, "held_from": first, "held_to": held()})
+
     def trainable(params: dict) -> None:
         run_distributed_trial(
             config,
             workers=2,
             use_gpu=False,
             cpus_per_worker=0.5,
-            report=lambda m, _c: tune.report(m),
+            report=report,
             out_dir=os.path.join(tune.get_context().get_trial_dir(), "train"),
         )
 
@@ -212,6 +223,7 @@ def test_ray_train_workers_inside_a_tune_trial(tmp_path):
     history = result.metrics_dataframe
     assert list(history["step"]) == [2, 4]
     assert list(history["world_size"]) == [2, 2]
+    assert list(history["held_from"]) == list(history["held_to"]) == [2, 4], history
     single: list[dict] = []
     train(config, report=lambda m, _c: single.append(m))
     assert torch.allclose(
