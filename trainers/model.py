@@ -87,25 +87,10 @@ class GateMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits; with `rows`, only those outputs of the last layer are computed."""
-        weight, bias = self.first(rows)
-        return self.rest(F.linear(x, weight, bias), rows)
-
-    def first(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first layer's weight and bias (only their `rows` where it is also the last): a
-        caller may run it inside a larger matmul, then `rest` on its output."""
-        first = self.net[0]
-        if rows is None or len(self.net) > 1:
-            return first.weight, first.bias
-        return first.weight.index_select(0, rows), first.bias.index_select(0, rows)
-
-    def rest(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The layers after the first, on the first's output h."""
-        if len(self.net) == 1:
-            return h
         if rows is None:
-            return self.net[1:](h)
+            return self.net(x)
         last = self.net[-1]
-        h = self.net[1:-1](h)
+        h = self.net[:-1](x)
         return F.linear(h, last.weight.index_select(0, rows), last.bias.index_select(0, rows))
 
 
@@ -319,20 +304,7 @@ class Attention(nn.Module):
         half = self._fused_rotary(x)
         rows = self._half_rows(lay) if half else lay.rows
         w = self.qkv.weight if rows is None else self.qkv.weight.index_select(0, rows)
-        logits = None
-        if (
-            self.gate is not None
-            and self.cfg.mla.gate.input == "hidden"
-            and not fast_ops.is_float8(self.qkv)
-        ):
-            # the gate's first layer in the qkv matmul: x is read (and cast) once, and its
-            # gradient comes from one matmul instead of two added
-            wg, bg = self.gate.first(lay.gate_rows)
-            qkv, g = F.linear(x, torch.cat([w, wg])).split([w.shape[0], wg.shape[0]], dim=-1)
-            logits = self.gate.rest(g + bg, lay.gate_rows).view(B, T, S, 3)
-        else:
-            qkv = _linear(self.qkv, x, w)
-        qkv = qkv.view(B, T, S + 2 * K, d)
+        qkv = _linear(self.qkv, x, w).view(B, T, S + 2 * K, d)
         # split, not sliced: a split's backward writes qkv's gradient with one cat, where each
         # slice's would zero a tensor of qkv's size, copy into it and add it to the others
         if half:
@@ -350,9 +322,9 @@ class Attention(nn.Module):
             else:
                 y = self._sdpa(q, k.index_select(2, lay.kv_of), v.index_select(2, lay.kv_of), 1)
         else:
-            if logits is None and self.cfg.mla.gate.input == "hidden":  # beside a float8 qkv
+            if self.cfg.mla.gate.input == "hidden":
                 logits = self.gate(x, lay.gate_rows).view(B, T, S, 3)
-            elif logits is None:
+            else:
                 # the query before rotary: its content, not its position
                 logits = self.gate(fast_ops.from_half(q_in) if half else q_in)
             # empty slots carry a borrowed head's query and gate: the op masks them, so their
