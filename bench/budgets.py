@@ -13,14 +13,17 @@ BLOCK = 64
 BUDGETS = {"nsa": (512, 16, 64), "small": (256, 4, 128)}
 
 
-def budget_config(T: int, budget: str = "nsa", select_tile: int = 1) -> AttentionConfig:
+def budget_config(
+    T: int, budget: str = "nsa", select_tile: int = 1, config_class: type = AttentionConfig
+) -> AttentionConfig:
     """The AttentionConfig whose plan at length T has the budget's window, selected blocks of
     64 and global stride. The pooled tokens grow with T (T / stride of them), so the budget
-    does too: window + blocks * 64 + T / stride."""
+    does too: window + blocks * 64 + T / stride. config_class: another tree's AttentionConfig
+    (`tree_ab.py`)."""
     window, blocks, stride = BUDGETS[budget]
     for g in (T // stride, T // stride + 1):  # + 1 when rounding pushes the stride up
         total = window + blocks * BLOCK + g
-        cfg = AttentionConfig(
+        cfg = config_class(
             budget=total,
             ratios=(window / total, g / total, blocks * BLOCK / total),
             block_size=BLOCK,

@@ -47,14 +47,14 @@ def worker(root: str, points: list[str], save: str, rep: int) -> None:
 
     if not kernels.__file__.startswith(os.path.abspath(root)):
         raise SystemExit(f"kernels imported from {kernels.__file__}, not from {root}")
-    from budgets import BLOCK, BUDGETS
+    from budgets import budget_config
     from tile_shapes import in_one_graph, inputs, sdpa
     from timing import kernel_ms
 
     for point in points:
         shape, T, budget, bq = point.split(":")
         hq, hkv, d = (int(x) for x in shape.split("/"))
-        cfg = config(kernels.AttentionConfig, int(T), *BUDGETS[budget], BLOCK, int(bq))
+        cfg = budget_config(int(T), budget, int(bq), kernels.AttentionConfig)
         xs = inputs(int(T), hq, hkv, d)
 
         def op(q, k, v, g, cfg=cfg):
@@ -81,32 +81,8 @@ def worker(root: str, points: list[str], save: str, rep: int) -> None:
         print(json.dumps({**row, "per": per}), flush=True)
 
 
-def config(attention_config, T, window, blocks, stride, block, bq):
-    """`budgets.budget_config` with the tree's own AttentionConfig class."""
-    for g in (T // stride, T // stride + 1):
-        total = window + blocks * block + g
-        ratios = (window / total, g / total, blocks * block / total)
-        cfg = attention_config(budget=total, ratios=ratios, block_size=block, select_tile=bq)
-        plan = cfg.plan(T)
-        if (plan.window, plan.n_select, plan.stride) == (window, blocks, stride):
-            return cfg
-    raise AssertionError(f"no budget gives window {window}, {blocks} blocks, stride {stride}")
-
-
 def slug(point: str) -> str:
     return point.replace("/", "-").replace(":", "_")
-
-
-def max_diff(a: list, b: list) -> float:
-    """Largest |a - b| relative to max |b| over the tensors; NaN or inf gives inf."""
-    import torch
-
-    worst = 0.0
-    for x, y in zip(a, b):
-        if not torch.isfinite(x).all():
-            return float("inf")
-        worst = max(worst, ((x.float() - y.float()).abs().max() / y.float().abs().max()).item())
-    return worst
 
 
 def main() -> None:
@@ -148,6 +124,7 @@ def main() -> None:
                         print(f"round {r + 1} {label} {row['point']}: MLA {row['mla_ms']:.4f} ms, "
                               f"cuDNN {row['cudnn_ms']:.4f} ms", flush=True)  # fmt: skip
         import torch
+        from kernel_ab import max_diff  # here, not in a worker: it imports the checkout's kernels
 
         print("\n| tree | point | MLA ms (one graph) | cuDNN ms | × cuDNN | kernels ms | "
               "vs first tree | max rel diff |")  # fmt: skip

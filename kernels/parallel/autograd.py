@@ -171,14 +171,14 @@ def mla_bwd(
     delta_g = delta_buffer(lay.has_global)
     delta_s = delta_buffer(lay.has_sparse)
     window = (do, q, k, v, gate, lay, saved)
-    window_dkv = (delta_l, delta_g, dk, dv, dkvc)
+    dkv_args = (delta_l, delta_g, dk, dv, dkvc)
     if lay.has_sparse:
         branch = sparse_tile if lay.plan.select_tile > 1 else sparse
         args = (q, k, v, gate, do, saved["idx"], lay, saved, dgate, delta_s, dq, dk, dv)
     side = _fork(q, lay)
     if side is None:
         _window_dq(*window, dgate, delta_l, delta_g, dq)
-        _window_dkv(*window, *window_dkv)
+        _window_dkv(*window, *dkv_args)
         if lay.has_sparse:
             branch.backward(*args)
     else:
@@ -193,7 +193,7 @@ def mla_bwd(
         # main meanwhile: the window dq, then the window branches' dk/dv
         with torch.cuda.stream(side):
             branch.backward(*args, ready=window_dq)
-        _window_dkv(*window, *window_dkv)
+        _window_dkv(*window, *dkv_args)
         _join(side)
     dkv = dkv.to(k.dtype)
     return dq, dkv[0], dkv[1], dgate
