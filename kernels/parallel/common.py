@@ -193,8 +193,7 @@ def _chunk_block(
 @triton.jit
 def _sparse_dkv_rows(
     q,
-    do,
-    gate,
+    dob,
     lse_s,
     delta_s,
     o_bq,
@@ -211,13 +210,12 @@ def _sparse_dkv_rows(
     PREC: tl.constexpr,
 ):
     # One step of the sparse dk/dv kernels: the rows o_row (where m_r) that read the key
-    # block b_k, b_v add their share to its dk, dv ([BSP, D], float32, unscaled dk).
+    # block b_k, b_v add their share to its dk, dv ([BSP, D], float32, unscaled dk). dob: the
+    # branch's dO (g_s * do), stored by its dq kernel.
     o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
     # [rows, D]
     b_q = tl.load(q + o_x, mask=m_r[:, None], other=0.0)
-    b_do = tl.load(do + o_x, mask=m_r[:, None], other=0.0)
-    b_g = tl.load(gate + (o_bq + o_row) * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
-    b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+    b_dob = tl.load(dob + o_x, mask=m_r[:, None], other=0.0)
     b_lse = tl.load(lse_s + o_bq + o_row, mask=m_r, other=float("inf"))
     b_delta = tl.load(delta_s + o_bq + o_row, mask=m_r, other=0.0)
     # [BSP, rows]

@@ -97,6 +97,7 @@ def _sparse_bwd_dq_kernel(
     lse_s,
     dgate,
     delta_s,
+    dob_s,
     dq,
     T,
     NA,
@@ -125,7 +126,8 @@ def _sparse_bwd_dq_kernel(
     b_g = tl.load(gate + (o_tq + o_h) * 3 + 2, mask=m_g, other=0.0).to(tl.float32)
     b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
     b_lse = tl.load(lse_s + o_tq + o_h, mask=m_g, other=float("inf"))
-    # the branch's dgate and delta, stored for the sparse dk/dv kernel launched after
+    # the branch's dO, dgate and delta, stored for the sparse dk/dv kernel launched after
+    tl.store(dob_s + o_x, b_dob, mask=m_g[:, None])
     o_r = o_tq + o_h
     b_delta = _gate_grad(b_do, o_s + o_x, b_g, dgate + o_r * 3 + 2, delta_s + o_r, m_g)
     b_dq = tl.zeros([GP, D], dtype=tl.float32)
@@ -149,12 +151,11 @@ def _sparse_bwd_dkv_kernel(
     q,
     k,
     v,
-    gate,
     active,
     chunks,
     tokens,
     used,
-    do,
+    dob,
     lse_s,
     delta_s,
     dk,
@@ -195,7 +196,7 @@ def _sparse_bwd_dkv_kernel(
             b_tok = tl.load(tokens + i_p + o_q, mask=m_r, other=0)
             o_row = b_tok * HQ + o_h
             b_dk, b_dv = _sparse_dkv_rows(
-                q, do, gate, lse_s, delta_s, o_bq, o_row, o_d, m_r, m_k, b_k, b_v, b_dk, b_dv,
+                q, dob, lse_s, delta_s, o_bq, o_row, o_d, m_r, m_k, b_k, b_v, b_dk, b_dv,
                 scale2, D, PREC,
             )  # fmt: skip
         # relaxed: only the sums matter, read by later launches (the default acq_rel orders
@@ -323,20 +324,21 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv, rea
     adds to dq: the window branches' dq must be written by then)."""
     t = lay.tiles("sparse_dkv")
     chunks, tokens, used = _invert(idx, lay.NB, t["CH"])
+    dob = torch.empty_like(do)  # the branch's dO, g_s * do: written by dq, read by dk/dv
     if ready is not None:
         ready()
     launch(
         _sparse_bwd_dq_kernel, (lay.T, lay.B * lay.NA),
         q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, do=do,
-        o_s=saved["o_s"], lse_s=saved["lse_s"], dgate=dgate, delta_s=delta_s, dq=dq, T=lay.T,
-        NA=lay.NA, **lay.args, scale=lay.scale, GP=lay.GP16, NSEL=lay.plan.n_select,
+        o_s=saved["o_s"], lse_s=saved["lse_s"], dgate=dgate, delta_s=delta_s, dob_s=dob, dq=dq,
+        T=lay.T, NA=lay.NA, **lay.args, scale=lay.scale, GP=lay.GP16, NSEL=lay.plan.n_select,
         BS=lay.plan.block_size, BSP=lay.BSP, ACCUMULATE=lay.has_window,
         **_options(lay.tiles("sparse_dq")),
     )  # fmt: skip
     launch(
         _sparse_bwd_dkv_kernel, (chunks.shape[0],),
-        q=q, k=k, v=v, gate=gate, active=lay.active, chunks=chunks, tokens=tokens, used=used,
-        do=do, lse_s=saved["lse_s"], delta_s=delta_s, dk=dk, dv=dv, T=lay.T, NB=lay.NB,
+        q=q, k=k, v=v, active=lay.active, chunks=chunks, tokens=tokens, used=used,
+        dob=dob, lse_s=saved["lse_s"], delta_s=delta_s, dk=dk, dv=dv, T=lay.T, NB=lay.NB,
         **lay.args, scale=lay.scale, GP=lay.GP, BS=lay.plan.block_size, BSP=lay.BSP,
         BQ=max(1, t["ROWS"] // lay.GP), **_options(t),
     )  # fmt: skip

@@ -253,6 +253,7 @@ def _sparse_tile_dq_kernel(
     lse_s,
     dgate,
     delta_s,
+    dob_s,
     dq,
     T,
     NT,
@@ -273,8 +274,9 @@ def _sparse_tile_dq_kernel(
     ACCUMULATE: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # dq of the program's rows over their tile's blocks; first the branch's dgate and softmax
-    # delta, stored for the dk/dv kernel launched after.
+    # dq of the program's rows over their tile's blocks; first the branch's dgate, softmax
+    # delta and dO (g_s * do), stored for the dk/dv kernel launched after: its steps then load
+    # the rows' dO as they are, with no gate to load and no product to stage per step.
     k, v, idx, o_bq, o_row, m_r = _tile_rows(
         k, v, idx, active, groups, T, NT, NA, HQ, HKV, G, GR, D, NSEL, BQ, RU, RP
     )
@@ -287,6 +289,7 @@ def _sparse_tile_dq_kernel(
     b_do = tl.load(do + o_x, mask=m_r[:, None], other=0.0)
     b_g = tl.load(gate + o_r * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
     b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+    tl.store(dob_s + o_x, b_dob, mask=m_r[:, None])
     b_lse = tl.load(lse_s + o_r, mask=m_r, other=float("inf"))
     b_delta = _gate_grad(b_do, o_s + o_x, b_g, dgate + o_r * 3 + 2, delta_s + o_r, m_r)
     b_dq = tl.zeros([RP, D], dtype=tl.float32)
@@ -309,12 +312,11 @@ def _sparse_tile_dkv_kernel(
     q,
     k,
     v,
-    gate,
     bits,
     chunks,
     tiles,
     used,
-    do,
+    dob,
     lse_s,
     delta_s,
     dk,
@@ -363,7 +365,7 @@ def _sparse_tile_dkv_kernel(
                 m_r = (o_r < RU) & (((b_bits >> o_g.to(tl.int64)) & 1) != 0) & (o_tok < T)
             o_row = o_tok * HQ + i_hk * G + o_g
             b_dk, b_dv = _sparse_dkv_rows(
-                q, do, gate, lse_s, delta_s, o_bq, o_row, o_d, m_r, m_k, b_k, b_v, b_dk, b_dv,
+                q, dob, lse_s, delta_s, o_bq, o_row, o_d, m_r, m_k, b_k, b_v, b_dk, b_dv,
                 scale2, D, PREC,
             )  # fmt: skip
         tl.atomic_add(dk + o_kv, b_dk * scale, mask=m_k[:, None], sem="relaxed")
@@ -435,6 +437,7 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv, rea
     pairs = lay.B * lay.NA * lay.NT * lay.plan.n_select
     per_chunk = max(1, min(t["CH"] // lay.plan.select_tile, pairs // DKV_PROGRAMS))
     chunks, tiles, used = _invert(idx, lay.NB, per_chunk)
+    dob = torch.empty_like(do)  # the branch's dO, g_s * do: written by dq, read by dk/dv
     if ready is not None:
         ready()
     tq = lay.tiles("sparse_tile_dq")
@@ -442,15 +445,16 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv, rea
     launch(
         _sparse_tile_dq_kernel, (triton.cdiv(lay.T * GRq, RUq), lay.B * lay.NA),
         q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, do=do,
-        o_s=saved["o_s"], lse_s=saved["lse_s"], dgate=dgate, delta_s=delta_s, dq=dq, T=lay.T,
+        o_s=saved["o_s"], lse_s=saved["lse_s"], dgate=dgate, delta_s=delta_s, dob_s=dob, dq=dq,
+        T=lay.T,
         NT=lay.NT, NA=lay.NA, **lay.args, scale=lay.scale, GR=GRq, NSEL=lay.plan.n_select,
         BS=lay.plan.block_size, BSP=lay.BSP, BQ=lay.plan.select_tile, RU=RUq, RP=RPq,
         ACCUMULATE=lay.has_window, **_row_options(tq, GRq, RUq),
     )  # fmt: skip
     launch(
         _sparse_tile_dkv_kernel, (chunks.shape[0],),
-        q=q, k=k, v=v, gate=gate, bits=lay.bits, chunks=chunks, tiles=tiles, used=used,
-        do=do, lse_s=saved["lse_s"], delta_s=delta_s, dk=dk, dv=dv, T=lay.T, NB=lay.NB,
+        q=q, k=k, v=v, bits=lay.bits, chunks=chunks, tiles=tiles, used=used,
+        dob=dob, lse_s=saved["lse_s"], delta_s=delta_s, dk=dk, dv=dv, T=lay.T, NB=lay.NB,
         **lay.args, scale=lay.scale, GR=GR, BS=lay.plan.block_size, BSP=lay.BSP,
         BQ=lay.plan.select_tile, RU=RU, RP=RP, **_row_options(t, GR, RU),
     )  # fmt: skip
