@@ -47,6 +47,7 @@ _GPU_TILES_D64 = {
     "local_dkv": {"num_stages": 3},
     "global_dkv": {"BC": 32},
     "sparse_tile_dq": {"ROWS": 64, "num_warps": 4, "num_stages": 3},
+    "sparse_tile_dkv": {"ROWS": 32},
 }
 
 
