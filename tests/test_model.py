@@ -163,3 +163,31 @@ def test_rotary_scores_depend_on_relative_position_only():
     assert torch.allclose(scores[7, 7], (q[0, 0, 0] * k[0, 0, 0]).sum(), atol=1e-5)
     assert not torch.allclose(scores[5, 2], scores[5, 3], atol=1e-3)
     assert torch.allclose(rq.norm(dim=-1), q[0, :, 0].norm(dim=-1), atol=1e-5)
+
+
+def test_hidden_gate_reads_one_cast_of_x_under_autocast(monkeypatch):
+    # The qkv and gate projections both read x: cast once, the forward is unchanged (autocast
+    # would cast the same x to the same dtype) and the gradients agree to bf16 rounding.
+    import automla.trainers.model as model_module
+
+    cfg = tiny(gate=GateConfig(hidden=[16, 8], activation="gelu"))
+    idx, targets = tokens(2, 37), tokens(2, 37, seed=2)
+
+    def run(cast_once: bool):
+        if not cast_once:
+            monkeypatch.setattr(model_module, "_autocast_once", lambda x: x)
+        model = model_of(cfg).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, loss = model(idx, targets)
+        loss.backward()
+        monkeypatch.undo()
+        return logits.float(), {n: p.grad for n, p in model.named_parameters()}
+
+    logits, grads = run(True)
+    logits_ref, grads_ref = run(False)
+    assert torch.equal(logits, logits_ref)
+    for name, g in grads_ref.items():
+        err = (grads[name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert err < 3e-2, name
+    # the embeddings' gradient passes through x's gradient of every layer
+    assert not torch.equal(grads["embed.weight"], grads_ref["embed.weight"])

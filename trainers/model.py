@@ -304,6 +304,8 @@ class Attention(nn.Module):
         half = self._fused_rotary(x)
         rows = self._half_rows(lay) if half else lay.rows
         w = self.qkv.weight if rows is None else self.qkv.weight.index_select(0, rows)
+        if self.gate is not None and self.cfg.mla.gate.input == "hidden":
+            x = _autocast_once(x)
         qkv = _linear(self.qkv, x, w).view(B, T, S + 2 * K, d)
         # split, not sliced: a split's backward writes qkv's gradient with one cat, where each
         # slice's would zero a tensor of qkv's size, copy into it and add it to the others
@@ -441,6 +443,14 @@ class Attention(nn.Module):
         # checkpoints written before head pruning carry no mask values: all heads at 1
         state_dict.setdefault(prefix + "head_scale", torch.ones_like(self.head_scale))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _autocast_once(x: torch.Tensor) -> torch.Tensor:
+    """x in autocast's dtype where autocast is on. For an input that two projections read:
+    autocast would cast it for each (it caches casts of parameters only), and their gradients
+    would come back as two casts and a float32 add instead of one add and one cast."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
 
 
 def _linear(module: nn.Linear, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
