@@ -87,7 +87,7 @@ def slug(point: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("trees", nargs="+", help="folders holding a kernels/ package")
+    ap.add_argument("trees", nargs="*", help="folders holding a kernels/ package")
     ap.add_argument("--labels", nargs="+", help="one per tree (default: the folder names)")
     ap.add_argument("--points", nargs="+", default=POINTS, metavar="SHAPE:T:BUDGET:BQ")
     ap.add_argument("--rounds", type=int, default=2)
@@ -98,6 +98,8 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.points, args.save, args.rep)
         return
+    if not args.trees:
+        ap.error("give at least one tree")
     trees = [str(Path(t).resolve()) for t in args.trees]  # the workers run in bench/
     labels = args.labels or [Path(t).name for t in trees]
     if len(labels) != len(args.trees):
