@@ -85,7 +85,12 @@ def slug(point: str) -> str:
     return point.replace("/", "-").replace(":", "_")
 
 
-def main() -> None:
+def worker_args(tree: str, save: str, rep: int, points: list[str]) -> list[str]:
+    """The command-line arguments of one tree's worker process."""
+    return ["--worker", tree, "--save", save, "--rep", str(rep), "--points", *points]
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("trees", nargs="*", help="folders holding a kernels/ package")
     ap.add_argument("--labels", nargs="+", help="one per tree (default: the folder names)")
@@ -94,6 +99,11 @@ def main() -> None:
     ap.add_argument("--rep", type=int, default=50, help="do_bench repetition time (ms)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
+    return ap
+
+
+def main() -> None:
+    ap = parser()
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.points, args.save, args.rep)
@@ -113,8 +123,11 @@ def main() -> None:
             for tree, label in zip(trees, labels):
                 save = Path(tmp) / label
                 save.mkdir(exist_ok=True)
-                cmd = [sys.executable, __file__, "--worker", tree, "--save", str(save),
-                       "--rep", str(args.rep), "--points", *args.points]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    *worker_args(tree, str(save), args.rep, args.points),
+                ]
                 out = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
                 if out.returncode:
                     print(out.stderr[-3000:], file=sys.stderr)

@@ -41,3 +41,15 @@ def test_bench_script_parses_its_command_line(helps, script: Path):
         return
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage:" in out.stdout
+
+
+def test_tree_ab_workers_parse_their_command_line():
+    # tree_ab runs each tree in a process of its own, through the same parser as its main
+    sys.path.insert(0, str(BENCH))
+    try:
+        import tree_ab
+    finally:
+        sys.path.pop(0)
+    args = tree_ab.parser().parse_args(tree_ab.worker_args("/a", "/b", 7, ["12/4/64:2048:nsa:64"]))
+    assert (args.worker, args.save, args.rep) == ("/a", "/b", 7)
+    assert args.points == ["12/4/64:2048:nsa:64"] and args.trees == []
