@@ -96,6 +96,23 @@ def repoint_search_state(experiment_dir: Path) -> None:
             path.write_bytes(cloudpickle.dumps(state))
 
 
+@_reaches("ray.train._internal.session.get_session().storage.trial_working_directory")
+def trial_working_dir() -> Path:
+    """The calling Tune trial's working folder: the one `SyncConfig(sync_artifacts=True)`
+    brings home from whichever node the trial runs on.
+
+    `tune.get_context().get_trial_dir()` is not a stable answer in Ray 2.60: in an actor
+    started for the trial it is the driver's staging folder (driver_artifacts/<trial>), in an
+    actor reused from another trial (`reuse_actors`) this working folder (working_dirs/<trial>).
+    A trial whose retry runs in the other kind of actor than its first attempt writes two run
+    folders, each synced over the same one in the run folder: the last synced wins. The
+    session's storage context names the working folder either way; no public API does.
+    """
+    from ray.train._internal.session import get_session
+
+    return Path(get_session().storage.trial_working_directory)
+
+
 # --- Ray start-up and the cluster probe ---------------------------------------------------
 
 

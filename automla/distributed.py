@@ -302,10 +302,10 @@ def _worker_death(error: BaseException, workers: int) -> WorkerDiedError | None:
 
 
 def _trial_dir() -> str | None:
-    """The Tune trial folder when running inside a trial, else None."""
-    try:
-        from ray import tune
+    """The Tune trial's working folder when running inside a trial, else None."""
+    from automla import compat
 
-        return tune.get_context().get_trial_dir()
+    try:
+        return str(compat.trial_working_dir())
     except Exception:  # not in a Tune session
         return None

@@ -13,6 +13,7 @@ from typing import Any
 import ray
 from ray import tune
 
+from automla import compat
 from automla.distributed import run_training
 from automla.domains import Domain
 from automla.space import apply, decode, flat_values, trial_label
@@ -95,7 +96,8 @@ def automla_trial(
         final = metrics.get("step", 0) >= config.steps
         send({**metrics, FINAL: final}, checkpoint)
 
-    out_dir = Path(tune.get_context().get_trial_dir()) / "train"
+    # the same folder on every attempt, the one Tune syncs home (see compat.trial_working_dir)
+    out_dir = compat.trial_working_dir() / "train"
 
     def run(resume: str | None = None) -> None:
         run_training(

@@ -140,7 +140,7 @@ def test_searcher_state_round_trip(tmp_path: Path):
 @pytest.mark.slow
 def test_adapters_on_a_running_tune(tmp_path: Path):
     """One tiny Tune run: a trial's retry is counted, the dashboard URL is the one `ray.init`
-    gave, and a restored tuner takes our callbacks."""
+    gave, the trial finds its working folder, and a restored tuner takes our callbacks."""
     import ray
     from ray import cloudpickle, tune
 
@@ -167,6 +167,9 @@ def test_adapters_on_a_running_tune(tmp_path: Path):
         )
         results = tuner.fit()
         assert list(compat.trial_failures(results).values()) == [1]
+        # the trial's working folder, where Ray also moved its working directory
+        (result,) = results
+        assert result.metrics["dir"] == result.metrics["cwd"]
         restored = tune.Tuner.restore(str(tmp_path / "ray"), trainable)
         seen = Seen()
         compat.set_restored_callbacks(restored, [seen])
@@ -188,7 +191,7 @@ def _fail_once(config: dict, marker: str) -> None:
     if not os.path.exists(marker):
         Path(marker).touch()
         raise RuntimeError("the first attempt fails")
-    tune.report({"m": 1.0})
+    tune.report({"m": 1.0, "dir": str(compat.trial_working_dir()), "cwd": os.getcwd()})
 
 
 def _define_by_run(trial: optuna.trial.BaseTrial) -> None:

@@ -95,6 +95,40 @@ def test_resume_continues_exactly(tmp_path, attention):
         assert resumed[key] == straight[key], key
 
 
+def test_resume_continues_the_metrics_log(tmp_path):
+    """A run fails after an evaluation that its last checkpoint (step 10) does not hold, and is
+    resumed from that checkpoint: into a new folder (a retried Tune trial whose staging folder
+    is empty, on another node or in a resumed search), into its own, or into its own from a
+    checkpoint without a copy of the log (as written before they were kept). Each time the
+    folder's metrics.jsonl holds every evaluation once: those up to the checkpoint, then the
+    rerun's."""
+    config = small("dense", steps=20, eval_every=5, checkpoint_every=10)
+    first = []
+
+    def fail_after_15(metrics, ckpt):
+        first.append(metrics)
+        if metrics["step"] == 15:
+            raise RuntimeError("the trial fails after step 15's evaluation")
+
+    with pytest.raises(RuntimeError, match="step 15"):
+        train(config, out_dir=tmp_path / "a", report=fail_after_15)
+    shutil.copytree(tmp_path / "a" / "checkpoint", tmp_path / "at10")
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    (tmp_path / "c" / "checkpoint" / "metrics.jsonl").unlink()
+
+    def resume(folder, checkpoint):
+        reports = []
+        train(config, out_dir=folder, resume=checkpoint, report=lambda m, c: reports.append(m))
+        return reports
+
+    for name, checkpoint in (("b", "at10"), ("a", "a/checkpoint"), ("c", "c/checkpoint")):
+        folder = tmp_path / name
+        reports = resume(folder, tmp_path / checkpoint)
+        assert [m["step"] for m in reports] == [15, 20]
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in lines] == first[:2] + reports, name
+
+
 def test_diverging_run_raises_naming_the_step():
     config = small("dense", lr=1e9, warmup_steps=1, grad_clip=0.0, steps=10)
     with pytest.raises(FloatingPointError, match=r"at step \d+"):

@@ -107,6 +107,10 @@ def test_a_dead_worker_is_retried(ray_for_two_workers, tmp_path: Path):
     assert (died["state"], died["failure"], died["reason"]) == ("completed", "", ""), died
     assert died["retries"] >= 1, died
     assert died["metrics"]["step"] == STEPS
+    # rank 0's log, synced home, holds each evaluation once, those before the death included
+    log = run_dir / "ray" / f"trial_{died['trial_id']}" / "train" / "metrics.jsonl"
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1)), steps
     assert (other["state"], other["retries"]) == ("completed", 0), other
     states = {t.user_attrs["ray_trial_id"]: t.state.name for t in study_of(run_dir).trials}
     assert states == {r["trial_id"]: "COMPLETE" for r in records}

@@ -16,12 +16,13 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.nn as nn
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
 COMPACT_FILE = "model_compact.pt"
+METRICS_LOG = "metrics.jsonl"
 PRUNING_LOG = "pruning.jsonl"
 Report = Callable[[dict, Path | None], None]
 
@@ -245,7 +247,8 @@ def train(
     heads' weights, readable by `load_checkpoint`. report(metrics, checkpoint_dir) is called
     after every evaluation; checkpoint_dir is the folder holding the checkpoint written at that
     evaluation, or None when none was written. resume continues exactly from a checkpoint (its
-    folder or file), pruning state included.
+    folder or file), pruning state included; out_dir's logs then continue the checkpoint's
+    copies of them (see `_continue_log`).
 
     Data-parallel (torch.distributed initialised, several ranks): every rank calls train with
     the same config; config.batch_size is the global batch and must divide by the world size;
@@ -305,10 +308,11 @@ def _train(
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "config.yaml", "w") as f:
             yaml.safe_dump(to_dict(config), f, sort_keys=False)
-        mode = "a" if resume is not None else "w"
-        metrics_file = open(run_dir / "metrics.jsonl", mode)
+        saved = None if resume is None else _checkpoint_file(Path(resume)).parent
+        metrics_file = _continue_log(run_dir / METRICS_LOG, saved, start_step)
         if pruner is not None:
-            pruning_file = open(run_dir / PRUNING_LOG, mode)
+            pruning_file = _continue_log(run_dir / PRUNING_LOG, saved, start_step)
+    logs = [Path(f.name) for f in (metrics_file, pruning_file) if f is not None]
 
     is_mqar = config.data.source == "mqar"
     val_batches = _on_device(val_data, config, device, shard)
@@ -400,14 +404,14 @@ def _train(
                         **({"mqar_acc": ev["mqar_acc"]} if "mqar_acc" in ev else {}),
                         **learned,
                     }
-                if is_checkpoint:
-                    save_checkpoint(ckpt_dir, state, generator, config, step, elapsed)
+                if is_eval and metrics_file is not None:
+                    metrics_file.write(json.dumps(metrics) + "\n")
+                for f in (metrics_file, pruning_file):
+                    if f is not None:
+                        f.flush()
+                if is_checkpoint:  # after the logs: its copies of them include this step
+                    save_checkpoint(ckpt_dir, state, generator, config, step, elapsed, logs)
                 if is_eval:
-                    if metrics_file is not None:
-                        metrics_file.write(json.dumps(metrics) + "\n")
-                        metrics_file.flush()
-                    if pruning_file is not None:
-                        pruning_file.flush()
                     if report is not None:
                         report(dict(metrics), ckpt_dir if is_checkpoint else None)
                     if bar is not None:
@@ -449,9 +453,17 @@ def save_checkpoint(
     config: TrainConfig,
     step: int,
     elapsed_s: float,
+    logs: Iterable[Path] = (),
 ) -> Path:
-    """Everything resume needs: weights, optimizer, RNG streams, step, config (atomic write)."""
+    """Everything resume needs: weights, optimizer, RNG streams, step, config (atomic write),
+    and copies of the run folder's `logs` (metrics.jsonl, pruning.jsonl) for `_continue_log`.
+    The copies go first: a crash between the writes leaves logs ahead of the checkpoint, whose
+    extra lines a resume drops, never logs behind it."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for log_path in logs:
+        tmp = ckpt_dir / f"{log_path.name}.tmp"
+        shutil.copyfile(log_path, tmp)
+        os.replace(tmp, ckpt_dir / log_path.name)
     payload = {
         "model": state.raw_model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
@@ -511,12 +523,41 @@ def _restore(
     return step, float(payload["elapsed_s"])
 
 
+def _checkpoint_file(path: Path) -> Path:
+    return path / CHECKPOINT_FILE if path.is_dir() else path
+
+
 def _read_checkpoint(path: Path) -> dict:
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
+    path = _checkpoint_file(path)
     if not path.is_file():
         raise ValueError(f"no checkpoint at {path}")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _continue_log(path: Path, checkpoint_dir: Path | None, step: int) -> IO[str]:
+    """The run folder's log `path`, opened for appending: empty when not resuming, else holding
+    the lines of steps up to `step`, the checkpoint's, taken from its copy (`save_checkpoint`).
+    The folder's own log may lack them: a retried Tune trial writes into a staging folder that
+    is empty on another node or in a resumed search, and Tune's sync then overwrites the synced
+    log with it. Lines of later steps are dropped, as those steps run again. A checkpoint
+    without copies (written before they were kept) continues the folder's own log."""
+    lines: list[str] = []
+    if checkpoint_dir is not None:
+        source = checkpoint_dir / path.name
+        if not source.is_file():
+            source = path
+        if source.is_file():
+            lines = [s for s in source.read_text().splitlines(True) if _logged_step(s) <= step]
+    path.write_text("".join(lines))
+    return open(path, "a")
+
+
+def _logged_step(line: str) -> float:
+    """A log line's step; infinite (dropped) for a line cut short by a killed process."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _checkpoint_due(step: int, config: TrainConfig) -> bool:
