@@ -246,38 +246,22 @@ def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv
     float32 [2, B, NC, HKV, D] that the global branch's compressed-key gradient is summed in."""
     B, T, HKV, D = lay.B, lay.T, lay.HKV, lay.D
     dkc, dvc = dkvc
+    # both kernels read the queries' side (q, do, the gate) and the compressed-key buffers
+    shared = dict(
+        q=q, gate=gate, active=lay.active, groups=lay.groups, do=do, dkc=dkc, dvc=dvc, T=T,
+        NC=lay.NC, NA=lay.NA, stride=lay.stride, **lay.args, scale=lay.scale,
+    )  # fmt: skip
     if lay.has_global:
         t = lay.tiles("global_dkv")
-        NC = lay.NC
-        n_tiles = triton.cdiv(NC, t["BC"])
+        n_tiles = triton.cdiv(lay.NC, t["BC"])
         # split the queries after each tile so that the launch fills the GPU
         nsplit = max(1, min(triton.cdiv(T, t["BT"]), triton.cdiv(1024, n_tiles * B * lay.NA)))
         chunk = triton.cdiv(triton.cdiv(T, nsplit), t["BT"]) * t["BT"]
         launch(
-            _global_bwd_dkv_kernel,
-            (n_tiles, B * lay.NA, nsplit),
-            q=q,
-            kc=saved["kc"],
-            vc=saved["vc"],
-            gate=gate,
-            active=lay.active,
-            groups=lay.groups,
-            do=do,
-            lse_g=saved["lse_g"],
-            delta_g=delta_g,
-            dkc=dkc,
-            dvc=dvc,
-            T=T,
-            NC=NC,
-            NA=lay.NA,
-            stride=lay.stride,
-            chunk=chunk,
-            **lay.args,
-            scale=lay.scale,
-            BT=t["BT"],
-            BC=t["BC"],
-            **_options(t),
-        )
+            _global_bwd_dkv_kernel, (n_tiles, B * lay.NA, nsplit), **shared,
+            kc=saved["kc"], vc=saved["vc"], lse_g=saved["lse_g"], delta_g=delta_g, chunk=chunk,
+            BT=t["BT"], BC=t["BC"], **_options(t),
+        )  # fmt: skip
     if lay.has_local:
         t = lay.tiles("local_dkv")
         n_tiles = triton.cdiv(T, t["BK"])
@@ -285,37 +269,14 @@ def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv
         # about LOCAL_DKV_PROGRAMS of them: at short T there are too few key tiles alone
         items = lay.G * triton.cdiv(min(lay.plan.window + t["BK"], T) + t["BT"], t["BT"])
         nsplit = max(1, min(items, LOCAL_DKV_PROGRAMS // (n_tiles * B * lay.NA)))
+        # SPREAD: the global branch's key gradient goes back over the pooled keys here, not
+        # in a launch of its own
         launch(
-            _local_bwd_dkv_kernel,
-            (n_tiles, B * lay.NA, nsplit),
-            q=q,
-            k=k,
-            v=v,
-            gate=gate,
-            active=lay.active,
-            groups=lay.groups,
-            do=do,
-            lse_l=saved["lse_l"],
-            delta_l=delta_l,
-            dk=dk,
-            dv=dv,
-            dkc=dkc,
-            dvc=dvc,
-            T=T,
-            NC=lay.NC,
-            NA=lay.NA,
-            NSPLIT=nsplit,
-            window=lay.plan.window,
-            stride=lay.stride,
-            **lay.args,
-            scale=lay.scale,
-            BT=t["BT"],
-            BK=t["BK"],
-            # the global branch's key gradient goes back over the pooled keys here, not in a
-            # launch of its own
-            SPREAD=lay.has_global,
+            _local_bwd_dkv_kernel, (n_tiles, B * lay.NA, nsplit), **shared,
+            k=k, v=v, lse_l=saved["lse_l"], delta_l=delta_l, dk=dk, dv=dv, NSPLIT=nsplit,
+            window=lay.plan.window, BT=t["BT"], BK=t["BK"], SPREAD=lay.has_global,
             **_options(t),
-        )
+        )  # fmt: skip
     elif lay.has_global:
         BK = min(64, triton.next_power_of_2(lay.stride))
         launch(
