@@ -406,9 +406,10 @@ def _train(
                     }
                 if is_eval and metrics_file is not None:
                     metrics_file.write(json.dumps(metrics) + "\n")
-                for f in (metrics_file, pruning_file):
-                    if f is not None:
-                        f.flush()
+                if is_eval or is_checkpoint:  # on disk for the report and the checkpoint
+                    for f in (metrics_file, pruning_file):
+                        if f is not None:
+                            f.flush()
                 if is_checkpoint:  # after the logs: its copies of them include this step
                     save_checkpoint(ckpt_dir, state, generator, config, step, elapsed, logs)
                 if is_eval:
