@@ -96,6 +96,37 @@ def test_local_dkv_split_over_programs(monkeypatch, programs):
     check(1, 70, 4, 2, 16, cfg, torch.float32, tol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "programs", [1, 6, 512], ids=["whole-sequence", "chunks-of-tiles", "one-tile"]
+)
+def test_global_dkv_query_chunks(monkeypatch, programs):
+    # the global dk/dv cuts the queries into chunks of absolute positions shared by every
+    # compressed tile: one chunk of the whole sequence, chunks of several query tiles (some
+    # before a tile's first query, so empty for it), or one query tile each (the default here)
+    import automla.kernels.parallel.autograd as launch_layer
+
+    monkeypatch.setattr(launch_layer, "GLOBAL_DKV_PROGRAMS", programs)
+    cfg = AttentionConfig(budget=96, ratios=(0.2, 0.6, 0.2), block_size=2)
+    check(1, 150, 4, 2, 16, cfg, torch.float32, tol=1e-5)
+
+
+def test_uninitialised_buffers_are_written_before_read(monkeypatch):
+    # every float buffer the op allocates without zeroing (the dk/dv accumulator that the
+    # window dq kernel zeroes, the outputs, the softmax statistics) starts as NaN here: one
+    # that a kernel reads before writing shows in the outputs or gradients
+    import automla.kernels.parallel.autograd as launch_layer
+
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        x = empty(*args, **kwargs)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    monkeypatch.setattr(launch_layer.torch, "empty", poisoned)
+    cfg = AttentionConfig(budget=96, ratios=(0.5, 0.3, 0.2), block_size=4)
+    check(1, 70, 4, 2, 16, cfg, torch.float32, tol=1e-5)
+
+
 def test_matches_reference_float16():
     cfg = AttentionConfig(budget=40, ratios=(0.4, 0.2, 0.4), block_size=16)
     check(1, 63, 4, 2, 32, cfg, torch.float16, tol=5e-3)

@@ -25,6 +25,8 @@ from .window import (
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # programs the local dk/dv launch aims for (key tiles x groups x splits); 1 splits nothing
 LOCAL_DKV_PROGRAMS = 512
+# programs with work that the global dk/dv launch aims for ((tile, chunk) pairs x groups)
+GLOBAL_DKV_PROGRAMS = 512
 # on CUDA, the sparse branch's selection (forward) and its inversion, dq and dk/dv (backward)
 # run on a second stream beside the window branches' kernels: at short T neither chain of
 # launches fills the GPU alone
@@ -149,10 +151,12 @@ def mla_bwd(
     # the dq kernels write every (active head, present branch) entry of dgate
     full = not lay.partial and lay.has_local and lay.has_global and lay.has_sparse
     dgate = (torch.empty if full else torch.zeros)(B, T, HQ, 3, dtype=gate.dtype, device=dev)
-    # float32: the branches add into them atomically; one buffer, one memset, one cast. Behind
+    # float32: the branches add into them atomically; one buffer, zeroed once, one cast. Behind
     # dk/dv, the global branch's gradient of the compressed keys (dkc/dvc), spread back later.
+    # The window dq kernel zeroes it where there is one (every adder runs after it).
     n_kv, n_c = 2 * B * T * HKV * D, 2 * B * lay.NC * HKV * D
-    buffer = torch.zeros(n_kv + n_c, dtype=torch.float32, device=dev)
+    zeroed = lay.any and lay.has_window
+    buffer = (torch.empty if zeroed else torch.zeros)(n_kv + n_c, dtype=torch.float32, device=dev)
     dkv = buffer[:n_kv].view(2, B, T, HKV, D)
     dk, dv = dkv
     dkvc = buffer[n_kv:].view(2, B, lay.NC, HKV, D)
@@ -172,12 +176,13 @@ def mla_bwd(
     delta_s = delta_buffer(lay.has_sparse)
     window = (do, q, k, v, gate, lay, saved)
     dkv_args = (delta_l, delta_g, dk, dv, dkvc)
+    dq_args = (dgate, delta_l, delta_g, dq, buffer)
     if lay.has_sparse:
         branch = sparse_tile if lay.plan.select_tile > 1 else sparse
         args = (q, k, v, gate, do, saved["idx"], lay, saved, dgate, delta_s, dq, dk, dv)
     side = _fork(q, lay)
     if side is None:
-        _window_dq(*window, dgate, delta_l, delta_g, dq)
+        _window_dq(*window, *dq_args)
         _window_dkv(*window, *dkv_args)
         if lay.has_sparse:
             branch.backward(*args)
@@ -186,7 +191,7 @@ def mla_bwd(
 
         def window_dq() -> None:  # called from the side stream's turn, launched on main
             with torch.cuda.stream(main):
-                _window_dq(*window, dgate, delta_l, delta_g, dq)
+                _window_dq(*window, *dq_args)
             side.wait_stream(main)  # the sparse dq adds to the window branches' dq
 
         # side: the inversion, then (once the window dq is written) the sparse dq and dk/dv;
@@ -199,8 +204,9 @@ def mla_bwd(
     return dq, dkv[0], dkv[1], dgate
 
 
-def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, dq) -> None:
-    """The window branches' dq (written), their dgate columns and softmax deltas."""
+def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, dq, zero) -> None:
+    """The window branches' dq (written), their dgate columns and softmax deltas; `zero`, the
+    float32 buffer that the branches' dk/dv add into, is zeroed on the way."""
     B, T = lay.B, lay.T
     if lay.has_window:
         t = lay.tiles("window_dq")
@@ -224,6 +230,8 @@ def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, 
             delta_l=delta_l,
             delta_g=delta_g,
             dq=dq,
+            zero=zero,
+            NZ=zero.numel(),
             T=T,
             NC=lay.NC,
             NP=packs.shape[0],
@@ -231,6 +239,7 @@ def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, 
             stride=lay.stride,
             **lay.args,
             scale=lay.scale,
+            ZB=1024,
             BT=t["BT"],
             BK=t["BK"],
             BC=t["BC"],
@@ -253,14 +262,17 @@ def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv
     )  # fmt: skip
     if lay.has_global:
         t = lay.tiles("global_dkv")
-        n_tiles = triton.cdiv(lay.NC, t["BC"])
-        # split the queries after each tile so that the launch fills the GPU
-        nsplit = max(1, min(triton.cdiv(T, t["BT"]), triton.cdiv(1024, n_tiles * B * lay.NA)))
-        chunk = triton.cdiv(triton.cdiv(T, nsplit), t["BT"]) * t["BT"]
+        BT, BC, stride = t["BT"], t["BC"], lay.stride
+        n_tiles = triton.cdiv(lay.NC, BC)
+        # query rows that each tile's programs read, summed over the tiles (from the first
+        # query tile that sees the tile): cut in chunks so that the launch fills the GPU
+        rows = sum(max(0, T - ((c * BC + 1) * stride - 1) // BT * BT) for c in range(n_tiles))
+        chunk = triton.cdiv(rows * B * lay.NA, GLOBAL_DKV_PROGRAMS)
+        chunk = min(triton.cdiv(T, BT), max(1, triton.cdiv(chunk, BT))) * BT
         launch(
-            _global_bwd_dkv_kernel, (n_tiles, B * lay.NA, nsplit), **shared,
+            _global_bwd_dkv_kernel, (n_tiles, B * lay.NA, triton.cdiv(T, chunk)), **shared,
             kc=saved["kc"], vc=saved["vc"], lse_g=saved["lse_g"], delta_g=delta_g, chunk=chunk,
-            BT=t["BT"], BC=t["BC"], **_options(t),
+            BT=BT, BC=BC, **_options(t),
         )  # fmt: skip
     if lay.has_local:
         t = lay.tiles("local_dkv")

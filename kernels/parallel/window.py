@@ -130,6 +130,8 @@ def _window_bwd_dq_kernel(
     delta_l,
     delta_g,
     dq,
+    zero,
+    NZ,
     T,
     NC,
     NP,
@@ -148,9 +150,18 @@ def _window_bwd_dq_kernel(
     HAS_LOCAL: tl.constexpr,
     HAS_GLOBAL: tl.constexpr,
     PREC: tl.constexpr,
+    ZB: tl.constexpr,
 ):
     # dq of one query tile of HP heads of one group: local, then global; each branch's dgate
     # and softmax delta first (the dk/dv kernels, launched after, read the deltas).
+    # First, the programs zero the float32 buffer `zero` (NZ values) that every branch's dk/dv
+    # adds into, ZB values at a time in turn: the kernels that add to it all run after this
+    # one, and a fill launch of its own sat at the head of both streams' chains.
+    i_p = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    n_p = tl.num_programs(0) * tl.num_programs(1)
+    for i_z in range(i_p * ZB, NZ, n_p * ZB):
+        o_z = i_z + tl.arange(0, ZB)
+        tl.store(zero + o_z, tl.zeros([ZB], dtype=tl.float32), mask=o_z < NZ)
     i_b, i_hk, o_t, o_row, m_t = _pack_rows(packs, T, NP, HQ, G, BT, HP)
     i_t = tl.program_id(0)
     o_bq = (i_b * T * HQ).to(tl.int64)
@@ -331,9 +342,12 @@ def _global_bwd_dkv_kernel(
     BC: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # One tile of compressed keys of one KV head, over one chunk of the queries after it;
-    # the chunks add their partial gradients into dkc/dvc [B, NC, HKV, D] (float32, zeroed),
-    # which the local dk/dv kernel or `_spread_kernel` spreads back over the pooled keys.
+    # One tile of compressed keys of one KV head, over the queries of one chunk (absolute
+    # positions [i_p * chunk, (i_p + 1) * chunk)) that see it. The programs of one chunk and
+    # every tile run side by side (tiles vary fastest) and read the same q and dO rows, once
+    # from memory. The chunks add their partial gradients into dkc/dvc [B, NC, HKV, D]
+    # (float32, zeroed), which the local dk/dv kernel or `_spread_kernel` spreads back over
+    # the pooled keys.
     i_c, i_bg, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bg // NA
     i_hk = tl.load(groups + i_bg % NA)
@@ -347,8 +361,9 @@ def _global_bwd_dkv_kernel(
     b_v = tl.load(vc + o_kh + o_kv, mask=m_c[:, None], other=0.0)
     b_dk = tl.zeros([BC, D], dtype=tl.float32)
     b_dv = tl.zeros([BC, D], dtype=tl.float32)
-    lo = ((i_c * BC + 1) * stride - 1) // BT * BT + i_p * chunk
-    hi = tl.minimum(lo + chunk, T)
+    # the first query tile that sees the tile's first compressed key (chunk is BT-aligned)
+    lo = tl.maximum(((i_c * BC + 1) * stride - 1) // BT * BT, i_p * chunk)
+    hi = tl.minimum((i_p + 1) * chunk, T)
     for i_g in range(G):
         i_h = i_hk * G + i_g
         if tl.load(active + i_h) != 0:
@@ -373,7 +388,7 @@ def _global_bwd_dkv_kernel(
                 b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
                 b_dst = b_pt * (b_dpt - b_delta[None, :])
                 b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
-    if lo < T:  # a chunk past the end read nothing (relaxed: only the sums matter)
+    if lo < hi:  # a chunk before the tile read nothing (relaxed: only the sums matter)
         tl.atomic_add(dkc + o_kh + o_kv, b_dk * scale, mask=m_c[:, None], sem="relaxed")
         tl.atomic_add(dvc + o_kh + o_kv, b_dv, mask=m_c[:, None], sem="relaxed")
 
