@@ -28,18 +28,19 @@ from kernels import mla_attention  # noqa: E402
 CANDIDATES = {
     "window_fwd": [
         {"BT": 128, "w": 8, "s": 3}, {"BK": 128, "s": 3}, {"BT": 128, "BK": 128, "w": 8},
-        {"s": 4}, {"s": 2}, {"BT": 32, "w": 4, "s": 3},
+        {"s": 4}, {"s": 2}, {"BT": 32, "w": 4, "s": 3}, {"BT": 32, "w": 4}, {"BK": 32},
     ],
     "window_dq": [{"BT": 64, "w": 4, "s": 3}, {"BT": 128, "w": 8}, {"BT": 32, "w": 4},
-                  {"BT": 64, "w": 8}],
-    "local_dkv": [{"s": 3}, {"BK": 128, "w": 8}, {"BT": 32}, {"BK": 32}, {"w": 8}],
+                  {"BT": 64, "w": 8}, {"BT": 32, "w": 4, "s": 3}],
+    "local_dkv": [{"s": 3}, {"BK": 128, "w": 8}, {"BT": 32}, {"BK": 32}, {"w": 8},
+                  {"BK": 32, "BT": 32}],
     "global_dkv": [{"s": 3}, {"BT": 32}, {"w": 8}, {"BC": 32}, {"BC": 64}],
     "tile_score": [{"ROWS": 64, "w": 4, "s": 3}, {"ROWS": 64, "BN": 64, "w": 4},
                    {"ROWS": 64, "w": 8}],
-    "sparse_tile_fwd": [{"s": 2}, {"w": 8}, {"s": 4}],
+    "sparse_tile_fwd": [{"s": 2}, {"w": 8}, {"s": 4}, {"ROWS": 32}],
     "sparse_tile_dq": [{"ROWS": 64, "w": 4, "s": 3}, {"ROWS": 64, "w": 8, "s": 3},
-                       {"ROWS": 64, "w": 8, "s": 2}],
-    "sparse_tile_dkv": [{"w": 8}, {"s": 3}, {"CH": 128}, {"ROWS": 32}],
+                       {"ROWS": 64, "w": 8, "s": 2}, {"ROWS": 32}],
+    "sparse_tile_dkv": [{"w": 8}, {"s": 3}, {"CH": 128}, {"ROWS": 32}, {"ROWS": 16}],
 }  # fmt: skip
 KERNEL = {
     "window_fwd": "_window_fwd", "window_dq": "_window_bwd_dq", "local_dkv": "_local_bwd_dkv",

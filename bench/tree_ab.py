@@ -14,7 +14,8 @@ point (q heads/KV heads/head dim : T : budget : select_tile) the op's forward an
 captured in one CUDA graph and replayed (`tile_shapes.in_one_graph`: kernels and their gaps, no
 host time), cuDNN likewise on the same inputs, and the profiler sums the op's kernels. The last
 table gives each tree's median over rounds and the largest relative difference of its outputs
-and gradients from the first tree's.
+and gradients from the first tree's; `--kernel NAME ...` adds each named kernel's time (every
+kernel whose name contains NAME, summed; medians over rounds).
 """
 
 from __future__ import annotations
@@ -81,6 +82,23 @@ def worker(root: str, points: list[str], save: str, rep: int) -> None:
         print(json.dumps({**row, "per": per}), flush=True)
 
 
+def kernel_table(rows: dict, labels: list[str], points: list[str], names: list[str]) -> list[str]:
+    """Markdown lines: per tree and point, the time in µs of every kernel whose name holds each
+    of `names` (summed), the median over the rounds in rows[(label, point)]."""
+    lines = ["| tree | point | " + " | ".join(f"{n} µs" for n in names) + " |"]
+    lines.append("| --- " * (2 + len(names)) + "|")
+    for point in points:
+        for label in labels:
+            runs = rows[(label, point)]
+            us = [
+                1e3
+                * statistics.median(sum(ms for k, ms in r["per"].items() if n in k) for r in runs)
+                for n in names
+            ]
+            lines.append(f"| {label} | {point} | " + " | ".join(f"{x:.1f}" for x in us) + " |")
+    return lines
+
+
 def slug(point: str) -> str:
     return point.replace("/", "-").replace(":", "_")
 
@@ -97,6 +115,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--points", nargs="+", default=POINTS, metavar="SHAPE:T:BUDGET:BQ")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--rep", type=int, default=50, help="do_bench repetition time (ms)")
+    ap.add_argument(
+        "--kernel", nargs="+", default=[], help="also a table of these kernels' times (name parts)"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
     return ap
@@ -158,6 +179,8 @@ def main() -> None:
                 )
                 print(f"| {label} | {point} | {mla:.4f} | {dense:.4f} | {dense / mla:.3f} | "
                       f"{kern:.4f} | {mla / first:.3f} | {diff:.1e} |")  # fmt: skip
+        if args.kernel:
+            print("\n" + "\n".join(kernel_table(rows, labels, args.points, args.kernel)))
         for label in labels:
             per = rows[(label, args.points[0])][-1]["per"]
             print(f"\n{label}, {args.points[0]}, kernels (ms): "

@@ -53,3 +53,18 @@ def test_tree_ab_workers_parse_their_command_line():
     args = tree_ab.parser().parse_args(tree_ab.worker_args("/a", "/b", 7, ["12/4/64:2048:nsa:64"]))
     assert (args.worker, args.save, args.rep) == ("/a", "/b", 7)
     assert args.points == ["12/4/64:2048:nsa:64"] and args.trees == []
+
+
+def test_tree_ab_kernel_table_sums_matching_kernels_per_round():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import tree_ab
+    finally:
+        sys.path.pop(0)
+    p = "12/4/64:8192:nsa:64"
+    rounds = [{"_global_bwd_dkv": 0.05, "_local_bwd_dkv": 0.1}, {"_global_bwd_dkv": 0.07}]
+    rows = {("a", p): [{"per": per} for per in rounds]}
+    lines = tree_ab.kernel_table(rows, ["a"], [p], ["global_bwd", "bwd_dkv"])
+    assert lines[0] == "| tree | point | global_bwd µs | bwd_dkv µs |"
+    # medians over the two rounds: (50 + 70) / 2 and (150 + 70) / 2
+    assert lines[2] == f"| a | {p} | 60.0 | 110.0 |"
