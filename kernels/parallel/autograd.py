@@ -155,7 +155,7 @@ def mla_bwd(
     # dk/dv, the global branch's gradient of the compressed keys (dkc/dvc), spread back later.
     # The window dq kernel zeroes it where there is one (every adder runs after it).
     n_kv, n_c = 2 * B * T * HKV * D, 2 * B * lay.NC * HKV * D
-    zeroed = lay.any and lay.has_window
+    zeroed = lay.any and lay.has_window and n_kv + n_c < 2**31  # its offsets are int32
     buffer = (torch.empty if zeroed else torch.zeros)(n_kv + n_c, dtype=torch.float32, device=dev)
     dkv = buffer[:n_kv].view(2, B, T, HKV, D)
     dk, dv = dkv
@@ -176,7 +176,7 @@ def mla_bwd(
     delta_s = delta_buffer(lay.has_sparse)
     window = (do, q, k, v, gate, lay, saved)
     dkv_args = (delta_l, delta_g, dk, dv, dkvc)
-    dq_args = (dgate, delta_l, delta_g, dq, buffer)
+    dq_args = (dgate, delta_l, delta_g, dq, buffer if zeroed else None)
     if lay.has_sparse:
         branch = sparse_tile if lay.plan.select_tile > 1 else sparse
         args = (q, k, v, gate, do, saved["idx"], lay, saved, dgate, delta_s, dq, dk, dv)
@@ -205,8 +205,8 @@ def mla_bwd(
 
 
 def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, dq, zero) -> None:
-    """The window branches' dq (written), their dgate columns and softmax deltas; `zero`, the
-    float32 buffer that the branches' dk/dv add into, is zeroed on the way."""
+    """The window branches' dq (written), their dgate columns and softmax deltas; `zero` (if
+    any), the float32 buffer that the branches' dk/dv add into, is zeroed on the way."""
     B, T = lay.B, lay.T
     if lay.has_window:
         t = lay.tiles("window_dq")
@@ -230,8 +230,8 @@ def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, 
             delta_l=delta_l,
             delta_g=delta_g,
             dq=dq,
-            zero=zero,
-            NZ=zero.numel(),
+            zero=dq if zero is None else zero,
+            NZ=0 if zero is None else zero.numel(),
             T=T,
             NC=lay.NC,
             NP=packs.shape[0],
