@@ -96,18 +96,17 @@ def test_local_dkv_split_over_programs(monkeypatch, programs):
     check(1, 70, 4, 2, 16, cfg, torch.float32, tol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "programs", [1, 6, 512], ids=["whole-sequence", "chunks-of-tiles", "one-tile"]
-)
+@pytest.mark.parametrize("programs", [1, 4], ids=["whole-sequence", "chunks-of-tiles"])
 def test_global_dkv_query_chunks(monkeypatch, programs):
     # the global dk/dv cuts the queries into chunks of absolute positions shared by every
-    # compressed tile: one chunk of the whole sequence, chunks of several query tiles (some
-    # before a tile's first query, so empty for it), or one query tile each (the default here)
+    # compressed tile (17 compressed keys here: two tiles): one chunk of the whole sequence,
+    # or chunks of several query tiles, some before a tile's first query and so empty for it
+    # (the other tests run the default, one query tile per chunk at these sizes)
     import automla.kernels.parallel.autograd as launch_layer
 
     monkeypatch.setattr(launch_layer, "GLOBAL_DKV_PROGRAMS", programs)
-    cfg = AttentionConfig(budget=96, ratios=(0.2, 0.6, 0.2), block_size=2)
-    check(1, 150, 4, 2, 16, cfg, torch.float32, tol=1e-5)
+    cfg = AttentionConfig(budget=48, ratios=(0.2, 0.6, 0.2), block_size=2)
+    check(1, 70, 4, 2, 16, cfg, torch.float32, tol=1e-5)
 
 
 def test_uninitialised_buffers_are_written_before_read(monkeypatch):
