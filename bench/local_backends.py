@@ -21,33 +21,23 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 try:
-    from automla.kernels import AttentionConfig, mla_attention
+    from automla.kernels import AttentionConfig, mla_attention, mla_reference
 except ImportError:  # not installed: import the folder directly
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels import AttentionConfig, mla_attention
+    from kernels import AttentionConfig, mla_attention, mla_reference
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, budgets.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, budgets.py, tile_shapes.py
 from budgets import budget_config  # noqa: E402
+from tile_shapes import DTYPE, inputs, sdpa  # noqa: E402
 from timing import device_ms, kernel_ms  # noqa: E402
 
-DTYPE = torch.bfloat16
 
-
-def reference(q, k, v, window):
-    """float32 sliding-window attention in [B, T, H, D]: keys s with t - window < s <= t."""
-    B, T, HQ, D = q.shape
-    G = HQ // k.shape[2]
-    qf, kf, vf = (
-        x.float().transpose(1, 2) for x in (q, k.repeat_interleave(G, 2), v.repeat_interleave(G, 2))
-    )
-    s = qf @ kf.transpose(-1, -2) / math.sqrt(D)
-    t = torch.arange(T, device=q.device)
-    keep = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)
-    s = s.masked_fill(~keep, float("-inf"))
-    return (s.softmax(-1) @ vf).transpose(1, 2)
+def bhsd(x: torch.Tensor) -> torch.Tensor:
+    """Our [B, T, H, D] tensors as cuDNN's and FlexAttention's [B, H, T, D] (a view)."""
+    return x.transpose(1, 2)
 
 
 class CudnnWindow(torch.autograd.Function):
@@ -63,12 +53,8 @@ class CudnnWindow(torch.autograd.Function):
         if key in CudnnWindow.graphs:
             return CudnnWindow.graphs[key]
         B, T, HQ, D = q.shape
-        HKV = k.shape[2]
         handle = cudnn.create_handle()
         scale = 1.0 / math.sqrt(D)
-
-        def bhsd(x):  # our [B, T, H, D] tensors seen as cuDNN's [B, H, S, D]
-            return x.transpose(1, 2)
 
         def new_graph():
             return cudnn.pygraph(
@@ -78,41 +64,42 @@ class CudnnWindow(torch.autograd.Function):
                 handle=handle,
             )
 
-        qs = torch.empty(B, T, HQ, D, dtype=DTYPE, device="cuda")
-        ks = torch.empty(B, T, HKV, D, dtype=DTYPE, device="cuda")
-        stats_t = torch.empty(B, HQ, T, 1, dtype=torch.float32, device="cuda")
-        band = dict(diagonal_band_left_bound=window, diagonal_band_right_bound=0)
+        def output(t, like):
+            t.set_output(True).set_dim(list(bhsd(like).shape)).set_stride(list(bhsd(like).stride()))
 
+        band = dict(diagonal_band_left_bound=window, diagonal_band_right_bound=0)
         fwd = new_graph()
-        tq, tk, tv = (fwd.tensor_like(bhsd(x)) for x in (qs, ks, ks))
+        tq, tk, tv = (fwd.tensor_like(bhsd(x)) for x in (q, k, k))
         o, stats = fwd.sdpa(
             name="local", q=tq, k=tk, v=tv, generate_stats=True, attn_scale=scale, **band
         )
-        o.set_output(True).set_dim(list(bhsd(qs).shape)).set_stride(list(bhsd(qs).stride()))
+        output(o, q)
         stats.set_output(True).set_data_type(cudnn.data_type.FLOAT)
-        fwd_t = (tq, tk, tv, o, stats)
 
         bwd = new_graph()
-        bq, bk, bv, bo, bdo = (bwd.tensor_like(bhsd(x)) for x in (qs, ks, ks, qs, qs))
-        bst = bwd.tensor_like(stats_t)
+        bq, bk, bv, bo, bdo = (bwd.tensor_like(bhsd(x)) for x in (q, k, k, q, q))
+        bst = bwd.tensor_like(torch.empty(B, HQ, T, 1, dtype=torch.float32, device=q.device))
         dq, dk, dv = bwd.sdpa_backward(
             name="local_bwd", q=bq, k=bk, v=bv, o=bo, dO=bdo, stats=bst, attn_scale=scale, **band
         )
-        for t, like in ((dq, qs), (dk, ks), (dv, ks)):
-            t.set_output(True).set_dim(list(bhsd(like).shape)).set_stride(list(bhsd(like).stride()))
-        bwd_t = (bq, bk, bv, bo, bdo, bst, dq, dk, dv)
+        for t, like in ((dq, q), (dk, k), (dv, k)):
+            output(t, like)
         for g in (fwd, bwd):
             g.validate()
             g.build_operation_graph()
             g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
             g.check_support()
             g.build_plans()
-        ws = torch.empty(
-            max(fwd.get_workspace_size(), bwd.get_workspace_size()),
-            dtype=torch.uint8,
-            device="cuda",
+        size = max(fwd.get_workspace_size(), bwd.get_workspace_size())
+        ws = torch.empty(size, dtype=torch.uint8, device=q.device)
+        entry = (
+            handle,
+            fwd,
+            (tq, tk, tv, o, stats),
+            bwd,
+            (bq, bk, bv, bo, bdo, bst, dq, dk, dv),
+            ws,
         )
-        entry = (handle, fwd, fwd_t, bwd, bwd_t, ws)
         CudnnWindow.graphs[key] = entry
         return entry
 
@@ -125,17 +112,8 @@ class CudnnWindow(torch.autograd.Function):
         B, T, HQ, D = q.shape
         o = torch.empty_like(q)
         stats = torch.empty(B, HQ, T, 1, dtype=torch.float32, device=q.device)
-        fwd.execute(
-            {
-                tq: q.transpose(1, 2),
-                tk: k.transpose(1, 2),
-                tv: v.transpose(1, 2),
-                to: o.transpose(1, 2),
-                tst: stats,
-            },
-            ws,
-            handle=handle,
-        )
+        pack = {tq: bhsd(q), tk: bhsd(k), tv: bhsd(v), to: bhsd(o), tst: stats}
+        fwd.execute(pack, ws, handle=handle)
         ctx.save_for_backward(q, k, v, o, stats)
         ctx.window = window
         return o
@@ -145,34 +123,18 @@ class CudnnWindow(torch.autograd.Function):
         import cudnn
 
         q, k, v, o, stats = ctx.saved_tensors
-        handle, _, _, bwd, (bq, bk, bv, bo, bdo, bst, tdq, tdk, tdv), ws = CudnnWindow.build(
-            q, k, ctx.window
-        )
+        handle, _, _, bwd, tensors, ws = CudnnWindow.build(q, k, ctx.window)
+        bq, bk, bv, bo, bdo, bst, tdq, tdk, tdv = tensors
         cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
-        do = do.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        pack = {bq: q, bk: k, bv: v, bo: o, bdo: do, bst: stats, tdq: dq, tdk: dk, tdv: dv}
-        bwd.execute(
-            {
-                t: x.transpose(1, 2) if x.dim() == 4 and x is not stats else x
-                for t, x in pack.items()
-            },
-            ws,
-            handle=handle,
-        )
+        pack = {bq: q, bk: k, bv: v, bo: o, bdo: do.contiguous(), tdq: dq, tdk: dk, tdv: dv}
+        bwd.execute({t: bhsd(x) for t, x in pack.items()} | {bst: stats}, ws, handle=handle)
         return dq, dk, dv, None
 
 
-def cudnn_local(q, k, v, window):
-    return CudnnWindow.apply(q, k, v, window)
-
-
-def fa2_local(q, k, v, window):
-    """torch's built-in FlashAttention-2 with a left window (it takes fewer KV heads as is)."""
-    return FA2Window.apply(q, k, v, window)
-
-
 class FA2Window(torch.autograd.Function):
+    """torch's built-in FlashAttention-2 with a left window (it takes fewer KV heads as is)."""
+
     @staticmethod
     def forward(ctx, q, k, v, window):
         T, D = q.shape[1], q.shape[3]
@@ -237,10 +199,7 @@ def flex_local(q, k, v, window):
 
         _FLEX[key] = (create_block_mask(band, None, None, T, T), torch.compile(flex_attention))
     mask, fn = _FLEX[key]
-    out = fn(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask, enable_gqa=True
-    )
-    return out.transpose(1, 2)
+    return bhsd(fn(bhsd(q), bhsd(k), bhsd(v), block_mask=mask, enable_gqa=True))
 
 
 def mla_plan(kind: str, T: int, window: int):
@@ -260,34 +219,24 @@ def backends(window: int) -> dict:
 
     return {
         "mla local": mla("local"),
-        "cudnn local": lambda q, k, v, g: cudnn_local(q, k, v, window),
-        "fa2 local": lambda q, k, v, g: fa2_local(q, k, v, window),
+        "cudnn local": lambda q, k, v, g: CudnnWindow.apply(q, k, v, window),
+        "fa2 local": lambda q, k, v, g: FA2Window.apply(q, k, v, window),
         "flex local": lambda q, k, v, g: flex_local(q, k, v, window),
         "mla global": mla("global"),
         "mla nsa": mla("nsa"),
-        "cudnn dense": lambda q, k, v, g: F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-        ).transpose(1, 2),
+        "cudnn dense": sdpa(SDPBackend.CUDNN_ATTENTION),
     }
 
 
-def inputs(T, hq, hkv, d, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, device="cuda", dtype=DTYPE, generator=g).requires_grad_()
-
-    q, k, v = randn(1, T, hq, d), randn(1, T, hkv, d), randn(1, T, hkv, d)
-    gate = torch.ones(1, T, hq, 3, device="cuda", dtype=DTYPE)  # local-only: o = o_local
-    return q, k, v, gate, torch.randn(1, T, hq, d, device="cuda", dtype=DTYPE, generator=g)
-
-
 def check(name, fn, window, hq, hkv, d) -> str:
+    """The largest relative error of a local backend's o, dq, dk, dv against MLA's float32
+    reference on a local-only plan (gate 1: o is the local branch's output) at T 1024."""
     if not name.endswith("local"):
         return "-"
-    q, k, v, gate, do = inputs(1024, hq, hkv, d, seed=1)
+    q, k, v, _, do = inputs(1024, hq, hkv, d, seed=1)
+    gate = torch.ones(*q.shape[:3], 3, device=q.device, dtype=DTYPE)
     qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
-    ref = reference(qr, kr, vr, window)
+    ref = mla_reference(qr, kr, vr, gate.float(), mla_plan("local", 1024, window))
     ref.backward(do.float())
     out = fn(q, k, v, gate)
     out.backward(do)

@@ -176,7 +176,7 @@ def mla_bwd(
     delta_s = delta_buffer(lay.has_sparse)
     window = (do, q, k, v, gate, lay, saved)
     dkv_args = (delta_l, delta_g, dk, dv, dkvc)
-    dq_args = (dgate, delta_l, delta_g, dq, buffer if zeroed else None)
+    dq_args = (dgate, delta_l, delta_g, dq, buffer if zeroed else buffer[:0])
     if lay.has_sparse:
         branch = sparse_tile if lay.plan.select_tile > 1 else sparse
         args = (q, k, v, gate, do, saved["idx"], lay, saved, dgate, delta_s, dq, dk, dv)
@@ -205,8 +205,9 @@ def mla_bwd(
 
 
 def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, dq, zero) -> None:
-    """The window branches' dq (written), their dgate columns and softmax deltas; `zero` (if
-    any), the float32 buffer that the branches' dk/dv add into, is zeroed on the way."""
+    """The window branches' dq (written), their dgate columns and softmax deltas; `zero`, the
+    float32 buffer that the branches' dk/dv add into (or an empty slice of it), is zeroed on
+    the way."""
     B, T = lay.B, lay.T
     if lay.has_window:
         t = lay.tiles("window_dq")
@@ -230,8 +231,8 @@ def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, 
             delta_l=delta_l,
             delta_g=delta_g,
             dq=dq,
-            zero=dq if zero is None else zero,
-            NZ=0 if zero is None else zero.numel(),
+            zero=zero,
+            NZ=zero.numel(),
             T=T,
             NC=lay.NC,
             NP=packs.shape[0],
