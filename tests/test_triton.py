@@ -109,20 +109,23 @@ def test_global_dkv_query_chunks(monkeypatch, programs):
     check(1, 70, 4, 2, 16, cfg, torch.float32, tol=1e-5)
 
 
-def test_uninitialised_buffers_are_written_before_read(monkeypatch):
+@pytest.mark.parametrize("select_tile", [1, 4], ids=["per-query", "tile"])
+def test_uninitialised_buffers_are_written_before_read(monkeypatch, select_tile):
     # every float buffer the op allocates without zeroing (the dk/dv accumulator that the
     # window dq kernel zeroes, the outputs, the softmax statistics) starts as NaN here: one
     # that a kernel reads before writing shows in the outputs or gradients
     import automla.kernels.parallel.autograd as launch_layer
 
-    empty = torch.empty
+    def poison(alloc):
+        def poisoned(*args, **kwargs):
+            x = alloc(*args, **kwargs)
+            return x.fill_(float("nan")) if x.is_floating_point() else x
 
-    def poisoned(*args, **kwargs):
-        x = empty(*args, **kwargs)
-        return x.fill_(float("nan")) if x.is_floating_point() else x
+        return poisoned
 
-    monkeypatch.setattr(launch_layer.torch, "empty", poisoned)
-    cfg = AttentionConfig(budget=96, ratios=(0.5, 0.3, 0.2), block_size=4)
+    for name in ("empty", "empty_like"):  # the branch modules' buffers too (e.g. their dO)
+        monkeypatch.setattr(launch_layer.torch, name, poison(getattr(torch, name)))
+    cfg = AttentionConfig(budget=96, ratios=(0.5, 0.3, 0.2), block_size=4, select_tile=select_tile)
     check(1, 70, 4, 2, 16, cfg, torch.float32, tol=1e-5)
 
 
