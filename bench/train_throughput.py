@@ -65,6 +65,9 @@ class Variant:
         return name if self.graphs == "off" else f"{name} +{self.graphs} graphs"
 
 
+SEARCH_HEADS = (8, 2, 64)  # gpu.yaml's model: query heads, KV heads, head dim
+
+
 def model_config(
     v: Variant,
     T: int,
@@ -77,7 +80,8 @@ def model_config(
         size = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2)
     elif model == "search":
         # the model gpu.yaml searches: d 512, 4 layers, 8 q / 2 KV heads of 64, 384 tokens
-        size = dict(vocab_size=384, d_model=512, n_layers=4, n_heads=8, n_kv_heads=2)
+        hq, hkv, _ = SEARCH_HEADS
+        size = dict(vocab_size=384, d_model=512, n_layers=4, n_heads=hq, n_kv_heads=hkv)
     elif v.width is not None:
         n_heads = v.width // 128
         size = dict(
@@ -260,19 +264,23 @@ def variants(args, device) -> list[tuple[Variant, int]]:
 def print_table(rows: list[dict]) -> None:
     fields = ("select_tile", "fused", "precision", "checkpoint", "width", "graphs")
 
-    def key(r, **change):
+    def key(r, attention=None, **change):
         v = {f: r[f] for f in fields}
-        return (r["T"], r["attention"].split(" +")[0], *{**v, **change}.values())
+        return (r["T"], attention or r["attention"].split(" +")[0], *{**v, **change}.values())
 
     ok = {key(r): r for r in rows if "error" not in r}
+    plain_settings = dict(fused=False, precision="bf16", checkpoint="none")
 
-    def dense(r, graphs):  # the plain dense row of r's length and width
-        return ok.get((r["T"], "dense", 1, False, "bf16", "none", r["width"], graphs))
+    def dense(r, graphs=None, **change):
+        """The dense row of r's length, width and settings, those in `change` replaced;
+        graphs: r's unless given ("op" graphs only the MLA op: its dense peer has none)."""
+        graphs = graphs or (r["graphs"] if r["graphs"] != "op" else "off")
+        return ok.get(key(r, attention="dense", select_tile=1, graphs=graphs, **change))
 
     print(
         "| T | d_model | attention | fused | precision | checkpoint | step ms | tokens/s | "
         "peak GB | speed vs plain | memory vs plain | speed vs plain dense | "
-        "speed vs dense, same graphs |"
+        "speed vs dense, same settings |"
     )
     print("| --- " * 13 + "|")
     for r in rows:
@@ -283,13 +291,12 @@ def print_table(rows: list[dict]) -> None:
         if "error" in r:
             print(f"{head} failed: {r['error'][:120]} | | | | | | |")
             continue
-        plain = ok.get(key(r, fused=False, precision="bf16", checkpoint="none", graphs="off"))
-        same = dense(r, r["graphs"]) if r["graphs"] != "op" else dense(r, "off")
+        plain = ok.get(key(r, graphs="off", **plain_settings))
         print(
             f"{head} {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_mem_gb']:.2f} | "
             f"{_ratio(r, plain, 'step_ms', invert=True)} | {_ratio(r, plain, 'peak_mem_gb')} | "
-            f"{_ratio(r, dense(r, 'off'), 'step_ms', invert=True)} | "
-            f"{_ratio(r, same, 'step_ms', invert=True)} |"
+            f"{_ratio(r, dense(r, 'off', **plain_settings), 'step_ms', invert=True)} | "
+            f"{_ratio(r, dense(r), 'step_ms', invert=True)} |"
         )
 
 
@@ -361,7 +368,7 @@ def main() -> None:
         t0 = time.perf_counter()
         rows.append(run(v, T, args, device))
         r = rows[-1]
-        tag = f"{r['attention']:14s} d={v.width or 768:<5d} fused={int(v.fused)} {v.precision} "
+        tag = f"{r['attention']:14s} d={r['d_model']:<5d} fused={int(v.fused)} {v.precision} "
         tag += f"ckpt={v.checkpoint:9s} T={T:6d}"
         if "error" in r:
             print(f"{tag} FAILED {r['error']}", flush=True)
@@ -388,9 +395,10 @@ def main() -> None:
         loss = {"width": args.loss_width, "T": args.wide_seq, "steps": args.loss_steps, **curves}
         if all(isinstance(c, list) for c in curves.values()):
             loss.update(curve_gap(curves["bf16"], curves["fp8"]))
+    hq, hkv, d = (4, 2, 16) if args.tiny else SEARCH_HEADS if args.model == "search" else args.heads
     print(
-        f"\n{name}, torch {torch.__version__}, heads {args.heads[0]} q / {args.heads[1]} KV of "
-        f"{args.heads[2]} ({args.model} model), batch {args.batch}, "
+        f"\n{name}, torch {torch.__version__}, heads {hq} q / {hkv} KV of {d} "
+        f"({args.model} model), batch {args.batch}, "
         f"{time.perf_counter() - t_start:.0f} s in all\n"
     )
     if loss is not None:

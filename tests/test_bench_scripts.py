@@ -3,6 +3,7 @@ only on the GPU machine or by hand, so an import they lost would otherwise surfa
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -43,13 +44,17 @@ def test_bench_script_parses_its_command_line(helps, script: Path):
     assert "usage:" in out.stdout
 
 
-def _tree_ab():
+def _bench(name: str):
+    """The bench script `name`, imported as a module."""
     sys.path.insert(0, str(BENCH))
     try:
-        import tree_ab
+        return __import__(name)
     finally:
         sys.path.pop(0)
-    return tree_ab
+
+
+def _tree_ab():
+    return _bench("tree_ab")
 
 
 def test_tree_ab_workers_parse_their_command_line():
@@ -69,3 +74,28 @@ def test_tree_ab_kernel_table_sums_matching_kernels_per_round():
     assert lines[0] == "| tree | point | global_bwd µs | bwd_dkv µs |"
     # medians over the two rounds: (50 + 70) / 2 and (150 + 70) / 2
     assert lines[2] == f"| a | {p} | 60.0 | 110.0 |"
+
+
+def test_train_throughput_compares_each_row_with_dense_of_the_same_settings(capsys):
+    tt = _bench("train_throughput")
+
+    def row(attention, bq, graphs, fused, ms):
+        v = tt.Variant(attention, bq, graphs=graphs, fused=fused)
+        return {**dataclasses.asdict(v), "attention": v.name, "T": 2048, "d_model": 512,
+                "step_ms": ms, "tokens_per_s": 1.0, "peak_mem_gb": 1.0}  # fmt: skip
+
+    rows = [
+        row("dense", 1, "off", False, 10.0),
+        row("dense", 1, "step", False, 8.0),
+        row("dense", 1, "step", True, 6.0),
+        row("mla", 64, "step", True, 7.5),
+        row("mla", 64, "op", True, 12.0),
+    ]
+    tt.print_table(rows)
+    lines = capsys.readouterr().out.splitlines()
+    cells = [line.split(" | ") for line in lines if "| mla" in line]
+    # fused + step graphs against dense fused + step graphs (6.0 / 7.5), not plain dense
+    # with step graphs (8.0 / 7.5); against plain dense eager 10.0 / 7.5
+    assert cells[0][-2:] == ["1.33x", "0.80x |"]
+    # per-op graphs: the dense peer runs without graphs, fused (no such row here)
+    assert cells[1][-1] == " |"
