@@ -46,17 +46,18 @@ from budgets import budget_config  # noqa: E402
 DTYPE = torch.bfloat16
 
 
-def inputs(T: int, hq: int, hkv: int, d: int, seed: int = 0):
+def inputs(T: int, hq: int, hkv: int, d: int, seed: int = 0, batch: int = 1):
     g = torch.Generator(device="cuda").manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, device="cuda", dtype=DTYPE, generator=g)
 
-    q, k, v = randn(1, T, hq, d), randn(1, T, hkv, d), randn(1, T, hkv, d)
-    gate = torch.rand(1, T, hq, 3, device="cuda", generator=g).to(DTYPE)
+    B = batch
+    q, k, v = randn(B, T, hq, d), randn(B, T, hkv, d), randn(B, T, hkv, d)
+    gate = torch.rand(B, T, hq, 3, device="cuda", generator=g).to(DTYPE)
     for x in (q, k, v, gate):
         x.requires_grad_()
-    return q, k, v, gate, randn(1, T, hq, d)
+    return q, k, v, gate, randn(B, T, hq, d)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -64,10 +64,10 @@ def patch(kernel: str, G: int, D: int, change: dict):
 
 
 def sweep_point(point: str, names: list[str], rep: int) -> None:
-    shape, T, budget, bq = point.split(":")
+    shape, T, budget, bq, *batch = point.split(":")  # a fifth field: the batch (1)
     hq, hkv, d = (int(x) for x in shape.split("/"))
     cfg = budget_config(int(T), budget, int(bq))
-    xs = inputs(int(T), hq, hkv, d)
+    xs = inputs(int(T), hq, hkv, d, batch=int(batch[0]) if batch else 1)
 
     def op(q, k, v, g):
         return mla_attention(q, k, v, g, cfg, backend="triton")

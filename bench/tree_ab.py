@@ -12,7 +12,8 @@ Each tree runs in its own process (its `kernels` imported from that folder only)
 turn, `--rounds` times, so that drift shows as a difference between rounds of one tree. Per
 point (q heads/KV heads/head dim : T : budget : select_tile) the op's forward and backward are
 captured in one CUDA graph and replayed (`tile_shapes.in_one_graph`: kernels and their gaps, no
-host time), cuDNN likewise on the same inputs, and the profiler sums the op's kernels. The last
+host time), cuDNN likewise on the same inputs, and the profiler sums the op's kernels (a fifth
+field, e.g. `8/2/64:2048:small:64:8`, sets the batch; 1 by default). The last
 table gives each tree's median over rounds and the largest relative difference of its outputs
 and gradients from the first tree's; `--kernel NAME ...` adds each named kernel's time (every
 kernel whose name contains NAME, summed; medians over rounds).
@@ -53,10 +54,10 @@ def worker(root: str, points: list[str], save: str, rep: int) -> None:
     from timing import kernel_ms
 
     for point in points:
-        shape, T, budget, bq = point.split(":")
+        shape, T, budget, bq, *batch = point.split(":")
         hq, hkv, d = (int(x) for x in shape.split("/"))
         cfg = budget_config(int(T), budget, int(bq), kernels.AttentionConfig)
-        xs = inputs(int(T), hq, hkv, d)
+        xs = inputs(int(T), hq, hkv, d, batch=int(batch[0]) if batch else 1)
 
         def op(q, k, v, g, cfg=cfg):
             return kernels.mla_attention(q, k, v, g, cfg, backend="triton")
@@ -112,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("trees", nargs="*", help="folders holding a kernels/ package")
     ap.add_argument("--labels", nargs="+", help="one per tree (default: the folder names)")
-    ap.add_argument("--points", nargs="+", default=POINTS, metavar="SHAPE:T:BUDGET:BQ")
+    ap.add_argument("--points", nargs="+", default=POINTS, metavar="SHAPE:T:BUDGET:BQ[:B]")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--rep", type=int, default=50, help="do_bench repetition time (ms)")
     ap.add_argument(
