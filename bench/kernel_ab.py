@@ -35,8 +35,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, as `kernels`
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, budgets.py, tile_shapes.py
-from budgets import budget_config  # noqa: E402
-from tile_shapes import in_one_graph, inputs, sdpa  # noqa: E402
+from tile_shapes import in_one_graph, point_inputs, sdpa  # noqa: E402
 from timing import kernel_ms  # noqa: E402
 
 import kernels.parallel  # noqa: E402
@@ -110,10 +109,7 @@ def max_diff(a: list, b: list) -> float:
 def measure(point: str, before: dict, after: dict, rep: int, names: list[str]) -> dict:
     """One point: outputs compared, then MLA before and after, the kernels `names` (whose
     names contain one of them), cuDNN. before/after: launch-layer attributes to set."""
-    shape, T, budget, bq = point.split(":")
-    hq, hkv, d = (int(x) for x in shape.split("/"))
-    cfg = budget_config(int(T), budget, int(bq))
-    xs = inputs(int(T), hq, hkv, d)
+    cfg, xs = point_inputs(point)
     row, res = {"point": point}, {}
 
     def mla():
@@ -160,7 +156,7 @@ def main() -> None:
         help="settings for the before rows (default: the code's own)",
     )
     ap.add_argument("--kernels", nargs="+", default=[], help="kernels a --set change moves")
-    ap.add_argument("--points", nargs="+", default=POINTS, metavar="SHAPE:T:BUDGET:BQ")
+    ap.add_argument("--points", nargs="+", default=POINTS, metavar="SHAPE:T:BUDGET:BQ[:B]")
     ap.add_argument("--rep", type=int, default=200, help="do_bench repetition time (ms)")
     args = ap.parse_args()
     before = load_before(args.before) if args.before else {}

@@ -60,6 +60,17 @@ def inputs(T: int, hq: int, hkv: int, d: int, seed: int = 0, batch: int = 1):
     return q, k, v, gate, randn(B, T, hq, d)
 
 
+def point_inputs(point: str, config_class: type | None = None):
+    """A bench point SHAPE:T:BUDGET:BQ[:B] (e.g. `12/4/64:8192:nsa:64`, or `...:64:8` for a
+    batch of 8): its AttentionConfig (of `config_class`, another tree's, when given) and its
+    inputs (q, k, v, gate, do)."""
+    shape, T, budget, bq, *batch = point.split(":")
+    hq, hkv, d = (int(x) for x in shape.split("/"))
+    extra = {} if config_class is None else {"config_class": config_class}
+    cfg = budget_config(int(T), budget, int(bq), **extra)
+    return cfg, inputs(int(T), hq, hkv, d, batch=int(batch[0]) if batch else 1)
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = x.double(), ref.double()
     if not torch.isfinite(x).all():

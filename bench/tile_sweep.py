@@ -16,9 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, as `kernels`
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from budgets import budget_config  # noqa: E402
 from kernel_ab import max_diff, outputs  # noqa: E402
-from tile_shapes import in_one_graph, inputs  # noqa: E402
+from tile_shapes import in_one_graph, point_inputs  # noqa: E402
 from timing import kernel_ms  # noqa: E402
 
 import kernels.parallel.layout as layout  # noqa: E402
@@ -64,10 +63,8 @@ def patch(kernel: str, G: int, D: int, change: dict):
 
 
 def sweep_point(point: str, names: list[str], rep: int) -> None:
-    shape, T, budget, bq, *batch = point.split(":")  # a fifth field: the batch (1)
-    hq, hkv, d = (int(x) for x in shape.split("/"))
-    cfg = budget_config(int(T), budget, int(bq))
-    xs = inputs(int(T), hq, hkv, d, batch=int(batch[0]) if batch else 1)
+    cfg, xs = point_inputs(point)
+    (*_, hq, d), hkv = xs[0].shape, xs[1].shape[2]
 
     def op(q, k, v, g):
         return mla_attention(q, k, v, g, cfg, backend="triton")

@@ -65,7 +65,9 @@ class Variant:
         return name if self.graphs == "off" else f"{name} +{self.graphs} graphs"
 
 
-SEARCH_HEADS = (8, 2, 64)  # gpu.yaml's model: query heads, KV heads, head dim
+# query heads, KV heads, head dim: of the model gpu.yaml searches, and of the CPU smoke run's
+SEARCH_HEADS = (8, 2, 64)
+TINY_HEADS = (4, 2, 16)
 
 
 def model_config(
@@ -77,7 +79,8 @@ def model_config(
     model: str = "125m",
 ) -> ModelConfig:
     if tiny:
-        size = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2)
+        hq, hkv, d = TINY_HEADS
+        size = dict(vocab_size=256, d_model=hq * d, n_layers=2, n_heads=hq, n_kv_heads=hkv)
     elif model == "search":
         # the model gpu.yaml searches: d 512, 4 layers, 8 q / 2 KV heads of 64, 384 tokens
         hq, hkv, _ = SEARCH_HEADS
@@ -395,7 +398,7 @@ def main() -> None:
         loss = {"width": args.loss_width, "T": args.wide_seq, "steps": args.loss_steps, **curves}
         if all(isinstance(c, list) for c in curves.values()):
             loss.update(curve_gap(curves["bf16"], curves["fp8"]))
-    hq, hkv, d = (4, 2, 16) if args.tiny else SEARCH_HEADS if args.model == "search" else args.heads
+    hq, hkv, d = TINY_HEADS if args.tiny else SEARCH_HEADS if args.model == "search" else args.heads
     print(
         f"\n{name}, torch {torch.__version__}, heads {hq} q / {hkv} KV of {d} "
         f"({args.model} model), batch {args.batch}, "

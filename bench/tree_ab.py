@@ -49,15 +49,11 @@ def worker(root: str, points: list[str], save: str, rep: int) -> None:
 
     if not kernels.__file__.startswith(os.path.abspath(root)):
         raise SystemExit(f"kernels imported from {kernels.__file__}, not from {root}")
-    from budgets import budget_config
-    from tile_shapes import in_one_graph, inputs, sdpa
+    from tile_shapes import in_one_graph, point_inputs, sdpa
     from timing import kernel_ms
 
     for point in points:
-        shape, T, budget, bq, *batch = point.split(":")
-        hq, hkv, d = (int(x) for x in shape.split("/"))
-        cfg = budget_config(int(T), budget, int(bq), kernels.AttentionConfig)
-        xs = inputs(int(T), hq, hkv, d, batch=int(batch[0]) if batch else 1)
+        cfg, xs = point_inputs(point, kernels.AttentionConfig)
 
         def op(q, k, v, g, cfg=cfg):
             return kernels.mla_attention(q, k, v, g, cfg, backend="triton")
