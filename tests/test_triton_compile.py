@@ -62,6 +62,9 @@ def _describe(fn, kwargs: dict) -> dict:
             out[name] = {"constexpr": value}
         elif isinstance(value, torch.Tensor):
             out[name] = {"type": _TYPES[value.dtype]}
+        elif hasattr(value, "block_shape"):  # a TMA descriptor (`launch.tiles_of`)
+            block = ",".join(str(n) for n in value.block_shape)
+            out[name] = {"type": f"tensordesc<{_TYPES[value.base.dtype][1:]}[{block}]>"}
         elif isinstance(value, bool):
             out[name] = {"type": "i1"}
         elif isinstance(value, int):
@@ -258,13 +261,17 @@ class _Compiled:
 
 
 def _shape_of(kwargs: dict) -> str:
-    """A launch's arguments as the compiler sees them: tensors by dtype and shape, the rest
-    (sizes, flags, constexprs, tiles) by value."""
-    out = {
-        k: (str(v.dtype), tuple(v.shape)) if isinstance(v, torch.Tensor) else v
-        for k, v in kwargs.items()
-    }
-    return json.dumps(out, sort_keys=True, default=str)
+    """A launch's arguments as the compiler sees them: tensors by dtype and shape, TMA
+    descriptors also by tile, the rest (sizes, flags, constexprs, tiles) by value."""
+
+    def kind(v):
+        if isinstance(v, torch.Tensor):
+            return str(v.dtype), tuple(v.shape)
+        if hasattr(v, "block_shape"):
+            return "tiles", *kind(v.base), tuple(v.block_shape)
+        return v
+
+    return json.dumps({k: kind(v) for k, v in kwargs.items()}, sort_keys=True, default=str)
 
 
 def test_launch_compiles_ahead_only_inside_the_block():

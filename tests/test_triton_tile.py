@@ -163,3 +163,40 @@ def test_tile_mode_takes_longer_sequences_on_the_kernels():
     plan = _real_size_config(1).plan(T)
     assert "32-bit" in unsupported(q, k, k, plan)
     assert unsupported(q, k, k, _real_size_config(64).plan(T)) is None
+
+
+TMA_CASES = [
+    pytest.param(2, 53, 6, 2, 16, 24, (0.3, 0.2, 0.5), 4, 16, None, id="B2-T53-G3-Bq16"),
+    pytest.param(1, 150, 6, 2, 16, 32, (0.25, 0.25, 0.5), 4, 64, None, id="T150-G3-Bq64"),
+    pytest.param(2, 45, 4, 1, 16, 24, (0.4, 0.2, 0.4), 4, 1, None, id="B2-T45-G4-Bq1"),
+    pytest.param(
+        1, 61, 6, 2, 16, 24, (0.25, 0.25, 0.5), 4, 16, [True, False, True, False, False, False],
+        id="T61-mask",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("B,T,HQ,HKV,D,budget,ratios,bs,bq,mask", TMA_CASES)
+def test_tma_descriptor_loads_match_reference(monkeypatch, B, T, HQ, HKV, D, budget, ratios, bs, bq, mask):  # fmt: skip
+    # The kernels that load through TMA descriptors from head dim 128 on the GPU
+    # (`layout.TMA_MIN_D`), here at every head dim: keys past a sequence's end (the next
+    # sequence's, or past the tensor) reach them, and the masks must keep them out.
+    import automla.kernels.parallel.launch as launch
+    import automla.kernels.parallel.layout as layout
+
+    if not launch.descriptors_available():
+        pytest.skip("this Triton has no host-side TMA descriptors")
+    monkeypatch.setattr(layout, "TMA_MIN_D", 0)
+    made = []
+    tiles_of = launch.tiles_of
+
+    def counted(x, rows, tma):
+        made.append(tma)
+        return tiles_of(x, rows, tma)
+
+    for module in ("autograd", "sparse_tile"):
+        monkeypatch.setattr(f"automla.kernels.parallel.{module}.tiles_of", counted)
+    cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs, select_tile=bq)
+    head_mask = None if mask is None else torch.tensor(mask)
+    check(B, T, HQ, HKV, D, cfg, torch.float32, tol=1e-5, head_mask=head_mask, seed=T)
+    assert made and all(made)  # every launch that can take descriptors took them

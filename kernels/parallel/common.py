@@ -71,14 +71,42 @@ def _kmean_scores(
 
 
 @triton.jit
-def _load_block(k, v, p_idx, o_k, o_d, BS: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+def _load_pair(x, y, row, col, o_xy, m_row, TMA: tl.constexpr):
+    # The same tile of two tensors (k and v; q and dO). TMA: x and y are TMA descriptors
+    # (`launch.tiles_of`) and the tile starts at [row, col] of their 2-D view; rows past the
+    # valid ones come as stored, so the caller's masks must exclude them. Else pointers at
+    # offsets o_xy, rows outside m_row zero.
+    if TMA:
+        b_x = x.load([row, col])
+        b_y = y.load([row, col])
+    else:
+        b_x = tl.load(x + o_xy, mask=m_row[:, None], other=0.0)
+        b_y = tl.load(y + o_xy, mask=m_row[:, None], other=0.0)
+    return b_x, b_y
+
+
+@triton.jit
+def _load_block(
+    k,
+    v,
+    p_idx,
+    o_k,
+    o_d,
+    row0,
+    col,
+    BS: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    TMA: tl.constexpr,
+):
     # The selected key block at *p_idx (-1: none, all masked): mask [BSP], k and v [BSP, D].
+    # TMA: k and v are descriptors, the sequence's first row at row0 and the head at col;
+    # the rows past BS (BSP > BS) are the next block's, masked by m_k.
     i_n = tl.load(p_idx)
     # broadcast before comparing: the interpreter mis-types a scalar mask in `&`
     m_k = (o_k < BS) & (i_n + tl.zeros_like(o_k) >= 0)
     o_kv = ((i_n * BS + o_k) * (HKV * D))[:, None] + o_d[None, :]
-    b_k = tl.load(k + o_kv, mask=m_k[:, None], other=0.0)
-    b_v = tl.load(v + o_kv, mask=m_k[:, None], other=0.0)
+    b_k, b_v = _load_pair(k, v, row0 + i_n * BS, col, o_kv, m_k, TMA)
     return m_k, b_k, b_v
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,6 +33,30 @@ def launch(kernel, grid: tuple, **kwargs) -> None:
         compiled.append(kernel.warmup(grid=grid, **kwargs))
     else:
         kernel[grid](**kwargs)
+
+
+@functools.cache
+def descriptors_available() -> bool:
+    """Whether this Triton takes TMA descriptors made on the host
+    (`triton.tools.tensor_descriptor`); asked at every launch, hence cached."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def tiles_of(x: torch.Tensor, rows: int, tma: bool):
+    """What a kernel reads x [..., H, D] through: where `tma`, a TMA descriptor of [rows, D]
+    tiles of its [-1, H * D] view (the kernel addresses a tile by row and column); else x."""
+    if not tma:
+        return x
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if x.data_ptr() % 16:  # TMA reads from 16-byte aligned addresses only
+        x = x.clone()
+    x2 = x.reshape(-1, x.shape[-2] * x.shape[-1])
+    return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, x.shape[-1]])
 
 
 def async_compile_available() -> bool:

@@ -10,6 +10,7 @@ import triton
 from ..config import Plan
 from ..heads import HeadGroups
 from .common import LOG2E, _interpret
+from .launch import descriptors_available
 
 # Tiles per kernel for the H200 (head dim 128, bf16): candidates that compile with little
 # spill on Triton 3.6, timed at 32k by `bench/attention.py --sweep` (see bench/NOTES.md).
@@ -51,6 +52,16 @@ _GPU_TILES_D64 = {
 }
 
 
+# Kernels that load their streamed tiles (k and v; the global dk/dv's q and dO) through TMA
+# descriptors, from head dim TMA_MIN_D up: at D 128 each ran 4-17% faster than with pointer
+# loads, at D 64 up to 9% slower, and the local dk/dv slower at both (bench/NOTES.md,
+# thirteenth session). The interpreter follows the same rule.
+_TMA_KERNELS = frozenset(
+    {"window_fwd", "window_dq", "global_dkv", "sparse_tile_fwd", "sparse_tile_dq"}
+)
+TMA_MIN_D = 128
+
+
 def _gpu_tiles(kernel: str, G: int | None = None, D: int | None = None) -> dict:
     """The GPU launch tiles of `kernel`; G (window kernels): the group size; D: the head dim."""
     tiles = _GPU_TILES[kernel]
@@ -58,12 +69,18 @@ def _gpu_tiles(kernel: str, G: int | None = None, D: int | None = None) -> dict:
         tiles = _GPU_TILES_ONE_HEAD
     if D is not None and D <= 64:
         tiles = {**tiles, **_GPU_TILES_D64.get(kernel, {})}
-    return {"num_stages": 2, **tiles}
+    return {"num_stages": 2, **tiles, "TMA": _tma(kernel, D)}
+
+
+def _tma(kernel: str, D: int | None) -> bool:
+    """Whether `kernel` loads through TMA descriptors at head dim D (`_TMA_KERNELS`)."""
+    tma = kernel in _TMA_KERNELS and D is not None and D >= TMA_MIN_D
+    return tma and descriptors_available()
 
 
 def _tiles(kernel: str, G: int | None = None, D: int | None = None) -> dict:
     if _interpret():
-        return dict(_CPU_TILES, num_stages=1)
+        return dict(_CPU_TILES, num_stages=1, TMA=_tma(kernel, D))
     return _gpu_tiles(kernel, G, D)
 
 

@@ -67,7 +67,7 @@ def _sparse_fwd_kernel(
     b_acc = tl.zeros([GP, D], dtype=tl.float32)
     for i in range(_n_selected(idx, NSEL)):
         # [BSP], [BSP, D]
-        m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, BS, HKV, D)
+        m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, 0, 0, BS, HKV, D, False)
         # [GP, BSP]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
@@ -133,7 +133,7 @@ def _sparse_bwd_dq_kernel(
     b_dq = tl.zeros([GP, D], dtype=tl.float32)
     for i in range(_n_selected(idx, NSEL)):
         # [BSP], [BSP, D]
-        m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, BS, HKV, D)
+        m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, 0, 0, BS, HKV, D, False)
         # [GP, BSP]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
         b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)

@@ -30,7 +30,7 @@ from .common import (
     _softmax_step,
     _sparse_dkv_rows,
 )
-from .launch import launch
+from .launch import launch, tiles_of
 from .layout import _options
 from .selection import _rank
 from .sparse import _invert
@@ -160,15 +160,18 @@ def _tile_rows(
     BQ: tl.constexpr,
     RU: tl.constexpr,
     RP: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    # The program's RU rows of one KV group (RP in all, padding past RU): k, v and idx moved to
-    # the group and the tile, the batch's row offset o_bq, each row's offset o_row = t * HQ + h
-    # and m_r, whether it is a real, active row.
+    # The program's RU rows of one KV group (RP in all, padding past RU): k, v (pointers) and
+    # idx moved to the group and the tile, the batch's row offset o_bq, each row's offset
+    # o_row = t * HQ + h and m_r, whether it is a real, active row; the sequence's first key
+    # row and the group's column in the [B * T, HKV * D] view, for TMA descriptors.
     i_t, i_bg = tl.program_id(0), tl.program_id(1)
     i_b = i_bg // NA
     i_hk = tl.load(groups + i_bg % NA)
-    k += (i_b * T * HKV + i_hk).to(tl.int64) * D
-    v += (i_b * T * HKV + i_hk).to(tl.int64) * D
+    if not TMA:
+        k += (i_b * T * HKV + i_hk).to(tl.int64) * D
+        v += (i_b * T * HKV + i_hk).to(tl.int64) * D
     idx += ((i_b * NT + (i_t * RU) // (BQ * GR)) * HKV + i_hk).to(tl.int64) * NSEL
     o_r = tl.arange(0, RP)
     o_tok, o_g = _split_rows(i_t * RU, o_r, GR, RU)
@@ -176,7 +179,7 @@ def _tile_rows(
     m_r = (o_r < RU) & (o_g < G) & (o_tok < T)
     m_r = m_r & (tl.load(active + o_h, mask=m_r, other=0) != 0)
     o_bq = (i_b * T * HQ).to(tl.int64)
-    return k, v, idx, o_bq, o_tok * HQ + o_h, m_r
+    return k, v, idx, o_bq, o_tok * HQ + o_h, m_r, i_b * T, i_hk * D
 
 
 @triton.jit
@@ -209,9 +212,10 @@ def _sparse_tile_fwd_kernel(
     ACCUMULATE: tl.constexpr,
     STORE: tl.constexpr,
     PREC: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    k, v, idx, o_bq, o_row, m_r = _tile_rows(
-        k, v, idx, active, groups, T, NT, NA, HQ, HKV, G, GR, D, NSEL, BQ, RU, RP
+    k, v, idx, o_bq, o_row, m_r, row0, col = _tile_rows(
+        k, v, idx, active, groups, T, NT, NA, HQ, HKV, G, GR, D, NSEL, BQ, RU, RP, TMA
     )
     o_d = tl.arange(0, D)
     o_k = tl.arange(0, BSP)
@@ -223,7 +227,7 @@ def _sparse_tile_fwd_kernel(
     b_acc = tl.zeros([RP, D], dtype=tl.float32)
     for i in range(_n_selected(idx, NSEL)):
         # [BSP], [BSP, D]: the whole block is visible to every query of the tile
-        m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, BS, HKV, D)
+        m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, row0, col, BS, HKV, D, TMA)
         # [RP, BSP]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
@@ -273,12 +277,13 @@ def _sparse_tile_dq_kernel(
     RP: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     PREC: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # dq of the program's rows over their tile's blocks; first the branch's dgate, softmax
     # delta and dO (g_s * do), stored for the dk/dv kernel launched after: its steps then load
     # the rows' dO as they are, with no gate to load and no product to stage per step.
-    k, v, idx, o_bq, o_row, m_r = _tile_rows(
-        k, v, idx, active, groups, T, NT, NA, HQ, HKV, G, GR, D, NSEL, BQ, RU, RP
+    k, v, idx, o_bq, o_row, m_r, row0, col = _tile_rows(
+        k, v, idx, active, groups, T, NT, NA, HQ, HKV, G, GR, D, NSEL, BQ, RU, RP, TMA
     )
     o_d = tl.arange(0, D)
     o_k = tl.arange(0, BSP)
@@ -294,7 +299,7 @@ def _sparse_tile_dq_kernel(
     b_delta = _gate_grad(b_do, o_s + o_x, b_g, dgate + o_r * 3 + 2, delta_s + o_r, m_r)
     b_dq = tl.zeros([RP, D], dtype=tl.float32)
     for i in range(_n_selected(idx, NSEL)):
-        m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, BS, HKV, D)
+        m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, row0, col, BS, HKV, D, TMA)
         # [RP, BSP]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
         b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
@@ -413,16 +418,23 @@ def select(q, k, lay, km) -> torch.Tensor:
     )
 
 
+def _blocks(k, v, lay, t: dict) -> dict:
+    """k and v as the kernels read their selected blocks (BSP keys a tile)."""
+    return dict(k=tiles_of(k, lay.BSP, t["TMA"]), v=tiles_of(v, lay.BSP, t["TMA"]))
+
+
 def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
     """The sparse branch's output, gated and added to o (written when no window branch ran)."""
     t = lay.tiles("sparse_tile_fwd")
     GR, RU, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
     launch(
         _sparse_tile_fwd_kernel, (triton.cdiv(lay.T * GR, RU), lay.B * lay.NA),
-        q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, o=o, o_s=o_s,
+        q=q, **_blocks(k, v, lay, t), gate=gate, idx=idx, active=lay.active, groups=lay.groups,
+        o=o, o_s=o_s,
         lse_s=lse_s, T=lay.T, NT=lay.NT, NA=lay.NA, **lay.args, GR=GR,
         NSEL=lay.plan.n_select, BS=lay.plan.block_size, BSP=lay.BSP, BQ=lay.plan.select_tile,
-        RU=RU, RP=RP, ACCUMULATE=lay.has_window, STORE=store, **_row_options(t, GR, RU),
+        RU=RU, RP=RP, ACCUMULATE=lay.has_window, STORE=store, TMA=t["TMA"],
+        **_row_options(t, GR, RU),
     )  # fmt: skip
 
 
@@ -444,11 +456,12 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv, rea
     GRq, RUq, RPq = tile_rows(lay.G, lay.plan.select_tile, tq["ROWS"])
     launch(
         _sparse_tile_dq_kernel, (triton.cdiv(lay.T * GRq, RUq), lay.B * lay.NA),
-        q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, do=do,
+        q=q, **_blocks(k, v, lay, tq), gate=gate, idx=idx, active=lay.active, groups=lay.groups,
+        do=do,
         o_s=saved["o_s"], lse_s=saved["lse_s"], dgate=dgate, delta_s=delta_s, dob_s=dob, dq=dq,
         T=lay.T, NT=lay.NT, NA=lay.NA, **lay.args, scale=lay.scale, GR=GRq, NSEL=lay.plan.n_select,
         BS=lay.plan.block_size, BSP=lay.BSP, BQ=lay.plan.select_tile, RU=RUq, RP=RPq,
-        ACCUMULATE=lay.has_window, **_row_options(tq, GRq, RUq),
+        ACCUMULATE=lay.has_window, TMA=tq["TMA"], **_row_options(tq, GRq, RUq),
     )  # fmt: skip
     launch(
         _sparse_tile_dkv_kernel, (chunks.shape[0],),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _gate_grad, _pack_rows, _softmax_finish, _softmax_step
+from .common import _gate_grad, _load_pair, _pack_rows, _softmax_finish, _softmax_step
 
 
 @triton.jit
@@ -43,6 +43,7 @@ def _window_fwd_kernel(
     HAS_GLOBAL: tl.constexpr,
     STORE: tl.constexpr,
     PREC: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # One query tile of HP heads of one group (their rows share each key tile): the local
     # window, then the compressed prefix.
@@ -55,8 +56,9 @@ def _window_fwd_kernel(
     b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
 
     if HAS_LOCAL:
-        k += (i_b * T * HKV + i_hk).to(tl.int64) * D
-        v += (i_b * T * HKV + i_hk).to(tl.int64) * D
+        if not TMA:
+            k += (i_b * T * HKV + i_hk).to(tl.int64) * D
+            v += (i_b * T * HKV + i_hk).to(tl.int64) * D
         b_m = tl.full([HP * BT], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([HP * BT], dtype=tl.float32)
         b_acc = tl.zeros([HP * BT, D], dtype=tl.float32)
@@ -65,9 +67,8 @@ def _window_fwd_kernel(
         for i_s in range(lo, hi, BK):
             o_s = i_s + tl.arange(0, BK)
             o_kv = (o_s * (HKV * D))[:, None] + o_d[None, :]
-            # [BK, D]
-            b_k = tl.load(k + o_kv, mask=(o_s < T)[:, None], other=0.0)
-            b_v = tl.load(v + o_kv, mask=(o_s < T)[:, None], other=0.0)
+            # [BK, D]; with TMA, keys past T come as stored: masked, as o_s <= o_t < T
+            b_k, b_v = _load_pair(k, v, i_b * T + i_s, i_hk * D, o_kv, o_s < T, TMA)
             # [HP * BT, BK]
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
             m_s = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - window)
@@ -82,8 +83,9 @@ def _window_fwd_kernel(
         b_o = (b_g[:, None] * b_ob).to(b_q.dtype)
 
     if HAS_GLOBAL:
-        kc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
-        vc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
+        if not TMA:
+            kc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
+            vc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
         b_m = tl.full([HP * BT], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([HP * BT], dtype=tl.float32)
         b_acc = tl.zeros([HP * BT, D], dtype=tl.float32)
@@ -92,9 +94,8 @@ def _window_fwd_kernel(
         for i_c in range(0, hi, BC):
             o_c = i_c + tl.arange(0, BC)
             o_kv = (o_c * (HKV * D))[:, None] + o_d[None, :]
-            # [BC, D]
-            b_k = tl.load(kc + o_kv, mask=(o_c < NC)[:, None], other=0.0)
-            b_v = tl.load(vc + o_kv, mask=(o_c < NC)[:, None], other=0.0)
+            # [BC, D]; with TMA, those past NC come as stored: masked, as n_vis <= NC
+            b_k, b_v = _load_pair(kc, vc, i_b * NC + i_c, i_hk * D, o_kv, o_c < NC, TMA)
             # [HP * BT, BC]
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
             b_s = tl.where(o_c[None, :] < n_vis[:, None], b_s, float("-inf"))
@@ -151,6 +152,7 @@ def _window_bwd_dq_kernel(
     HAS_GLOBAL: tl.constexpr,
     PREC: tl.constexpr,
     ZB: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # dq of one query tile of HP heads of one group: local, then global; each branch's dgate
     # and softmax delta first (the dk/dv kernels, launched after, read the deltas).
@@ -174,8 +176,9 @@ def _window_bwd_dq_kernel(
     b_dq = tl.zeros([HP * BT, D], dtype=tl.float32)
 
     if HAS_LOCAL:
-        k += (i_b * T * HKV + i_hk).to(tl.int64) * D
-        v += (i_b * T * HKV + i_hk).to(tl.int64) * D
+        if not TMA:
+            k += (i_b * T * HKV + i_hk).to(tl.int64) * D
+            v += (i_b * T * HKV + i_hk).to(tl.int64) * D
         b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
         b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
         b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
@@ -185,9 +188,8 @@ def _window_bwd_dq_kernel(
         for i_s in range(lo, hi, BK):
             o_s = i_s + tl.arange(0, BK)
             o_kv = (o_s * (HKV * D))[:, None] + o_d[None, :]
-            # [BK, D]
-            b_k = tl.load(k + o_kv, mask=(o_s < T)[:, None], other=0.0)
-            b_v = tl.load(v + o_kv, mask=(o_s < T)[:, None], other=0.0)
+            # [BK, D]; with TMA, keys past T come as stored: masked, as o_s <= o_t < T
+            b_k, b_v = _load_pair(k, v, i_b * T + i_s, i_hk * D, o_kv, o_s < T, TMA)
             # [HP * BT, BK]
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
             m_s = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - window)
@@ -197,8 +199,9 @@ def _window_bwd_dq_kernel(
             b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
 
     if HAS_GLOBAL:
-        kc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
-        vc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
+        if not TMA:
+            kc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
+            vc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
         b_g = tl.load(gate + o_r * 3 + 1, mask=m_t, other=0.0).to(tl.float32)
         b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
         b_lse = tl.load(lse_g + o_r, mask=m_t, other=float("inf"))
@@ -208,9 +211,8 @@ def _window_bwd_dq_kernel(
         for i_c in range(0, hi, BC):
             o_c = i_c + tl.arange(0, BC)
             o_kv = (o_c * (HKV * D))[:, None] + o_d[None, :]
-            # [BC, D]
-            b_k = tl.load(kc + o_kv, mask=(o_c < NC)[:, None], other=0.0)
-            b_v = tl.load(vc + o_kv, mask=(o_c < NC)[:, None], other=0.0)
+            # [BC, D]; with TMA, those past NC come as stored: masked, as n_vis <= NC
+            b_k, b_v = _load_pair(kc, vc, i_b * NC + i_c, i_hk * D, o_kv, o_c < NC, TMA)
             # [HP * BT, BC]
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
             b_p = tl.where(o_c[None, :] < n_vis[:, None], tl.exp2(b_s - b_lse[:, None]), 0.0)
@@ -341,6 +343,7 @@ def _global_bwd_dkv_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     PREC: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # One tile of compressed keys of one KV head, over the queries of one chunk (absolute
     # positions [i_p * chunk, (i_p + 1) * chunk)) that see it. The programs of one chunk and
@@ -373,9 +376,8 @@ def _global_bwd_dkv_kernel(
                 m_t = o_t < T
                 o_x = o_qh * D + (o_t * (HQ * D))[:, None] + o_d[None, :]
                 o_r = o_qh + o_t * HQ
-                # [BT, D]
-                b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
-                b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
+                # [BT, D]; with TMA, rows past T come as stored: out of m_st, and gate 0
+                b_q, b_do = _load_pair(q, do, i_b * T + i_t, i_h * D, o_x, m_t, TMA)
                 b_g = tl.load(gate + o_r * 3 + 1, mask=m_t, other=0.0).to(tl.float32)
                 b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
                 b_lse = tl.load(lse_g + o_r, mask=m_t, other=float("inf"))
