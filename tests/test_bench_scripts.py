@@ -53,20 +53,16 @@ def _bench(name: str):
         sys.path.pop(0)
 
 
-def _tree_ab():
-    return _bench("tree_ab")
-
-
 def test_tree_ab_workers_parse_their_command_line():
     # tree_ab runs each tree in a process of its own, through the same parser as its main
-    tree_ab = _tree_ab()
+    tree_ab = _bench("tree_ab")
     args = tree_ab.parser().parse_args(tree_ab.worker_args("/a", "/b", 7, ["12/4/64:2048:nsa:64"]))
     assert (args.worker, args.save, args.rep) == ("/a", "/b", 7)
     assert args.points == ["12/4/64:2048:nsa:64"] and args.trees == []
 
 
 def test_tree_ab_kernel_table_sums_matching_kernels_per_round():
-    tree_ab = _tree_ab()
+    tree_ab = _bench("tree_ab")
     p = "12/4/64:8192:nsa:64"
     rounds = [{"_global_bwd_dkv": 0.05, "_local_bwd_dkv": 0.1}, {"_global_bwd_dkv": 0.07}]
     rows = {("a", p): [{"per": per} for per in rounds]}

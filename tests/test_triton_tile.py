@@ -177,7 +177,9 @@ TMA_CASES = [
 
 
 @pytest.mark.parametrize("B,T,HQ,HKV,D,budget,ratios,bs,bq,mask", TMA_CASES)
-def test_tma_descriptor_loads_match_reference(monkeypatch, B, T, HQ, HKV, D, budget, ratios, bs, bq, mask):  # fmt: skip
+def test_tma_descriptor_loads_match_reference(
+    monkeypatch, B, T, HQ, HKV, D, budget, ratios, bs, bq, mask
+):
     # The kernels that load through TMA descriptors from head dim 128 on the GPU
     # (`layout.TMA_MIN_D`), here at every head dim: keys past a sequence's end (the next
     # sequence's, or past the tensor) reach them, and the masks must keep them out.
@@ -190,9 +192,9 @@ def test_tma_descriptor_loads_match_reference(monkeypatch, B, T, HQ, HKV, D, bud
     made = []
     tiles_of = launch.tiles_of
 
-    def counted(x, rows, tma):
+    def counted(rows, tma, **tensors):
         made.append(tma)
-        return tiles_of(x, rows, tma)
+        return tiles_of(rows, tma, **tensors)
 
     for module in ("autograd", "sparse_tile"):
         monkeypatch.setattr(f"automla.kernels.parallel.{module}.tiles_of", counted)

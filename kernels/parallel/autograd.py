@@ -99,7 +99,8 @@ def mla_fwd(
             _window_fwd_kernel,
             (triton.cdiv(T, t["BT"]), B * packs.shape[0]),
             q=q,
-            **_window_keys(k, v, kc, vc, t),
+            **tiles_of(t["BK"], t["TMA"], k=k, v=v),
+            **tiles_of(t["BC"], t["TMA"], kc=kc, vc=vc),
             gate=gate,
             packs=packs,
             o=o,
@@ -202,15 +203,6 @@ def mla_bwd(
     return dq, dkv[0], dkv[1], dgate
 
 
-def _window_keys(k, v, kc, vc, t: dict) -> dict:
-    """The window kernels' key tiles: k and v (BK keys), kc and vc (BC compressed keys)."""
-    BK, BC, tma = t["BK"], t["BC"], t["TMA"]
-    return dict(
-        k=tiles_of(k, BK, tma), v=tiles_of(v, BK, tma), kc=tiles_of(kc, BC, tma),
-        vc=tiles_of(vc, BC, tma),
-    )  # fmt: skip
-
-
 def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, dq, zero) -> None:
     """The window branches' dq (written), their dgate columns and softmax deltas; `zero`, the
     float32 buffer that the branches' dk/dv add into (or an empty slice of it), is zeroed on
@@ -223,7 +215,8 @@ def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, 
             _window_bwd_dq_kernel,
             (triton.cdiv(T, t["BT"]), B * packs.shape[0]),
             q=q,
-            **_window_keys(k, v, saved["kc"], saved["vc"], t),
+            **tiles_of(t["BK"], t["TMA"], k=k, v=v),
+            **tiles_of(t["BC"], t["TMA"], kc=saved["kc"], vc=saved["vc"]),
             gate=gate,
             packs=packs,
             do=do,
@@ -275,11 +268,11 @@ def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv
         rows = sum(max(0, T - ((c * BC + 1) * stride - 1) // BT * BT) for c in range(n_tiles))
         chunk = triton.cdiv(rows * B * lay.NA, GLOBAL_DKV_PROGRAMS)
         chunk = min(triton.cdiv(T, BT), max(1, triton.cdiv(chunk, BT))) * BT
-        q_do = dict(q=tiles_of(q, BT, t["TMA"]), do=tiles_of(do, BT, t["TMA"]))
         launch(
             _global_bwd_dkv_kernel, (n_tiles, B * lay.NA, triton.cdiv(T, chunk)),
-            **{**shared, **q_do}, kc=saved["kc"], vc=saved["vc"], lse_g=saved["lse_g"],
-            delta_g=delta_g, chunk=chunk, BT=BT, BC=BC, TMA=t["TMA"], **_options(t),
+            **{**shared, **tiles_of(BT, t["TMA"], q=q, do=do)}, kc=saved["kc"], vc=saved["vc"],
+            lse_g=saved["lse_g"], delta_g=delta_g, chunk=chunk, BT=BT, BC=BC, TMA=t["TMA"],
+            **_options(t),
         )  # fmt: skip
     if lay.has_local:
         t = lay.tiles("local_dkv")

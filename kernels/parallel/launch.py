@@ -46,17 +46,21 @@ def descriptors_available() -> bool:
     return True
 
 
-def tiles_of(x: torch.Tensor, rows: int, tma: bool):
-    """What a kernel reads x [..., H, D] through: where `tma`, a TMA descriptor of [rows, D]
-    tiles of its [-1, H * D] view (the kernel addresses a tile by row and column); else x."""
+def tiles_of(rows: int, tma: bool, **tensors: torch.Tensor) -> dict:
+    """Kernel arguments for `tensors` (each [..., H, D]): where `tma`, TMA descriptors of
+    [rows, D] tiles of their [-1, H * D] views (a kernel addresses a tile by row and column);
+    else the tensors themselves."""
     if not tma:
-        return x
+        return tensors
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    if x.data_ptr() % 16:  # TMA reads from 16-byte aligned addresses only
-        x = x.clone()
-    x2 = x.reshape(-1, x.shape[-2] * x.shape[-1])
-    return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, x.shape[-1]])
+    def descriptor(x: torch.Tensor) -> TensorDescriptor:
+        if x.data_ptr() % 16:  # TMA reads from 16-byte aligned addresses only
+            x = x.clone()
+        x2 = x.reshape(-1, x.shape[-2] * x.shape[-1])
+        return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, x.shape[-1]])
+
+    return {name: descriptor(x) for name, x in tensors.items()}
 
 
 def async_compile_available() -> bool:

@@ -418,23 +418,17 @@ def select(q, k, lay, km) -> torch.Tensor:
     )
 
 
-def _blocks(k, v, lay, t: dict) -> dict:
-    """k and v as the kernels read their selected blocks (BSP keys a tile)."""
-    return dict(k=tiles_of(k, lay.BSP, t["TMA"]), v=tiles_of(v, lay.BSP, t["TMA"]))
-
-
 def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
     """The sparse branch's output, gated and added to o (written when no window branch ran)."""
     t = lay.tiles("sparse_tile_fwd")
     GR, RU, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
     launch(
         _sparse_tile_fwd_kernel, (triton.cdiv(lay.T * GR, RU), lay.B * lay.NA),
-        q=q, **_blocks(k, v, lay, t), gate=gate, idx=idx, active=lay.active, groups=lay.groups,
-        o=o, o_s=o_s,
-        lse_s=lse_s, T=lay.T, NT=lay.NT, NA=lay.NA, **lay.args, GR=GR,
-        NSEL=lay.plan.n_select, BS=lay.plan.block_size, BSP=lay.BSP, BQ=lay.plan.select_tile,
-        RU=RU, RP=RP, ACCUMULATE=lay.has_window, STORE=store, TMA=t["TMA"],
-        **_row_options(t, GR, RU),
+        q=q, **tiles_of(lay.BSP, t["TMA"], k=k, v=v), gate=gate, idx=idx, active=lay.active,
+        groups=lay.groups, o=o, o_s=o_s, lse_s=lse_s, T=lay.T, NT=lay.NT, NA=lay.NA, **lay.args,
+        GR=GR, NSEL=lay.plan.n_select, BS=lay.plan.block_size, BSP=lay.BSP,
+        BQ=lay.plan.select_tile, RU=RU, RP=RP, ACCUMULATE=lay.has_window, STORE=store,
+        TMA=t["TMA"], **_row_options(t, GR, RU),
     )  # fmt: skip
 
 
@@ -456,9 +450,9 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv, rea
     GRq, RUq, RPq = tile_rows(lay.G, lay.plan.select_tile, tq["ROWS"])
     launch(
         _sparse_tile_dq_kernel, (triton.cdiv(lay.T * GRq, RUq), lay.B * lay.NA),
-        q=q, **_blocks(k, v, lay, tq), gate=gate, idx=idx, active=lay.active, groups=lay.groups,
-        do=do,
-        o_s=saved["o_s"], lse_s=saved["lse_s"], dgate=dgate, delta_s=delta_s, dob_s=dob, dq=dq,
+        q=q, **tiles_of(lay.BSP, tq["TMA"], k=k, v=v), gate=gate, idx=idx, active=lay.active,
+        groups=lay.groups, do=do, o_s=saved["o_s"], lse_s=saved["lse_s"], dgate=dgate,
+        delta_s=delta_s, dob_s=dob, dq=dq,
         T=lay.T, NT=lay.NT, NA=lay.NA, **lay.args, scale=lay.scale, GR=GRq, NSEL=lay.plan.n_select,
         BS=lay.plan.block_size, BSP=lay.BSP, BQ=lay.plan.select_tile, RU=RUq, RP=RPq,
         ACCUMULATE=lay.has_window, TMA=tq["TMA"], **_row_options(tq, GRq, RUq),
