@@ -129,6 +129,48 @@ def test_uninitialised_buffers_are_written_before_read(monkeypatch, select_tile)
     check(1, 70, 4, 2, 16, cfg, torch.float32, tol=1e-5)
 
 
+@pytest.mark.parametrize("select_tile", [1, 4], ids=["per-query", "tile"])
+def test_saves_no_sparse_output_and_dgate_holds_at_tiny_gates(select_tile):
+    # The backward keeps q, the output o and the window branches' outputs o_l, o_g of q's
+    # shape, not the sparse branch's (its delta comes from <do, o>, its dgate from the dq
+    # loop). Its sparse gates are 1e-4, and 0 at every 7th token: dgate's sparse column must
+    # still match, which an o_s recovered as (o - g_l o_l - g_g o_g) / g_s would not.
+    cfg = AttentionConfig(budget=96, ratios=(0.5, 0.3, 0.2), block_size=4, select_tile=select_tile)
+    q, k, v, gate, do = make_inputs(1, 70, 4, 2, 16, torch.float32, seed=5)
+    gate[..., 2] = 1e-4
+    gate[:, ::7, :, 2] = 0.0
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, gate)]
+    saved = []
+
+    def pack(x):
+        saved.append(x)
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        o = mla_triton(*leaves, cfg)
+    rows = [x for x in saved if x.shape == q.shape]
+    ptrs = [x.data_ptr() for x in rows]
+    assert len(rows) == 4 and len(set(ptrs)) == 4, ptrs
+    assert leaves[0].data_ptr() in ptrs and o.data_ptr() in ptrs
+    branches = [x for x in rows if x.data_ptr() not in (leaves[0].data_ptr(), o.data_ptr())]
+    alone = []  # the local and the global branch's output, each on its own
+    for i in range(2):
+        one = torch.zeros_like(gate)
+        one[..., i] = 1.0
+        alone.append(mla_reference(q, k, v, one, cfg))
+    match = [[rel_err(x, ref) <= 1e-5 for ref in alone] for x in branches]
+    assert match in ([[True, False], [False, True]], [[False, True], [True, False]]), match
+    o.backward(do)
+    _, grads_ref = run_reference(q, k, v, gate, do, cfg)
+    dgate, dgate_ref = leaves[3].grad, grads_ref[3]
+    errs = {
+        n: rel_err(x.grad, r) for n, x, r in zip(("dq", "dk", "dv", "dgate"), leaves, grads_ref)
+    }
+    errs["dgate_s"] = rel_err(dgate[..., 2], dgate_ref[..., 2])
+    errs["dgate_s at 0"] = rel_err(dgate[:, ::7, :, 2], dgate_ref[:, ::7, :, 2])
+    assert all(e <= 1e-5 for e in errs.values()), errs
+
+
 def test_matches_reference_float16():
     cfg = AttentionConfig(budget=40, ratios=(0.4, 0.2, 0.4), block_size=16)
     check(1, 63, 4, 2, 32, cfg, torch.float16, tol=5e-3)

@@ -5,14 +5,17 @@ Layout as in the reference: q [B, T, HQ, D], k/v [B, T, HKV, D], gate [B, T, HQ,
 Forward: block scores and their top-k for the sparse selection, the local and global branches
 fused per query tile of one head, then the sparse branch per token and KV group (the group's
 [G, D] queries share each selected key block), which also applies its gate and finishes the
-output. Each branch keeps its log-sum-exp and, when gradients are wanted, its own output (the
-gate's gradient is <do, o_branch>); the selected block indices are kept too.
+output. Each branch keeps its log-sum-exp and, when gradients are wanted, the local and global
+ones their own output (the gate's gradient is <do, o_branch>); the selected block indices are
+kept too. The sparse branch's output is not kept: its softmax delta is <do, o> less the other
+branches' and its dgate, sum_j P dP with the ungated do, is summed in its dq loop.
 
-Backward: dq per query tile (local + global) and per token (sparse), each kernel first taking
-its branches' dgate and softmax delta (read by the dk/dv kernels after it); dk/dv per key tile
-for the local branch, per compressed tile for the global one (its gradient spread back over
-the pooled keys), and for the sparse one per chunk of the tokens that chose a key block (the
-selection inverted on the device by a count, a scan and an atomic fill), added atomically.
+Backward: dq per query tile (local + global) and per token (sparse), each kernel also giving
+its branches' dgate and softmax deltas (read by the dk/dv kernels after it; the sparse dq reads
+the window dq's, which runs before it); dk/dv per key tile for the local branch, per
+compressed tile for the global one (its gradient spread back over the pooled keys), and for
+the sparse one per chunk of the tokens that chose a key block (the selection inverted on the
+device by a count, a scan and an atomic fill), added atomically.
 On CUDA the sparse branch's chain (its selection in the forward; its inversion, dq and dk/dv in
 the backward) runs on a second stream beside the window branches' kernels (`OVERLAP`), and at
 short T the dk/dv launches split their work over more programs. The forward is deterministic;

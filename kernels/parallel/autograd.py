@@ -9,7 +9,7 @@ import triton
 
 from ..common import check_inputs
 from ..config import AttentionConfig, Plan
-from . import sparse, sparse_tile
+from . import sparse, sparse_tile, window_gluon
 from .common import _interpret
 from .launch import compiling_ahead, launch, tiles_of
 from .layout import _Layout, _options
@@ -79,7 +79,9 @@ def mla_fwd(
 
     o_l, lse_l = branch_buffers(lay.has_local)
     o_g, lse_g = branch_buffers(lay.has_global)
-    o_s, lse_s = branch_buffers(lay.has_sparse)
+    # the sparse branch keeps no output of its own: its backward takes its softmax delta from
+    # <do, o> less the window branches' deltas, and its dgate from its dq loop
+    lse_s = torch.empty(B, T, HQ, dtype=torch.float32, device=dev) if lay.has_sparse else o
     kc = vc = k
     km = None
     if lay.has_global:
@@ -92,7 +94,11 @@ def mla_fwd(
     if side is not None:  # the selection beside the window kernel
         with torch.cuda.stream(side):
             idx = branch.select(q, k, lay, km)
-    if lay.has_window:
+    if lay.has_window and window_gluon.available(q):
+        window_gluon.window_forward(
+            q, k, v, kc, vc, gate, lay, o, o_l, o_g, lse_l, lse_g, store, launch
+        )
+    elif lay.has_window:
         t = lay.tiles("window_fwd")
         packs = lay.packs(t["HP"])
         launch(
@@ -128,8 +134,10 @@ def mla_fwd(
     if lay.has_sparse:
         if side is None:
             idx = branch.select(q, k, lay, km)
-        branch.forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store)
-    saved = {"o_l": o_l, "o_g": o_g, "o_s": o_s, "lse_l": lse_l, "lse_g": lse_g}
+        branch.forward(q, k, v, gate, idx, lay, o, lse_s)
+    # o too, for the sparse backward: no memory where the caller keeps it for its own backward
+    # (the model's output projection saves it)
+    saved = {"o": o, "o_l": o_l, "o_g": o_g, "lse_l": lse_l, "lse_g": lse_g}
     saved.update({"lse_s": lse_s, "kc": kc, "vc": vc, "idx": idx})
     return o, saved
 
@@ -178,7 +186,9 @@ def mla_bwd(
     dq_args = (dgate, delta_l, delta_g, dq, buffer if zeroed else buffer[:0])
     if lay.has_sparse:
         branch = sparse_tile if lay.plan.select_tile > 1 else sparse
-        args = (q, k, v, gate, do, saved["idx"], lay, saved, dgate, delta_s, dq, dk, dv)
+        # the sparse dq reads the window branches' deltas: the window dq runs before it below
+        deltas = (delta_l, delta_g, delta_s)
+        args = (q, k, v, gate, do, saved["idx"], lay, saved, dgate, deltas, dq, dk, dv)
     side = _fork(q, lay)
     if side is None:
         _window_dq(*window, *dq_args)

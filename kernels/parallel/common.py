@@ -165,6 +165,30 @@ def _gate_grad(b_do, p_o, b_g, p_dgate, p_delta, m_t):
 
 
 @triton.jit
+def _sparse_delta(
+    b_do,
+    p_o,
+    p_delta_l,
+    p_delta_g,
+    p_delta_s,
+    m_t,
+    HAS_LOCAL: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr,
+):
+    # The sparse branch's softmax delta g_s * <do, o_s> over a tile of rows, without o_s (not
+    # kept): the branches' deltas sum to <do, o>, o the op's output, and the window dq kernel
+    # (run before) stored the local and global ones. Stored for the dk/dv kernel and returned.
+    b_o = tl.load(p_o, mask=m_t[:, None], other=0.0).to(tl.float32)
+    b_delta = tl.sum(b_do.to(tl.float32) * b_o, 1)
+    if HAS_LOCAL:
+        b_delta -= tl.load(p_delta_l, mask=m_t, other=0.0)
+    if HAS_GLOBAL:
+        b_delta -= tl.load(p_delta_g, mask=m_t, other=0.0)
+    tl.store(p_delta_s, b_delta, mask=m_t)
+    return b_delta
+
+
+@triton.jit
 def _pack_rows(packs, T, NP, HQ: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr):
     # The program's rows: BT tokens of each of the HP heads of one pack (heads of one KV group,
     # -1 where the pack is short). Returns the batch, the KV head, each row's token o_t, its

@@ -12,12 +12,12 @@ import triton.language as tl
 
 from .common import (
     _chunk_block,
-    _gate_grad,
     _group_rows,
     _load_block,
     _n_selected,
     _softmax_finish,
     _softmax_step,
+    _sparse_delta,
     _sparse_dkv_rows,
 )
 from .launch import launch
@@ -35,7 +35,6 @@ def _sparse_fwd_kernel(
     active,
     groups,
     o,
-    o_s,
     lse_s,
     T,
     NA,
@@ -49,7 +48,6 @@ def _sparse_fwd_kernel(
     BS: tl.constexpr,
     BSP: tl.constexpr,
     ACCUMULATE: tl.constexpr,
-    STORE: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # One token and one KV group: the group's GP (padded) query heads share each key block.
@@ -74,8 +72,6 @@ def _sparse_fwd_kernel(
         b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
     b_ob, b_lse = _softmax_finish(b_m, b_l, b_acc)
     tl.store(lse_s + o_tq + o_h, b_lse, mask=m_g)
-    if STORE:
-        tl.store(o_s + o_tq * D + o_x, b_ob.to(o_s.dtype.element_ty), mask=m_g[:, None])
     b_g = tl.load(gate + (o_tq + o_h) * 3 + 2, mask=m_g, other=0.0).to(tl.float32)
     b_o = b_g[:, None] * b_ob
     if ACCUMULATE:
@@ -93,9 +89,11 @@ def _sparse_bwd_dq_kernel(
     active,
     groups,
     do,
-    o_s,
+    o,
     lse_s,
     dgate,
+    delta_l,
+    delta_g,
     delta_s,
     dob_s,
     dq,
@@ -112,8 +110,12 @@ def _sparse_bwd_dq_kernel(
     BS: tl.constexpr,
     BSP: tl.constexpr,
     ACCUMULATE: tl.constexpr,
+    HAS_LOCAL: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    # dq of one token's group rows; first the branch's softmax delta and dO (g_s * do), stored
+    # for the dk/dv kernel launched after. Its dgate, <do, o_s>, is summed in the loop.
     k, v, idx, o_tq, o_h, m_g = _group_rows(
         k, v, idx, active, groups, T, NA, HQ, HKV, G, GP, D, NSEL
     )
@@ -126,20 +128,25 @@ def _sparse_bwd_dq_kernel(
     b_g = tl.load(gate + (o_tq + o_h) * 3 + 2, mask=m_g, other=0.0).to(tl.float32)
     b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
     b_lse = tl.load(lse_s + o_tq + o_h, mask=m_g, other=float("inf"))
-    # the branch's dO, dgate and delta, stored for the sparse dk/dv kernel launched after
     tl.store(dob_s + o_x, b_dob, mask=m_g[:, None])
     o_r = o_tq + o_h
-    b_delta = _gate_grad(b_do, o_s + o_x, b_g, dgate + o_r * 3 + 2, delta_s + o_r, m_g)
+    b_delta = _sparse_delta(
+        b_do, o + o_x, delta_l + o_r, delta_g + o_r, delta_s + o_r, m_g, HAS_LOCAL, HAS_GLOBAL
+    )
     b_dq = tl.zeros([GP, D], dtype=tl.float32)
+    b_dg = tl.zeros([GP], dtype=tl.float32)
     for i in range(_n_selected(idx, NSEL)):
         # [BSP], [BSP, D]
         m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, 0, 0, BS, HKV, D, False)
         # [GP, BSP]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
         b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
-        b_ds = b_p * (b_dp - b_delta[:, None])
+        # dP with the ungated do: sum_j P dP = <do, o_s>, the gate's gradient
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_dg += tl.sum(b_p * b_dp, 1)
+        b_ds = b_p * (b_g[:, None] * b_dp - b_delta[:, None])
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    tl.store(dgate + o_r * 3 + 2, b_dg, mask=m_g)
     b_dq = b_dq * scale
     if ACCUMULATE:
         b_dq += tl.load(dq + o_x, mask=m_g[:, None], other=0.0).to(tl.float32)
@@ -307,21 +314,24 @@ select = _select
 """The per-query selection, [B, T, HKV, n_select] block indices (`sparse_tile.select` for tiles)."""
 
 
-def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
-    """The sparse branch's output, gated and added to o (written when no window branch ran)."""
+def forward(q, k, v, gate, idx, lay, o, lse_s) -> None:
+    """The sparse branch's output, gated and added to o (written when no window branch ran),
+    and its lse; the backward needs no output of the branch's own."""
     launch(
         _sparse_fwd_kernel, (lay.T, lay.B * lay.NA),
-        q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, o=o, o_s=o_s,
+        q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, o=o,
         lse_s=lse_s, T=lay.T, NA=lay.NA, **lay.args, GP=lay.GP16, NSEL=lay.plan.n_select,
-        BS=lay.plan.block_size, BSP=lay.BSP, ACCUMULATE=lay.has_window, STORE=store,
+        BS=lay.plan.block_size, BSP=lay.BSP, ACCUMULATE=lay.has_window,
         **_options(lay.tiles("sparse_fwd")),
     )  # fmt: skip
 
 
-def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv, ready=None) -> None:
+def backward(q, k, v, gate, do, idx, lay, saved, dgate, deltas, dq, dk, dv, ready=None) -> None:
     """dq (added to the window branches'), dgate's sparse column, and dk/dv added atomically.
-    The selection is inverted first; `ready()`, if given, runs before the dq launch (which
-    adds to dq: the window branches' dq must be written by then)."""
+    deltas: the local, global (dummies where absent) and sparse softmax deltas. The selection
+    is inverted first; `ready()`, if given, runs before the dq launch (which adds to dq and
+    reads the local and global deltas: the window dq kernel must have written them by then)."""
+    delta_l, delta_g, delta_s = deltas
     t = lay.tiles("sparse_dkv")
     chunks, tokens, used = _invert(idx, lay.NB, t["CH"])
     dob = torch.empty_like(do)  # the branch's dO, g_s * do: written by dq, read by dk/dv
@@ -330,9 +340,10 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv, rea
     launch(
         _sparse_bwd_dq_kernel, (lay.T, lay.B * lay.NA),
         q=q, k=k, v=v, gate=gate, idx=idx, active=lay.active, groups=lay.groups, do=do,
-        o_s=saved["o_s"], lse_s=saved["lse_s"], dgate=dgate, delta_s=delta_s, dob_s=dob, dq=dq,
-        T=lay.T, NA=lay.NA, **lay.args, scale=lay.scale, GP=lay.GP16, NSEL=lay.plan.n_select,
-        BS=lay.plan.block_size, BSP=lay.BSP, ACCUMULATE=lay.has_window,
+        o=saved["o"], lse_s=saved["lse_s"], dgate=dgate, delta_l=delta_l, delta_g=delta_g,
+        delta_s=delta_s, dob_s=dob, dq=dq, T=lay.T, NA=lay.NA, **lay.args, scale=lay.scale,
+        GP=lay.GP16, NSEL=lay.plan.n_select, BS=lay.plan.block_size, BSP=lay.BSP,
+        ACCUMULATE=lay.has_window, HAS_LOCAL=lay.has_local, HAS_GLOBAL=lay.has_global,
         **_options(lay.tiles("sparse_dq")),
     )  # fmt: skip
     launch(

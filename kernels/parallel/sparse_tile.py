@@ -22,12 +22,12 @@ import triton.language as tl
 
 from .common import (
     _chunk_block,
-    _gate_grad,
     _kmean_scores,
     _load_block,
     _n_selected,
     _softmax_finish,
     _softmax_step,
+    _sparse_delta,
     _sparse_dkv_rows,
 )
 from .launch import launch, tiles_of
@@ -192,7 +192,6 @@ def _sparse_tile_fwd_kernel(
     active,
     groups,
     o,
-    o_s,
     lse_s,
     T,
     NT,
@@ -210,7 +209,6 @@ def _sparse_tile_fwd_kernel(
     RU: tl.constexpr,
     RP: tl.constexpr,
     ACCUMULATE: tl.constexpr,
-    STORE: tl.constexpr,
     PREC: tl.constexpr,
     TMA: tl.constexpr,
 ):
@@ -234,8 +232,6 @@ def _sparse_tile_fwd_kernel(
         b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
     b_ob, b_lse = _softmax_finish(b_m, b_l, b_acc)
     tl.store(lse_s + o_bq + o_row, b_lse, mask=m_r)
-    if STORE:
-        tl.store(o_s + o_x, b_ob.to(o_s.dtype.element_ty), mask=m_r[:, None])
     b_g = tl.load(gate + (o_bq + o_row) * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
     b_o = b_g[:, None] * b_ob
     if ACCUMULATE:
@@ -253,9 +249,11 @@ def _sparse_tile_dq_kernel(
     active,
     groups,
     do,
-    o_s,
+    o,
     lse_s,
     dgate,
+    delta_l,
+    delta_g,
     delta_s,
     dob_s,
     dq,
@@ -276,12 +274,15 @@ def _sparse_tile_dq_kernel(
     RU: tl.constexpr,
     RP: tl.constexpr,
     ACCUMULATE: tl.constexpr,
+    HAS_LOCAL: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr,
     PREC: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    # dq of the program's rows over their tile's blocks; first the branch's dgate, softmax
-    # delta and dO (g_s * do), stored for the dk/dv kernel launched after: its steps then load
-    # the rows' dO as they are, with no gate to load and no product to stage per step.
+    # dq of the program's rows over their tile's blocks; first the branch's softmax delta and
+    # dO (g_s * do), stored for the dk/dv kernel launched after: its steps then load the rows'
+    # dO as they are, with no gate to load and no product to stage per step. The branch's
+    # dgate, <do, o_s>, is summed in the loop.
     k, v, idx, o_bq, o_row, m_r, row0, col = _tile_rows(
         k, v, idx, active, groups, T, NT, NA, HQ, HKV, G, GR, D, NSEL, BQ, RU, RP, TMA
     )
@@ -296,16 +297,22 @@ def _sparse_tile_dq_kernel(
     b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
     tl.store(dob_s + o_x, b_dob, mask=m_r[:, None])
     b_lse = tl.load(lse_s + o_r, mask=m_r, other=float("inf"))
-    b_delta = _gate_grad(b_do, o_s + o_x, b_g, dgate + o_r * 3 + 2, delta_s + o_r, m_r)
+    b_delta = _sparse_delta(
+        b_do, o + o_x, delta_l + o_r, delta_g + o_r, delta_s + o_r, m_r, HAS_LOCAL, HAS_GLOBAL
+    )
     b_dq = tl.zeros([RP, D], dtype=tl.float32)
+    b_dg = tl.zeros([RP], dtype=tl.float32)
     for i in range(_n_selected(idx, NSEL)):
         m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, row0, col, BS, HKV, D, TMA)
         # [RP, BSP]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
         b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
-        b_ds = b_p * (b_dp - b_delta[:, None])
+        # dP with the ungated do: sum_j P dP = <do, o_s>, the gate's gradient
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_dg += tl.sum(b_p * b_dp, 1)
+        b_ds = b_p * (b_g[:, None] * b_dp - b_delta[:, None])
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    tl.store(dgate + o_r * 3 + 2, b_dg, mask=m_r)
     b_dq = b_dq * scale
     if ACCUMULATE:
         b_dq += tl.load(dq + o_x, mask=m_r[:, None], other=0.0).to(tl.float32)
@@ -418,24 +425,27 @@ def select(q, k, lay, km) -> torch.Tensor:
     )
 
 
-def forward(q, k, v, gate, idx, lay, o, o_s, lse_s, store: bool) -> None:
-    """The sparse branch's output, gated and added to o (written when no window branch ran)."""
+def forward(q, k, v, gate, idx, lay, o, lse_s) -> None:
+    """The sparse branch's output, gated and added to o (written when no window branch ran),
+    and its lse; the backward needs no output of the branch's own."""
     t = lay.tiles("sparse_tile_fwd")
     GR, RU, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
     launch(
         _sparse_tile_fwd_kernel, (triton.cdiv(lay.T * GR, RU), lay.B * lay.NA),
         q=q, **tiles_of(lay.BSP, t["TMA"], k=k, v=v), gate=gate, idx=idx, active=lay.active,
-        groups=lay.groups, o=o, o_s=o_s, lse_s=lse_s, T=lay.T, NT=lay.NT, NA=lay.NA, **lay.args,
+        groups=lay.groups, o=o, lse_s=lse_s, T=lay.T, NT=lay.NT, NA=lay.NA, **lay.args,
         GR=GR, NSEL=lay.plan.n_select, BS=lay.plan.block_size, BSP=lay.BSP,
-        BQ=lay.plan.select_tile, RU=RU, RP=RP, ACCUMULATE=lay.has_window, STORE=store,
-        TMA=t["TMA"], **_row_options(t, GR, RU),
+        BQ=lay.plan.select_tile, RU=RU, RP=RP, ACCUMULATE=lay.has_window, TMA=t["TMA"],
+        **_row_options(t, GR, RU),
     )  # fmt: skip
 
 
-def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv, ready=None) -> None:
-    """dq (added to the window branches'), dgate's sparse column, and dk/dv added atomically.
-    The selection is inverted first; `ready()`, if given, runs before the dq launch (which
-    adds to dq: the window branches' dq must be written by then)."""
+def backward(q, k, v, gate, do, idx, lay, saved, dgate, deltas, dq, dk, dv, ready=None) -> None:
+    """As `sparse.backward`: dq (added to the window branches'), dgate's sparse column, and
+    dk/dv added atomically; deltas: the local, global (dummies where absent) and sparse softmax
+    deltas. `ready()`, if given, runs before the dq launch, which adds to dq and reads the
+    local and global deltas: the window dq kernel must have written them by then."""
+    delta_l, delta_g, delta_s = deltas
     t = lay.tiles("sparse_tile_dkv")
     GR, RU, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
     # chunks of about CH queries (CH // Bq tiles), fewer where the (tile, block) pairs would
@@ -451,11 +461,12 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, delta_s, dq, dk, dv, rea
     launch(
         _sparse_tile_dq_kernel, (triton.cdiv(lay.T * GRq, RUq), lay.B * lay.NA),
         q=q, **tiles_of(lay.BSP, tq["TMA"], k=k, v=v), gate=gate, idx=idx, active=lay.active,
-        groups=lay.groups, do=do, o_s=saved["o_s"], lse_s=saved["lse_s"], dgate=dgate,
-        delta_s=delta_s, dob_s=dob, dq=dq,
+        groups=lay.groups, do=do, o=saved["o"], lse_s=saved["lse_s"], dgate=dgate,
+        delta_l=delta_l, delta_g=delta_g, delta_s=delta_s, dob_s=dob, dq=dq,
         T=lay.T, NT=lay.NT, NA=lay.NA, **lay.args, scale=lay.scale, GR=GRq, NSEL=lay.plan.n_select,
         BS=lay.plan.block_size, BSP=lay.BSP, BQ=lay.plan.select_tile, RU=RUq, RP=RPq,
-        ACCUMULATE=lay.has_window, TMA=tq["TMA"], **_row_options(tq, GRq, RUq),
+        ACCUMULATE=lay.has_window, HAS_LOCAL=lay.has_local, HAS_GLOBAL=lay.has_global,
+        TMA=tq["TMA"], **_row_options(tq, GRq, RUq),
     )  # fmt: skip
     launch(
         _sparse_tile_dkv_kernel, (chunks.shape[0],),

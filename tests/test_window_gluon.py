@@ -1,0 +1,136 @@
+"""The Gluon window forward (`kernels/parallel/window_gluon.py`, head dim 128 on Hopper).
+
+Gluon has no interpreter, so on CPU the kernel is only compiled for sm_90 (in a process without
+TRITON_INTERPRET, whose patched builtins the compiler cannot take), for every plan shape it
+takes. On the GPU its branch outputs, lse and gated sum are compared with the `tl.dot` kernel's
+on fresh random inputs (odd T and a batch of two, packs with a missing head, a head mask,
+one-branch plans, no stored outputs), and the whole op with it against the naive reference
+(`test_triton.py`'s GPU cases at head dim 128 take it too).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_triton import make_inputs, rel_err, run_reference, run_triton
+
+from automla.kernels import AttentionConfig
+from automla.kernels.parallel import autograd, window_gluon
+from automla.kernels.parallel.layout import _Layout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+COMPILE = r"""
+import sys
+import torch
+import triton
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+
+from automla.kernels.parallel import window_gluon as wg
+
+dtype = getattr(torch, sys.argv[1])
+T, HQ, HKV, D = 77, 6, 2, 128
+q = torch.zeros(1, T, HQ, D, dtype=dtype)
+k = torch.zeros(1, T, HKV, D, dtype=dtype)
+descs = {n: wg._descriptor(x, rows) for n, x, rows in [("q_desc", q, wg.BT), ("k_desc", k, wg.BN),
+         ("v_desc", k, wg.BN), ("kc_desc", k, wg.BN), ("vc_desc", k, wg.BN)]}
+sig = {n: native_specialize_impl(BaseBackend, d, False, True, True)[0] for n, d in descs.items()}
+ptr = "*bf16" if dtype == torch.bfloat16 else "*fp16"
+sig.update(gate=ptr, packs="*i32", o=ptr, o_l=ptr, o_g=ptr, lse_l="*fp32", lse_g="*fp32")
+sig.update({n: "i32" for n in ["T", "NC", "NP", "NB", "window", "stride"]}, scale2="fp32")
+sig.update({n: "i32" for n in ["has_local", "has_global", "store"]})
+consts = dict(HQ=HQ, G=HQ // HKV, BN=wg.BN, STAGES=wg.STAGES, CONSUMER_REGS=wg.CONSUMER_REGS)
+sig.update({n: "constexpr" for n in consts})
+names = list(sig)
+src = GluonASTSource(wg._window_fwd_gluon, sig, {(names.index(n),): c for n, c in consts.items()})
+kern = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                      options={"num_warps": 4, "maxnreg": wg.MAX_REGS})
+ptx = kern.asm["ptx"]
+assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx, "no warpgroup MMA or register split"
+assert "st.local" not in ptx, "registers spilled"
+print("ok", kern.metadata.shared)
+"""
+
+
+@pytest.mark.skipif(not window_gluon._GLUON, reason="this Triton has no Gluon Hopper dialect")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gluon_window_forward_compiles_for_sm90(dtype):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", COMPILE, dtype], capture_output=True, text=True, env=env,
+        cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr[-3000:]
+
+
+def test_gluon_window_forward_is_not_taken_off_the_gpu():
+    q = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16)
+    assert not window_gluon.available(q)
+
+
+def _window_outputs(q, k, v, gate, cfg, head_mask, store, gluon: bool, monkeypatch):
+    monkeypatch.setattr(window_gluon, "ENABLED", gluon)
+    plan = cfg.plan(q.shape[1])
+    lay = _Layout(q, k, plan, head_mask)
+    o, saved = autograd.mla_fwd(q, k, v, gate.to(q.dtype), lay, store)
+    names = ["lse_l", "lse_g"] + (["o_l", "o_g"] if store else [])
+    return o, {n: saved[n] for n in names if saved[n] is not o}, lay
+
+
+# (B, T, HQ, HKV, budget, ratios, block_size, mask, store)
+GPU_CASES = [
+    pytest.param(1, 8192, 64, 4, 1664, (512 / 1664, 128 / 1664, 1024 / 1664), 64, None, True,
+                 id="64/4-8k-nsa"),
+    pytest.param(2, 1999, 6, 2, 256, (0.5, 0.25, 0.25), 32, None, True, id="B2-T1999-G3"),
+    pytest.param(1, 1537, 16, 1, 320, (0.4, 0.2, 0.4), 64, "mask", True, id="T1537-G16-mask"),
+    pytest.param(1, 3001, 8, 2, 512, (1.0, 0.0, 0.0), 64, None, True, id="local-only"),
+    pytest.param(1, 2048, 8, 1, 2048, (0.0, 1.0, 0.0), 1, None, True, id="global-only-causal"),
+    pytest.param(1, 4099, 12, 4, 1664, (512 / 1664, 128 / 1664, 1024 / 1664), 64, None, False,
+                 id="no-store"),
+]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,HQ,HKV,budget,ratios,bs,mask,store", GPU_CASES)
+def test_gpu_gluon_window_forward_matches_the_tl_dot_kernel(
+    B, T, HQ, HKV, budget, ratios, bs, mask, store, monkeypatch
+):
+    cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs)
+    q, k, v, gate, _ = make_inputs(B, T, HQ, HKV, 128, torch.bfloat16, device="cuda", seed=T)
+    head_mask = None
+    if mask:
+        head_mask = torch.arange(HQ) % 3 != 1
+        head_mask[: HQ // HKV // 2] = False
+    o, saved, lay = _window_outputs(q, k, v, gate, cfg, head_mask, store, True, monkeypatch)
+    assert window_gluon.available(q)
+    o_ref, saved_ref, _ = _window_outputs(q, k, v, gate, cfg, head_mask, store, False, monkeypatch)
+    errs = {"o": rel_err(o, o_ref)}
+    active = torch.arange(HQ) if head_mask is None else head_mask.nonzero()[:, 0]
+    for name, x in saved.items():
+        # pruned heads' rows are written by neither kernel
+        x, ref = x[:, :, active.to(x.device)], saved_ref[name][:, :, active.to(x.device)]
+        if name.startswith("lse"):  # rows with no key hold +inf in both
+            assert torch.equal(torch.isinf(x), torch.isinf(ref)), name
+            x, ref = torch.where(torch.isinf(x), 0, x), torch.where(torch.isinf(ref), 0, ref)
+        errs[name] = rel_err(x, ref)
+    assert all(e <= 1e-2 for e in errs.values()), errs
+
+
+@pytest.mark.gpu
+def test_gpu_op_with_the_gluon_window_forward_matches_reference():
+    cfg = AttentionConfig(budget=1664, ratios=(512 / 1664, 128 / 1664, 1024 / 1664), block_size=64)
+    q, k, v, gate, do = make_inputs(2, 2500, 16, 2, 128, torch.bfloat16, device="cuda", seed=5)
+    assert window_gluon.available(q)
+    o, grads = run_triton(q, k, v, gate, do, cfg)
+    o_ref, grads_ref = run_reference(q, k, v, gate, do, cfg)
+    errs = {"o": rel_err(o, o_ref)}
+    for name, x, ref in zip(("dq", "dk", "dv", "dgate"), grads, grads_ref):
+        errs[name] = rel_err(x, ref)
+    assert all(e <= 1e-2 for e in errs.values()), errs
