@@ -7,9 +7,12 @@ j - 1. Warp specialisation with register reallocation is what made the differenc
 attention forward: 1.04x cuDNN against 0.83-0.87x for the same schedule in one partition or in
 `tl.dot` code (bench/gluon_probe.py, bench/RESULTS.md).
 
-Runs on the GPU only (Gluon has no interpreter): `available()` says where; elsewhere the op
-launches the `tl.dot` kernel, which the CPU tests check. Written against Triton 3.6's Gluon
-(the device's); the TMA copies' later names are taken where they exist.
+Opt-in (MLA_GLUON=1) until it is faster in the op: at 64/4/128 it is correct, but its kernel
+is 5% slower than the `tl.dot` one at 32k (RESULTS, fourteenth session), its work items being
+short key streams (~17 tiles) where the probe streamed 64. Runs on the GPU only (Gluon has no
+interpreter): `available()` says where; elsewhere the op launches the `tl.dot` kernel, which
+the CPU tests check. Written against Triton 3.6's Gluon (the device's); the TMA copies' later
+names are taken where they exist.
 """
 
 from __future__ import annotations
