@@ -13,7 +13,6 @@ schedule worth porting them to Gluon?
 
 import argparse
 import itertools
-import math
 
 import torch
 import triton
@@ -26,7 +25,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from automla.kernels.parallel.window_gluon import _descriptor, ring_barriers
 
 LOG2E = 1.4426950408889634
 # the TMA copies were renamed after Triton 3.6 (the device's); the old names raise since
@@ -243,17 +243,8 @@ def _attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, T, BN: gl.constexpr, D: gl.cons
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, D], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
-        mbarrier.init(v_empty.index(i), count=2)
-    fence_async_shared()
+    k_ready, v_ready, k_empty, v_empty = ring_barriers(STAGES)
     bars = (q_bar, k_ready, v_ready, k_empty, v_empty)
     args = (q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, bars, row, col, T // BN)
     gl.warp_specialize(
@@ -265,14 +256,7 @@ def _attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, T, BN: gl.constexpr, D: gl.cons
 
 def descriptors(q, k, v, o, BM, BN):
     """[T, H*D] views of q, k, v, o with the block shapes the kernel loads."""
-    T, H, D = q.shape
-
-    def desc(x, rows):
-        flat = x.view(T, H * D)
-        layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16)
-        return TensorDescriptor.from_tensor(flat, [rows, D], layout)
-
-    return desc(q, BM), desc(k, BN), desc(v, BN), desc(o, BM)
+    return _descriptor(q, BM), _descriptor(k, BN), _descriptor(v, BN), _descriptor(o, BM)
 
 
 # (BM, warps, BN, stages, split key/value rings)
@@ -359,60 +343,27 @@ def main():
     if args.compile_only:
         compile_only()
         return
+    from tma_probe import probe_inputs, timed_row
     from tma_probe import run_variant as run_tl_dot
 
     T, H, D = args.seq, 64, 128
-    triton.set_allocator(
-        lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda")
-    )
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (
-        torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)
-    )
-
-    def sdpa():
-        heads = (x.transpose(0, 1)[None] for x in (q, k, v))
-        return torch.nn.functional.scaled_dot_product_attention(*heads, scale=0.125)
-
+    q, k, v, sdpa = probe_inputs(T, H, D)
     ref = sdpa()[0].transpose(0, 1).float()
     flops = 4 * T * T * H * D
     rows = [("sdpa (cuDNN)", "", triton.testing.do_bench(sdpa, rep=200))]
     o = torch.empty_like(q)
-    tl_dot = (q, k, v, o, 128, 128, 4, 2)  # tma_probe.py's best: TMA + warp_specialize
-    rows.append(("tl.dot tma+ws", "BM128 BN128 w4 s2",
-                 triton.testing.do_bench(lambda: run_tl_dot("tma+ws", *tl_dot), rep=100)))  # fmt: skip
+    tl_dot = ("tma+ws", q, k, v, o, 128, 128, 4, 2)  # tma_probe.py's best
+    rows.append(
+        timed_row("tl.dot tma+ws", "BM128 BN128 w4 s2", lambda: run_tl_dot(*tl_dot), o, ref)
+    )
     for variant in VARIANTS:
         BM, warps, BN, stages, split = variant
         cfg = f"BM{BM} BN{BN} w{warps} s{stages}{' split' * split}"
-        o = torch.full_like(q, float("nan"))
-        try:
-            run(q, k, v, o, *variant)
-            torch.cuda.synchronize()
-        except Exception as e:  # noqa: BLE001 - out of shared memory, say: in the table
-            rows.append(("gluon", f"{cfg} {type(e).__name__}: {str(e)[:80]}", math.nan))
-            continue
-        err = ((o.float() - ref).norm() / ref.norm()).item()
-        if not err < 1e-2:  # NaN fails too
-            rows.append(("gluon", f"{cfg} wrong (error {err:.2g})", math.nan))
-            continue
-        ms = triton.testing.do_bench(lambda a=(q, k, v, o, *variant): run(*a), rep=100)
-        rows.append(("gluon", cfg, ms))
+        rows.append(timed_row("gluon", cfg, lambda a=variant: run(q, k, v, o, *a), o, ref))
     for variant in WS_VARIANTS:
         BN, stages, regs, maxnreg = variant
         cfg = f"BM2x64 BN{BN} s{stages} regs {regs}/{maxnreg}"
-        o = torch.full_like(q, float("nan"))
-        try:
-            run_ws(q, k, v, o, *variant)
-            torch.cuda.synchronize()
-        except Exception as e:  # noqa: BLE001 - in the table
-            rows.append(("gluon ws", f"{cfg} {type(e).__name__}: {str(e)[:80]}", math.nan))
-            continue
-        err = ((o.float() - ref).norm() / ref.norm()).item()
-        if not err < 1e-2:
-            rows.append(("gluon ws", f"{cfg} wrong (error {err:.2g})", math.nan))
-            continue
-        ms = triton.testing.do_bench(lambda a=(q, k, v, o, *variant): run_ws(*a), rep=100)
-        rows.append(("gluon ws", cfg, ms))
+        rows.append(timed_row("gluon ws", cfg, lambda a=variant: run_ws(q, k, v, o, *a), o, ref))
     base = rows[0][2]
     for kind, cfg, ms in rows:
         tf = flops / ms / 1e9

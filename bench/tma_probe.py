@@ -96,10 +96,9 @@ def run_variant(kind, q, k, v, o, BM, BN, warps, stages):
         _fwd_tma[grid](q, k, v, o, T, H, D, BM, BN, stages, ws, num_warps=warps)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq", type=int, default=8192, help="queries and keys")
-    T, H, D = ap.parse_args().seq, 64, 128
+def probe_inputs(T: int, H: int = 64, D: int = 128):
+    """q, k, v [T, H, D] in bf16 on the GPU (seeded), and SDPA on them (cuDNN, scale 0.125),
+    the peer every probe variant is timed against and checked with."""
     triton.set_allocator(
         lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda")
     )
@@ -112,28 +111,40 @@ def main():
         heads = (x.transpose(0, 1)[None] for x in (q, k, v))
         return torch.nn.functional.scaled_dot_product_attention(*heads, scale=0.125)
 
+    return q, k, v, sdpa
+
+
+def timed_row(kind: str, cfg: str, run, o: torch.Tensor, ref: torch.Tensor) -> tuple:
+    """(kind, cfg, ms) of one variant: run() writes o (poisoned first), checked against ref
+    (relative error < 1e-2), then timed; a variant that fails or is wrong gets NaN ms and
+    says why in cfg."""
+    o.fill_(float("nan"))
+    try:
+        run()
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - out of shared memory, say: in the table
+        return kind, f"{cfg} {type(e).__name__}: {str(e)[:80]}", float("nan")
+    err = ((o.float() - ref).norm() / ref.norm()).item()
+    if not err < 1e-2:  # NaN fails too
+        return kind, f"{cfg} wrong (error {err:.2g})", float("nan")
+    return kind, cfg, triton.testing.do_bench(run, rep=100)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq", type=int, default=8192, help="queries and keys")
+    T, H, D = ap.parse_args().seq, 64, 128
+    q, k, v, sdpa = probe_inputs(T, H, D)
     ref = sdpa()[0].transpose(0, 1).float()
     flops = 4 * T * T * H * D
     rows = [("sdpa", "", triton.testing.do_bench(sdpa, rep=200))]
+    o = torch.empty_like(q)
     for kind, BM, BN, warps, stages in itertools.product(
         ["ptr", "tma", "tma+ws"], [64, 128], [64, 128], [4, 8], [2, 3]
     ):
         cfg = f"BM{BM} BN{BN} w{warps} s{stages}"
-        o = torch.full_like(q, float("nan"))
-        try:
-            run_variant(kind, q, k, v, o, BM, BN, warps, stages)
-            torch.cuda.synchronize()
-        except Exception as e:  # noqa: BLE001 - out of shared memory, say: in the table
-            rows.append((kind, f"{cfg} {type(e).__name__}: {str(e)[:80]}", float("nan")))
-            continue
-        err = ((o.float() - ref).norm() / ref.norm()).item()
-        if not err < 1e-2:  # NaN fails too
-            rows.append((kind, f"{cfg} wrong (error {err:.2g})", float("nan")))
-            continue
-        ms = triton.testing.do_bench(
-            lambda a=(kind, q, k, v, o, BM, BN, warps, stages): run_variant(*a), rep=100
-        )
-        rows.append((kind, cfg, ms))
+        args = (kind, q, k, v, o, BM, BN, warps, stages)
+        rows.append(timed_row(kind, cfg, lambda a=args: run_variant(*a), o, ref))
     best = {}
     for kind, cfg, ms in rows:
         print(f"{kind:7s} {cfg:40s} {ms:8.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s")

@@ -70,7 +70,8 @@ def test_gluon_window_forward_compiles_for_sm90(dtype):
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr[-3000:]
 
 
-def test_gluon_window_forward_is_not_taken_off_the_gpu():
+def test_gluon_window_forward_is_not_taken_off_the_gpu(monkeypatch):
+    monkeypatch.setattr(window_gluon, "ENABLED", True)  # switched on, still only for CUDA
     q = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16)
     assert not window_gluon.available(q)
 

@@ -94,42 +94,35 @@ def mla_fwd(
     if side is not None:  # the selection beside the window kernel
         with torch.cuda.stream(side):
             idx = branch.select(q, k, lay, km)
-    if lay.has_window and window_gluon.available(q):
-        window_gluon.window_forward(
-            q, k, v, kc, vc, gate, lay, o, o_l, o_g, lse_l, lse_g, store, launch
-        )
-    elif lay.has_window:
-        t = lay.tiles("window_fwd")
-        packs = lay.packs(t["HP"])
-        launch(
-            _window_fwd_kernel,
-            (triton.cdiv(T, t["BT"]), B * packs.shape[0]),
-            q=q,
-            **tiles_of(t["BK"], t["TMA"], k=k, v=v),
-            **tiles_of(t["BC"], t["TMA"], kc=kc, vc=vc),
-            gate=gate,
-            packs=packs,
-            o=o,
-            o_l=o_l,
-            o_g=o_g,
-            lse_l=lse_l,
-            lse_g=lse_g,
-            T=T,
-            NC=lay.NC,
-            NP=packs.shape[0],
-            window=lay.plan.window,
-            stride=lay.stride,
-            **lay.args,
-            BT=t["BT"],
-            BK=t["BK"],
-            BC=t["BC"],
-            HP=t["HP"],
-            HAS_LOCAL=lay.has_local,
-            HAS_GLOBAL=lay.has_global,
-            STORE=store,
-            TMA=t["TMA"],
-            **_options(t),
-        )
+    if lay.has_window:
+        # what either window forward takes (the Gluon one: opt-in, Hopper, head dim 128)
+        outs = dict(gate=gate, o=o, o_l=o_l, o_g=o_g, lse_l=lse_l, lse_g=lse_g, T=T, NC=lay.NC,
+                    window=lay.plan.window, stride=lay.stride)  # fmt: skip
+        if window_gluon.available(q):
+            window_gluon.window_forward(q, k, v, kc, vc, lay, store, **outs)
+        else:
+            t = lay.tiles("window_fwd")
+            packs = lay.packs(t["HP"])
+            launch(
+                _window_fwd_kernel,
+                (triton.cdiv(T, t["BT"]), B * packs.shape[0]),
+                q=q,
+                **tiles_of(t["BK"], t["TMA"], k=k, v=v),
+                **tiles_of(t["BC"], t["TMA"], kc=kc, vc=vc),
+                **outs,
+                packs=packs,
+                NP=packs.shape[0],
+                **lay.args,
+                BT=t["BT"],
+                BK=t["BK"],
+                BC=t["BC"],
+                HP=t["HP"],
+                HAS_LOCAL=lay.has_local,
+                HAS_GLOBAL=lay.has_global,
+                STORE=store,
+                TMA=t["TMA"],
+                **_options(t),
+            )
     _join(side)
     if lay.has_sparse:
         if side is None:

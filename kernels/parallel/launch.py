@@ -55,12 +55,18 @@ def tiles_of(rows: int, tma: bool, **tensors: torch.Tensor) -> dict:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     def descriptor(x: torch.Tensor) -> TensorDescriptor:
-        if x.data_ptr() % 16:  # TMA reads from 16-byte aligned addresses only
-            x = x.clone()
-        x2 = x.reshape(-1, x.shape[-2] * x.shape[-1])
+        x2 = tma_view(x)
         return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, x.shape[-1]])
 
     return {name: descriptor(x) for name, x in tensors.items()}
+
+
+def tma_view(x: torch.Tensor) -> torch.Tensor:
+    """x ([..., H, D]) as the [-1, H * D] matrix that TMA descriptors tile, at a 16-byte
+    aligned address (TMA reads from no other; a copy where x is not)."""
+    if x.data_ptr() % 16:
+        x = x.clone()
+    return x.reshape(-1, x.shape[-2] * x.shape[-1])
 
 
 def async_compile_available() -> bool:

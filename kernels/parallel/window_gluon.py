@@ -41,6 +41,7 @@ except ImportError:  # a Triton without Gluon's Hopper dialect: the tl.dot kerne
     _GLUON = False
 
 from .common import _interpret
+from .launch import launch, tma_view
 
 # rows per consumer warpgroup and key rows per tile; stages of the ring; registers
 BT = 64
@@ -162,15 +163,18 @@ if _GLUON:
         return acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None], lse
 
     @gluon.jit
-    def _tiles(i_t, T, NC, window, stride, has_local, has_global, BT: gl.constexpr,
-               BN: gl.constexpr):  # fmt: skip
-        """The ring's plan, the same in every partition: the local branch's first key and tile
-        count, then the global branch's (none for an absent branch)."""
+    def _item(w, n_t, T, NC, NP, window, stride, has_local, has_global, BT: gl.constexpr,
+              BN: gl.constexpr):  # fmt: skip
+        """Work item w, the same in every partition: its query tile, batch and pack, then the
+        ring's plan for it: the local branch's first key and tile count, and the global
+        branch's (none for an absent branch)."""
+        i_t = w % n_t
+        i_p = w // n_t
         lo = gl.maximum(i_t * BT - window + 1, 0) // BN * BN
         hi = gl.minimum((i_t + 1) * BT, T)
         n_l = gl.cdiv(hi - lo, BN) * has_local
         n_g = gl.cdiv(gl.minimum(((i_t + 1) * BT) // stride, NC), BN) * has_global
-        return lo, n_l, n_g
+        return i_t, i_p // NP, i_p % NP, lo, n_l, n_g
 
     @gluon.jit
     def _consume(args, WG: gl.constexpr, HQ: gl.constexpr, G: gl.constexpr):
@@ -179,7 +183,7 @@ if _GLUON:
         output; lse always."""
         (descs, smem, bars, ptrs, sizes) = args
         q_smem, k_smem, v_smem = smem
-        q_ready, q_empty, k_ready, v_ready, k_empty, v_empty = bars
+        q_ready, q_empty, ring = bars
         gate, packs, o, o_l, o_g, lse_l, lse_g = ptrs
         T, NC, NP, NB, window, stride, scale2, has_local, has_global, store = sizes
         BT: gl.constexpr = q_smem.type.shape[1]
@@ -192,17 +196,14 @@ if _GLUON:
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16]
         )
-        ring = (k_ready, v_ready, k_empty, v_empty)
         q_buf = q_smem.index(WG)
         n_t = gl.cdiv(T, BT)
         c = 0  # ring tiles consumed so far
         k = 0  # work items done so far
         for w in range(gl.program_id(0), n_t * NB, gl.num_programs(0)):
-            i_t = w % n_t
-            i_p = w // n_t
-            i_b = i_p // NP
-            h = gl.load(packs + (i_p % NP) * HP + WG)
-            lo, n_l, n_g = _tiles(i_t, T, NC, window, stride, has_local, has_global, BT, BN)
+            i_t, i_b, i_pk, lo, n_l, n_g = _item(w, n_t, T, NC, NP, window, stride, has_local,
+                                                 has_global, BT, BN)  # fmt: skip
+            h = gl.load(packs + i_pk * HP + WG)
             # rows in the scores' layout (masks, lse, gates) and in the output's (stores)
             o_t = i_t * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, s_layout))
             m_t = (o_t < T) & (h >= 0)
@@ -265,7 +266,8 @@ if _GLUON:
         (descs, smem, bars, ptrs, sizes) = args
         q_desc, k_desc, v_desc, kc_desc, vc_desc = descs
         q_smem, k_smem, v_smem = smem
-        q_ready, q_empty, k_ready, v_ready, k_empty, v_empty = bars
+        q_ready, q_empty, ring = bars
+        k_ready, v_ready, k_empty, v_empty = ring
         gate, packs, o, o_l, o_g, lse_l, lse_g = ptrs
         T, NC, NP, NB, window, stride, scale2, has_local, has_global, store = sizes
         BT: gl.constexpr = q_smem.type.shape[1]
@@ -277,10 +279,9 @@ if _GLUON:
         c = 0
         k = 0
         for w in range(gl.program_id(0), n_t * NB, gl.num_programs(0)):
-            i_t = w % n_t
-            i_p = w // n_t
-            i_b = i_p // NP
-            pack = packs + (i_p % NP) * HP
+            i_t, i_b, i_pk, lo, n_l, n_g = _item(w, n_t, T, NC, NP, window, stride, has_local,
+                                                 has_global, BT, BN)  # fmt: skip
+            pack = packs + i_pk * HP
             i_hk = gl.load(pack) // G
             mbarrier.wait(q_empty, (k & 1) ^ 1)  # a fresh barrier passes parity 1
             mbarrier.expect(q_ready, HP * q_desc.block_type.nbytes)
@@ -288,7 +289,6 @@ if _GLUON:
                 # a missing head (-1) loads head 0's rows, which its consumer does not store
                 h = gl.maximum(gl.load(pack + u), 0)
                 _tma_load(q_desc, [i_b * T + i_t * BT, h * D], q_ready, q_smem.index(u))
-            lo, n_l, n_g = _tiles(i_t, T, NC, window, stride, has_local, has_global, BT, BN)
             for j in range(n_l):
                 row = i_b * T + lo + j * BN
                 _load_tile(k_desc, row, i_hk * D, k_smem, k_ready, k_empty, c + j, STAGES)
@@ -302,6 +302,23 @@ if _GLUON:
             k += 1
 
     @gluon.jit
+    def ring_barriers(STAGES: gl.constexpr):
+        """The mbarriers of a ring of key and value stages shared by two consumer warpgroups:
+        ready (the TMA load landed; one arrival, the producer's expect) and empty (both
+        consumers are done with the stage), one per stage each, initialised and fenced."""
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+        return k_ready, v_ready, k_empty, v_empty
+
+    @gluon.jit
     def _window_fwd_gluon(q_desc, k_desc, v_desc, kc_desc, vc_desc, gate, packs, o, o_l, o_g,
                           lse_l, lse_g, T, NC, NP, NB, window, stride, scale2, has_local, has_global,
                           store, HQ: gl.constexpr, G: gl.constexpr, BN: gl.constexpr,
@@ -313,22 +330,13 @@ if _GLUON:
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, D], v_desc.layout)
         q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_ready, count=1)
         mbarrier.init(q_empty, count=2)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
-            mbarrier.init(v_empty.index(i), count=2)
-        fence_async_shared()
+        ring = ring_barriers(STAGES)
         args = (
             (q_desc, k_desc, v_desc, kc_desc, vc_desc),
             (q_smem, k_smem, v_smem),
-            (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty),
+            (q_ready, q_empty, ring),
             (gate, packs, o, o_l, o_g, lse_l, lse_g),
             (T, NC, NP, NB, window, stride, scale2, has_local, has_global, store),
         )
@@ -341,19 +349,16 @@ if _GLUON:
 
 
 def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
-    """A TMA descriptor of [rows, D] tiles of x's [-1, H * D] view."""
-    if x.data_ptr() % 16:  # TMA reads from 16-byte aligned addresses only
-        x = x.clone()
-    D = x.shape[-1]
-    x2 = x.reshape(-1, x.shape[-2] * D)
+    """A Gluon TMA descriptor of [rows, D] tiles of x's [-1, H * D] view."""
+    x2, D = tma_view(x), x.shape[-1]
     dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
     layout = gl.NVMMASharedLayout.get_default_for([rows, D], dtype)
     return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [rows, D], layout)
 
 
-def window_forward(q, k, v, kc, vc, gate, lay, o, o_l, o_g, lse_l, lse_g, store: bool, launch):
-    """The Gluon window forward on `lay`'s packs of two heads; the arguments and results of
-    `window._window_fwd_kernel`'s launch in `autograd.mla_fwd`."""
+def window_forward(q, k, v, kc, vc, lay, store: bool, **outs) -> None:
+    """The Gluon window forward on `lay`'s packs of two heads. outs: the gate, the outputs and
+    the sizes that `autograd.mla_fwd` gives either window forward."""
     packs = lay.packs(HP)
     items = triton.cdiv(lay.T, BT) * lay.B * packs.shape[0]
     launch(
@@ -364,19 +369,10 @@ def window_forward(q, k, v, kc, vc, gate, lay, o, o_l, o_g, lse_l, lse_g, store:
         v_desc=_descriptor(v, BN),
         kc_desc=_descriptor(kc, BN),
         vc_desc=_descriptor(vc, BN),
-        gate=gate,
+        **outs,
         packs=packs,
-        o=o,
-        o_l=o_l,
-        o_g=o_g,
-        lse_l=lse_l,
-        lse_g=lse_g,
-        T=lay.T,
-        NC=lay.NC,
         NP=packs.shape[0],
         NB=lay.B * packs.shape[0],
-        window=lay.plan.window,
-        stride=lay.stride,
         scale2=lay.scale2,
         has_local=int(lay.has_local),
         has_global=int(lay.has_global),
