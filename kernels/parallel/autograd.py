@@ -70,18 +70,15 @@ def mla_fwd(
     if not lay.any:
         return o, {}
 
-    def branch_buffers(present: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if not present:
-            return o, o
-        lse = torch.empty(B, T, HQ, dtype=torch.float32, device=dev)
-        ob = torch.empty(B, T, HQ, D, dtype=q.dtype, device=dev) if store else lse
-        return ob, lse
+    def lse_buffer(present: bool) -> torch.Tensor:
+        return torch.empty(B, T, HQ, dtype=torch.float32, device=dev) if present else o
 
-    o_l, lse_l = branch_buffers(lay.has_local)
-    o_g, lse_g = branch_buffers(lay.has_global)
-    # the sparse branch keeps no output of its own: its backward takes its softmax delta from
-    # <do, o> less the window branches' deltas, and its dgate from its dq loop
-    lse_s = torch.empty(B, T, HQ, dtype=torch.float32, device=dev) if lay.has_sparse else o
+    lse_l, lse_g, lse_s = map(lse_buffer, (lay.has_local, lay.has_global, lay.has_sparse))
+    # Only the local branch keeps its output (for its softmax delta): the global branch's
+    # backward sums its delta and dgate in its dq loop, and the sparse one takes its delta from
+    # <do, o> less the window branches' and its dgate from its dq loop.
+    keep = store and lay.has_local
+    o_l = torch.empty(B, T, HQ, D, dtype=q.dtype, device=dev) if keep else lse_l
     kc = vc = k
     km = None
     if lay.has_global:
@@ -96,7 +93,7 @@ def mla_fwd(
             idx = branch.select(q, k, lay, km)
     if lay.has_window:
         # what either window forward takes (the Gluon one: opt-in, Hopper, head dim 128)
-        outs = dict(gate=gate, o=o, o_l=o_l, o_g=o_g, lse_l=lse_l, lse_g=lse_g, T=T, NC=lay.NC,
+        outs = dict(gate=gate, o=o, o_l=o_l, lse_l=lse_l, lse_g=lse_g, T=T, NC=lay.NC,
                     window=lay.plan.window, stride=lay.stride)  # fmt: skip
         if window_gluon.available(q):
             window_gluon.window_forward(q, k, v, kc, vc, lay, store, **outs)
@@ -130,7 +127,7 @@ def mla_fwd(
         branch.forward(q, k, v, gate, idx, lay, o, lse_s)
     # o too, for the sparse backward: no memory where the caller keeps it for its own backward
     # (the model's output projection saves it)
-    saved = {"o": o, "o_l": o_l, "o_g": o_g, "lse_l": lse_l, "lse_g": lse_g}
+    saved = {"o": o, "o_l": o_l, "lse_l": lse_l, "lse_g": lse_g}
     saved.update({"lse_s": lse_s, "kc": kc, "vc": vc, "idx": idx})
     return o, saved
 
@@ -224,7 +221,6 @@ def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, 
             packs=packs,
             do=do,
             o_l=saved["o_l"],
-            o_g=saved["o_g"],
             lse_l=saved["lse_l"],
             lse_g=saved["lse_g"],
             dgate=dgate,

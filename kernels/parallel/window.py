@@ -22,7 +22,6 @@ def _window_fwd_kernel(
     packs,
     o,
     o_l,
-    o_g,
     lse_l,
     lse_g,
     T,
@@ -102,8 +101,6 @@ def _window_fwd_kernel(
             b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
         b_ob, b_lse = _softmax_finish(b_m, b_l, b_acc)
         tl.store(lse_g + o_bq + o_row, b_lse, mask=m_t)
-        if STORE:
-            tl.store(o_g + o_x, b_ob.to(o_g.dtype.element_ty), mask=m_t[:, None])
         b_g = tl.load(gate + (o_bq + o_row) * 3 + 1, mask=m_t, other=0.0).to(tl.float32)
         if HAS_LOCAL:
             b_o = b_o.to(tl.float32) + b_g[:, None] * b_ob
@@ -124,7 +121,6 @@ def _window_bwd_dq_kernel(
     packs,
     do,
     o_l,
-    o_g,
     lse_l,
     lse_g,
     dgate,
@@ -155,7 +151,8 @@ def _window_bwd_dq_kernel(
     TMA: tl.constexpr,
 ):
     # dq of one query tile of HP heads of one group: local, then global; each branch's dgate
-    # and softmax delta first (the dk/dv kernels, launched after, read the deltas).
+    # and softmax delta (the dk/dv kernels, launched after, read the deltas): the local one's
+    # from its kept output before its loop, the global one's summed in its loop.
     # First, the programs zero the float32 buffer `zero` (NZ values) that every branch's dk/dv
     # adds into, ZB values at a time in turn: the kernels that add to it all run after this
     # one, and a fill launch of its own sat at the head of both streams' chains.
@@ -199,13 +196,20 @@ def _window_bwd_dq_kernel(
             b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
 
     if HAS_GLOBAL:
+        # The global branch's output is not kept, so its delta g <do, o_g> is not known before
+        # the loop. With dP from the ungated do, dgate_g = sum_j P dP, and for any per-row c,
+        # dq_g = sum_j P (g dP - delta) k = sum_j P (g dP - c) k - (delta - c) sum_j P k: the
+        # last sum in an accumulator of its own, subtracted once delta is known. c, the first
+        # tile's mean of g dP, keeps the bf16 products from cancelling where dP has a common
+        # offset (pooled values near their mean): without it dq_g lost ~7% at an offset of 4.
         if not TMA:
             kc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
             vc += (i_b * NC * HKV + i_hk).to(tl.int64) * D
         b_g = tl.load(gate + o_r * 3 + 1, mask=m_t, other=0.0).to(tl.float32)
-        b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
         b_lse = tl.load(lse_g + o_r, mask=m_t, other=float("inf"))
-        b_delta = _gate_grad(b_do, o_g + o_x, b_g, dgate + o_r * 3 + 1, delta_g + o_r, m_t)
+        b_dg = tl.zeros([HP * BT], dtype=tl.float32)
+        b_c = tl.zeros([HP * BT], dtype=tl.float32)
+        b_pk = tl.zeros([HP * BT, D], dtype=tl.float32)
         n_vis = (o_t + 1) // stride
         hi = tl.minimum(((i_t + 1) * BT) // stride, NC)
         for i_c in range(0, hi, BC):
@@ -216,9 +220,19 @@ def _window_bwd_dq_kernel(
             # [HP * BT, BC]
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
             b_p = tl.where(o_c[None, :] < n_vis[:, None], tl.exp2(b_s - b_lse[:, None]), 0.0)
-            b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
-            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_pdp = b_p * tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+            b_sdp = tl.sum(b_pdp, 1)
+            b_dg += b_sdp
+            if i_c == 0:
+                b_sp = tl.sum(b_p, 1)
+                b_c = b_g * b_sdp / tl.where(b_sp > 0, b_sp, 1.0)  # 0 where no key is seen
+            b_ds = b_pdp * b_g[:, None] - b_p * b_c[:, None]
             b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+            b_pk = tl.dot(b_p.to(b_k.dtype), b_k, b_pk, input_precision=PREC)
+        b_delta = b_g * b_dg
+        tl.store(dgate + o_r * 3 + 1, b_dg, mask=m_t)
+        tl.store(delta_g + o_r, b_delta, mask=m_t)
+        b_dq -= (b_delta - b_c)[:, None] * b_pk
 
     tl.store(dq + o_x, (b_dq * scale).to(dq.dtype.element_ty), mask=m_t[:, None])
 

@@ -179,12 +179,12 @@ if _GLUON:
     @gluon.jit
     def _consume(args, WG: gl.constexpr, HQ: gl.constexpr, G: gl.constexpr):
         """Consumer warpgroup WG: for each of the program's work items (a query tile of a pack),
-        head WG's BT rows through both branches, the gated sum and (store) each branch's
+        head WG's BT rows through both branches, the gated sum and (store) the local
         output; lse always."""
         (descs, smem, bars, ptrs, sizes) = args
         q_smem, k_smem, v_smem = smem
         q_ready, q_empty, ring = bars
-        gate, packs, o, o_l, o_g, lse_l, lse_g = ptrs
+        gate, packs, o, o_l, lse_l, lse_g = ptrs
         T, NC, NP, NB, window, stride, scale2, has_local, has_global, store = sizes
         BT: gl.constexpr = q_smem.type.shape[1]
         D: gl.constexpr = q_smem.type.shape[2]
@@ -230,8 +230,6 @@ if _GLUON:
             mbarrier.arrive(q_empty, count=1)
             b_ob, lse = _finish(m_i, l_i, acc, o_layout)
             gl.store(lse_g + o_row, lse, mask=m_t & (has_global != 0))
-            m_store = m_x & (has_global * store != 0)
-            gl.store(o_g + o_x, b_ob.to(o_g.dtype.element_ty), mask=m_store)
             b_g = gl.load(gate + o_row * 3 + 1, mask=m_t & (has_global != 0), other=0.0)
             b_g = gl.convert_layout(b_g.to(gl.float32), gl.SliceLayout(1, o_layout))
             b_o = b_o.to(gl.float32) + b_g[:, None] * b_ob
@@ -268,7 +266,7 @@ if _GLUON:
         q_smem, k_smem, v_smem = smem
         q_ready, q_empty, ring = bars
         k_ready, v_ready, k_empty, v_empty = ring
-        gate, packs, o, o_l, o_g, lse_l, lse_g = ptrs
+        gate, packs, o, o_l, lse_l, lse_g = ptrs
         T, NC, NP, NB, window, stride, scale2, has_local, has_global, store = sizes
         BT: gl.constexpr = q_smem.type.shape[1]
         D: gl.constexpr = q_smem.type.shape[2]
@@ -319,8 +317,8 @@ if _GLUON:
         return k_ready, v_ready, k_empty, v_empty
 
     @gluon.jit
-    def _window_fwd_gluon(q_desc, k_desc, v_desc, kc_desc, vc_desc, gate, packs, o, o_l, o_g,
-                          lse_l, lse_g, T, NC, NP, NB, window, stride, scale2, has_local, has_global,
+    def _window_fwd_gluon(q_desc, k_desc, v_desc, kc_desc, vc_desc, gate, packs, o, o_l, lse_l,
+                          lse_g, T, NC, NP, NB, window, stride, scale2, has_local, has_global,
                           store, HQ: gl.constexpr, G: gl.constexpr, BN: gl.constexpr,
                           STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):  # fmt: skip
         BT: gl.constexpr = q_desc.block_type.shape[0]
@@ -337,7 +335,7 @@ if _GLUON:
             (q_desc, k_desc, v_desc, kc_desc, vc_desc),
             (q_smem, k_smem, v_smem),
             (q_ready, q_empty, ring),
-            (gate, packs, o, o_l, o_g, lse_l, lse_g),
+            (gate, packs, o, o_l, lse_l, lse_g),
             (T, NC, NP, NB, window, stride, scale2, has_local, has_global, store),
         )
         fargs = (args, HQ, G)
