@@ -5,10 +5,11 @@ Layout as in the reference: q [B, T, HQ, D], k/v [B, T, HKV, D], gate [B, T, HQ,
 Forward: block scores and their top-k for the sparse selection, the local and global branches
 fused per query tile of one head, then the sparse branch per token and KV group (the group's
 [G, D] queries share each selected key block), which also applies its gate and finishes the
-output. Each branch keeps its log-sum-exp and, when gradients are wanted, the local and global
-ones their own output (the gate's gradient is <do, o_branch>); the selected block indices are
-kept too. The sparse branch's output is not kept: its softmax delta is <do, o> less the other
-branches' and its dgate, sum_j P dP with the ungated do, is summed in its dq loop.
+output. Each branch keeps its log-sum-exp and, when gradients are wanted, the local one its
+own output (the gate's gradient is <do, o_branch>); the selected block indices are kept too.
+The global and sparse branches' outputs are not kept: each one's dgate, sum_j P dP with the
+ungated do, is summed in its dq loop; the global dq sums P k apart and subtracts its softmax
+delta's share once the loop has it, and the sparse delta is <do, o> less the other two.
 
 Backward: dq per query tile (local + global) and per token (sparse), each kernel also giving
 its branches' dgate and softmax deltas (read by the dk/dv kernels after it; the sparse dq reads
