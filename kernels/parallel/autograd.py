@@ -98,28 +98,8 @@ def mla_fwd(
         if window_gluon.available(q):
             window_gluon.window_forward(q, k, v, kc, vc, lay, store, **outs)
         else:
-            t = lay.tiles("window_fwd")
-            packs = lay.packs(t["HP"])
-            launch(
-                _window_fwd_kernel,
-                (triton.cdiv(T, t["BT"]), B * packs.shape[0]),
-                q=q,
-                **tiles_of(t["BK"], t["TMA"], k=k, v=v),
-                **tiles_of(t["BC"], t["TMA"], kc=kc, vc=vc),
-                **outs,
-                packs=packs,
-                NP=packs.shape[0],
-                **lay.args,
-                BT=t["BT"],
-                BK=t["BK"],
-                BC=t["BC"],
-                HP=t["HP"],
-                HAS_LOCAL=lay.has_local,
-                HAS_GLOBAL=lay.has_global,
-                STORE=store,
-                TMA=t["TMA"],
-                **_options(t),
-            )
+            _launch_window(_window_fwd_kernel, "window_fwd", lay, q, k, v, kc, vc, **outs,
+                           STORE=store)  # fmt: skip
     _join(side)
     if lay.has_sparse:
         if side is None:
@@ -207,45 +187,40 @@ def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, 
     """The window branches' dq (written), their dgate columns and softmax deltas; `zero`, the
     float32 buffer that the branches' dk/dv add into (or an empty slice of it), is zeroed on
     the way."""
-    B, T = lay.B, lay.T
     if lay.has_window:
-        t = lay.tiles("window_dq")
-        packs = lay.packs(t["HP"])
-        launch(
-            _window_bwd_dq_kernel,
-            (triton.cdiv(T, t["BT"]), B * packs.shape[0]),
-            q=q,
-            **tiles_of(t["BK"], t["TMA"], k=k, v=v),
-            **tiles_of(t["BC"], t["TMA"], kc=saved["kc"], vc=saved["vc"]),
-            gate=gate,
-            packs=packs,
-            do=do,
-            o_l=saved["o_l"],
-            lse_l=saved["lse_l"],
-            lse_g=saved["lse_g"],
-            dgate=dgate,
-            delta_l=delta_l,
-            delta_g=delta_g,
-            dq=dq,
-            zero=zero,
-            NZ=zero.numel(),
-            T=T,
-            NC=lay.NC,
-            NP=packs.shape[0],
-            window=lay.plan.window,
-            stride=lay.stride,
-            **lay.args,
-            scale=lay.scale,
+        _launch_window(
+            _window_bwd_dq_kernel, "window_dq", lay, q, k, v, saved["kc"], saved["vc"],
+            gate=gate, do=do, o_l=saved["o_l"], lse_l=saved["lse_l"], lse_g=saved["lse_g"],
+            dgate=dgate, delta_l=delta_l, delta_g=delta_g, dq=dq, zero=zero, NZ=zero.numel(),
+            T=lay.T, NC=lay.NC, window=lay.plan.window, stride=lay.stride, scale=lay.scale,
             ZB=1024,
-            BT=t["BT"],
-            BK=t["BK"],
-            BC=t["BC"],
-            HP=t["HP"],
-            HAS_LOCAL=lay.has_local,
-            HAS_GLOBAL=lay.has_global,
-            TMA=t["TMA"],
-            **_options(t),
-        )
+        )  # fmt: skip
+
+
+def _launch_window(kernel, name: str, lay: _Layout, q, k, v, kc, vc, **args) -> None:
+    """A window kernel (`name`'s tiles) over query tiles x packs of heads, with what every one
+    of them takes: q, the key and value tiles (local and compressed), the packs, the branches."""
+    t = lay.tiles(name)
+    packs = lay.packs(t["HP"])
+    launch(
+        kernel,
+        (triton.cdiv(lay.T, t["BT"]), lay.B * packs.shape[0]),
+        q=q,
+        **tiles_of(t["BK"], t["TMA"], k=k, v=v),
+        **tiles_of(t["BC"], t["TMA"], kc=kc, vc=vc),
+        **args,
+        packs=packs,
+        NP=packs.shape[0],
+        **lay.args,
+        BT=t["BT"],
+        BK=t["BK"],
+        BC=t["BC"],
+        HP=t["HP"],
+        HAS_LOCAL=lay.has_local,
+        HAS_GLOBAL=lay.has_global,
+        TMA=t["TMA"],
+        **_options(t),
+    )
 
 
 def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv, dkvc) -> None:
