@@ -102,6 +102,38 @@ def test_tile_selection_matches_select_tiles():
     assert torch.equal(got, select_tiles(q, k, plan, mask))
 
 
+@pytest.mark.parametrize(
+    "bq,mask",
+    [(64, None), (16, [True, False, True, True, False, False])],
+    ids=["packed", "padded-head-mask"],
+)
+def test_tile_selection_takes_the_global_branchs_lse(monkeypatch, bq, mask):
+    # global stride == block size: the selection's softmax is the global branch's, so the op
+    # normalises the scores by that branch's lse (one pass over the blocks, after the window
+    # forward) and still selects exactly what select_tiles does
+    from automla.kernels.parallel import autograd, sparse_tile
+    from automla.kernels.parallel.layout import _Layout
+
+    monkeypatch.setattr(autograd, "SELECT_AFTER_NC", 0)  # from the first compressed key
+    cfg = AttentionConfig(budget=96, ratios=(0.25, 0.5, 0.25), block_size=4, select_tile=bq)
+    plan = cfg.plan(150)
+    assert plan.stride == plan.block_size
+    head_mask = None if mask is None else torch.tensor(mask)
+    check(1, 150, 6, 2, 16, cfg, torch.float32, tol=1e-5, seed=bq, head_mask=head_mask)
+    given = []
+    select = sparse_tile.select
+
+    def spy(*args, lse_g=None):
+        given.append(lse_g)
+        return select(*args, lse_g=lse_g)
+
+    monkeypatch.setattr(sparse_tile, "select", spy)
+    q, k, v, gate, _ = make_inputs(1, 150, 6, 2, 16, torch.float32, seed=bq + 1)
+    _, saved = autograd.mla_fwd(q, k, v, gate, _Layout(q, k, plan, head_mask), store=True)
+    assert len(given) == 1 and given[0] is saved["lse_g"]
+    assert torch.equal(saved["idx"].long(), select_tiles(q, k, plan, head_mask))
+
+
 def _real_size_config(bq: int) -> AttentionConfig:
     # NSA-sized: window 512, 16 blocks of 64, compressed stride 64 at 8k
     return AttentionConfig(
@@ -139,7 +171,8 @@ def test_gpu_tile_mode_forward_is_deterministic():
 
 
 @pytest.mark.gpu
-def test_gpu_tile_selection_matches_select_blocks():
+def test_gpu_tile_selection_matches_select_blocks(monkeypatch):
+    from automla.kernels.parallel import autograd
     from automla.kernels.parallel.layout import _Layout
     from automla.kernels.parallel.sparse_tile import select
 
@@ -150,6 +183,12 @@ def test_gpu_tile_selection_matches_select_blocks():
     want = select_tiles(q, k, plan).sort(-1).values
     assert (got != want).float().mean().item() < 1e-3
     assert select_blocks(q, k, plan).shape[1] == 8192
+    # the op's own selection, its scores normalised by the global branch's lse (bf16 means)
+    monkeypatch.setattr(autograd, "SELECT_AFTER_NC", 0)
+    v, gate = torch.randn_like(k), torch.rand(*q.shape[:3], 3, device="cuda", dtype=q.dtype)
+    _, saved = autograd.mla_fwd(q, k, v, gate, _Layout(q, k, plan, None), store=True)
+    got = saved["idx"].long().sort(-1).values
+    assert (got != want).float().mean().item() < 1e-3
 
 
 def test_tile_mode_takes_longer_sequences_on_the_kernels():

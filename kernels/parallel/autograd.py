@@ -32,6 +32,12 @@ GLOBAL_DKV_PROGRAMS = 512
 # launches fills the GPU alone
 OVERLAP = True
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+# From this many compressed keys (T = 16k at stride 64), where the global stride is the block
+# size, the tile selection reads the global branch's lse after the window forward rather than
+# running both of its passes beside it: at 12/4/64 32k the score kernel fell 406 -> 236 us,
+# but at 8k the op rose 0.7%, the second stream's overlap worth more there (bench/NOTES.md,
+# sixteenth session).
+SELECT_AFTER_NC = 256
 
 
 def _fork(q: torch.Tensor, lay: _Layout) -> torch.cuda.Stream | None:
@@ -81,13 +87,18 @@ def mla_fwd(
     o_l = torch.empty(B, T, HQ, D, dtype=q.dtype, device=dev) if keep else lse_l
     kc = vc = k
     km = None
+    # with stride == block_size the selection's float32 block means come from the global
+    # branch's pooling pass, and its softmax is the scores' own
+    shared = lay.has_global and lay.has_sparse and lay.plan.stride == lay.plan.block_size
     if lay.has_global:
-        # with stride == block_size the selection's float32 block means come from the same pass
-        shared = lay.has_sparse and lay.plan.stride == lay.plan.block_size
         kc, vc, km = _pool(k, v, lay.plan.stride, lay.NC, q.dtype, km=shared)
     branch = sparse_tile if lay.plan.select_tile > 1 else sparse
+    # past SELECT_AFTER_NC compressed keys, tile-shared selection then takes the global
+    # branch's lse as its normaliser, so it runs after the window forward: one pass over the
+    # blocks instead of two beside it on another stream
+    after = shared and branch is sparse_tile and lay.NC >= SELECT_AFTER_NC
     idx = lse_l
-    side = _fork(q, lay)
+    side = None if after else _fork(q, lay)
     if side is not None:  # the selection beside the window kernel
         with torch.cuda.stream(side):
             idx = branch.select(q, k, lay, km)
@@ -102,7 +113,9 @@ def mla_fwd(
                            STORE=store)  # fmt: skip
     _join(side)
     if lay.has_sparse:
-        if side is None:
+        if after:
+            idx = branch.select(q, k, lay, km, lse_g=lse_g)
+        elif side is None:
             idx = branch.select(q, k, lay, km)
         branch.forward(q, k, v, gate, idx, lay, o, lse_s)
     # o too, for the sparse backward: no memory where the caller keeps it for its own backward

@@ -52,6 +52,12 @@ _GPU_TILES_D64 = {
 }
 
 
+# From this many compressed keys (T = 16k at stride 64) the global dk/dv takes tiles of at least
+# 64 of them: at 12/4/64 its kernel ran 491 -> 317 us at 32k and 140 -> 113 at 16k, but
+# 49 -> 57 at 8k (bench/NOTES.md, sixteenth session).
+GLOBAL_DKV_WIDE_NC = 256
+
+
 # Kernels that load their streamed tiles (k and v; the global dk/dv's q and dO) through TMA
 # descriptors, from head dim TMA_MIN_D up: at D 128 each ran 4-17% faster than with pointer
 # loads, at D 64 up to 9% slower, and the local dk/dv slower at both (bench/NOTES.md,
@@ -187,4 +193,9 @@ class _Layout:
 
     def tiles(self, kernel: str) -> dict:
         """The launch tiles of `kernel` for this call's group size and head dim."""
-        return _tiles(kernel, self.G, self.D)
+        tiles = _tiles(kernel, self.G, self.D)
+        if kernel == "global_dkv" and not _interpret() and self.NC >= GLOBAL_DKV_WIDE_NC:
+            # long prefixes: the triangle that a wider tile of compressed keys wastes (its
+            # first queries see only part of it) is small against the rows every tile streams
+            tiles["BC"] = max(tiles["BC"], 64)
+        return tiles

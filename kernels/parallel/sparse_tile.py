@@ -53,6 +53,7 @@ def _tile_score_kernel(
     active,
     groups,
     score,
+    lse_g,
     T,
     NB,
     NT,
@@ -70,6 +71,7 @@ def _tile_score_kernel(
     RP: tl.constexpr,
     BN: tl.constexpr,
     HAS_LOCAL: tl.constexpr,
+    LSE: tl.constexpr,
     SPLIT: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -78,9 +80,13 @@ def _tile_score_kernel(
     # tile; -inf for the other blocks. Candidates are the blocks complete at the tile's first
     # position t0, less those wholly inside t0's window. The program owns its score row, so it
     # adds each chunk of RU rows to it in place (in a fixed order: deterministic).
+    # LSE: the softmax's log-normaliser is the global branch's (lse_g [B, T, HQ], log2; its
+    # stride is the block size, so it normalises over the same blocks), read instead of a
+    # first pass over the blocks; the scores themselves still take the float32 means.
     i_tile, i_bg = tl.program_id(0), tl.program_id(1)
     i_b = i_bg // NA
     i_hk = tl.load(groups + i_bg % NA)
+    lse_g += (i_b * T * HQ).to(tl.int64)
     q += (i_b * T * HQ).to(tl.int64) * D
     km += (i_b * NB * HKV + i_hk).to(tl.int64) * D
     score += ((i_b * NT + i_tile) * HKV + i_hk).to(tl.int64) * NB
@@ -111,22 +117,26 @@ def _tile_score_kernel(
                 q + ((o_tok * HQ + o_h) * D)[:, None] + o_d[None, :], mask=m_r[:, None], other=0.0
             )
             n_vis = (o_tok + 1) // BS
-            # the blocks complete at the chunk's last token
-            hi = tl.minimum((tl.minimum(t0 + (i_r + RU - 1) // GR, t_end - 1) + 1) // BS, NB)
-            b_m = tl.full([RP], float("-inf"), dtype=tl.float32)
-            b_l = tl.zeros([RP], dtype=tl.float32)
-            for i_n in range(0, hi, BN):
-                o_n = i_n + tl.arange(0, BN)
-                # [RP, BN]
-                b_s = _kmean_scores(km, b_q, o_n, o_d, n_vis, NB, scale2, HKV, D, SPLIT, PREC)
-                b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-                b_mu = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-                b_l = b_l * tl.exp2(b_m - b_mu) + tl.sum(tl.exp2(b_s - b_mu[:, None]), 1)
-                b_m = b_mn
-            # rows that are padding, pruned or past T get lse = +inf: they add nothing
-            b_lse = tl.where(
-                m_r & (b_l > 0), b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("inf")
-            )
+            if LSE:
+                # +inf where no block is complete yet (as below)
+                b_lse = tl.load(lse_g + o_tok * HQ + o_h, mask=m_r, other=float("inf"))
+            else:
+                # the blocks complete at the chunk's last token
+                hi = tl.minimum((tl.minimum(t0 + (i_r + RU - 1) // GR, t_end - 1) + 1) // BS, NB)
+                b_m = tl.full([RP], float("-inf"), dtype=tl.float32)
+                b_l = tl.zeros([RP], dtype=tl.float32)
+                for i_n in range(0, hi, BN):
+                    o_n = i_n + tl.arange(0, BN)
+                    # [RP, BN]
+                    b_s = _kmean_scores(km, b_q, o_n, o_d, n_vis, NB, scale2, HKV, D, SPLIT, PREC)
+                    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+                    b_mu = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+                    b_l = b_l * tl.exp2(b_m - b_mu) + tl.sum(tl.exp2(b_s - b_mu[:, None]), 1)
+                    b_m = b_mn
+                # rows that are padding, pruned or past T get lse = +inf: they add nothing
+                b_lse = tl.where(
+                    m_r & (b_l > 0), b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("inf")
+                )
             for i_n in range(0, n_cand, BN):
                 o_n = i_n + tl.arange(0, BN)
                 b_s = _kmean_scores(km, b_q, o_n, o_d, n_vis, NB, scale2, HKV, D, SPLIT, PREC)
@@ -412,17 +422,19 @@ def _row_options(t: dict, GR: int, RU: int) -> dict:
     return {"num_warps": max(4, t["num_warps"] * RU // t["ROWS"]), "num_stages": 2}
 
 
-def select(q, k, lay, km) -> torch.Tensor:
+def select(q, k, lay, km, lse_g=None) -> torch.Tensor:
     """Block indices [B, NT, HKV, n_select] int32 of each tile of Bq queries, best first (-1:
     no block), as `selection.select_tiles`. km: the float32 block means [B, NB, HKV, D], or
-    None (pooled here)."""
+    None (pooled here). lse_g: the global branch's lse [B, T, HQ] where its stride is the
+    block size (its softmax is then the scores' own): one pass over the blocks instead of two."""
     t = lay.tiles("tile_score")
     bq = lay.plan.select_tile
     GR, RU, RP = tile_rows(lay.G, bq, t["ROWS"])
     t = {**t, **_row_options(t, GR, RU)}
     return _rank(
-        _tile_score_kernel, lay.NT, lay.NT, q, k, lay, km, t, NT=lay.NT, BQ=bq, GR=GR, RU=RU, RP=RP
-    )
+        _tile_score_kernel, lay.NT, lay.NT, q, k, lay, km, t, NT=lay.NT, BQ=bq, GR=GR, RU=RU,
+        RP=RP, lse_g=q if lse_g is None else lse_g, LSE=lse_g is not None,
+    )  # fmt: skip
 
 
 def forward(q, k, v, gate, idx, lay, o, lse_s) -> None:
