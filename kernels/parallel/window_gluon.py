@@ -7,9 +7,12 @@ j - 1. Warp specialisation with register reallocation is what made the differenc
 attention forward: 1.04x cuDNN against 0.83-0.87x for the same schedule in one partition or in
 `tl.dot` code (bench/gluon_probe.py, bench/RESULTS.md).
 
-Opt-in (MLA_GLUON=1) until it is faster in the op: at 64/4/128 it is correct, but its kernel
-is 5% slower than the `tl.dot` one at 32k (RESULTS, fourteenth session), its work items being
-short key streams (~17 tiles) where the probe streamed 64. Runs on the GPU only (Gluon has no
+Opt-in (MLA_GLUON=1) until it is faster in the op: with masks on edge tiles only and TMA
+stores of the outputs its kernel is 15% faster than the `tl.dot` one at 64/4/128 32k and 6% at
+8k (RESULTS, sixteenth session), but it holds every SM (one persistent program each, 197 KB of
+shared memory), so at 8k the selection on the second stream no longer runs beside it and the op
+is slower. Its work items are short key streams (~17 tiles) where the probe streamed 64. Runs
+on the GPU only (Gluon has no
 interpreter): `available()` says where; elsewhere the op launches the `tl.dot` kernel, which
 the CPU tests check. Written against Triton 3.6's Gluon (the device's); the TMA copies' later
 names are taken where they exist.
@@ -36,6 +39,7 @@ try:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     _GLUON = True
 except ImportError:  # a Triton without Gluon's Hopper dialect: the tl.dot kernel runs
     _GLUON = False
@@ -112,10 +116,28 @@ if _GLUON:
         return gl.where(keep, s * scale2, float("-inf"))
 
     @gluon.jit
-    def _attend(q_buf, k_smem, v_smem, bars, c0, n, key0, o_t, window, stride, scale2,
+    def _scaled(s, o_t, j, key0, t0, window, stride, scale2, LOCAL: gl.constexpr,
+                BT: gl.constexpr, BN: gl.constexpr):  # fmt: skip
+        """Scores of key tile j scaled, masked only where some key of the tile is outside some
+        row's reach (the band's first and diagonal tiles, the prefix's last): interior tiles
+        skip the mask's compares and selects, ~10% of the kernel's time when applied to all."""
+        k_lo = key0 + j * BN
+        if LOCAL:
+            edge = (k_lo + BN - 1 > t0) | (k_lo <= t0 + BT - 1 - window)
+        else:
+            edge = k_lo + BN - 1 >= (t0 + 1) // stride
+        if edge:
+            s = _masked(s, o_t, j, key0, window, stride, scale2, LOCAL, BN)
+        else:
+            s = s * scale2
+        return s
+
+    @gluon.jit
+    def _attend(q_buf, k_smem, v_smem, bars, c0, n, key0, t0, o_t, window, stride, scale2,
                 LOCAL: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):  # fmt: skip
-        """One branch over its n key tiles (ring tiles c0 .. c0 + n - 1): the running max, sum
-        and P·V. The scores of tile j are computed while P·V of tile j - 1 runs."""
+        """One branch over its n key tiles (ring tiles c0 .. c0 + n - 1) for the rows t0 ..
+        t0 + BT - 1: the running max, sum and P·V. The scores of tile j are computed while P·V
+        of tile j - 1 runs."""
         k_ready, v_ready, k_empty, v_empty = bars
         STAGES: gl.constexpr = k_smem.type.shape[0]
         BN: gl.constexpr = k_smem.type.shape[1]
@@ -130,7 +152,7 @@ if _GLUON:
             s = _scores(q_buf, k_smem, k_ready, c0, zero_s, STAGES)
             s = warpgroup_mma_wait(0, deps=(s,))
             mbarrier.arrive(k_empty.index(c0 % STAGES), count=1)
-            s = _masked(s, o_t, 0, key0, window, stride, scale2, LOCAL, BN)
+            s = _scaled(s, o_t, 0, key0, t0, window, stride, scale2, LOCAL, BT, BN)
             p, alpha, m_i, l_i = _online(s, m_i, l_i)
             for j in range(1, n):
                 c = c0 + j
@@ -141,7 +163,7 @@ if _GLUON:
                 acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s,))
                 mbarrier.arrive(k_empty.index(c % STAGES), count=1)
-                s = _masked(s, o_t, j, key0, window, stride, scale2, LOCAL, BN)
+                s = _scaled(s, o_t, j, key0, t0, window, stride, scale2, LOCAL, BT, BN)
                 p, alpha, m_i, l_i = _online(s, m_i, l_i)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(v_empty.index(prev), count=1)
@@ -182,7 +204,8 @@ if _GLUON:
         head WG's BT rows through both branches, the gated sum and (store) the local
         output; lse always."""
         (descs, smem, bars, ptrs, sizes) = args
-        q_smem, k_smem, v_smem = smem
+        q_smem, k_smem, v_smem, o_smem = smem
+        o_desc, ol_desc = descs[5], descs[6]
         q_ready, q_empty, ring = bars
         gate, packs, o, o_l, lse_l, lse_g = ptrs
         T, NC, NP, NB, window, stride, scale2, has_local, has_global, store = sizes
@@ -190,6 +213,7 @@ if _GLUON:
         D: gl.constexpr = q_smem.type.shape[2]
         BN: gl.constexpr = k_smem.type.shape[1]
         HP: gl.constexpr = q_smem.type.shape[0]
+        o_buf = o_smem.index(WG)
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16]
         )
@@ -215,27 +239,50 @@ if _GLUON:
             mbarrier.wait(q_ready, k & 1)
             # an absent branch has no tiles and stores nothing (run-time flags: Triton 3.6
             # fails to lower partitions that a constexpr left without some of their arguments)
-            m_i, l_i, acc = _attend(q_buf, k_smem, v_smem, ring, c, n_l, lo, o_t, window,
-                                    stride, scale2, True, s_layout, o_layout)  # fmt: skip
+            m_i, l_i, acc = _attend(q_buf, k_smem, v_smem, ring, c, n_l, lo, i_t * BT, o_t,
+                                    window, stride, scale2, True, s_layout, o_layout)  # fmt: skip
             b_ob, lse = _finish(m_i, l_i, acc, o_layout)
             gl.store(lse_l + o_row, lse, mask=m_t & (has_local != 0))
-            m_store = m_x & (has_local * store != 0)
-            gl.store(o_l + o_x, b_ob.to(o_l.dtype.element_ty), mask=m_store)
+            # a whole tile of a real head goes out through TMA from shared memory, so the
+            # warpgroup does not wait on its stores (~10% of the kernel's time at 32k); a
+            # sequence's last, partial tile with masked stores (TMA would write the next
+            # sequence's rows)
+            whole = (i_t * BT + BT <= T) & (h >= 0)
+            row = i_b * T + i_t * BT
+            if has_local * store != 0:
+                if whole:
+                    # o's dtype: o_l is only q-shaped where it is stored (`window_forward`)
+                    _store_tile(ol_desc, row, h * D, o_buf, b_ob.to(o.dtype.element_ty))
+                else:
+                    gl.store(o_l + o_x, b_ob.to(o_l.dtype.element_ty), mask=m_x)
             b_g = gl.load(gate + o_row * 3, mask=m_t & (has_local != 0), other=0.0)
             b_o = gl.convert_layout(b_g.to(gl.float32), gl.SliceLayout(1, o_layout))[:, None]
             b_o = (b_o * b_ob).to(o.dtype.element_ty)  # held in q's dtype, to save registers
-            m_i, l_i, acc = _attend(q_buf, k_smem, v_smem, ring, c + n_l, n_g, 0, o_t, window,
-                                    stride, scale2, False, s_layout, o_layout)  # fmt: skip
+            m_i, l_i, acc = _attend(q_buf, k_smem, v_smem, ring, c + n_l, n_g, 0, i_t * BT, o_t,
+                                    window, stride, scale2, False, s_layout, o_layout)  # fmt: skip
             # the item's last product that reads Q is done: the producer may load the next
             mbarrier.arrive(q_empty, count=1)
             b_ob, lse = _finish(m_i, l_i, acc, o_layout)
             gl.store(lse_g + o_row, lse, mask=m_t & (has_global != 0))
             b_g = gl.load(gate + o_row * 3 + 1, mask=m_t & (has_global != 0), other=0.0)
             b_g = gl.convert_layout(b_g.to(gl.float32), gl.SliceLayout(1, o_layout))
-            b_o = b_o.to(gl.float32) + b_g[:, None] * b_ob
-            gl.store(o + o_x, b_o.to(o.dtype.element_ty), mask=m_x)
+            b_o = (b_o.to(gl.float32) + b_g[:, None] * b_ob).to(o.dtype.element_ty)
+            if whole:
+                _store_tile(o_desc, row, h * D, o_buf, b_o)
+            else:
+                gl.store(o + o_x, b_o, mask=m_x)
             c += n_l + n_g
             k += 1
+
+    @gluon.jit
+    def _store_tile(desc, row, col, buf, x):
+        """x [BT, D] to desc's tile at [row, col] through the warpgroup's shared buffer, once
+        the buffer's last store has read it; the store itself runs on while the warpgroup
+        goes on."""
+        tma.store_wait(0)
+        buf.store(x)
+        fence_async_shared()
+        _tma_store(desc, [row, col], buf)
 
     # the partitions' signature (the workers' must agree): constexprs passed one by one, as
     # Gluon keeps those inside a tuple only as run-time values
@@ -262,8 +309,8 @@ if _GLUON:
         are done with the last ones, then the key and value tiles of the local window and of
         the compressed prefix, in the consumers' order."""
         (descs, smem, bars, ptrs, sizes) = args
-        q_desc, k_desc, v_desc, kc_desc, vc_desc = descs
-        q_smem, k_smem, v_smem = smem
+        q_desc, k_desc, v_desc, kc_desc, vc_desc = descs[:5]
+        q_smem, k_smem, v_smem = smem[:3]
         q_ready, q_empty, ring = bars
         k_ready, v_ready, k_empty, v_empty = ring
         gate, packs, o, o_l, lse_l, lse_g = ptrs
@@ -317,8 +364,8 @@ if _GLUON:
         return k_ready, v_ready, k_empty, v_empty
 
     @gluon.jit
-    def _window_fwd_gluon(q_desc, k_desc, v_desc, kc_desc, vc_desc, gate, packs, o, o_l, lse_l,
-                          lse_g, T, NC, NP, NB, window, stride, scale2, has_local, has_global,
+    def _window_fwd_gluon(q_desc, k_desc, v_desc, kc_desc, vc_desc, o_desc, ol_desc, gate, packs,
+                          o, o_l, lse_l, lse_g, T, NC, NP, NB, window, stride, scale2, has_local, has_global,
                           store, HQ: gl.constexpr, G: gl.constexpr, BN: gl.constexpr,
                           STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):  # fmt: skip
         BT: gl.constexpr = q_desc.block_type.shape[0]
@@ -326,14 +373,16 @@ if _GLUON:
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BT, D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BN, D], v_desc.layout)
+        # one output buffer per consumer warpgroup, for its TMA stores
+        o_smem = gl.allocate_shared_memory(o_desc.dtype, [2, BT, D], o_desc.layout)
         q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(q_ready, count=1)
         mbarrier.init(q_empty, count=2)
         ring = ring_barriers(STAGES)
         args = (
-            (q_desc, k_desc, v_desc, kc_desc, vc_desc),
-            (q_smem, k_smem, v_smem),
+            (q_desc, k_desc, v_desc, kc_desc, vc_desc, o_desc, ol_desc),
+            (q_smem, k_smem, v_smem, o_smem),
             (q_ready, q_empty, ring),
             (gate, packs, o, o_l, lse_l, lse_g),
             (T, NC, NP, NB, window, stride, scale2, has_local, has_global, store),
@@ -344,6 +393,7 @@ if _GLUON:
             [4, 1],
             [CONSUMER_REGS, 24],
         )
+        tma.store_wait(0)
 
 
 def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
@@ -359,6 +409,10 @@ def window_forward(q, k, v, kc, vc, lay, store: bool, **outs) -> None:
     the sizes that `autograd.mla_fwd` gives either window forward."""
     packs = lay.packs(HP)
     items = triton.cdiv(lay.T, BT) * lay.B * packs.shape[0]
+    o, o_l = outs["o"], outs["o_l"]
+    o_desc = _descriptor(o, BT)
+    # o_l is a stand-in (not q-shaped, never written) where the local output is not kept
+    ol_desc = _descriptor(o_l, BT) if o_l.shape == o.shape else o_desc
     launch(
         _window_fwd_gluon,
         (min(items, _sm_count(q.device.index or 0)),),
@@ -367,6 +421,8 @@ def window_forward(q, k, v, kc, vc, lay, store: bool, **outs) -> None:
         v_desc=_descriptor(v, BN),
         kc_desc=_descriptor(kc, BN),
         vc_desc=_descriptor(vc, BN),
+        o_desc=o_desc,
+        ol_desc=ol_desc,
         **outs,
         packs=packs,
         NP=packs.shape[0],
