@@ -71,6 +71,39 @@ def _kmean_scores(
 
 
 @triton.jit
+def _kmean_lse(
+    km,
+    b_q,
+    o_d,
+    n_vis,
+    m_r,
+    hi,
+    NB,
+    scale2,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BN: tl.constexpr,
+    ROWS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # Each row's log2 normaliser [ROWS] of its softmax over the block means complete at it
+    # (n_vis of them; the blocks below hi, BN at a time); +inf for rows outside m_r or with no
+    # block yet, so that they add nothing to a score.
+    b_m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([ROWS], dtype=tl.float32)
+    for i_n in range(0, hi, BN):
+        o_n = i_n + tl.arange(0, BN)
+        # [ROWS, BN]
+        b_s = _kmean_scores(km, b_q, o_n, o_d, n_vis, NB, scale2, HKV, D, SPLIT, PREC)
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_mu = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+        b_l = b_l * tl.exp2(b_m - b_mu) + tl.sum(tl.exp2(b_s - b_mu[:, None]), 1)
+        b_m = b_mn
+    return tl.where(m_r & (b_l > 0), b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("inf"))
+
+
+@triton.jit
 def _load_pair(x, y, row, col, o_xy, m_row, TMA: tl.constexpr):
     # The same tile of two tensors (k and v; q and dO). TMA: x and y are TMA descriptors
     # (`launch.tiles_of`) and the tile starts at [row, col] of their 2-D view; rows past the

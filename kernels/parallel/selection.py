@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from ..config import Plan
-from .common import _kmean_scores
+from .common import _kmean_lse, _kmean_scores
 from .launch import launch
 from .layout import _Layout, _options
 
@@ -59,19 +59,8 @@ def _score_kernel(
     )
     n_vis = (o_tok + 1) // BS
     hi = tl.minimum(((i_t + 1) * BTOK) // BS, NB)
-
-    b_m = tl.full([BTOK * GP], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BTOK * GP], dtype=tl.float32)
-    for i_n in range(0, hi, BN):
-        o_n = i_n + tl.arange(0, BN)
-        # [BTOK * GP, BN]
-        b_s = _kmean_scores(km, b_q, o_n, o_d, n_vis, NB, scale2, HKV, D, SPLIT, PREC)
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_mu = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-        b_l = b_l * tl.exp2(b_m - b_mu) + tl.sum(tl.exp2(b_s - b_mu[:, None]), 1)
-        b_m = b_mn
     # padded and pruned heads get lse = +inf: they add nothing to the group's score
-    b_lse = tl.where(m_r & (b_l > 0), b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("inf"))
+    b_lse = _kmean_lse(km, b_q, o_d, n_vis, m_r, hi, NB, scale2, HKV, D, BN, BTOK * GP, SPLIT, PREC)
 
     o_tk = i_t * BTOK + tl.arange(0, BTOK)
     n_vis_t = (o_tk + 1) // BS

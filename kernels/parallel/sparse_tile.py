@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .common import (
     _chunk_block,
+    _kmean_lse,
     _kmean_scores,
     _load_block,
     _n_selected,
@@ -123,19 +124,9 @@ def _tile_score_kernel(
             else:
                 # the blocks complete at the chunk's last token
                 hi = tl.minimum((tl.minimum(t0 + (i_r + RU - 1) // GR, t_end - 1) + 1) // BS, NB)
-                b_m = tl.full([RP], float("-inf"), dtype=tl.float32)
-                b_l = tl.zeros([RP], dtype=tl.float32)
-                for i_n in range(0, hi, BN):
-                    o_n = i_n + tl.arange(0, BN)
-                    # [RP, BN]
-                    b_s = _kmean_scores(km, b_q, o_n, o_d, n_vis, NB, scale2, HKV, D, SPLIT, PREC)
-                    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-                    b_mu = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-                    b_l = b_l * tl.exp2(b_m - b_mu) + tl.sum(tl.exp2(b_s - b_mu[:, None]), 1)
-                    b_m = b_mn
                 # rows that are padding, pruned or past T get lse = +inf: they add nothing
-                b_lse = tl.where(
-                    m_r & (b_l > 0), b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), float("inf")
+                b_lse = _kmean_lse(
+                    km, b_q, o_d, n_vis, m_r, hi, NB, scale2, HKV, D, BN, RP, SPLIT, PREC
                 )
             for i_n in range(0, n_cand, BN):
                 o_n = i_n + tl.arange(0, BN)
