@@ -96,6 +96,27 @@ def test_local_dkv_split_over_programs(monkeypatch, programs):
     check(1, 70, 4, 2, 16, cfg, torch.float32, tol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "mask,programs",
+    [
+        (None, 30),
+        ([True, False, True, True, False, False], 30),  # part of a group, a group of one
+        ([False, False, False, True, False, True], 1),  # a whole group pruned
+    ],
+    ids=["all-heads-split", "part-of-groups-split", "whole-group-one-program"],
+)
+def test_local_dkv_over_listed_heads(monkeypatch, mask, programs):
+    # LOCAL_DKV_LISTED: the local dk/dv's items run over each group's listed active heads
+    # (no per-head test in its loop), split over programs or not; the same sums
+    import automla.kernels.parallel.autograd as launch_layer
+
+    monkeypatch.setattr(launch_layer, "LOCAL_DKV_LISTED", True)
+    monkeypatch.setattr(launch_layer, "LOCAL_DKV_PROGRAMS", programs)
+    cfg = AttentionConfig(budget=96, ratios=(0.5, 0.3, 0.2), block_size=4)
+    head_mask = None if mask is None else torch.tensor(mask)
+    check(1, 70, 6, 2, 16, cfg, torch.float32, tol=1e-5, head_mask=head_mask)
+
+
 @pytest.mark.parametrize("programs", [1, 4], ids=["whole-sequence", "chunks-of-tiles"])
 def test_global_dkv_query_chunks(monkeypatch, programs):
     # the global dk/dv cuts the queries into chunks of absolute positions shared by every

@@ -38,6 +38,11 @@ _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 # but at 8k the op rose 0.7%, the second stream's overlap worth more there (bench/NOTES.md,
 # sixteenth session).
 SELECT_AFTER_NC = 256
+# The local dk/dv runs over each group's listed active heads instead of testing each head in
+# its loop, so that Triton prefetches the loop's loads (it takes none under an `if`). Off
+# until timed on the GPU: written when no device time was left (bench/NOTES.md, sixteenth
+# session); `bench/kernel_ab.py --base LOCAL_DKV_LISTED=0 --set LOCAL_DKV_LISTED=1` times it.
+LOCAL_DKV_LISTED = False
 
 
 def _fork(q: torch.Tensor, lay: _Layout) -> torch.cuda.Stream | None:
@@ -272,8 +277,9 @@ def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv
         # in a launch of its own
         launch(
             _local_bwd_dkv_kernel, (n_tiles, B * lay.NA, nsplit), **shared,
-            k=k, v=v, lse_l=saved["lse_l"], delta_l=delta_l, dk=dk, dv=dv, NSPLIT=nsplit,
-            window=lay.plan.window, BT=t["BT"], BK=t["BK"], SPREAD=lay.has_global,
+            k=k, v=v, lse_l=saved["lse_l"], delta_l=delta_l, dk=dk, dv=dv,
+            heads=lay.packs(lay.G), NSPLIT=nsplit, window=lay.plan.window, GP=lay.GP,
+            BT=t["BT"], BK=t["BK"], SPREAD=lay.has_global, LISTED=LOCAL_DKV_LISTED,
             **_options(t),
         )  # fmt: skip
     elif lay.has_global:

@@ -148,6 +148,7 @@ def _head_lists(
         # device while a CUDA graph is being captured
         for kernel in ("window_fwd", "window_dq"):
             lists.packs(_tiles(kernel, G)["HP"])
+        lists.packs(G)  # each group's active heads in one row: the local dk/dv's list
         if len(_HEAD_LISTS) > 1024:  # masks change only at pruning decisions
             _HEAD_LISTS.clear()
         _HEAD_LISTS[key] = lists

@@ -238,6 +238,54 @@ def _window_bwd_dq_kernel(
 
 
 @triton.jit
+def _local_dkv_step(
+    q,
+    do,
+    gate,
+    lse_l,
+    delta_l,
+    o_qh,
+    lo,
+    i_q,
+    o_s,
+    o_d,
+    b_k,
+    b_v,
+    b_dk,
+    b_dv,
+    T,
+    window,
+    scale2,
+    HQ: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # One item of the local dk/dv: query tile i_q (from lo) of the head whose row 0 is o_qh,
+    # against the key tile o_s (b_k, b_v); its shares added to b_dk (unscaled) and b_dv.
+    o_t = lo + i_q * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_x = o_qh * D + (o_t * (HQ * D))[:, None] + o_d[None, :]
+    o_r = o_qh + o_t * HQ
+    # [BT, D]
+    b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
+    b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
+    b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
+    b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+    b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
+    b_delta = tl.load(delta_l + o_r, mask=m_t, other=0.0)
+    # [BK, BT]
+    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
+    m_st = (o_t[None, :] >= o_s[:, None]) & (o_t[None, :] < o_s[:, None] + window) & m_t[None, :]
+    b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
+    b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
+    b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    return b_dk, b_dv
+
+
+@triton.jit
 def _local_bwd_dkv_kernel(
     q,
     k,
@@ -252,6 +300,7 @@ def _local_bwd_dkv_kernel(
     dv,
     dkc,
     dvc,
+    heads,
     T,
     NC,
     NA,
@@ -263,16 +312,22 @@ def _local_bwd_dkv_kernel(
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     G: tl.constexpr,
+    GP: tl.constexpr,
     D: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     SPREAD: tl.constexpr,
+    LISTED: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # One key tile of one KV head, one of NSPLIT programs: the queries that see the tile are
-    # the next `window` tokens of each active head of the group, G x nq (head, query tile)
-    # items, of which this program takes every NSPLIT-th. Splitting keeps short sequences from
-    # running a few long programs. dk/dv are float32 buffers that every branch adds to.
+    # the next `window` tokens of each active head of the group, (head, query tile) items, of
+    # which this program takes every NSPLIT-th. Splitting keeps short sequences from running a
+    # few long programs. dk/dv are float32 buffers that every branch adds to.
+    # LISTED: the items run over the group's active heads, heads [NA, G] (-1 past them), so the
+    # loop has no test: Triton's pipeliner prefetches no load under an `if`, and with the test
+    # (every head of the group, the inactive ones skipped) the loop's q and dO loads are waited
+    # for at every step (bench/NOTES.md, sixteenth session).
     # SPREAD: the first program also adds the global branch's gradient of the compressed
     # token that pooled each key (dkc/dvc [B, NC, HKV, D], complete), 1/stride of it.
     i_s, i_bg, i_sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -291,33 +346,27 @@ def _local_bwd_dkv_kernel(
     lo = (i_s * BK) // BT * BT
     hi = tl.minimum(i_s * BK + BK - 1 + window, T)
     nq = tl.cdiv(hi - lo, BT)
-    for i_it in range(i_sp, G * nq, NSPLIT):
-        i_h = i_hk * G + i_it // nq
-        if tl.load(active + i_h) != 0:
-            o_qh = (i_b * T * HQ + i_h).to(tl.int64)
-            o_t = lo + (i_it % nq) * BT + tl.arange(0, BT)
-            m_t = o_t < T
-            o_x = o_qh * D + (o_t * (HQ * D))[:, None] + o_d[None, :]
-            o_r = o_qh + o_t * HQ
-            # [BT, D]
-            b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
-            b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
-            b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
-            b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
-            b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
-            b_delta = tl.load(delta_l + o_r, mask=m_t, other=0.0)
-            # [BK, BT]
-            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
-            m_st = (
-                (o_t[None, :] >= o_s[:, None])
-                & (o_t[None, :] < o_s[:, None] + window)
-                & m_t[None, :]
-            )
-            b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
-            b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
-            b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
-            b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    # the query rows' offset of row 0 of head 0 of the batch; rows o_t of query tile i_q
+    o_bq = (i_b * T * HQ).to(tl.int64)
+    if LISTED:
+        p_heads = heads + (i_bg % NA) * G
+        o_g = tl.arange(0, GP)
+        n_items = tl.sum((tl.load(p_heads + o_g, mask=o_g < G, other=-1) >= 0).to(tl.int32), 0)
+        n_items *= nq
+        for i_it in range(i_sp, n_items, NSPLIT):
+            b_dk, b_dv = _local_dkv_step(
+                q, do, gate, lse_l, delta_l, o_bq + tl.load(p_heads + i_it // nq), lo,
+                i_it % nq, o_s, o_d, b_k, b_v, b_dk, b_dv, T, window, scale2, HQ, D, BT, PREC,
+            )  # fmt: skip
+    else:
+        n_items = G * nq
+        for i_it in range(i_sp, n_items, NSPLIT):
+            i_h = i_hk * G + i_it // nq
+            if tl.load(active + i_h) != 0:
+                b_dk, b_dv = _local_dkv_step(
+                    q, do, gate, lse_l, delta_l, o_bq + i_h, lo, i_it % nq, o_s, o_d, b_k,
+                    b_v, b_dk, b_dv, T, window, scale2, HQ, D, BT, PREC,
+                )  # fmt: skip
     b_dk = b_dk * scale
     if SPREAD:
         o_c = o_s // stride
@@ -325,7 +374,7 @@ def _local_bwd_dkv_kernel(
         o_ckv = (i_b * NC * HKV + i_hk).to(tl.int64) * D + (o_c * (HKV * D))[:, None] + o_d[None, :]
         b_dk += tl.load(dkc + o_ckv, mask=m_c, other=0.0) / stride
         b_dv += tl.load(dvc + o_ckv, mask=m_c, other=0.0) / stride
-    if i_sp < G * nq:  # the split programs of one key tile add up (relaxed: only sums matter)
+    if i_sp < n_items:  # the split programs of one key tile add up (relaxed: only sums matter)
         tl.atomic_add(dk + o_kv, b_dk, mask=m_s[:, None], sem="relaxed")
         tl.atomic_add(dv + o_kv, b_dv, mask=m_s[:, None], sem="relaxed")
 
