@@ -130,6 +130,27 @@ def test_global_dkv_query_chunks(monkeypatch, programs):
     check(1, 70, 4, 2, 16, cfg, torch.float32, tol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "D,mask,programs",
+    [
+        (16, [True, False, True, True, False, False], 1),
+        (16, None, 4),
+        (128, [False, False, False, True, True, False], 512),  # TMA loads at D 128
+    ],
+    ids=["head-mask-whole-sequence", "chunks", "D128-whole-group-pruned"],
+)
+def test_global_dkv_with_rows_as_m(monkeypatch, D, mask, programs):
+    # GLOBAL_DKV_ROWS_M: the global dk/dv's products with the query rows (or the head dim) as
+    # M and its gradients held transposed; the same sums
+    import automla.kernels.parallel.autograd as launch_layer
+
+    monkeypatch.setattr(launch_layer, "GLOBAL_DKV_ROWS_M", True)
+    monkeypatch.setattr(launch_layer, "GLOBAL_DKV_PROGRAMS", programs)
+    cfg = AttentionConfig(budget=48, ratios=(0.2, 0.6, 0.2), block_size=2)
+    head_mask = None if mask is None else torch.tensor(mask)
+    check(1, 70, 6, 2, D, cfg, torch.float32, tol=1e-5, head_mask=head_mask)
+
+
 @pytest.mark.parametrize("select_tile", [1, 4], ids=["per-query", "tile"])
 def test_uninitialised_buffers_are_written_before_read(monkeypatch, select_tile):
     # every float buffer the op allocates without zeroing (the dk/dv accumulator that the

@@ -405,6 +405,7 @@ def _global_bwd_dkv_kernel(
     D: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
+    ROWS_M: tl.constexpr,
     PREC: tl.constexpr,
     TMA: tl.constexpr,
 ):
@@ -414,6 +415,10 @@ def _global_bwd_dkv_kernel(
     # from memory. The chunks add their partial gradients into dkc/dvc [B, NC, HKV, D]
     # (float32, zeroed), which the local dk/dv kernel or `_spread_kernel` spreads back over
     # the pooled keys.
+    # ROWS_M: the products take the query rows, or the head dim, as their M and the compressed
+    # keys as N (scores [BT, BC], gradients held transposed, [D, BC]): with BC = 32 keys as M
+    # the compiler falls back to Ampere's mma.sync, whose M may be 16, where warpgroup MMAs
+    # need 64 (bench/NOTES.md, sixteenth session).
     i_c, i_bg, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bg // NA
     i_hk = tl.load(groups + i_bg % NA)
@@ -425,8 +430,12 @@ def _global_bwd_dkv_kernel(
     # [BC, D]
     b_k = tl.load(kc + o_kh + o_kv, mask=m_c[:, None], other=0.0)
     b_v = tl.load(vc + o_kh + o_kv, mask=m_c[:, None], other=0.0)
-    b_dk = tl.zeros([BC, D], dtype=tl.float32)
-    b_dv = tl.zeros([BC, D], dtype=tl.float32)
+    if ROWS_M:
+        b_dk = tl.zeros([D, BC], dtype=tl.float32)
+        b_dv = tl.zeros([D, BC], dtype=tl.float32)
+    else:
+        b_dk = tl.zeros([BC, D], dtype=tl.float32)
+        b_dv = tl.zeros([BC, D], dtype=tl.float32)
     # the first query tile that sees the tile's first compressed key (chunk is BT-aligned)
     lo = tl.maximum(((i_c * BC + 1) * stride - 1) // BT * BT, i_p * chunk)
     hi = tl.minimum((i_p + 1) * chunk, T)
@@ -445,17 +454,33 @@ def _global_bwd_dkv_kernel(
                 b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
                 b_lse = tl.load(lse_g + o_r, mask=m_t, other=float("inf"))
                 b_delta = tl.load(delta_g + o_r, mask=m_t, other=0.0)
-                # [BC, BT]
-                b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
-                m_st = (o_c[:, None] < ((o_t + 1) // stride)[None, :]) & m_t[None, :]
-                b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
-                b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
-                b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
-                b_dst = b_pt * (b_dpt - b_delta[None, :])
-                b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+                if ROWS_M:
+                    # [BT, BC]
+                    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+                    m_s = (o_c[None, :] < ((o_t + 1) // stride)[:, None]) & m_t[:, None]
+                    b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
+                    b_dv += tl.dot(tl.trans(b_dob), b_p.to(b_dob.dtype), input_precision=PREC)
+                    b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
+                    b_ds = b_p * (b_dp - b_delta[:, None])
+                    b_dk += tl.dot(tl.trans(b_q), b_ds.to(b_q.dtype), input_precision=PREC)
+                else:
+                    # [BC, BT]
+                    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
+                    m_st = (o_c[:, None] < ((o_t + 1) // stride)[None, :]) & m_t[None, :]
+                    b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
+                    b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
+                    b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
+                    b_dst = b_pt * (b_dpt - b_delta[None, :])
+                    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
     if lo < hi:  # a chunk before the tile read nothing (relaxed: only the sums matter)
-        tl.atomic_add(dkc + o_kh + o_kv, b_dk * scale, mask=m_c[:, None], sem="relaxed")
-        tl.atomic_add(dvc + o_kh + o_kv, b_dv, mask=m_c[:, None], sem="relaxed")
+        if ROWS_M:  # [D, BC], the transposed tile's offsets
+            o_kvt = (o_c * (HKV * D))[None, :] + o_d[:, None]
+            m_ct = m_c[None, :]
+            tl.atomic_add(dkc + o_kh + o_kvt, b_dk * scale, mask=m_ct, sem="relaxed")
+            tl.atomic_add(dvc + o_kh + o_kvt, b_dv, mask=m_ct, sem="relaxed")
+        else:
+            tl.atomic_add(dkc + o_kh + o_kv, b_dk * scale, mask=m_c[:, None], sem="relaxed")
+            tl.atomic_add(dvc + o_kh + o_kv, b_dv, mask=m_c[:, None], sem="relaxed")
 
 
 @triton.jit
