@@ -53,14 +53,16 @@ KERNEL = {
 }  # fmt: skip
 
 
-def patch(kernel: str, G: int, D: int, change: dict):
-    """Make the launch layer use `change` over its tiles for `kernel` at (G, D); returns undo."""
+def patch(kernel: str, G: int, D: int, NC: int, change: dict):
+    """Make the launch layer use `change` over its tiles for `kernel` at (G, D, NC); returns
+    undo."""
     keys = {"w": "num_warps", "s": "num_stages"}
-    tiles = {**layout._gpu_tiles(kernel, G, D), **{keys.get(k, k): v for k, v in change.items()}}
+    tiles = layout._gpu_tiles(kernel, G, D, NC)
+    tiles.update({keys.get(k, k): v for k, v in change.items()})
     original = layout._gpu_tiles
 
-    def patched(name, g=None, d=None):
-        return dict(tiles) if name == kernel else original(name, g, d)
+    def patched(name, g=None, d=None, nc=0):
+        return dict(tiles) if name == kernel else original(name, g, d, nc)
 
     layout._gpu_tiles = patched
     return lambda: setattr(layout, "_gpu_tiles", original)
@@ -69,6 +71,7 @@ def patch(kernel: str, G: int, D: int, change: dict):
 def sweep_point(point: str, names: list[str], rep: int) -> None:
     cfg, xs = point_inputs(point)
     (*_, hq, d), hkv = xs[0].shape, xs[1].shape[2]
+    nc = layout._Layout(xs[0], xs[1], cfg.plan(xs[0].shape[1]), None).NC
 
     def op(q, k, v, g):
         return mla_attention(q, k, v, g, cfg, backend="triton")
@@ -91,7 +94,7 @@ def sweep_point(point: str, names: list[str], rep: int) -> None:
     for name in names:
         before = sum(ms for n, ms in base_k.items() if KERNEL[name] in n)
         for change in CANDIDATES[name]:
-            undo = patch(name, hq // hkv, d, change)
+            undo = patch(name, hq // hkv, d, nc, change)
             try:
                 diff = max_diff(outputs(xs, cfg), reference)
                 ms = in_one_graph(op, xs, rep, uses_gate=True)

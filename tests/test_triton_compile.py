@@ -236,6 +236,16 @@ class _Compilers:
                 proc.wait()
 
 
+def test_long_prefixes_take_wide_global_dkv_tiles():
+    # from LONG_NC compressed keys the global dk/dv's tiles hold 64 of them (at D 64 too, which
+    # takes 32 below); the other kernels' tiles do not depend on the prefix
+    assert layout._gpu_tiles("global_dkv", 3, 64, layout.LONG_NC - 1)["BC"] == 32
+    assert layout._gpu_tiles("global_dkv", 3, 64, layout.LONG_NC)["BC"] == 64
+    assert layout._gpu_tiles("global_dkv", 16, 128, layout.LONG_NC)["BC"] == 64
+    for kernel in ("window_fwd", "local_dkv", "sparse_tile_dkv"):
+        assert layout._gpu_tiles(kernel, 3, 64, 4096) == layout._gpu_tiles(kernel, 3, 64)
+
+
 def test_kernels_compile_for_sm90(monkeypatch, tmp_path):
     compilers = _Compilers(tmp_path, n=max(1, min(cpus(), 8)))
     try:

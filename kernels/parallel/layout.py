@@ -52,10 +52,12 @@ _GPU_TILES_D64 = {
 }
 
 
-# From this many compressed keys (T = 16k at stride 64) the global dk/dv takes tiles of at least
-# 64 of them: at 12/4/64 its kernel ran 491 -> 317 us at 32k and 140 -> 113 at 16k, but
-# 49 -> 57 at 8k (bench/NOTES.md, sixteenth session).
-GLOBAL_DKV_WIDE_NC = 256
+# Changes to the tiles above from LONG_NC compressed keys (T = 16k at stride 64), where every
+# compressed tile streams many query rows and the triangle that a wide tile wastes (its first
+# queries see only part of it) weighs little: the global dk/dv's 64-key tiles ran 491 -> 317 us
+# at 12/4/64 32k and 140 -> 113 at 16k, but 49 -> 57 at 8k (bench/NOTES.md, sixteenth session).
+_GPU_TILES_LONG = {"global_dkv": {"BC": 64}}
+LONG_NC = 256
 
 
 # Kernels that load their streamed tiles (k and v; the global dk/dv's q and dO) through TMA
@@ -68,13 +70,16 @@ _TMA_KERNELS = frozenset(
 TMA_MIN_D = 128
 
 
-def _gpu_tiles(kernel: str, G: int | None = None, D: int | None = None) -> dict:
-    """The GPU launch tiles of `kernel`; G (window kernels): the group size; D: the head dim."""
+def _gpu_tiles(kernel: str, G: int | None = None, D: int | None = None, NC: int = 0) -> dict:
+    """The GPU launch tiles of `kernel`; G (window kernels): the group size; D: the head dim;
+    NC: the compressed keys of the call."""
     tiles = _GPU_TILES[kernel]
     if G is not None and G % tiles.get("HP", 1):
         tiles = _GPU_TILES_ONE_HEAD
     if D is not None and D <= 64:
         tiles = {**tiles, **_GPU_TILES_D64.get(kernel, {})}
+    if NC >= LONG_NC:
+        tiles = {**tiles, **_GPU_TILES_LONG.get(kernel, {})}
     return {"num_stages": 2, **tiles, "TMA": _tma(kernel, D)}
 
 
@@ -84,10 +89,10 @@ def _tma(kernel: str, D: int | None) -> bool:
     return tma and descriptors_available()
 
 
-def _tiles(kernel: str, G: int | None = None, D: int | None = None) -> dict:
+def _tiles(kernel: str, G: int | None = None, D: int | None = None, NC: int = 0) -> dict:
     if _interpret():
         return dict(_CPU_TILES, num_stages=1, TMA=_tma(kernel, D))
-    return _gpu_tiles(kernel, G, D)
+    return _gpu_tiles(kernel, G, D, NC)
 
 
 def _options(tiles: dict) -> dict:
@@ -193,10 +198,5 @@ class _Layout:
         )
 
     def tiles(self, kernel: str) -> dict:
-        """The launch tiles of `kernel` for this call's group size and head dim."""
-        tiles = _tiles(kernel, self.G, self.D)
-        if kernel == "global_dkv" and not _interpret() and self.NC >= GLOBAL_DKV_WIDE_NC:
-            # long prefixes: the triangle that a wider tile of compressed keys wastes (its
-            # first queries see only part of it) is small against the rows every tile streams
-            tiles["BC"] = max(tiles["BC"], 64)
-        return tiles
+        """The launch tiles of `kernel` for this call's group size, head dim and prefix."""
+        return _tiles(kernel, self.G, self.D, self.NC)
