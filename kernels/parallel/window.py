@@ -346,7 +346,7 @@ def _local_bwd_dkv_kernel(
     lo = (i_s * BK) // BT * BT
     hi = tl.minimum(i_s * BK + BK - 1 + window, T)
     nq = tl.cdiv(hi - lo, BT)
-    # the query rows' offset of row 0 of head 0 of the batch; rows o_t of query tile i_q
+    # the batch's first row in q's [B * T * HQ] rows: a head's row 0 is o_bq + its index
     o_bq = (i_b * T * HQ).to(tl.int64)
     if LISTED:
         p_heads = heads + (i_bg % NA) * G

@@ -12,9 +12,8 @@ stores of the outputs its kernel is 15% faster than the `tl.dot` one at 64/4/128
 8k (RESULTS, sixteenth session), but it holds every SM (one persistent program each, 197 KB of
 shared memory), so at 8k the selection on the second stream no longer runs beside it and the op
 is slower. Its work items are short key streams (~17 tiles) where the probe streamed 64. Runs
-on the GPU only (Gluon has no
-interpreter): `available()` says where; elsewhere the op launches the `tl.dot` kernel, which
-the CPU tests check. Written against Triton 3.6's Gluon (the device's); the TMA copies' later
+on the GPU only (Gluon has no interpreter): `available()` says where; elsewhere the op launches
+the `tl.dot` kernel, which the CPU tests check. Written against Triton 3.6's Gluon (the device's); the TMA copies' later
 names are taken where they exist.
 """
 
@@ -273,6 +272,8 @@ if _GLUON:
                 gl.store(o + o_x, b_o, mask=m_x)
             c += n_l + n_g
             k += 1
+        # the TMA stores this warpgroup issued have read its buffer before the program ends
+        tma.store_wait(0)
 
     @gluon.jit
     def _store_tile(desc, row, col, buf, x):
@@ -393,7 +394,6 @@ if _GLUON:
             [4, 1],
             [CONSUMER_REGS, 24],
         )
-        tma.store_wait(0)
 
 
 def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
