@@ -105,12 +105,11 @@ def test_local_dkv_split_over_programs(monkeypatch, programs):
     ],
     ids=["all-heads-split", "part-of-groups-split", "whole-group-one-program"],
 )
-def test_local_dkv_over_listed_heads(monkeypatch, mask, programs):
-    # LOCAL_DKV_LISTED: the local dk/dv's items run over each group's listed active heads
-    # (no per-head test in its loop), split over programs or not; the same sums
+def test_local_dkv_split_over_programs_with_pruned_heads(monkeypatch, mask, programs):
+    # the local dk/dv's (head, query tile) items split over programs or not, with pruned heads
+    # skipped in its loop: part of a group, or a whole group, pruned; the same sums
     import automla.kernels.parallel.autograd as launch_layer
 
-    monkeypatch.setattr(launch_layer, "LOCAL_DKV_LISTED", True)
     monkeypatch.setattr(launch_layer, "LOCAL_DKV_PROGRAMS", programs)
     cfg = AttentionConfig(budget=96, ratios=(0.5, 0.3, 0.2), block_size=4)
     head_mask = None if mask is None else torch.tensor(mask)
@@ -134,21 +133,18 @@ def test_global_dkv_query_chunks(monkeypatch, programs):
     "D,mask,programs",
     [
         (16, [True, False, True, True, False, False], 1),
-        (16, None, 4),
         (128, [False, False, False, True, True, False], 512),  # TMA loads at D 128
     ],
-    ids=["head-mask-whole-sequence", "chunks", "D128-whole-group-pruned"],
+    ids=["head-mask-whole-sequence", "D128-whole-group-pruned"],
 )
-def test_global_dkv_with_rows_as_m(monkeypatch, D, mask, programs):
-    # GLOBAL_DKV_ROWS_M: the global dk/dv's products with the query rows (or the head dim) as
-    # M and its gradients held transposed; the same sums
+def test_global_dkv_with_pruned_heads(monkeypatch, D, mask, programs):
+    # the global dk/dv skips pruned heads, part of a group or all of one, in one chunk of the
+    # whole sequence or in many
     import automla.kernels.parallel.autograd as launch_layer
 
-    monkeypatch.setattr(launch_layer, "GLOBAL_DKV_ROWS_M", True)
     monkeypatch.setattr(launch_layer, "GLOBAL_DKV_PROGRAMS", programs)
     cfg = AttentionConfig(budget=48, ratios=(0.2, 0.6, 0.2), block_size=2)
-    head_mask = None if mask is None else torch.tensor(mask)
-    check(1, 70, 6, 2, D, cfg, torch.float32, tol=1e-5, head_mask=head_mask)
+    check(1, 70, 6, 2, D, cfg, torch.float32, tol=1e-5, head_mask=torch.tensor(mask))
 
 
 @pytest.mark.parametrize("select_tile", [1, 4], ids=["per-query", "tile"])

@@ -38,15 +38,6 @@ _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 # but at 8k the op rose 0.7%, the second stream's overlap worth more there (bench/NOTES.md,
 # sixteenth session).
 SELECT_AFTER_NC = 256
-# The local dk/dv runs over each group's listed active heads instead of testing each head in
-# its loop, so that Triton prefetches the loop's loads (it takes none under an `if`). Off
-# until timed on the GPU: written when no device time was left (bench/NOTES.md, sixteenth
-# session); `bench/kernel_ab.py --base LOCAL_DKV_LISTED=0 --set LOCAL_DKV_LISTED=1` times it.
-LOCAL_DKV_LISTED = False
-# The global dk/dv's products take the query rows (or the head dim) as M where its tiles have
-# fewer than 64 compressed keys, so that they run on warpgroup MMAs, not mma.sync. Off until
-# timed, as above: `--set GLOBAL_DKV_ROWS_M=1 --kernels global_bwd_dkv`.
-GLOBAL_DKV_ROWS_M = False
 
 
 def _fork(q: torch.Tensor, lay: _Layout) -> torch.cuda.Stream | None:
@@ -267,8 +258,8 @@ def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv
         launch(
             _global_bwd_dkv_kernel, (n_tiles, B * lay.NA, triton.cdiv(T, chunk)),
             **{**shared, **tiles_of(BT, t["TMA"], q=q, do=do)}, kc=saved["kc"], vc=saved["vc"],
-            lse_g=saved["lse_g"], delta_g=delta_g, chunk=chunk, BT=BT, BC=BC,
-            ROWS_M=GLOBAL_DKV_ROWS_M and BC < 64, TMA=t["TMA"], **_options(t),
+            lse_g=saved["lse_g"], delta_g=delta_g, chunk=chunk, BT=BT, BC=BC, TMA=t["TMA"],
+            **_options(t),
         )  # fmt: skip
     if lay.has_local:
         t = lay.tiles("local_dkv")
@@ -282,9 +273,8 @@ def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv
         launch(
             _local_bwd_dkv_kernel, (n_tiles, B * lay.NA, nsplit), **shared,
             k=k, v=v, lse_l=saved["lse_l"], delta_l=delta_l, dk=dk, dv=dv,
-            heads=lay.packs(lay.G), NSPLIT=nsplit, window=lay.plan.window, GP=lay.GP,
-            BT=t["BT"], BK=t["BK"], SPREAD=lay.has_global, LISTED=LOCAL_DKV_LISTED,
-            **_options(t),
+            NSPLIT=nsplit, window=lay.plan.window, BT=t["BT"], BK=t["BK"],
+            SPREAD=lay.has_global, **_options(t),
         )  # fmt: skip
     elif lay.has_global:
         BK = min(64, triton.next_power_of_2(lay.stride))

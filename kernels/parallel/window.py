@@ -300,7 +300,6 @@ def _local_bwd_dkv_kernel(
     dv,
     dkc,
     dvc,
-    heads,
     T,
     NC,
     NA,
@@ -312,22 +311,16 @@ def _local_bwd_dkv_kernel(
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     G: tl.constexpr,
-    GP: tl.constexpr,
     D: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     SPREAD: tl.constexpr,
-    LISTED: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # One key tile of one KV head, one of NSPLIT programs: the queries that see the tile are
     # the next `window` tokens of each active head of the group, (head, query tile) items, of
     # which this program takes every NSPLIT-th. Splitting keeps short sequences from running a
     # few long programs. dk/dv are float32 buffers that every branch adds to.
-    # LISTED: the items run over the group's active heads, heads [NA, G] (-1 past them), so the
-    # loop has no test: Triton's pipeliner prefetches no load under an `if`, and with the test
-    # (every head of the group, the inactive ones skipped) the loop's q and dO loads are waited
-    # for at every step (bench/NOTES.md, sixteenth session).
     # SPREAD: the first program also adds the global branch's gradient of the compressed
     # token that pooled each key (dkc/dvc [B, NC, HKV, D], complete), 1/stride of it.
     i_s, i_bg, i_sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -348,25 +341,14 @@ def _local_bwd_dkv_kernel(
     nq = tl.cdiv(hi - lo, BT)
     # the batch's first row in q's [B * T * HQ] rows: a head's row 0 is o_bq + its index
     o_bq = (i_b * T * HQ).to(tl.int64)
-    if LISTED:
-        p_heads = heads + (i_bg % NA) * G
-        o_g = tl.arange(0, GP)
-        n_items = tl.sum((tl.load(p_heads + o_g, mask=o_g < G, other=-1) >= 0).to(tl.int32), 0)
-        n_items *= nq
-        for i_it in range(i_sp, n_items, NSPLIT):
+    n_items = G * nq
+    for i_it in range(i_sp, n_items, NSPLIT):
+        i_h = i_hk * G + i_it // nq
+        if tl.load(active + i_h) != 0:
             b_dk, b_dv = _local_dkv_step(
-                q, do, gate, lse_l, delta_l, o_bq + tl.load(p_heads + i_it // nq), lo,
-                i_it % nq, o_s, o_d, b_k, b_v, b_dk, b_dv, T, window, scale2, HQ, D, BT, PREC,
+                q, do, gate, lse_l, delta_l, o_bq + i_h, lo, i_it % nq, o_s, o_d, b_k, b_v,
+                b_dk, b_dv, T, window, scale2, HQ, D, BT, PREC,
             )  # fmt: skip
-    else:
-        n_items = G * nq
-        for i_it in range(i_sp, n_items, NSPLIT):
-            i_h = i_hk * G + i_it // nq
-            if tl.load(active + i_h) != 0:
-                b_dk, b_dv = _local_dkv_step(
-                    q, do, gate, lse_l, delta_l, o_bq + i_h, lo, i_it % nq, o_s, o_d, b_k,
-                    b_v, b_dk, b_dv, T, window, scale2, HQ, D, BT, PREC,
-                )  # fmt: skip
     b_dk = b_dk * scale
     if SPREAD:
         o_c = o_s // stride
@@ -405,7 +387,6 @@ def _global_bwd_dkv_kernel(
     D: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
-    ROWS_M: tl.constexpr,
     PREC: tl.constexpr,
     TMA: tl.constexpr,
 ):
@@ -415,10 +396,6 @@ def _global_bwd_dkv_kernel(
     # from memory. The chunks add their partial gradients into dkc/dvc [B, NC, HKV, D]
     # (float32, zeroed), which the local dk/dv kernel or `_spread_kernel` spreads back over
     # the pooled keys.
-    # ROWS_M: the products take the query rows, or the head dim, as their M and the compressed
-    # keys as N (scores [BT, BC], gradients held transposed, [D, BC]): with BC = 32 keys as M
-    # the compiler falls back to Ampere's mma.sync, whose M may be 16, where warpgroup MMAs
-    # need 64 (bench/NOTES.md, sixteenth session).
     i_c, i_bg, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bg // NA
     i_hk = tl.load(groups + i_bg % NA)
@@ -430,12 +407,8 @@ def _global_bwd_dkv_kernel(
     # [BC, D]
     b_k = tl.load(kc + o_kh + o_kv, mask=m_c[:, None], other=0.0)
     b_v = tl.load(vc + o_kh + o_kv, mask=m_c[:, None], other=0.0)
-    if ROWS_M:
-        b_dk = tl.zeros([D, BC], dtype=tl.float32)
-        b_dv = tl.zeros([D, BC], dtype=tl.float32)
-    else:
-        b_dk = tl.zeros([BC, D], dtype=tl.float32)
-        b_dv = tl.zeros([BC, D], dtype=tl.float32)
+    b_dk = tl.zeros([BC, D], dtype=tl.float32)
+    b_dv = tl.zeros([BC, D], dtype=tl.float32)
     # the first query tile that sees the tile's first compressed key (chunk is BT-aligned)
     lo = tl.maximum(((i_c * BC + 1) * stride - 1) // BT * BT, i_p * chunk)
     hi = tl.minimum((i_p + 1) * chunk, T)
@@ -454,33 +427,17 @@ def _global_bwd_dkv_kernel(
                 b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
                 b_lse = tl.load(lse_g + o_r, mask=m_t, other=float("inf"))
                 b_delta = tl.load(delta_g + o_r, mask=m_t, other=0.0)
-                if ROWS_M:
-                    # [BT, BC]
-                    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
-                    m_s = (o_c[None, :] < ((o_t + 1) // stride)[:, None]) & m_t[:, None]
-                    b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
-                    b_dv += tl.dot(tl.trans(b_dob), b_p.to(b_dob.dtype), input_precision=PREC)
-                    b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
-                    b_ds = b_p * (b_dp - b_delta[:, None])
-                    b_dk += tl.dot(tl.trans(b_q), b_ds.to(b_q.dtype), input_precision=PREC)
-                else:
-                    # [BC, BT]
-                    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
-                    m_st = (o_c[:, None] < ((o_t + 1) // stride)[None, :]) & m_t[None, :]
-                    b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
-                    b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
-                    b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
-                    b_dst = b_pt * (b_dpt - b_delta[None, :])
-                    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+                # [BC, BT]
+                b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
+                m_st = (o_c[:, None] < ((o_t + 1) // stride)[None, :]) & m_t[None, :]
+                b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
+                b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
+                b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
+                b_dst = b_pt * (b_dpt - b_delta[None, :])
+                b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
     if lo < hi:  # a chunk before the tile read nothing (relaxed: only the sums matter)
-        if ROWS_M:  # [D, BC], the transposed tile's offsets
-            o_kvt = (o_c * (HKV * D))[None, :] + o_d[:, None]
-            m_ct = m_c[None, :]
-            tl.atomic_add(dkc + o_kh + o_kvt, b_dk * scale, mask=m_ct, sem="relaxed")
-            tl.atomic_add(dvc + o_kh + o_kvt, b_dv, mask=m_ct, sem="relaxed")
-        else:
-            tl.atomic_add(dkc + o_kh + o_kv, b_dk * scale, mask=m_c[:, None], sem="relaxed")
-            tl.atomic_add(dvc + o_kh + o_kv, b_dv, mask=m_c[:, None], sem="relaxed")
+        tl.atomic_add(dkc + o_kh + o_kv, b_dk * scale, mask=m_c[:, None], sem="relaxed")
+        tl.atomic_add(dvc + o_kh + o_kv, b_dv, mask=m_c[:, None], sem="relaxed")
 
 
 @triton.jit
