@@ -439,10 +439,10 @@ def counted_load(self):  # a kernel's first launch loads it (launcher, binary)
 
 
 CompiledKernel._init_handles = counted_load
-bq = int(sys.argv[1])
+bq, D = int(sys.argv[1]), int(sys.argv[2])
 cfg = AttentionConfig(budget=448, ratios=(0.3, 0.2, 0.5), block_size=64, select_tile=bq)
 g = torch.Generator(device="cuda").manual_seed(3)
-q, k, v = (torch.randn(2, 2048, h, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+q, k, v = (torch.randn(2, 2048, h, D, device="cuda", generator=g, dtype=torch.bfloat16)
            for h in (12, 4, 4))
 gate = torch.rand(2, 2048, 12, 3, device="cuda", generator=g, dtype=torch.bfloat16)
 t0 = time.perf_counter()
@@ -460,19 +460,24 @@ print(ahead, len(compiled) - ahead, loaded_ahead, len(loaded) - loaded_ahead, ro
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("select_tile", [1, 64])
-def test_gpu_compile_ahead_leaves_the_first_call_nothing_to_compile_or_load(select_tile, tmp_path):
+@pytest.mark.parametrize("select_tile,D", [(1, 64), (64, 64), (64, 128)])
+def test_gpu_compile_ahead_leaves_the_first_call_nothing_to_compile_or_load(
+    select_tile, D, tmp_path
+):
     # a fresh process (empty in-memory kernel caches): compile_ahead compiles and loads the
     # kernels, the training step and evaluation after it compile and load none, and the op
-    # still computes MLA
+    # still computes MLA; at head dim 128 with the Gluon window forward (forced: at 2k the
+    # default takes the tl.dot one)
+    import os
     import subprocess
     import sys
 
     script = tmp_path / "ahead.py"
     script.write_text(COMPILE_AHEAD)
+    env = {**os.environ, "MLA_GLUON": "1" if D == 128 else "0"}
     done = subprocess.run(
-        [sys.executable, str(script), str(select_tile)], capture_output=True, text=True,
-        timeout=600,
+        [sys.executable, str(script), str(select_tile), str(D)], capture_output=True, text=True,
+        timeout=600, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     ahead, after, loaded_ahead, loaded_after, seconds, err = done.stdout.split()[-6:]

@@ -38,7 +38,7 @@ from automla.kernels.parallel import window_gluon as wg
 dtype = getattr(torch, sys.argv[1])
 # without gradients the op hands the kernel a float32 stand-in for o_l (never written)
 kept = sys.argv[2] == "keep"
-T, HQ, HKV, D = 77, 6, 2, 128
+T, HQ, HKV, D = 77, 6, 2, int(sys.argv[3])
 q = torch.zeros(1, T, HQ, D, dtype=dtype)
 k = torch.zeros(1, T, HKV, D, dtype=dtype)
 descs = {n: wg._descriptor(x, rows) for n, x, rows in [("q_desc", q, wg.BT), ("k_desc", k, wg.BN),
@@ -65,25 +65,35 @@ print("ok", kern.metadata.shared)
 
 @pytest.mark.skipif(not window_gluon._GLUON, reason="this Triton has no Gluon Hopper dialect")
 @pytest.mark.parametrize(
-    "dtype,o_l", [("bfloat16", "keep"), ("float16", "keep"), ("bfloat16", "stand-in")]
-)
-def test_gluon_window_forward_compiles_for_sm90(dtype, o_l):
+    "dtype,o_l,D",
+    [("bfloat16", "keep", 128), ("float16", "keep", 128), ("bfloat16", "stand-in", 128),
+     ("bfloat16", "keep", 64)],
+)  # fmt: skip
+def test_gluon_window_forward_compiles_for_sm90(dtype, o_l, D):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
-        [sys.executable, "-c", COMPILE, dtype, o_l], capture_output=True, text=True, env=env,
+        [sys.executable, "-c", COMPILE, dtype, o_l, str(D)], capture_output=True, text=True, env=env,
         cwd=ROOT, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr[-3000:]
 
 
 def test_gluon_window_forward_is_not_taken_off_the_gpu(monkeypatch):
-    monkeypatch.setattr(window_gluon, "ENABLED", True)  # switched on, still only for CUDA
+    monkeypatch.setattr(window_gluon, "ENABLED", 1)  # switched on, still only for CUDA
     q = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16)
-    assert not window_gluon.available(q)
+    assert not window_gluon.available(q, 1024)
+
+
+def test_gluon_window_forward_is_wanted_for_long_prefixes_unless_set(monkeypatch):
+    # unset (-1): from MIN_NC compressed keys; MLA_GLUON=1 or 0 override it
+    for enabled, short, long in [(-1, False, True), (1, True, True), (0, False, False)]:
+        monkeypatch.setattr(window_gluon, "ENABLED", enabled)
+        n = window_gluon.MIN_NC
+        assert (window_gluon.wanted(n - 1), window_gluon.wanted(n)) == (short, long), enabled
 
 
 def _window_outputs(q, k, v, gate, cfg, head_mask, store, gluon: bool, monkeypatch):
-    monkeypatch.setattr(window_gluon, "ENABLED", gluon)
+    monkeypatch.setattr(window_gluon, "ENABLED", int(gluon))
     plan = cfg.plan(q.shape[1])
     lay = _Layout(q, k, plan, head_mask)
     o, saved = autograd.mla_fwd(q, k, v, gate.to(q.dtype), lay, store)
@@ -91,32 +101,34 @@ def _window_outputs(q, k, v, gate, cfg, head_mask, store, gluon: bool, monkeypat
     return o, {n: saved[n] for n in names if saved[n] is not o}, lay
 
 
-# (B, T, HQ, HKV, budget, ratios, block_size, mask, store)
+NSA = (512 / 1664, 128 / 1664, 1024 / 1664)
+# (B, T, HQ, HKV, D, budget, ratios, block_size, mask, store)
 GPU_CASES = [
-    pytest.param(1, 8192, 64, 4, 1664, (512 / 1664, 128 / 1664, 1024 / 1664), 64, None, True,
-                 id="64/4-8k-nsa"),
-    pytest.param(2, 1999, 6, 2, 256, (0.5, 0.25, 0.25), 32, None, True, id="B2-T1999-G3"),
-    pytest.param(1, 1537, 16, 1, 320, (0.4, 0.2, 0.4), 64, "mask", True, id="T1537-G16-mask"),
-    pytest.param(1, 3001, 8, 2, 512, (1.0, 0.0, 0.0), 64, None, True, id="local-only"),
-    pytest.param(1, 2048, 8, 1, 2048, (0.0, 1.0, 0.0), 1, None, True, id="global-only-causal"),
-    pytest.param(1, 4099, 12, 4, 1664, (512 / 1664, 128 / 1664, 1024 / 1664), 64, None, False,
-                 id="no-store"),
+    pytest.param(1, 8192, 64, 4, 128, 1664, NSA, 64, None, True, id="64/4-8k-nsa"),
+    pytest.param(2, 1999, 6, 2, 128, 256, (0.5, 0.25, 0.25), 32, None, True, id="B2-T1999-G3"),
+    pytest.param(1, 1537, 16, 1, 128, 320, (0.4, 0.2, 0.4), 64, "mask", True, id="T1537-G16-mask"),
+    pytest.param(1, 3001, 8, 2, 128, 512, (1.0, 0.0, 0.0), 64, None, True, id="local-only"),
+    pytest.param(1, 2048, 8, 1, 128, 2048, (0.0, 1.0, 0.0), 1, None, True, id="global-only-causal"),
+    pytest.param(1, 4099, 12, 4, 128, 1664, NSA, 64, None, False, id="no-store"),
+    pytest.param(2, 3001, 12, 4, 64, 1664, NSA, 64, "mask", True, id="D64-G3-mask"),
+    pytest.param(1, 4099, 12, 4, 64, 1664, NSA, 64, None, False, id="D64-no-store"),
 ]  # fmt: skip
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,T,HQ,HKV,budget,ratios,bs,mask,store", GPU_CASES)
+@pytest.mark.parametrize("B,T,HQ,HKV,D,budget,ratios,bs,mask,store", GPU_CASES)
 def test_gpu_gluon_window_forward_matches_the_tl_dot_kernel(
-    B, T, HQ, HKV, budget, ratios, bs, mask, store, monkeypatch
+    B, T, HQ, HKV, D, budget, ratios, bs, mask, store, monkeypatch
 ):
+    monkeypatch.setattr(window_gluon, "MIN_HEAD_DIM", 64)
     cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs)
-    q, k, v, gate, _ = make_inputs(B, T, HQ, HKV, 128, torch.bfloat16, device="cuda", seed=T)
+    q, k, v, gate, _ = make_inputs(B, T, HQ, HKV, D, torch.bfloat16, device="cuda", seed=T)
     head_mask = None
     if mask:
         head_mask = torch.arange(HQ) % 3 != 1
         head_mask[: HQ // HKV // 2] = False
     o, saved, lay = _window_outputs(q, k, v, gate, cfg, head_mask, store, True, monkeypatch)
-    assert window_gluon.available(q)
+    assert window_gluon.available(q, lay.NC)
     o_ref, saved_ref, _ = _window_outputs(q, k, v, gate, cfg, head_mask, store, False, monkeypatch)
     errs = {"o": rel_err(o, o_ref)}
     active = torch.arange(HQ) if head_mask is None else head_mask.nonzero()[:, 0]
@@ -132,10 +144,10 @@ def test_gpu_gluon_window_forward_matches_the_tl_dot_kernel(
 
 @pytest.mark.gpu
 def test_gpu_op_with_the_gluon_window_forward_matches_reference(monkeypatch):
-    monkeypatch.setattr(window_gluon, "ENABLED", True)  # opt-in: off unless MLA_GLUON=1
+    monkeypatch.setattr(window_gluon, "ENABLED", 1)  # by default only from MIN_NC keys
     cfg = AttentionConfig(budget=1664, ratios=(512 / 1664, 128 / 1664, 1024 / 1664), block_size=64)
     q, k, v, gate, do = make_inputs(2, 2500, 16, 2, 128, torch.bfloat16, device="cuda", seed=5)
-    assert window_gluon.available(q)
+    assert window_gluon.available(q, 1)
     o, grads = run_triton(q, k, v, gate, do, cfg)
     o_ref, grads_ref = run_reference(q, k, v, gate, do, cfg)
     errs = {"o": rel_err(o, o_ref)}

@@ -90,23 +90,32 @@ def mla_fwd(
     # with stride == block_size the selection's float32 block means come from the global
     # branch's pooling pass, and its softmax is the scores' own
     shared = lay.has_global and lay.has_sparse and lay.plan.stride == lay.plan.block_size
-    if lay.has_global:
-        kc, vc, km = _pool(k, v, lay.plan.stride, lay.NC, q.dtype, km=shared)
     branch = sparse_tile if lay.plan.select_tile > 1 else sparse
     # past SELECT_AFTER_NC compressed keys, tile-shared selection then takes the global
     # branch's lse as its normaliser, so it runs after the window forward: one pass over the
     # blocks instead of two beside it on another stream
     after = shared and branch is sparse_tile and lay.NC >= SELECT_AFTER_NC
+    # where the selection pools block means of its own (the global stride is not the block
+    # size), they are pooled first and the side stream forks right after them: the selection
+    # then holds SMs before the global branch's pooling and the window forward fill the GPU,
+    # instead of waiting behind them (12/4/64 2k: -5%, bench/NOTES.md, seventeenth session)
+    early = lay.has_sparse and not shared
+    if early:
+        km = _pool(k, None, lay.plan.block_size, lay.NB, None, km=True)[2]
+    if lay.has_global and not early:
+        kc, vc, km = _pool(k, v, lay.plan.stride, lay.NC, q.dtype, km=shared)
     idx = lse_l
     side = None if after else _fork(q, lay)
     if side is not None:  # the selection beside the window kernel
         with torch.cuda.stream(side):
             idx = branch.select(q, k, lay, km)
+    if lay.has_global and early:
+        kc, vc, _ = _pool(k, v, lay.plan.stride, lay.NC, q.dtype, km=False)
     if lay.has_window:
-        # what either window forward takes (the Gluon one: opt-in, Hopper, head dim 128)
+        # what either window forward takes (the Gluon one: Hopper, head dim 128, long prefixes)
         outs = dict(gate=gate, o=o, o_l=o_l, lse_l=lse_l, lse_g=lse_g, T=T, NC=lay.NC,
                     window=lay.plan.window, stride=lay.stride)  # fmt: skip
-        if window_gluon.available(q):
+        if window_gluon.available(q, lay.NC):
             window_gluon.window_forward(q, k, v, kc, vc, lay, store, **outs)
         else:
             _launch_window(_window_fwd_kernel, "window_fwd", lay, q, k, v, kc, vc, **outs,

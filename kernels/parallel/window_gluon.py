@@ -7,14 +7,16 @@ j - 1. Warp specialisation with register reallocation is what made the differenc
 attention forward: 1.04x cuDNN against 0.83-0.87x for the same schedule in one partition or in
 `tl.dot` code (bench/gluon_probe.py, bench/RESULTS.md).
 
-Opt-in (MLA_GLUON=1) until it is faster in the op: with masks on edge tiles only and TMA
-stores of the outputs its kernel is 15% faster than the `tl.dot` one at 64/4/128 32k and 6% at
-8k (RESULTS, sixteenth session), but it holds every SM (one persistent program each, 197 KB of
-shared memory), so at 8k the selection on the second stream no longer runs beside it and the op
-is slower. Its work items are short key streams (~17 tiles) where the probe streamed 64. Runs
-on the GPU only (Gluon has no interpreter): `available()` says where; elsewhere the op launches
-the `tl.dot` kernel, which the CPU tests check. Written against Triton 3.6's Gluon (the device's); the TMA copies' later
-names are taken where they exist.
+Taken from MIN_NC compressed keys (16k tokens at stride 64): with masks on edge tiles only
+and TMA stores of the outputs its kernel is 14% faster than the `tl.dot` one at 64/4/128 32k,
+15% at 64k and 8% at 8k (RESULTS, seventeenth session), but it holds every SM (one persistent
+program each, 197 KB of shared memory), so at 8k the selection on the second stream no longer
+runs beside it and the op does not gain. At head dim 64 it is slower than the `tl.dot` kernel
+(+3% at 32k, +12% at 8k): not taken there. Its work items are short key streams (~17 tiles)
+where the probe streamed 64. Runs on the GPU only (Gluon has no interpreter): `available()`
+says where; elsewhere the op launches the `tl.dot` kernel, which the CPU tests check. Written
+against Triton 3.6's Gluon (the device's); the TMA copies' later names are taken where they
+exist.
 """
 
 from __future__ import annotations
@@ -65,19 +67,32 @@ def _device_ok(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] == 9
 
 
-# opt-in (MLA_GLUON=1): not yet faster than the tl.dot kernel in the op (bench/RESULTS.md)
-ENABLED = os.environ.get("MLA_GLUON", "0") == "1"
+# MLA_GLUON=1 takes it wherever it runs, 0 nowhere; unset (-1), from MIN_NC compressed keys
+# on: there the op was measured faster with it (64/4/128: -1.3% at 32k, -3.8% at 64k), while
+# at 8k, where the selection runs beside it, the op did not move (bench/RESULTS.md)
+ENABLED = int(os.environ.get("MLA_GLUON", "-1"))
+MIN_NC = 256
+# the smallest head dim it takes (64 or 128): written for 128, the heads of the long-context
+# shapes; 64 is compiled and checked, and taken once timed faster
+MIN_HEAD_DIM = 128
 
 
-def available(q: torch.Tensor) -> bool:
-    """Whether the Gluon window forward takes these queries: a Hopper GPU, head dim 128,
-    16-bit floats, and a Triton with Gluon's Hopper dialect."""
+def wanted(nc: int) -> bool:
+    """Whether the settings take the Gluon forward for a plan with nc compressed keys."""
+    return ENABLED == 1 or (ENABLED < 0 and nc >= MIN_NC)
+
+
+def available(q: torch.Tensor, nc: int) -> bool:
+    """Whether the Gluon window forward takes these queries (with nc compressed keys): wanted,
+    a Hopper GPU, head dim 128 (64 too from MIN_HEAD_DIM = 64), 16-bit floats, and a Triton
+    with Gluon's Hopper dialect."""
     return (
-        ENABLED
+        wanted(nc)
         and _GLUON
         and not _interpret()
         and q.is_cuda
-        and q.shape[-1] == 128
+        and q.shape[-1] in (64, 128)
+        and q.shape[-1] >= MIN_HEAD_DIM
         and q.dtype in (torch.bfloat16, torch.float16)
         and _device_ok(q.device.index if q.device.index is not None else 0)
     )
