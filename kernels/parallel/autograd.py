@@ -94,7 +94,10 @@ def mla_fwd(
     # past SELECT_AFTER_NC compressed keys, tile-shared selection then takes the global
     # branch's lse as its normaliser, so it runs after the window forward: one pass over the
     # blocks instead of two beside it on another stream
-    after = shared and branch is sparse_tile and lay.NC >= SELECT_AFTER_NC
+    gluon = lay.has_window and window_gluon.available(q, lay.NC)
+    # and wherever the Gluon window forward runs: its persistent programs hold every SM, so
+    # nothing would run beside it (64/4/128 4k: op -2.3%, 8k -1.1%, seventeenth session)
+    after = shared and branch is sparse_tile and (lay.NC >= SELECT_AFTER_NC or gluon)
     # where the selection pools block means of its own (the global stride is not the block
     # size), they are pooled first and the side stream forks right after them: the selection
     # then holds SMs before the global branch's pooling and the window forward fill the GPU,
@@ -115,7 +118,7 @@ def mla_fwd(
         # what either window forward takes (the Gluon one: Hopper, head dim 128, long prefixes)
         outs = dict(gate=gate, o=o, o_l=o_l, lse_l=lse_l, lse_g=lse_g, T=T, NC=lay.NC,
                     window=lay.plan.window, stride=lay.stride)  # fmt: skip
-        if window_gluon.available(q, lay.NC):
+        if gluon:
             window_gluon.window_forward(q, k, v, kc, vc, lay, store, **outs)
         else:
             _launch_window(_window_fwd_kernel, "window_fwd", lay, q, k, v, kc, vc, **outs,

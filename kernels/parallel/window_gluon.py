@@ -7,11 +7,11 @@ j - 1. Warp specialisation with register reallocation is what made the differenc
 attention forward: 1.04x cuDNN against 0.83-0.87x for the same schedule in one partition or in
 `tl.dot` code (bench/gluon_probe.py, bench/RESULTS.md).
 
-Taken from MIN_NC compressed keys (16k tokens at stride 64): with masks on edge tiles only
-and TMA stores of the outputs its kernel is 14% faster than the `tl.dot` one at 64/4/128 32k,
-15% at 64k and 8% at 8k (RESULTS, seventeenth session), but it holds every SM (one persistent
-program each, 197 KB of shared memory), so at 8k the selection on the second stream no longer
-runs beside it and the op does not gain. At head dim 64 it is slower than the `tl.dot` kernel
+Taken from MIN_NC compressed keys (4k tokens at stride 64): with masks on edge tiles only and
+TMA stores of the outputs its kernel is 14% faster than the `tl.dot` one at 64/4/128 32k, 15%
+at 64k and 8-12% at 4k-8k (RESULTS, seventeenth session). It holds every SM (one persistent
+program each, 197 KB of shared memory), so nothing runs beside it: the tile selection runs
+after it instead, in one pass with the global branch's lse (`autograd.mla_fwd`). At head dim 64 it is slower than the `tl.dot` kernel
 (+3% at 32k, +12% at 8k): not taken there. Its work items are short key streams (~17 tiles)
 where the probe streamed 64. Runs on the GPU only (Gluon has no interpreter): `available()`
 says where; elsewhere the op launches the `tl.dot` kernel, which the CPU tests check. Written
@@ -68,10 +68,11 @@ def _device_ok(index: int) -> bool:
 
 
 # MLA_GLUON=1 takes it wherever it runs, 0 nowhere; unset (-1), from MIN_NC compressed keys
-# on: there the op was measured faster with it (64/4/128: -1.3% at 32k, -3.8% at 64k), while
-# at 8k, where the selection runs beside it, the op did not move (bench/RESULTS.md)
+# on (4k tokens at stride 64), where the op was measured faster with it and the selection
+# after it (64/4/128: -2.3% at 4k, -1.1% at 8k, -1.4% at 16k, -1.8% at 32k, -3.8% at 64k;
+# bench/RESULTS.md); shorter prefixes were not measured
 ENABLED = int(os.environ.get("MLA_GLUON", "-1"))
-MIN_NC = 256
+MIN_NC = 64
 # the smallest head dim it takes (64 or 128): written for 128, the heads of the long-context
 # shapes; 64 is compiled and checked, and taken once timed faster
 MIN_HEAD_DIM = 128
