@@ -25,7 +25,9 @@ the dk/dv sums are not bitwise (atomic order).
 Files: `common.py` the shared `@triton.jit` helpers; `selection.py` the block scores, top-k and
 pooling; `window.py` the local and global branches; `sparse.py` the sparse branch and the
 inversion of the selection; `sparse_tile.py` the sparse branch with tile-shared selection
-(select_tile > 1); `layout.py` the tiles and the sizes of one call; `autograd.py` the launch
+(select_tile > 1); `window_gluon.py` the window forward in Gluon (Hopper, head dim 128, taken
+from 64 compressed keys); `local_dkv_gluon.py` the local dk/dv in Gluon (opt-in: slower than
+the `tl.dot` kernel so far); `layout.py` the tiles and the sizes of one call; `autograd.py` the launch
 sequence, the autograd Function and `mla_triton`; `launch.py` every launch, and compiling
 them ahead (`compile_ahead`).
 """

@@ -9,7 +9,7 @@ import triton
 
 from ..common import check_inputs
 from ..config import AttentionConfig, Plan
-from . import sparse, sparse_tile, window_gluon
+from . import local_dkv_gluon, sparse, sparse_tile, window_gluon
 from .common import _interpret
 from .launch import compiling_ahead, launch, tiles_of
 from .layout import _Layout, _options
@@ -273,7 +273,11 @@ def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv
             lse_g=saved["lse_g"], delta_g=delta_g, chunk=chunk, BT=BT, BC=BC, TMA=t["TMA"],
             **_options(t),
         )  # fmt: skip
-    if lay.has_local:
+    if lay.has_local and local_dkv_gluon.available(q):
+        local_dkv_gluon.local_dkv(
+            q, k, v, gate, do, lay, saved["lse_l"], delta_l, dk, dv, dkvc, LOCAL_DKV_PROGRAMS
+        )
+    elif lay.has_local:
         t = lay.tiles("local_dkv")
         n_tiles = triton.cdiv(T, t["BK"])
         # each key tile's (head, query tile) items split over programs until the launch has
