@@ -116,3 +116,45 @@ def cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def compile_sm90(fn, sig: dict, consts: dict, max_regs: int):
+    """A Gluon kernel compiled for sm_90 on this machine: sig maps each argument to its type
+    (constexprs to "constexpr", their values in consts), pointers 16-byte aligned as the GPU's
+    launches specialise them. Asserts that its PTX has warpgroup MMAs, the register split
+    between partitions and no spills; returns the compiled kernel. Run it where
+    TRITON_INTERPRET is unset (`assert_compiles`): the compiler cannot take the interpreter's
+    patched builtins."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    sig = {**sig, **{n: "constexpr" for n in consts}}
+    names = list(sig)
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n][0] == "*"}
+    values = {(names.index(n),): c for n, c in consts.items()}
+    kern = triton.compile(
+        GluonASTSource(fn, sig, values, aligned),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": 4, "maxnreg": max_regs},
+    )
+    ptx = kern.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx, "no warpgroup MMA or register split"
+    assert "st.local" not in ptx, "registers spilled"
+    return kern
+
+
+def assert_compiles(script: str, *args: str) -> None:
+    """Runs `script` (which prints "ok" once its kernel compiled) in a fresh process without
+    TRITON_INTERPRET, from the checkout's root, so that it imports the tests' helpers too."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "tests"), env.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+        cwd=root, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr[-3000:]

@@ -9,27 +9,20 @@ branch's gradient spread back over the keys, and the items of a key tile split o
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import assert_compiles
 from test_triton import make_inputs, rel_err, run_reference, run_triton
 
 from automla.kernels import AttentionConfig
 from automla.kernels.parallel import autograd, local_dkv_gluon, window_gluon
 
-ROOT = Path(__file__).resolve().parents[1]
-
 COMPILE = r"""
 import sys
 import torch
-import triton
+from helpers import compile_sm90
 from triton._C.libtriton import native_specialize_impl
-from triton.backends.compiler import BaseBackend, GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
+from triton.backends.compiler import BaseBackend
 
 from automla.kernels.parallel import local_dkv_gluon as lg
 from automla.kernels.parallel import window_gluon as wg
@@ -41,23 +34,12 @@ k = torch.zeros(1, T, HKV, D, dtype=dtype)
 descs = {n: wg._descriptor(x, rows) for n, x, rows in [("q_desc", q, BT), ("do_desc", q, BT),
          ("k_desc", k, lg.BKW), ("v_desc", k, lg.BKW)]}
 sig = {n: native_specialize_impl(BaseBackend, d, False, True, True)[0] for n, d in descs.items()}
-ptr = "*bf16" if dtype == torch.bfloat16 else "*fp16"
-sig.update(gate=ptr, active="*i32", groups="*i32")
+sig.update(gate="*bf16" if dtype == torch.bfloat16 else "*fp16", active="*i32", groups="*i32")
 sig.update({n: "*fp32" for n in ["lse_l", "delta_l", "dk", "dv", "dkc", "dvc"]})
 sig.update({n: "i32" for n in ["T", "NC", "NA", "NSPLIT", "window", "stride"]})
 sig.update(scale2="fp32", scale="fp32", spread="i32")
 consts = dict(HQ=HQ, G=HQ // HKV, STAGES=lg.STAGES, CONSUMER_REGS=lg.CONSUMER_REGS)
-sig.update({n: "constexpr" for n in consts})
-names = list(sig)
-# pointers 16-byte aligned, as the GPU's launches specialise them
-attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*")}
-src = GluonASTSource(lg._local_dkv_gluon, sig, {(names.index(n),): c for n, c in consts.items()},
-                     attrs)
-kern = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                      options={"num_warps": 4, "maxnreg": lg.MAX_REGS})
-ptx = kern.asm["ptx"]
-assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx, "no warpgroup MMA or register split"
-assert "st.local" not in ptx, "registers spilled"
+kern = compile_sm90(lg._local_dkv_gluon, sig, consts, lg.MAX_REGS)
 print("ok", kern.metadata.shared)
 """
 
@@ -65,12 +47,7 @@ print("ok", kern.metadata.shared)
 @pytest.mark.skipif(not window_gluon._GLUON, reason="this Triton has no Gluon Hopper dialect")
 @pytest.mark.parametrize("dtype,D", [("bfloat16", 64), ("float16", 64), ("bfloat16", 128)])
 def test_gluon_local_dkv_compiles_for_sm90(dtype, D):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, "-c", COMPILE, dtype, str(D)], capture_output=True, text=True, env=env,
-        cwd=ROOT, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr[-3000:]
+    assert_compiles(COMPILE, dtype, str(D))
 
 
 def test_gluon_local_dkv_is_not_taken_off_the_gpu(monkeypatch):

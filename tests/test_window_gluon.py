@@ -10,28 +10,21 @@ one-branch plans, no stored outputs), and the whole op with it against the naive
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import assert_compiles
 from test_triton import make_inputs, rel_err, run_reference, run_triton
 
 from automla.kernels import AttentionConfig
 from automla.kernels.parallel import autograd, window_gluon
 from automla.kernels.parallel.layout import _Layout
 
-ROOT = Path(__file__).resolve().parents[1]
-
 COMPILE = r"""
 import sys
 import torch
-import triton
+from helpers import compile_sm90
 from triton._C.libtriton import native_specialize_impl
-from triton.backends.compiler import BaseBackend, GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
+from triton.backends.compiler import BaseBackend
 
 from automla.kernels.parallel import window_gluon as wg
 
@@ -51,14 +44,7 @@ sig.update(lse_g="*fp32")
 sig.update({n: "i32" for n in ["T", "NC", "NP", "NB", "window", "stride"]}, scale2="fp32")
 sig.update({n: "i32" for n in ["has_local", "has_global", "store"]})
 consts = dict(HQ=HQ, G=HQ // HKV, BN=wg.BN, STAGES=wg.STAGES, CONSUMER_REGS=wg.CONSUMER_REGS)
-sig.update({n: "constexpr" for n in consts})
-names = list(sig)
-src = GluonASTSource(wg._window_fwd_gluon, sig, {(names.index(n),): c for n, c in consts.items()})
-kern = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                      options={"num_warps": 4, "maxnreg": wg.MAX_REGS})
-ptx = kern.asm["ptx"]
-assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx, "no warpgroup MMA or register split"
-assert "st.local" not in ptx, "registers spilled"
+kern = compile_sm90(wg._window_fwd_gluon, sig, consts, wg.MAX_REGS)
 print("ok", kern.metadata.shared)
 """
 
@@ -70,12 +56,7 @@ print("ok", kern.metadata.shared)
      ("bfloat16", "keep", 64)],
 )  # fmt: skip
 def test_gluon_window_forward_compiles_for_sm90(dtype, o_l, D):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, "-c", COMPILE, dtype, o_l, str(D)], capture_output=True, text=True, env=env,
-        cwd=ROOT, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr[-3000:]
+    assert_compiles(COMPILE, dtype, o_l, str(D))
 
 
 def test_gluon_window_forward_is_not_taken_off_the_gpu(monkeypatch):
