@@ -27,9 +27,9 @@ pooling; `window.py` the local and global branches; `sparse.py` the sparse branc
 inversion of the selection; `sparse_tile.py` the sparse branch with tile-shared selection
 (select_tile > 1); `window_gluon.py` the window forward in Gluon (Hopper, head dim 128, taken
 from 64 compressed keys); `local_dkv_gluon.py` the local dk/dv in Gluon (opt-in: slower than
-the `tl.dot` kernel so far); `layout.py` the tiles and the sizes of one call; `autograd.py` the launch
-sequence, the autograd Function and `mla_triton`; `launch.py` every launch, and compiling
-them ahead (`compile_ahead`).
+the `tl.dot` kernel so far); `layout.py` the tiles and the sizes of one call; `autograd.py`
+the launch sequence, the autograd Function and `mla_triton`; `launch.py` every launch, and
+compiling them ahead (`compile_ahead`).
 """
 
 from .autograd import compile_ahead, mla_triton, unsupported

@@ -91,12 +91,12 @@ def mla_fwd(
     # branch's pooling pass, and its softmax is the scores' own
     shared = lay.has_global and lay.has_sparse and lay.plan.stride == lay.plan.block_size
     branch = sparse_tile if lay.plan.select_tile > 1 else sparse
+    gluon = lay.has_window and window_gluon.available(q, lay.NC)
     # past SELECT_AFTER_NC compressed keys, tile-shared selection then takes the global
     # branch's lse as its normaliser, so it runs after the window forward: one pass over the
-    # blocks instead of two beside it on another stream
-    gluon = lay.has_window and window_gluon.available(q, lay.NC)
-    # and wherever the Gluon window forward runs: its persistent programs hold every SM, so
-    # nothing would run beside it (64/4/128 4k: op -2.3%, 8k -1.1%, seventeenth session)
+    # blocks instead of two beside it on another stream. So too wherever the Gluon window
+    # forward runs: its persistent programs hold every SM, so nothing would run beside it
+    # (64/4/128 4k: op -2.3%, 8k -1.1%, seventeenth session)
     after = shared and branch is sparse_tile and (lay.NC >= SELECT_AFTER_NC or gluon)
     # where the selection pools block means of its own (the global stride is not the block
     # size), they are pooled first and the side stream forks right after them: the selection

@@ -11,12 +11,12 @@ Taken from MIN_NC compressed keys (4k tokens at stride 64): with masks on edge t
 TMA stores of the outputs its kernel is 14% faster than the `tl.dot` one at 64/4/128 32k, 15%
 at 64k and 8-12% at 4k-8k (RESULTS, seventeenth session). It holds every SM (one persistent
 program each, 197 KB of shared memory), so nothing runs beside it: the tile selection runs
-after it instead, in one pass with the global branch's lse (`autograd.mla_fwd`). At head dim 64 it is slower than the `tl.dot` kernel
-(+3% at 32k, +12% at 8k): not taken there. Its work items are short key streams (~17 tiles)
-where the probe streamed 64. Runs on the GPU only (Gluon has no interpreter): `available()`
-says where; elsewhere the op launches the `tl.dot` kernel, which the CPU tests check. Written
-against Triton 3.6's Gluon (the device's); the TMA copies' later names are taken where they
-exist.
+after it instead, in one pass with the global branch's lse (`autograd.mla_fwd`). At head dim
+64 it is slower than the `tl.dot` kernel (+3% at 32k, +12% at 8k): not taken there. Its work
+items are short key streams (~17 tiles) where the probe streamed 64. Runs on the GPU only
+(Gluon has no interpreter): `available()` says where; elsewhere the op launches the `tl.dot`
+kernel, which the CPU tests check. Written against Triton 3.6's Gluon (the device's); the TMA
+copies' later names are taken where they exist.
 """
 
 from __future__ import annotations
@@ -382,8 +382,8 @@ if _GLUON:
 
     @gluon.jit
     def _window_fwd_gluon(q_desc, k_desc, v_desc, kc_desc, vc_desc, o_desc, ol_desc, gate, packs,
-                          o, o_l, lse_l, lse_g, T, NC, NP, NB, window, stride, scale2, has_local, has_global,
-                          store, HQ: gl.constexpr, G: gl.constexpr, BN: gl.constexpr,
+                          o, o_l, lse_l, lse_g, T, NC, NP, NB, window, stride, scale2, has_local,
+                          has_global, store, HQ: gl.constexpr, G: gl.constexpr, BN: gl.constexpr,
                           STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):  # fmt: skip
         BT: gl.constexpr = q_desc.block_type.shape[0]
         D: gl.constexpr = q_desc.block_type.shape[1]
