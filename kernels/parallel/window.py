@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _gate_grad, _load_pair, _pack_rows, _softmax_finish, _softmax_step
+from .common import _gate_grad, _load_pair, _pack_rows, _scaled, _softmax_finish, _softmax_step
 
 
 @triton.jit
@@ -43,6 +43,7 @@ def _window_fwd_kernel(
     STORE: tl.constexpr,
     PREC: tl.constexpr,
     TMA: tl.constexpr,
+    QS: tl.constexpr,
 ):
     # One query tile of HP heads of one group (their rows share each key tile): the local
     # window, then the compressed prefix.
@@ -53,6 +54,7 @@ def _window_fwd_kernel(
     o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
     # [HP * BT, D]
     b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
+    b_qs, f_s = _scaled(b_q, scale2, QS)
 
     if HAS_LOCAL:
         if not TMA:
@@ -69,7 +71,7 @@ def _window_fwd_kernel(
             # [BK, D]; with TMA, keys past T come as stored: masked, as o_s <= o_t < T
             b_k, b_v = _load_pair(k, v, i_b * T + i_s, i_hk * D, o_kv, o_s < T, TMA)
             # [HP * BT, BK]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+            b_s = tl.dot(b_qs, tl.trans(b_k), input_precision=PREC) * f_s
             m_s = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - window)
             b_s = tl.where(m_s, b_s, float("-inf"))
             b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
@@ -96,7 +98,7 @@ def _window_fwd_kernel(
             # [BC, D]; with TMA, those past NC come as stored: masked, as n_vis <= NC
             b_k, b_v = _load_pair(kc, vc, i_b * NC + i_c, i_hk * D, o_kv, o_c < NC, TMA)
             # [HP * BT, BC]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+            b_s = tl.dot(b_qs, tl.trans(b_k), input_precision=PREC) * f_s
             b_s = tl.where(o_c[None, :] < n_vis[:, None], b_s, float("-inf"))
             b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
         b_ob, b_lse = _softmax_finish(b_m, b_l, b_acc)
@@ -149,6 +151,7 @@ def _window_bwd_dq_kernel(
     PREC: tl.constexpr,
     ZB: tl.constexpr,
     TMA: tl.constexpr,
+    QS: tl.constexpr,
 ):
     # dq of one query tile of HP heads of one group: local, then global; each branch's dgate
     # and softmax delta (the dk/dv kernels, launched after, read the deltas): the local one's
@@ -170,6 +173,7 @@ def _window_bwd_dq_kernel(
     # [HP * BT, D]
     b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
     b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
+    b_qs, f_s = _scaled(b_q, scale2, QS)
     b_dq = tl.zeros([HP * BT, D], dtype=tl.float32)
 
     if HAS_LOCAL:
@@ -188,7 +192,7 @@ def _window_bwd_dq_kernel(
             # [BK, D]; with TMA, keys past T come as stored: masked, as o_s <= o_t < T
             b_k, b_v = _load_pair(k, v, i_b * T + i_s, i_hk * D, o_kv, o_s < T, TMA)
             # [HP * BT, BK]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+            b_s = tl.dot(b_qs, tl.trans(b_k), input_precision=PREC) * f_s
             m_s = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - window)
             b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
             b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
@@ -218,7 +222,7 @@ def _window_bwd_dq_kernel(
             # [BC, D]; with TMA, those past NC come as stored: masked, as n_vis <= NC
             b_k, b_v = _load_pair(kc, vc, i_b * NC + i_c, i_hk * D, o_kv, o_c < NC, TMA)
             # [HP * BT, BC]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+            b_s = tl.dot(b_qs, tl.trans(b_k), input_precision=PREC) * f_s
             b_p = tl.where(o_c[None, :] < n_vis[:, None], tl.exp2(b_s - b_lse[:, None]), 0.0)
             b_pdp = b_p * tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
             b_sdp = tl.sum(b_pdp, 1)
@@ -255,14 +259,15 @@ def _local_dkv_step(
     b_dv,
     T,
     window,
-    scale2,
+    f_s,
     HQ: tl.constexpr,
     D: tl.constexpr,
     BT: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # One item of the local dk/dv: query tile i_q (from lo) of the head whose row 0 is o_qh,
-    # against the key tile o_s (b_k, b_v); its shares added to b_dk (unscaled) and b_dv.
+    # against the key tile o_s (b_k, b_v; the scores are b_k q^T f_s, f_s = scale2 or 1 where
+    # b_k is scaled already); its shares added to b_dk (unscaled) and b_dv.
     o_t = lo + i_q * BT + tl.arange(0, BT)
     m_t = o_t < T
     o_x = o_qh * D + (o_t * (HQ * D))[:, None] + o_d[None, :]
@@ -275,7 +280,7 @@ def _local_dkv_step(
     b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
     b_delta = tl.load(delta_l + o_r, mask=m_t, other=0.0)
     # [BK, BT]
-    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
+    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * f_s
     m_st = (o_t[None, :] >= o_s[:, None]) & (o_t[None, :] < o_s[:, None] + window) & m_t[None, :]
     b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
     b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
@@ -316,6 +321,7 @@ def _local_bwd_dkv_kernel(
     BK: tl.constexpr,
     SPREAD: tl.constexpr,
     PREC: tl.constexpr,
+    QS: tl.constexpr,
 ):
     # One key tile of one KV head, one of NSPLIT programs: the queries that see the tile are
     # the next `window` tokens of each active head of the group, (head, query tile) items, of
@@ -334,6 +340,7 @@ def _local_bwd_dkv_kernel(
     # [BK, D]
     b_k = tl.load(k + o_kv, mask=m_s[:, None], other=0.0)
     b_v = tl.load(v + o_kv, mask=m_s[:, None], other=0.0)
+    b_ks, f_s = _scaled(b_k, scale2, QS)  # b_k's only use: the scores
     b_dk = tl.zeros([BK, D], dtype=tl.float32)
     b_dv = tl.zeros([BK, D], dtype=tl.float32)
     lo = (i_s * BK) // BT * BT
@@ -346,8 +353,8 @@ def _local_bwd_dkv_kernel(
         i_h = i_hk * G + i_it // nq
         if tl.load(active + i_h) != 0:
             b_dk, b_dv = _local_dkv_step(
-                q, do, gate, lse_l, delta_l, o_bq + i_h, lo, i_it % nq, o_s, o_d, b_k, b_v,
-                b_dk, b_dv, T, window, scale2, HQ, D, BT, PREC,
+                q, do, gate, lse_l, delta_l, o_bq + i_h, lo, i_it % nq, o_s, o_d, b_ks, b_v,
+                b_dk, b_dv, T, window, f_s, HQ, D, BT, PREC,
             )  # fmt: skip
     b_dk = b_dk * scale
     if SPREAD:
