@@ -2,8 +2,8 @@
 
     python bench/mma_census.py [12/4/64:1024:nsa:64 ...] [--set layout.SCALED_OPERANDS=1]
 
-Per point (q heads/KV heads/head dim : T : budget : select_tile[:batch]) the op's forward and backward
-run once under the Triton interpreter with the GPU's tiles, recording every launch; each
+Per point (q heads/KV heads/head dim : T : budget : select_tile[:batch]) the op's forward and
+backward run once under the Triton interpreter with the GPU's tiles, recording every launch; each
 distinct kernel is then compiled for sm_90 (in this process, without the interpreter) and its
 PTX read: how many warpgroup MMAs (`wgmma`) it has, how many take their A operand from
 registers rather than shared memory (at 64-wide tiles a product that reads both operands from
@@ -17,7 +17,6 @@ long one. `--triton DIR` compiles with the Triton installed in DIR (e.g. the dev
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -27,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' launch recorder and compile helper
+from helpers import compile_launch  # noqa: E402  (it imports triton when called: after --triton)
 
 # run in a process of its own under the interpreter: argv point, settings; prints JSON
 RECORD = r"""
@@ -36,22 +37,14 @@ sys.path[:0] = [sys.argv[3], sys.argv[4]]
 import test_triton_compile as tc
 from budgets import budget_config
 import automla.kernels.parallel as parallel
-from automla.kernels.parallel import layout
 
 mp = pytest.MonkeyPatch()
 for name, value in json.loads(sys.argv[2]).items():
     module, _, attr = name.rpartition(".")
     mp.setattr(importlib.import_module("automla.kernels.parallel." + (module or "autograd")),
                attr, value)
-for module in tc.MODULES:
-    if hasattr(module, "_tiles"):
-        mp.setattr(module, "_tiles", layout._gpu_tiles)
-launches, recorders = [], {}
-for module in tc.MODULES:
-    for name, kernel in vars(module).copy().items():
-        if name.endswith("_kernel") and hasattr(kernel, "fn"):
-            recorders.setdefault(id(kernel), tc._recorder(name, kernel, launches))
-            mp.setattr(module, name, recorders[id(kernel)])
+launches = []
+tc.recording(mp, launches)
 shape, T, budget, bq, *batch = sys.argv[1].split(":")
 hq, hkv, d = (int(x) for x in shape.split("/"))
 B, T = int(batch[0]) if batch else 1, int(T)
@@ -90,19 +83,7 @@ def _ptxas() -> str | None:
 
 def census(rec: dict, ptxas: str | None) -> dict:
     """One recorded launch compiled for sm_90 and its PTX counted."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = getattr(importlib.import_module(rec["module"]), rec["kernel"])
-    names = list(rec["params"])
-    sig = {n: rec["params"][n].get("type", "constexpr") for n in names}
-    consts = {
-        (names.index(n),): p["constexpr"] for n, p in rec["params"].items() if "constexpr" in p
-    }
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n][0] == "*"}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=rec["options"])
+    kernel = compile_launch(rec)
     ptx = kernel.asm["ptx"]
     mmas = re.findall(r"wgmma\.mma_async[^;]*;", ptx, re.S)
     row = {

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +75,8 @@ def _describe(fn, kwargs: dict) -> dict:
     return out
 
 
+TESTS = str(Path(__file__).resolve().parent)
+
 # every module of the Triton package: each defines or launches kernels
 MODULES = [
     importlib.import_module(f"{parallel.__name__}.{m.name}")
@@ -104,10 +107,9 @@ def _recorder(name: str, kernel, launches: list[dict]):
     return Recorder()
 
 
-def record_launches(monkeypatch, launches: list[dict] | None = None) -> list[dict]:
-    """Every launch of an MLA forward and backward per case, with the GPU's tiles, appended to
+def recording(monkeypatch, launches) -> None:
+    """From now on the kernels launch with the GPU's tiles and each launch is appended to
     `launches` (a list, or anything with `append`) in the order they run."""
-    launches = [] if launches is None else launches
     for module in MODULES:
         if hasattr(module, "_tiles"):
             monkeypatch.setattr(module, "_tiles", layout._gpu_tiles)
@@ -122,6 +124,13 @@ def record_launches(monkeypatch, launches: list[dict] | None = None) -> list[dic
             if id(kernel) not in recorders:
                 recorders[id(kernel)] = _recorder(name, kernel, launches)
             monkeypatch.setattr(module, name, recorders[id(kernel)])
+
+
+def record_launches(monkeypatch, launches: list[dict] | None = None) -> list[dict]:
+    """Every launch of an MLA forward and backward per case, with the GPU's tiles, appended to
+    `launches` (a list, or anything with `append`) in the order they run."""
+    launches = [] if launches is None else launches
+    recording(monkeypatch, launches)
     for B, T, HQ, HKV, D, dtype, budget, ratios, bs, mask, bq in CASES:
         cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs, select_tile=bq)
         assert cfg.plan(T).n_select % 2 == 1  # odd on purpose
@@ -135,28 +144,16 @@ def record_launches(monkeypatch, launches: list[dict] | None = None) -> list[dic
 
 
 COMPILE = r"""
-import importlib, json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json, sys
+sys.path.insert(0, sys.argv[2])  # the tests' helpers
+from helpers import compile_launch
 
 PIPELINED = set(sys.argv[1].split(","))
 failed = []
 for line in sys.stdin:  # one launch record a line, compiled as it comes
     rec = json.loads(line)
-    fn = getattr(importlib.import_module(rec["module"]), rec["kernel"])
-    names = list(rec["params"])
-    signature = {n: rec["params"][n].get("type", "constexpr") for n in names}
-    constexprs = {
-        (names.index(n),): p["constexpr"] for n, p in rec["params"].items() if "constexpr" in p
-    }
-    # as the GPU's launches specialise them: pointers 16-byte aligned, which is what lets
-    # the loads be vectorised and so prefetched
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-               if signature[n].startswith("*")}  # fmt: skip
     try:
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=rec["options"])
+        kernel = compile_launch(rec)
         if rec["kernel"] in PIPELINED and "copy_global_to_local" not in kernel.asm["ttgir"]:
             failed.append(f"{rec['kernel']}: its loop's loads are not prefetched (no async copy)")
     except Exception as e:
@@ -193,7 +190,7 @@ class _Compilers:
             with open(out, "w") as f:
                 self.procs.append(
                     subprocess.Popen(
-                        [sys.executable, str(script), ",".join(sorted(PIPELINED))],
+                        [sys.executable, str(script), ",".join(sorted(PIPELINED)), TESTS],
                         stdin=subprocess.PIPE,
                         stdout=f,
                         stderr=subprocess.STDOUT,

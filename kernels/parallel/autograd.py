@@ -98,21 +98,20 @@ def mla_fwd(
     # forward runs: its persistent programs hold every SM, so nothing would run beside it
     # (64/4/128 4k: op -2.3%, 8k -1.1%, seventeenth session)
     after = shared and branch is sparse_tile and (lay.NC >= SELECT_AFTER_NC or gluon)
-    # where the selection pools block means of its own (the global stride is not the block
-    # size), they are pooled first and the side stream forks right after them: the selection
-    # then holds SMs before the global branch's pooling and the window forward fill the GPU,
-    # instead of waiting behind them (12/4/64 2k: -5%, bench/NOTES.md, seventeenth session)
-    early = lay.has_sparse and not shared
-    if early:
+    # The selection's block means come before the fork: the global branch's pooling where it
+    # gives them, else a pooling of their own, the global one after the fork. The selection
+    # then holds SMs before the global pooling and the window forward fill the GPU, instead of
+    # waiting behind them (12/4/64 2k: -5%, bench/NOTES.md, seventeenth session).
+    if shared:
+        kc, vc, km = _pool(k, v, lay.plan.stride, lay.NC, q.dtype, km=True)
+    elif lay.has_sparse:
         km = _pool(k, None, lay.plan.block_size, lay.NB, None, km=True)[2]
-    if lay.has_global and not early:
-        kc, vc, km = _pool(k, v, lay.plan.stride, lay.NC, q.dtype, km=shared)
     idx = lse_l
     side = None if after else _fork(q, lay)
     if side is not None:  # the selection beside the window kernel
         with torch.cuda.stream(side):
             idx = branch.select(q, k, lay, km)
-    if lay.has_global and early:
+    if lay.has_global and not shared:
         kc, vc, _ = _pool(k, v, lay.plan.stride, lay.NC, q.dtype, km=False)
     if lay.has_window:
         # what either window forward takes (the Gluon one: Hopper, head dim 128, long prefixes)
@@ -274,25 +273,30 @@ def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv
             lse_g=saved["lse_g"], delta_g=delta_g, chunk=chunk, BT=BT, BC=BC, TMA=t["TMA"],
             **_options(t),
         )  # fmt: skip
-    if lay.has_local and local_dkv_gluon.available(q):
-        local_dkv_gluon.local_dkv(
-            q, k, v, gate, do, lay, saved["lse_l"], delta_l, dk, dv, dkvc, LOCAL_DKV_PROGRAMS
-        )
-    elif lay.has_local:
+    if lay.has_local:
+        gluon = local_dkv_gluon.available(q)
         t = lay.tiles("local_dkv")
-        n_tiles = triton.cdiv(T, t["BK"])
+        BK, BT = (
+            (local_dkv_gluon.BK, local_dkv_gluon.query_rows(D)) if gluon else (t["BK"], t["BT"])
+        )
+        n_tiles = triton.cdiv(T, BK)
         # each key tile's (head, query tile) items split over programs until the launch has
         # about LOCAL_DKV_PROGRAMS of them: at short T there are too few key tiles alone
-        items = lay.G * triton.cdiv(min(lay.plan.window + t["BK"], T) + t["BT"], t["BT"])
+        items = lay.G * triton.cdiv(min(lay.plan.window + BK, T) + BT, BT)
         nsplit = max(1, min(items, LOCAL_DKV_PROGRAMS // (n_tiles * B * lay.NA)))
-        # SPREAD: the global branch's key gradient goes back over the pooled keys here, not
-        # in a launch of its own
-        launch(
-            _local_bwd_dkv_kernel, (n_tiles, B * lay.NA, nsplit), **shared,
-            k=k, v=v, lse_l=saved["lse_l"], delta_l=delta_l, dk=dk, dv=dv,
-            NSPLIT=nsplit, window=lay.plan.window, BT=t["BT"], BK=t["BK"],
-            SPREAD=lay.has_global, QS=scaled_operands(), **_options(t),
-        )  # fmt: skip
+        if gluon:
+            local_dkv_gluon.local_dkv(
+                q, k, v, gate, do, lay, saved["lse_l"], delta_l, dk, dv, dkvc, n_tiles, nsplit
+            )
+        else:
+            # SPREAD: the global branch's key gradient goes back over the pooled keys here,
+            # not in a launch of its own
+            launch(
+                _local_bwd_dkv_kernel, (n_tiles, B * lay.NA, nsplit), **shared,
+                k=k, v=v, lse_l=saved["lse_l"], delta_l=delta_l, dk=dk, dv=dv,
+                NSPLIT=nsplit, window=lay.plan.window, BT=BT, BK=BK,
+                SPREAD=lay.has_global, QS=scaled_operands(), **_options(t),
+            )  # fmt: skip
     elif lay.has_global:
         BK = min(64, triton.next_power_of_2(lay.stride))
         launch(

@@ -95,12 +95,13 @@ def _tiles(kernel: str, G: int | None = None, D: int | None = None, NC: int = 0)
     return _gpu_tiles(kernel, G, D, NC)
 
 
-# The score products' operand held in registers, scaled there (`common._scaled`): in the window
-# forward and dq and the tile-shared sparse forward and dq the queries, in the local dk/dv the
-# keys. Counted offline (Triton 3.6, sm_90, 12/4/64's tiles): the share of warpgroup MMAs that
-# read their A operand from registers goes 8 -> 16 of 16 in the window forward, 16 -> 24 of 28
-# in the window dq, 8 -> 12 of 16 in the local dk/dv, with no spills (bench/NOTES.md,
-# seventeenth session). Off until timed: `kernel_ab.py --set layout.SCALED_OPERANDS=1`.
+# The score products' operand held in registers, scaled there (`common._score_operand`): in the
+# window forward and dq and the tile-shared sparse forward and dq the queries, in the local
+# dk/dv the keys. Counted offline (`bench/mma_census.py`, Triton 3.6, sm_90, 12/4/64's tiles):
+# the share of warpgroup MMAs that read their A operand from registers goes 8 -> 16 of 16 in
+# the window forward, 16 -> 24 of 28 in the window dq, 8 -> 12 of 16 in the local dk/dv, with
+# no spills (bench/NOTES.md, seventeenth session). Off until timed:
+# `kernel_ab.py --set layout.SCALED_OPERANDS=1`.
 SCALED_OPERANDS = 0
 
 
@@ -167,7 +168,6 @@ def _head_lists(
         # device while a CUDA graph is being captured
         for kernel in ("window_fwd", "window_dq"):
             lists.packs(_tiles(kernel, G)["HP"])
-        lists.packs(G)  # each group's active heads in one row: the local dk/dv's list
         if len(_HEAD_LISTS) > 1024:  # masks change only at pruning decisions
             _HEAD_LISTS.clear()
         _HEAD_LISTS[key] = lists

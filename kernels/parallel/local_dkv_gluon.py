@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 
 from . import window_gluon as wg
 from .launch import launch
@@ -57,15 +56,7 @@ def query_rows(D: int) -> int:
 def available(q: torch.Tensor) -> bool:
     """Whether the Gluon local dk/dv takes these queries: switched on, a Hopper GPU, head dim 64
     or 128, 16-bit floats, and a Triton with Gluon's Hopper dialect."""
-    return (
-        ENABLED == 1
-        and wg._GLUON
-        and not wg._interpret()
-        and q.is_cuda
-        and q.shape[-1] in (64, 128)
-        and q.dtype in (torch.bfloat16, torch.float16)
-        and wg._device_ok(q.device.index if q.device.index is not None else 0)
-    )
+    return ENABLED == 1 and q.shape[-1] in (64, 128) and wg.hopper_ok(q)
 
 
 if wg._GLUON:
@@ -254,15 +245,12 @@ if wg._GLUON:
         )
 
 
-def local_dkv(q, k, v, gate, do, lay, lse_l, delta_l, dk, dv, dkvc, programs: int) -> None:
+def local_dkv(q, k, v, gate, do, lay, lse_l, delta_l, dk, dv, dkvc, n_tiles, nsplit) -> None:
     """The local branch's dk/dv added into the float32 dk, dv [B, T, HKV, D] (and, where the
     layer has a global branch, its compressed-key gradient dkvc spread back over the pooled
-    keys), as the `tl.dot` kernel's launch in `autograd._window_dkv`; `programs`: about how
-    many programs the launch aims for, the items of a key tile split over them."""
+    keys), as the `tl.dot` kernel's launch in `autograd._window_dkv`, over the same n_tiles
+    key tiles of BK and nsplit programs to a tile."""
     BT = query_rows(lay.D)
-    n_tiles = triton.cdiv(lay.T, BK)
-    items = lay.G * triton.cdiv(min(lay.plan.window + BK, lay.T) + BT, BT)
-    nsplit = max(1, min(items, programs // (n_tiles * lay.B * lay.NA)))
     dkc, dvc = dkvc
     launch(
         _local_dkv_gluon,

@@ -26,7 +26,7 @@ from .common import (
     _kmean_scores,
     _load_block,
     _n_selected,
-    _scaled,
+    _score_operand,
     _softmax_finish,
     _softmax_step,
     _sparse_delta,
@@ -223,7 +223,7 @@ def _sparse_tile_fwd_kernel(
     o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
     # [RP, D]
     b_q = tl.load(q + o_x, mask=m_r[:, None], other=0.0)
-    b_qs, f_s = _scaled(b_q, scale2, QS)
+    b_qs, f_s = _score_operand(b_q, scale2, QS)
     b_m = tl.full([RP], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([RP], dtype=tl.float32)
     b_acc = tl.zeros([RP, D], dtype=tl.float32)
@@ -298,7 +298,7 @@ def _sparse_tile_dq_kernel(
     # [RP, D]
     b_q = tl.load(q + o_x, mask=m_r[:, None], other=0.0)
     b_do = tl.load(do + o_x, mask=m_r[:, None], other=0.0)
-    b_qs, f_s = _scaled(b_q, scale2, QS)
+    b_qs, f_s = _score_operand(b_q, scale2, QS)
     b_g = tl.load(gate + o_r * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
     b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
     tl.store(dob_s + o_x, b_dob, mask=m_r[:, None])

@@ -8,7 +8,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _gate_grad, _load_pair, _pack_rows, _scaled, _softmax_finish, _softmax_step
+from .common import (
+    _gate_grad,
+    _load_pair,
+    _pack_rows,
+    _score_operand,
+    _softmax_finish,
+    _softmax_step,
+)
 
 
 @triton.jit
@@ -54,7 +61,7 @@ def _window_fwd_kernel(
     o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
     # [HP * BT, D]
     b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
-    b_qs, f_s = _scaled(b_q, scale2, QS)
+    b_qs, f_s = _score_operand(b_q, scale2, QS)
 
     if HAS_LOCAL:
         if not TMA:
@@ -173,7 +180,7 @@ def _window_bwd_dq_kernel(
     # [HP * BT, D]
     b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
     b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
-    b_qs, f_s = _scaled(b_q, scale2, QS)
+    b_qs, f_s = _score_operand(b_q, scale2, QS)
     b_dq = tl.zeros([HP * BT, D], dtype=tl.float32)
 
     if HAS_LOCAL:
@@ -242,55 +249,6 @@ def _window_bwd_dq_kernel(
 
 
 @triton.jit
-def _local_dkv_step(
-    q,
-    do,
-    gate,
-    lse_l,
-    delta_l,
-    o_qh,
-    lo,
-    i_q,
-    o_s,
-    o_d,
-    b_k,
-    b_v,
-    b_dk,
-    b_dv,
-    T,
-    window,
-    f_s,
-    HQ: tl.constexpr,
-    D: tl.constexpr,
-    BT: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    # One item of the local dk/dv: query tile i_q (from lo) of the head whose row 0 is o_qh,
-    # against the key tile o_s (b_k, b_v; the scores are b_k q^T f_s, f_s = scale2 or 1 where
-    # b_k is scaled already); its shares added to b_dk (unscaled) and b_dv.
-    o_t = lo + i_q * BT + tl.arange(0, BT)
-    m_t = o_t < T
-    o_x = o_qh * D + (o_t * (HQ * D))[:, None] + o_d[None, :]
-    o_r = o_qh + o_t * HQ
-    # [BT, D]
-    b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
-    b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
-    b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
-    b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
-    b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
-    b_delta = tl.load(delta_l + o_r, mask=m_t, other=0.0)
-    # [BK, BT]
-    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * f_s
-    m_st = (o_t[None, :] >= o_s[:, None]) & (o_t[None, :] < o_s[:, None] + window) & m_t[None, :]
-    b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
-    b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
-    b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
-    b_dst = b_pt * (b_dpt - b_delta[None, :])
-    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
-    return b_dk, b_dv
-
-
-@triton.jit
 def _local_bwd_dkv_kernel(
     q,
     k,
@@ -324,9 +282,9 @@ def _local_bwd_dkv_kernel(
     QS: tl.constexpr,
 ):
     # One key tile of one KV head, one of NSPLIT programs: the queries that see the tile are
-    # the next `window` tokens of each active head of the group, (head, query tile) items, of
-    # which this program takes every NSPLIT-th. Splitting keeps short sequences from running a
-    # few long programs. dk/dv are float32 buffers that every branch adds to.
+    # the next `window` tokens of each active head of the group, G x nq (head, query tile)
+    # items, of which this program takes every NSPLIT-th. Splitting keeps short sequences from
+    # running a few long programs. dk/dv are float32 buffers that every branch adds to.
     # SPREAD: the first program also adds the global branch's gradient of the compressed
     # token that pooled each key (dkc/dvc [B, NC, HKV, D], complete), 1/stride of it.
     i_s, i_bg, i_sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -340,22 +298,39 @@ def _local_bwd_dkv_kernel(
     # [BK, D]
     b_k = tl.load(k + o_kv, mask=m_s[:, None], other=0.0)
     b_v = tl.load(v + o_kv, mask=m_s[:, None], other=0.0)
-    b_ks, f_s = _scaled(b_k, scale2, QS)  # b_k's only use: the scores
+    b_ks, f_s = _score_operand(b_k, scale2, QS)  # the keys' only use: the scores
     b_dk = tl.zeros([BK, D], dtype=tl.float32)
     b_dv = tl.zeros([BK, D], dtype=tl.float32)
     lo = (i_s * BK) // BT * BT
     hi = tl.minimum(i_s * BK + BK - 1 + window, T)
     nq = tl.cdiv(hi - lo, BT)
-    # the batch's first row in q's [B * T * HQ] rows: a head's row 0 is o_bq + its index
-    o_bq = (i_b * T * HQ).to(tl.int64)
-    n_items = G * nq
-    for i_it in range(i_sp, n_items, NSPLIT):
+    for i_it in range(i_sp, G * nq, NSPLIT):
         i_h = i_hk * G + i_it // nq
         if tl.load(active + i_h) != 0:
-            b_dk, b_dv = _local_dkv_step(
-                q, do, gate, lse_l, delta_l, o_bq + i_h, lo, i_it % nq, o_s, o_d, b_ks, b_v,
-                b_dk, b_dv, T, window, f_s, HQ, D, BT, PREC,
-            )  # fmt: skip
+            o_qh = (i_b * T * HQ + i_h).to(tl.int64)
+            o_t = lo + (i_it % nq) * BT + tl.arange(0, BT)
+            m_t = o_t < T
+            o_x = o_qh * D + (o_t * (HQ * D))[:, None] + o_d[None, :]
+            o_r = o_qh + o_t * HQ
+            # [BT, D]
+            b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
+            b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
+            b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
+            b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+            b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
+            b_delta = tl.load(delta_l + o_r, mask=m_t, other=0.0)
+            # [BK, BT]
+            b_st = tl.dot(b_ks, tl.trans(b_q), input_precision=PREC) * f_s
+            m_st = (
+                (o_t[None, :] >= o_s[:, None])
+                & (o_t[None, :] < o_s[:, None] + window)
+                & m_t[None, :]
+            )
+            b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
+            b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
+            b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
     b_dk = b_dk * scale
     if SPREAD:
         o_c = o_s // stride
@@ -363,7 +338,7 @@ def _local_bwd_dkv_kernel(
         o_ckv = (i_b * NC * HKV + i_hk).to(tl.int64) * D + (o_c * (HKV * D))[:, None] + o_d[None, :]
         b_dk += tl.load(dkc + o_ckv, mask=m_c, other=0.0) / stride
         b_dv += tl.load(dvc + o_ckv, mask=m_c, other=0.0) / stride
-    if i_sp < n_items:  # the split programs of one key tile add up (relaxed: only sums matter)
+    if i_sp < G * nq:  # the split programs of one key tile add up (relaxed: only sums matter)
         tl.atomic_add(dk + o_kv, b_dk, mask=m_s[:, None], sem="relaxed")
         tl.atomic_add(dv + o_kv, b_dv, mask=m_s[:, None], sem="relaxed")
 

@@ -74,7 +74,8 @@ def _device_ok(index: int) -> bool:
 ENABLED = int(os.environ.get("MLA_GLUON", "-1"))
 MIN_NC = 64
 # the smallest head dim it takes (64 or 128): written for 128, the heads of the long-context
-# shapes; 64 is compiled and checked, and taken once timed faster
+# shapes; at 64 it is correct (its GPU tests set this to 64) but was timed slower than the
+# `tl.dot` kernel (bench/RESULTS.md, seventeenth session)
 MIN_HEAD_DIM = 128
 
 
@@ -87,13 +88,16 @@ def available(q: torch.Tensor, nc: int) -> bool:
     """Whether the Gluon window forward takes these queries (with nc compressed keys): wanted,
     a Hopper GPU, head dim 128 (64 too from MIN_HEAD_DIM = 64), 16-bit floats, and a Triton
     with Gluon's Hopper dialect."""
+    return wanted(nc) and q.shape[-1] in (64, 128) and q.shape[-1] >= MIN_HEAD_DIM and hopper_ok(q)
+
+
+def hopper_ok(q: torch.Tensor) -> bool:
+    """Whether a Gluon Hopper kernel can take these queries: 16-bit floats on a Hopper GPU, and
+    a Triton with Gluon's Hopper dialect (not the interpreter)."""
     return (
-        wanted(nc)
-        and _GLUON
+        _GLUON
         and not _interpret()
         and q.is_cuda
-        and q.shape[-1] in (64, 128)
-        and q.shape[-1] >= MIN_HEAD_DIM
         and q.dtype in (torch.bfloat16, torch.float16)
         and _device_ok(q.device.index if q.device.index is not None else 0)
     )
