@@ -170,10 +170,10 @@ def measure(fn, args, rep: int, graphs: bool = True, uses_gate: bool = True) -> 
     return row
 
 
-def in_one_graph(fn, args, rep: int, uses_gate: bool) -> float:
-    """fwd+bwd captured in one CUDA graph with nothing else, as a whole-step graph
-    (`cuda_graphs: step`) runs the op: no host work per call, only the kernels and their gaps.
-    The peers ignore the gate (fn(q, k, v, None))."""
+def captured(fn, args, uses_gate: bool) -> torch.cuda.CUDAGraph:
+    """fwd+bwd of fn(q, k, v, gate) (gate None where not `uses_gate`) warmed up and captured in
+    one CUDA graph with nothing else, as a whole-step graph (`cuda_graphs: step`) runs the op:
+    no host work per call, only the kernels and their gaps."""
     q, k, v, gate, do = args
 
     def fwd_bwd():
@@ -190,8 +190,15 @@ def in_one_graph(fn, args, rep: int, uses_gate: bool) -> float:
     graph = torch.cuda.CUDAGraph()
     with no_gc(), torch.cuda.graph(graph, stream=side):
         fwd_bwd()
+    return graph
+
+
+def in_one_graph(fn, args, rep: int, uses_gate: bool) -> float:
+    """Median ms of fwd+bwd replayed from one graph (`captured`). The peers ignore the gate
+    (fn(q, k, v, None))."""
+    graph = captured(fn, args, uses_gate)
     ms = do_bench(graph.replay, warmup=50, rep=rep, return_mode="median")
-    for x in (q, k, v, gate):
+    for x in args[:4]:
         x.grad = None
     del graph
     return ms

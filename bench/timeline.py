@@ -20,32 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, as `kernels`
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tile_shapes import point_inputs  # noqa: E402
+from tile_shapes import captured, point_inputs  # noqa: E402
 
 from kernels import mla_attention  # noqa: E402
 
 REPLAYS = 3
-
-
-def captured(point: str) -> torch.cuda.CUDAGraph:
-    """The op's fwd+bwd at `point`, warmed up and captured in one graph."""
-    cfg, (q, k, v, gate, do) = point_inputs(point)
-
-    def fwd_bwd():
-        mla_attention(q, k, v, gate, cfg, backend="triton").backward(do)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fwd_bwd()
-    torch.cuda.current_stream().wait_stream(side)
-    for x in (q, k, v, gate):
-        x.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
-        fwd_bwd()
-    return graph
 
 
 def kernel_events(graph: torch.cuda.CUDAGraph) -> list[dict]:
@@ -71,7 +50,12 @@ def main() -> None:
     ap.add_argument("points", nargs="*", default=["12/4/64:8192:nsa:64"])
     args = ap.parse_args()
     for point in args.points:
-        events = kernel_events(captured(point))
+        cfg, xs = point_inputs(point)
+
+        def op(q, k, v, gate, cfg=cfg):
+            return mla_attention(q, k, v, gate, cfg, backend="triton")
+
+        events = kernel_events(captured(op, xs, uses_gate=True))
         t0 = events[0]["ts"]
         end = max(e["ts"] + e["dur"] for e in events) - t0
         busy = sum(e["dur"] for e in events)
