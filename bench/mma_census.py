@@ -1,6 +1,6 @@
 """Where each kernel's matrix products read their operands, counted offline (no GPU).
 
-    python bench/mma_census.py [12/4/64:1024:nsa:64 ...] [--set layout.SCALED_OPERANDS=1]
+    python bench/mma_census.py [12/4/64:1024:nsa:64 ...] [--set layout.TMA_MIN_D=64]
 
 Per point (q heads/KV heads/head dim : T : budget : select_tile[:batch]) the op's forward and
 backward run once under the Triton interpreter with the GPU's tiles, recording every launch; each

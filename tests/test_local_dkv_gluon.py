@@ -27,7 +27,6 @@ from triton.backends.compiler import BaseBackend
 from automla.kernels.parallel import local_dkv_gluon as lg
 from automla.kernels.parallel import window_gluon as wg
 
-# argv: dtype, head dim, K_REGS (K and V held in registers)
 dtype, D = getattr(torch, sys.argv[1]), int(sys.argv[2])
 T, HQ, HKV, BT = 77, 6, 2, lg.query_rows(D)
 q = torch.zeros(1, T, HQ, D, dtype=dtype)
@@ -39,20 +38,16 @@ sig.update(gate="*bf16" if dtype == torch.bfloat16 else "*fp16", active="*i32", 
 sig.update({n: "*fp32" for n in ["lse_l", "delta_l", "dk", "dv", "dkc", "dvc"]})
 sig.update({n: "i32" for n in ["T", "NC", "NA", "NSPLIT", "window", "stride"]})
 sig.update(scale2="fp32", scale="fp32", spread="i32")
-consts = dict(HQ=HQ, G=HQ // HKV, STAGES=lg.STAGES, CONSUMER_REGS=lg.CONSUMER_REGS,
-              K_REGS=sys.argv[3] == "1")
+consts = dict(HQ=HQ, G=HQ // HKV, STAGES=lg.STAGES, CONSUMER_REGS=lg.CONSUMER_REGS)
 kern = compile_sm90(lg._local_dkv_gluon, sig, consts, lg.MAX_REGS)
 print("ok", kern.metadata.shared)
 """
 
 
 @pytest.mark.skipif(not window_gluon._GLUON, reason="this Triton has no Gluon Hopper dialect")
-@pytest.mark.parametrize(
-    "dtype,D,k_regs",
-    [("bfloat16", 64, 0), ("float16", 64, 0), ("bfloat16", 128, 0), ("bfloat16", 64, 1)],
-)
-def test_gluon_local_dkv_compiles_for_sm90(dtype, D, k_regs):
-    assert_compiles(COMPILE, dtype, str(D), str(k_regs))
+@pytest.mark.parametrize("dtype,D", [("bfloat16", 64), ("float16", 64), ("bfloat16", 128)])
+def test_gluon_local_dkv_compiles_for_sm90(dtype, D):
+    assert_compiles(COMPILE, dtype, str(D))
 
 
 def test_gluon_local_dkv_is_not_taken_off_the_gpu(monkeypatch):
@@ -61,23 +56,21 @@ def test_gluon_local_dkv_is_not_taken_off_the_gpu(monkeypatch):
 
 
 NSA = (512 / 1664, 128 / 1664, 1024 / 1664)
-# (B, T, HQ, HKV, D, budget, ratios, block_size, mask, programs, K_REGS)
+# (B, T, HQ, HKV, D, budget, ratios, block_size, mask, programs)
 GPU_CASES = [
-    pytest.param(2, 1999, 6, 2, 64, 256, (0.5, 0.25, 0.25), 32, None, 512, 0, id="B2-T1999-G3"),
-    pytest.param(1, 4099, 12, 4, 64, 1664, NSA, 64, None, 512, 0, id="12/4-nsa-spread"),
-    pytest.param(1, 3001, 12, 4, 64, 1664, NSA, 64, "mask", 1, 0, id="mask-one-program-a-tile"),
-    pytest.param(1, 2500, 8, 2, 64, 512, (1.0, 0.0, 0.0), 64, None, 4096, 0, id="local-only-split"),
-    pytest.param(1, 2049, 16, 2, 128, 1664, NSA, 64, "mask", 512, 0, id="D128-mask"),
-    pytest.param(2, 1537, 8, 1, 128, 320, (0.4, 0.2, 0.4), 64, None, 512, 0, id="D128-B2-G8"),
-    pytest.param(2, 1999, 6, 2, 64, 256, (0.5, 0.25, 0.25), 32, "mask", 512, 1, id="K-regs-mask"),
-    pytest.param(1, 2049, 16, 2, 128, 1664, NSA, 64, None, 512, 1, id="K-regs-D128"),
+    pytest.param(2, 1999, 6, 2, 64, 256, (0.5, 0.25, 0.25), 32, None, 512, id="B2-T1999-G3"),
+    pytest.param(1, 4099, 12, 4, 64, 1664, NSA, 64, None, 512, id="12/4-nsa-spread"),
+    pytest.param(1, 3001, 12, 4, 64, 1664, NSA, 64, "mask", 1, id="mask-one-program-a-tile"),
+    pytest.param(1, 2500, 8, 2, 64, 512, (1.0, 0.0, 0.0), 64, None, 4096, id="local-only-split"),
+    pytest.param(1, 2049, 16, 2, 128, 1664, NSA, 64, "mask", 512, id="D128-mask"),
+    pytest.param(2, 1537, 8, 1, 128, 320, (0.4, 0.2, 0.4), 64, None, 512, id="D128-B2-G8"),
 ]  # fmt: skip
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,T,HQ,HKV,D,budget,ratios,bs,mask,programs,k_regs", GPU_CASES)
+@pytest.mark.parametrize("B,T,HQ,HKV,D,budget,ratios,bs,mask,programs", GPU_CASES)
 def test_gpu_gluon_local_dkv_matches_reference_and_the_tl_dot_kernel(
-    B, T, HQ, HKV, D, budget, ratios, bs, mask, programs, k_regs, monkeypatch
+    B, T, HQ, HKV, D, budget, ratios, bs, mask, programs, monkeypatch
 ):
     cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs, select_tile=64)
     q, k, v, gate, do = make_inputs(B, T, HQ, HKV, D, torch.bfloat16, device="cuda", seed=T)
@@ -88,7 +81,6 @@ def test_gpu_gluon_local_dkv_matches_reference_and_the_tl_dot_kernel(
         head_mask[0] = head_mask[G : 2 * G] = False
     monkeypatch.setattr(autograd, "LOCAL_DKV_PROGRAMS", programs)
     monkeypatch.setattr(local_dkv_gluon, "ENABLED", 1)
-    monkeypatch.setattr(local_dkv_gluon, "K_REGS", k_regs)
     assert local_dkv_gluon.available(q)
     o, grads = run_triton(q, k, v, gate, do, cfg, head_mask)
     monkeypatch.setattr(local_dkv_gluon, "ENABLED", 0)

@@ -147,21 +147,6 @@ def test_global_dkv_with_pruned_heads(monkeypatch, D, mask, programs):
     check(1, 70, 6, 2, D, cfg, torch.float32, tol=1e-5, head_mask=torch.tensor(mask))
 
 
-@pytest.mark.parametrize(
-    "select_tile,dtype,tol",
-    [(1, torch.float32, 1e-5), (4, torch.float32, 1e-5), (4, torch.float16, 5e-3)],
-    ids=["per-query", "tile", "tile-float16"],
-)
-def test_scaled_score_operands(monkeypatch, select_tile, dtype, tol):
-    # layout.SCALED_OPERANDS: the window kernels and the tile-shared sparse forward and dq
-    # scale their score operand (queries; the local dk/dv its keys) once in registers
-    import automla.kernels.parallel.layout as layout_module
-
-    monkeypatch.setattr(layout_module, "SCALED_OPERANDS", 1)
-    cfg = AttentionConfig(budget=96, ratios=(0.5, 0.3, 0.2), block_size=4, select_tile=select_tile)
-    check(1, 70, 6, 2, 32, cfg, dtype, tol=tol, head_mask=torch.tensor([1, 0, 1, 1, 1, 0]).bool())
-
-
 @pytest.mark.parametrize("select_tile", [1, 4], ids=["per-query", "tile"])
 def test_uninitialised_buffers_are_written_before_read(monkeypatch, select_tile):
     # every float buffer the op allocates without zeroing (the dk/dv accumulator that the

@@ -12,7 +12,7 @@ from ..config import AttentionConfig, Plan
 from . import local_dkv_gluon, sparse, sparse_tile, window_gluon
 from .common import _interpret
 from .launch import compiling_ahead, launch, tiles_of
-from .layout import _Layout, _options, scaled_operands
+from .layout import _Layout, _options
 from .selection import _pool
 from .window import (
     _global_bwd_dkv_kernel,
@@ -243,7 +243,6 @@ def _launch_window(kernel, name: str, lay: _Layout, q, k, v, kc, vc, **args) -> 
         HAS_LOCAL=lay.has_local,
         HAS_GLOBAL=lay.has_global,
         TMA=t["TMA"],
-        QS=scaled_operands(),
         **_options(t),
     )
 
@@ -295,7 +294,7 @@ def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv
                 _local_bwd_dkv_kernel, (n_tiles, B * lay.NA, nsplit), **shared,
                 k=k, v=v, lse_l=saved["lse_l"], delta_l=delta_l, dk=dk, dv=dv,
                 NSPLIT=nsplit, window=lay.plan.window, BT=BT, BK=BK,
-                SPREAD=lay.has_global, QS=scaled_operands(), **_options(t),
+                SPREAD=lay.has_global, **_options(t),
             )  # fmt: skip
     elif lay.has_global:
         BK = min(64, triton.next_power_of_2(lay.stride))

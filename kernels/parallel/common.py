@@ -34,19 +34,6 @@ def _softmax_finish(b_m, b_l, b_acc):
 
 
 @triton.jit
-def _score_operand(b_x, scale2, QS: tl.constexpr):
-    # The scores' operand (queries, or keys) and the factor left to apply to the scores. QS:
-    # the operand scaled by scale2 once, in registers (rounded to its dtype), which also makes
-    # it a register operand of Hopper's warpgroup MMAs, where Triton stages an operand loaded
-    # from memory in shared memory and both operands' reads then pace the MMA
-    # (layout.SCALED_OPERANDS).
-    if QS:
-        return (b_x.to(tl.float32) * scale2).to(b_x.dtype), 1.0
-    else:
-        return b_x, scale2
-
-
-@triton.jit
 def _dot_kmean(b_q, b_k, SPLIT: tl.constexpr, PREC: tl.constexpr):
     # q . mean(K)^T with the means in float32: their hi + lo halves in q's dtype keep ~16 bits,
     # so the scores (and the selection) match the float32 reference.

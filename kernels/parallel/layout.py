@@ -95,21 +95,6 @@ def _tiles(kernel: str, G: int | None = None, D: int | None = None, NC: int = 0)
     return _gpu_tiles(kernel, G, D, NC)
 
 
-# The score products' operand held in registers, scaled there (`common._score_operand`): in the
-# window forward and dq and the tile-shared sparse forward and dq the queries, in the local
-# dk/dv the keys. Counted offline (`bench/mma_census.py`, Triton 3.6, sm_90, 12/4/64's tiles):
-# the share of warpgroup MMAs that read their A operand from registers goes 8 -> 16 of 16 in
-# the window forward, 16 -> 24 of 28 in the window dq, 8 -> 12 of 16 in the local dk/dv, with
-# no spills (bench/NOTES.md, seventeenth session). Off until timed:
-# `kernel_ab.py --set layout.SCALED_OPERANDS=1`.
-SCALED_OPERANDS = 0
-
-
-def scaled_operands() -> bool:
-    """Whether the kernels that can take it scale their score operand in registers."""
-    return bool(SCALED_OPERANDS)
-
-
 def _options(tiles: dict) -> dict:
     """The launch options (warps, stages) of a `_tiles` entry."""
     return {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}

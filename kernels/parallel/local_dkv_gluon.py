@@ -39,8 +39,6 @@ BK = 128  # keys per program: two warpgroups of BKW
 BKW = 64
 STAGES = 2
 CONSUMER_REGS = 232
-# K and V held in registers as A operands (the consumers' K_REGS): an A/B switch, untimed
-K_REGS = 0
 MAX_REGS = 168
 
 # MLA_GLUON_DKV=1: the Gluon local dk/dv wherever it runs; off by default, being slower
@@ -69,7 +67,7 @@ if wg._GLUON:
         return lo, gl.cdiv(hi - lo, BT)
 
     @gluon.jit
-    def _consume(args, WG: gl.constexpr, HQ: gl.constexpr, G: gl.constexpr, K_REGS: gl.constexpr):
+    def _consume(args, WG: gl.constexpr, HQ: gl.constexpr, G: gl.constexpr):
         """Consumer warpgroup WG: keys WG * BKW .. of the program's tile against every active
         item's Q and dO, dK and dV held in registers, added atomically at the end."""
         (descs, smem, bars, ptrs, sizes) = args
@@ -96,22 +94,12 @@ if wg._GLUON:
         o_s = key0 + gl.arange(0, BKW, layout=gl.SliceLayout(1, s_layout))
         k_w = k_smem.index(WG)
         v_w = v_smem.index(WG)
-        # K_REGS: K and V in registers as the score and dP products' A operands, so that those
-        # products read only Q and dO from shared memory (at 64-row B tiles, reading both
-        # operands from shared memory is about all its bandwidth at the tensor cores' rate)
-        ka_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
         zero_s = gl.zeros([BKW, BT], gl.float32, layout=s_layout)
         b_dk = gl.zeros([BKW, D], gl.float32, layout=o_layout)
         b_dv = gl.zeros([BKW, D], gl.float32, layout=o_layout)
         lo, nq = _items(i_s, T, window, BT, 2 * BKW)
         n_items = G * nq
         mbarrier.wait(kv_ready, 0)
-        if K_REGS:
-            k_a = k_w.load(ka_layout)
-            v_a = v_w.load(ka_layout)
-        else:
-            k_a = k_w
-            v_a = v_w
         c = 0
         for i_it in range(i_sp, n_items, NSPLIT):
             i_h = i_hk * G + i_it // nq
@@ -127,9 +115,9 @@ if wg._GLUON:
                 q_b = q_smem.index(st)
                 do_b = do_smem.index(st)
                 # [BKW, BT]: the scores and dP, transposed (keys as M)
-                b_s = warpgroup_mma(k_a, q_b.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                b_s = warpgroup_mma(k_w, q_b.permute((1, 0)), zero_s, use_acc=False, is_async=True)
                 b_dp = warpgroup_mma(
-                    v_a, do_b.permute((1, 0)), zero_s, use_acc=False, is_async=True
+                    v_w, do_b.permute((1, 0)), zero_s, use_acc=False, is_async=True
                 )
                 b_s = warpgroup_mma_wait(1, deps=(b_s,))
                 keep = (o_t[None, :] >= o_s[:, None]) & (o_t[None, :] < o_s[:, None] + window)
@@ -163,15 +151,15 @@ if wg._GLUON:
             gl.atomic_add(dv + o_kv, b_dv, mask=m_s, sem="relaxed")
 
     @gluon.jit
-    def _consume0(args, HQ: gl.constexpr, G: gl.constexpr, K_REGS: gl.constexpr):
-        _consume(args, 0, HQ, G, K_REGS)
+    def _consume0(args, HQ: gl.constexpr, G: gl.constexpr):
+        _consume(args, 0, HQ, G)
 
     @gluon.jit
-    def _consume1(args, HQ: gl.constexpr, G: gl.constexpr, K_REGS: gl.constexpr):
-        _consume(args, 1, HQ, G, K_REGS)
+    def _consume1(args, HQ: gl.constexpr, G: gl.constexpr):
+        _consume(args, 1, HQ, G)
 
     @gluon.jit
-    def _produce(args, HQ: gl.constexpr, G: gl.constexpr, K_REGS: gl.constexpr):
+    def _produce(args, HQ: gl.constexpr, G: gl.constexpr):
         """The producer warp: the program's K and V tiles once, then each active item's Q and
         dO tiles into the ring, in the consumers' order."""
         (descs, smem, bars, ptrs, sizes) = args
@@ -211,7 +199,7 @@ if wg._GLUON:
     def _local_dkv_gluon(q_desc, do_desc, k_desc, v_desc, gate, active, groups, lse_l, delta_l,
                          dk, dv, dkc, dvc, T, NC, NA, NSPLIT, window, stride, scale2, scale,
                          spread, HQ: gl.constexpr, G: gl.constexpr, STAGES: gl.constexpr,
-                         CONSUMER_REGS: gl.constexpr, K_REGS: gl.constexpr):  # fmt: skip
+                         CONSUMER_REGS: gl.constexpr):  # fmt: skip
         BT: gl.constexpr = q_desc.block_type.shape[0]
         D: gl.constexpr = q_desc.block_type.shape[1]
         BKW: gl.constexpr = k_desc.block_type.shape[0]
@@ -236,9 +224,9 @@ if wg._GLUON:
         )
         gl.warp_specialize(
             [
-                (_consume0, (args, HQ, G, K_REGS)),
-                (_consume1, (args, HQ, G, K_REGS)),
-                (_produce, (args, HQ, G, K_REGS)),
+                (_consume0, (args, HQ, G)),
+                (_consume1, (args, HQ, G)),
+                (_produce, (args, HQ, G)),
             ],
             [4, 1],
             [CONSUMER_REGS, 24],
@@ -281,7 +269,6 @@ def local_dkv(q, k, v, gate, do, lay, lse_l, delta_l, dk, dv, dkvc, n_tiles, nsp
         G=lay.G,
         STAGES=STAGES,
         CONSUMER_REGS=CONSUMER_REGS,
-        K_REGS=bool(K_REGS),
         num_warps=4,
         maxnreg=MAX_REGS,
     )

@@ -26,14 +26,13 @@ from .common import (
     _kmean_scores,
     _load_block,
     _n_selected,
-    _score_operand,
     _softmax_finish,
     _softmax_step,
     _sparse_delta,
     _sparse_dkv_rows,
 )
 from .launch import launch, tiles_of
-from .layout import _options, scaled_operands
+from .layout import _options
 from .selection import _rank
 from .sparse import _invert
 
@@ -213,7 +212,6 @@ def _sparse_tile_fwd_kernel(
     ACCUMULATE: tl.constexpr,
     PREC: tl.constexpr,
     TMA: tl.constexpr,
-    QS: tl.constexpr,
 ):
     k, v, idx, o_bq, o_row, m_r, row0, col = _tile_rows(
         k, v, idx, active, groups, T, NT, NA, HQ, HKV, G, GR, D, NSEL, BQ, RU, RP, TMA
@@ -223,7 +221,6 @@ def _sparse_tile_fwd_kernel(
     o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
     # [RP, D]
     b_q = tl.load(q + o_x, mask=m_r[:, None], other=0.0)
-    b_qs, f_s = _score_operand(b_q, scale2, QS)
     b_m = tl.full([RP], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([RP], dtype=tl.float32)
     b_acc = tl.zeros([RP, D], dtype=tl.float32)
@@ -231,7 +228,7 @@ def _sparse_tile_fwd_kernel(
         # [BSP], [BSP, D]: the whole block is visible to every query of the tile
         m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, row0, col, BS, HKV, D, TMA)
         # [RP, BSP]
-        b_s = tl.dot(b_qs, tl.trans(b_k), input_precision=PREC) * f_s
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
         b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
     b_ob, b_lse = _softmax_finish(b_m, b_l, b_acc)
@@ -282,7 +279,6 @@ def _sparse_tile_dq_kernel(
     HAS_GLOBAL: tl.constexpr,
     PREC: tl.constexpr,
     TMA: tl.constexpr,
-    QS: tl.constexpr,
 ):
     # dq of the program's rows over their tile's blocks; first the branch's softmax delta and
     # dO (g_s * do), stored for the dk/dv kernel launched after: its steps then load the rows'
@@ -298,7 +294,6 @@ def _sparse_tile_dq_kernel(
     # [RP, D]
     b_q = tl.load(q + o_x, mask=m_r[:, None], other=0.0)
     b_do = tl.load(do + o_x, mask=m_r[:, None], other=0.0)
-    b_qs, f_s = _score_operand(b_q, scale2, QS)
     b_g = tl.load(gate + o_r * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
     b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
     tl.store(dob_s + o_x, b_dob, mask=m_r[:, None])
@@ -311,7 +306,7 @@ def _sparse_tile_dq_kernel(
     for i in range(_n_selected(idx, NSEL)):
         m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, row0, col, BS, HKV, D, TMA)
         # [RP, BSP]
-        b_s = tl.dot(b_qs, tl.trans(b_k), input_precision=PREC) * f_s
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
         b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
         # dP with the ungated do: sum_j P dP = <do, o_s>, the gate's gradient
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
@@ -444,7 +439,7 @@ def forward(q, k, v, gate, idx, lay, o, lse_s) -> None:
         groups=lay.groups, o=o, lse_s=lse_s, T=lay.T, NT=lay.NT, NA=lay.NA, **lay.args,
         GR=GR, NSEL=lay.plan.n_select, BS=lay.plan.block_size, BSP=lay.BSP,
         BQ=lay.plan.select_tile, RU=RU, RP=RP, ACCUMULATE=lay.has_window, TMA=t["TMA"],
-        QS=scaled_operands(), **_row_options(t, GR, RU),
+        **_row_options(t, GR, RU),
     )  # fmt: skip
 
 
@@ -474,7 +469,7 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, deltas, dq, dk, dv, read
         T=lay.T, NT=lay.NT, NA=lay.NA, **lay.args, scale=lay.scale, GR=GRq, NSEL=lay.plan.n_select,
         BS=lay.plan.block_size, BSP=lay.BSP, BQ=lay.plan.select_tile, RU=RUq, RP=RPq,
         ACCUMULATE=lay.has_window, HAS_LOCAL=lay.has_local, HAS_GLOBAL=lay.has_global,
-        TMA=tq["TMA"], QS=scaled_operands(), **_row_options(tq, GRq, RUq),
+        TMA=tq["TMA"], **_row_options(tq, GRq, RUq),
     )  # fmt: skip
     launch(
         _sparse_tile_dkv_kernel, (chunks.shape[0],),

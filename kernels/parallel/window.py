@@ -8,14 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (
-    _gate_grad,
-    _load_pair,
-    _pack_rows,
-    _score_operand,
-    _softmax_finish,
-    _softmax_step,
-)
+from .common import _gate_grad, _load_pair, _pack_rows, _softmax_finish, _softmax_step
 
 
 @triton.jit
@@ -50,7 +43,6 @@ def _window_fwd_kernel(
     STORE: tl.constexpr,
     PREC: tl.constexpr,
     TMA: tl.constexpr,
-    QS: tl.constexpr,
 ):
     # One query tile of HP heads of one group (their rows share each key tile): the local
     # window, then the compressed prefix.
@@ -61,7 +53,6 @@ def _window_fwd_kernel(
     o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
     # [HP * BT, D]
     b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
-    b_qs, f_s = _score_operand(b_q, scale2, QS)
 
     if HAS_LOCAL:
         if not TMA:
@@ -78,7 +69,7 @@ def _window_fwd_kernel(
             # [BK, D]; with TMA, keys past T come as stored: masked, as o_s <= o_t < T
             b_k, b_v = _load_pair(k, v, i_b * T + i_s, i_hk * D, o_kv, o_s < T, TMA)
             # [HP * BT, BK]
-            b_s = tl.dot(b_qs, tl.trans(b_k), input_precision=PREC) * f_s
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
             m_s = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - window)
             b_s = tl.where(m_s, b_s, float("-inf"))
             b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
@@ -105,7 +96,7 @@ def _window_fwd_kernel(
             # [BC, D]; with TMA, those past NC come as stored: masked, as n_vis <= NC
             b_k, b_v = _load_pair(kc, vc, i_b * NC + i_c, i_hk * D, o_kv, o_c < NC, TMA)
             # [HP * BT, BC]
-            b_s = tl.dot(b_qs, tl.trans(b_k), input_precision=PREC) * f_s
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
             b_s = tl.where(o_c[None, :] < n_vis[:, None], b_s, float("-inf"))
             b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
         b_ob, b_lse = _softmax_finish(b_m, b_l, b_acc)
@@ -158,7 +149,6 @@ def _window_bwd_dq_kernel(
     PREC: tl.constexpr,
     ZB: tl.constexpr,
     TMA: tl.constexpr,
-    QS: tl.constexpr,
 ):
     # dq of one query tile of HP heads of one group: local, then global; each branch's dgate
     # and softmax delta (the dk/dv kernels, launched after, read the deltas): the local one's
@@ -180,7 +170,6 @@ def _window_bwd_dq_kernel(
     # [HP * BT, D]
     b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
     b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
-    b_qs, f_s = _score_operand(b_q, scale2, QS)
     b_dq = tl.zeros([HP * BT, D], dtype=tl.float32)
 
     if HAS_LOCAL:
@@ -199,7 +188,7 @@ def _window_bwd_dq_kernel(
             # [BK, D]; with TMA, keys past T come as stored: masked, as o_s <= o_t < T
             b_k, b_v = _load_pair(k, v, i_b * T + i_s, i_hk * D, o_kv, o_s < T, TMA)
             # [HP * BT, BK]
-            b_s = tl.dot(b_qs, tl.trans(b_k), input_precision=PREC) * f_s
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
             m_s = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - window)
             b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
             b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
@@ -229,7 +218,7 @@ def _window_bwd_dq_kernel(
             # [BC, D]; with TMA, those past NC come as stored: masked, as n_vis <= NC
             b_k, b_v = _load_pair(kc, vc, i_b * NC + i_c, i_hk * D, o_kv, o_c < NC, TMA)
             # [HP * BT, BC]
-            b_s = tl.dot(b_qs, tl.trans(b_k), input_precision=PREC) * f_s
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
             b_p = tl.where(o_c[None, :] < n_vis[:, None], tl.exp2(b_s - b_lse[:, None]), 0.0)
             b_pdp = b_p * tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
             b_sdp = tl.sum(b_pdp, 1)
@@ -279,7 +268,6 @@ def _local_bwd_dkv_kernel(
     BK: tl.constexpr,
     SPREAD: tl.constexpr,
     PREC: tl.constexpr,
-    QS: tl.constexpr,
 ):
     # One key tile of one KV head, one of NSPLIT programs: the queries that see the tile are
     # the next `window` tokens of each active head of the group, G x nq (head, query tile)
@@ -298,7 +286,6 @@ def _local_bwd_dkv_kernel(
     # [BK, D]
     b_k = tl.load(k + o_kv, mask=m_s[:, None], other=0.0)
     b_v = tl.load(v + o_kv, mask=m_s[:, None], other=0.0)
-    b_ks, f_s = _score_operand(b_k, scale2, QS)  # the keys' only use: the scores
     b_dk = tl.zeros([BK, D], dtype=tl.float32)
     b_dv = tl.zeros([BK, D], dtype=tl.float32)
     lo = (i_s * BK) // BT * BT
@@ -320,7 +307,7 @@ def _local_bwd_dkv_kernel(
             b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
             b_delta = tl.load(delta_l + o_r, mask=m_t, other=0.0)
             # [BK, BT]
-            b_st = tl.dot(b_ks, tl.trans(b_q), input_precision=PREC) * f_s
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
             m_st = (
                 (o_t[None, :] >= o_s[:, None])
                 & (o_t[None, :] < o_s[:, None] + window)
