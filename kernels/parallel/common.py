@@ -34,16 +34,29 @@ def _softmax_finish(b_m, b_l, b_acc):
 
 
 @triton.jit
-def _dot_kmean(b_q, b_k, SPLIT: tl.constexpr, PREC: tl.constexpr):
-    # q . mean(K)^T with the means in float32: their hi + lo halves in q's dtype keep ~16 bits,
-    # so the scores (and the selection) match the float32 reference.
+def _kmean_parts(b_k, dtype, SPLIT: tl.constexpr):
+    # Float32 block means as MMA operands: their hi + lo halves in the queries' dtype keep ~16
+    # bits, so the scores (and the selection) match the float32 reference; unsplit, as is.
     if SPLIT:
-        b_hi = b_k.to(b_q.dtype)
-        b_lo = (b_k - b_hi.to(tl.float32)).to(b_q.dtype)
-        b_s = tl.dot(b_q, tl.trans(b_hi)) + tl.dot(b_q, tl.trans(b_lo))
-    else:
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
-    return b_s
+        b_hi = b_k.to(dtype)
+        return b_hi, (b_k - b_hi.to(tl.float32)).to(dtype)
+    return b_k, b_k
+
+
+@triton.jit
+def _dot_parts(b_q, b_hi, b_lo, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    # q . mean(K)^T from `_kmean_parts`' operands.
+    if SPLIT:
+        return tl.dot(b_q, tl.trans(b_hi)) + tl.dot(b_q, tl.trans(b_lo))
+    return tl.dot(b_q, tl.trans(b_hi), input_precision=PREC)
+
+
+@triton.jit
+def _kmean_block(km, o_n, o_d, NB, HKV: tl.constexpr, D: tl.constexpr):
+    # The float32 block means o_n [BN, D] of the group km points at (zero past NB).
+    return tl.load(
+        km + (o_n * (HKV * D))[:, None] + o_d[None, :], mask=(o_n < NB)[:, None], other=0.0
+    )
 
 
 @triton.jit
@@ -61,12 +74,9 @@ def _kmean_scores(
     PREC: tl.constexpr,
 ):
     # Scores [rows, BN] of the rows against the block means o_n; blocks not yet complete: -inf.
-    # [BN, D]
-    b_k = tl.load(
-        km + (o_n * (HKV * D))[:, None] + o_d[None, :], mask=(o_n < NB)[:, None], other=0.0
-    )
+    b_hi, b_lo = _kmean_parts(_kmean_block(km, o_n, o_d, NB, HKV, D), b_q.dtype, SPLIT)
     # [rows, BN]
-    b_s = _dot_kmean(b_q, b_k, SPLIT, PREC) * scale2
+    b_s = _dot_parts(b_q, b_hi, b_lo, SPLIT, PREC) * scale2
     return tl.where(o_n[None, :] < n_vis[:, None], b_s, float("-inf"))
 
 

@@ -22,7 +22,10 @@ import triton.language as tl
 
 from .common import (
     _chunk_block,
+    _dot_parts,
+    _kmean_block,
     _kmean_lse,
+    _kmean_parts,
     _kmean_scores,
     _load_block,
     _n_selected,
@@ -36,6 +39,10 @@ from .layout import _options
 from .selection import _rank
 from .sparse import _invert
 
+# A/B (bench/kernel_ab.py): the score kernel with the global branch's lse loops over the
+# blocks outside the tile's row chunks
+SCORE_KEYS_OUTER = 0
+
 
 @triton.jit
 def _split_rows(start, o_r, GR: tl.constexpr, RU: tl.constexpr):
@@ -45,6 +52,40 @@ def _split_rows(start, o_r, GR: tl.constexpr, RU: tl.constexpr):
     if RU % GR == 0:
         return start // GR + o_r // GR, o_r % GR
     return (start + o_r) // GR, (start + o_r) % GR
+
+
+@triton.jit
+def _chunk_rows(
+    q,
+    active,
+    i_r,
+    o_r,
+    o_d,
+    m_h,
+    t0,
+    t_end,
+    i_hk,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    GR: tl.constexpr,
+    RU: tl.constexpr,
+    D: tl.constexpr,
+):
+    # The score kernel's chunk of RU rows from row i_r of the tile at t0: queries [RP, D] (zero
+    # where masked), tokens, heads and mask (real, active rows before t_end). m_h: the rows'
+    # head mask where every chunk has the same heads (RU a multiple of GR).
+    o_tok, o_g = _split_rows(i_r, o_r, GR, RU)
+    o_tok += t0
+    o_h = i_hk * G + o_g
+    if RU % GR == 0:
+        m_r = m_h & (o_tok < t_end)
+    else:  # packed rows: each chunk starts at another head
+        m_r = (o_r < RU) & (o_tok < t_end)
+        m_r = m_r & (tl.load(active + o_h, mask=m_r, other=0) != 0)
+    b_q = tl.load(
+        q + ((o_tok * HQ + o_h) * D)[:, None] + o_d[None, :], mask=m_r[:, None], other=0.0
+    )
+    return b_q, o_tok, o_h, m_r
 
 
 @triton.jit
@@ -75,6 +116,7 @@ def _tile_score_kernel(
     LSE: tl.constexpr,
     SPLIT: tl.constexpr,
     PREC: tl.constexpr,
+    KEYS_OUTER: tl.constexpr,
 ):
     # One tile of BQ queries of one KV group: each candidate block's score, the group-summed
     # probability of every query (its softmax over the blocks complete at it) summed over the
@@ -104,38 +146,52 @@ def _tile_score_kernel(
     m_h = (o_r < RU) & (o_g < G)
     m_h = m_h & (tl.load(active + o_h, mask=m_h, other=0) != 0)
     if n_cand > 0:
-        for i_r in range(0, (t_end - t0) * GR, RU):
-            o_tok, o_g = _split_rows(i_r, o_r, GR, RU)
-            o_tok += t0
-            if RU % GR == 0:
-                m_r = m_h & (o_tok < t_end)
-            else:  # packed rows: each chunk starts at another head
-                o_h = i_hk * G + o_g
-                m_r = (o_r < RU) & (o_tok < t_end)
-                m_r = m_r & (tl.load(active + o_h, mask=m_r, other=0) != 0)
-            # [RP, D]
-            b_q = tl.load(
-                q + ((o_tok * HQ + o_h) * D)[:, None] + o_d[None, :], mask=m_r[:, None], other=0.0
-            )
-            n_vis = (o_tok + 1) // BS
-            if LSE:
-                # +inf where no block is complete yet (as below)
-                b_lse = tl.load(lse_g + o_tok * HQ + o_h, mask=m_r, other=float("inf"))
-            else:
-                # the blocks complete at the chunk's last token
-                hi = tl.minimum((tl.minimum(t0 + (i_r + RU - 1) // GR, t_end - 1) + 1) // BS, NB)
-                # rows that are padding, pruned or past T get lse = +inf: they add nothing
-                b_lse = _kmean_lse(
-                    km, b_q, o_d, n_vis, m_r, hi, NB, scale2, HKV, D, BN, RP, SPLIT, PREC
-                )
+        if KEYS_OUTER:
+            # LSE only: each block's means loaded (and split) once for all the tile's rows,
+            # whose probabilities add up in registers before one sum and one store per block
             for i_n in range(0, n_cand, BN):
                 o_n = i_n + tl.arange(0, BN)
-                b_s = _kmean_scores(km, b_q, o_n, o_d, n_vis, NB, scale2, HKV, D, SPLIT, PREC)
-                # [BN]: this chunk's probabilities summed over its rows
-                b_p = tl.sum(tl.exp2(b_s - b_lse[:, None]), 0)
-                m_o = o_n < n_cand
-                b_p += tl.load(score + o_n, mask=m_o & (tl.zeros_like(o_n) + i_r > 0), other=0.0)
-                tl.store(score + o_n, b_p, mask=m_o)
+                b_k = _kmean_block(km, o_n, o_d, NB, HKV, D)
+                b_hi, b_lo = _kmean_parts(b_k, q.dtype.element_ty, SPLIT)
+                b_acc = tl.zeros([RP, BN], dtype=tl.float32)
+                for i_r in range(0, (t_end - t0) * GR, RU):
+                    b_q, o_tok, o_h, m_r = _chunk_rows(
+                        q, active, i_r, o_r, o_d, m_h, t0, t_end, i_hk, HQ, G, GR, RU, D
+                    )
+                    b_lse = tl.load(lse_g + o_tok * HQ + o_h, mask=m_r, other=float("inf"))
+                    b_s = _dot_parts(b_q, b_hi, b_lo, SPLIT, PREC) * scale2
+                    b_s = tl.where(o_n[None, :] < ((o_tok + 1) // BS)[:, None], b_s, float("-inf"))
+                    b_acc += tl.exp2(b_s - b_lse[:, None])
+                tl.store(score + o_n, tl.sum(b_acc, 0), mask=o_n < n_cand)
+        else:
+            for i_r in range(0, (t_end - t0) * GR, RU):
+                # [RP, D]
+                b_q, o_tok, o_h, m_r = _chunk_rows(
+                    q, active, i_r, o_r, o_d, m_h, t0, t_end, i_hk, HQ, G, GR, RU, D
+                )
+                n_vis = (o_tok + 1) // BS
+                if LSE:
+                    # +inf where no block is complete yet (as below)
+                    b_lse = tl.load(lse_g + o_tok * HQ + o_h, mask=m_r, other=float("inf"))
+                else:
+                    # the blocks complete at the chunk's last token
+                    hi = tl.minimum(
+                        (tl.minimum(t0 + (i_r + RU - 1) // GR, t_end - 1) + 1) // BS, NB
+                    )
+                    # rows that are padding, pruned or past T get lse = +inf: they add nothing
+                    b_lse = _kmean_lse(
+                        km, b_q, o_d, n_vis, m_r, hi, NB, scale2, HKV, D, BN, RP, SPLIT, PREC
+                    )
+                for i_n in range(0, n_cand, BN):
+                    o_n = i_n + tl.arange(0, BN)
+                    b_s = _kmean_scores(km, b_q, o_n, o_d, n_vis, NB, scale2, HKV, D, SPLIT, PREC)
+                    # [BN]: this chunk's probabilities summed over its rows
+                    b_p = tl.sum(tl.exp2(b_s - b_lse[:, None]), 0)
+                    m_o = o_n < n_cand
+                    b_p += tl.load(
+                        score + o_n, mask=m_o & (tl.zeros_like(o_n) + i_r > 0), other=0.0
+                    )
+                    tl.store(score + o_n, b_p, mask=m_o)
     for i_n in range(n_cand // BN * BN, NB, BN):
         o_n = i_n + tl.arange(0, BN)
         m_o = (o_n >= n_cand) & (o_n < NB)
@@ -425,6 +481,7 @@ def select(q, k, lay, km, lse_g=None) -> torch.Tensor:
     return _rank(
         _tile_score_kernel, lay.NT, lay.NT, q, k, lay, km, t, NT=lay.NT, BQ=bq, GR=GR, RU=RU,
         RP=RP, lse_g=q if lse_g is None else lse_g, LSE=lse_g is not None,
+        KEYS_OUTER=bool(SCORE_KEYS_OUTER) and lse_g is not None,
     )  # fmt: skip
 
 
