@@ -39,16 +39,21 @@ def _kmean_parts(b_k, dtype, SPLIT: tl.constexpr):
     # bits, so the scores (and the selection) match the float32 reference; unsplit, as is.
     if SPLIT:
         b_hi = b_k.to(dtype)
-        return b_hi, (b_k - b_hi.to(tl.float32)).to(dtype)
-    return b_k, b_k
+        b_lo = (b_k - b_hi.to(tl.float32)).to(dtype)
+    else:
+        b_hi = b_k
+        b_lo = b_k
+    return b_hi, b_lo
 
 
 @triton.jit
 def _dot_parts(b_q, b_hi, b_lo, SPLIT: tl.constexpr, PREC: tl.constexpr):
     # q . mean(K)^T from `_kmean_parts`' operands.
     if SPLIT:
-        return tl.dot(b_q, tl.trans(b_hi)) + tl.dot(b_q, tl.trans(b_lo))
-    return tl.dot(b_q, tl.trans(b_hi), input_precision=PREC)
+        b_s = tl.dot(b_q, tl.trans(b_hi)) + tl.dot(b_q, tl.trans(b_lo))
+    else:
+        b_s = tl.dot(b_q, tl.trans(b_hi), input_precision=PREC)
+    return b_s
 
 
 @triton.jit
