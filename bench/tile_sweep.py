@@ -40,6 +40,7 @@ CANDIDATES = {
                    {"BC": 128, "w": 8}, {"BT": 128, "w": 8}, {"BC": 64, "s": 3}],
     "tile_score": [{"ROWS": 64, "w": 4, "s": 3}, {"ROWS": 64, "BN": 64, "w": 4},
                    {"ROWS": 64, "w": 8}, {"BN": 64}, {"ROWS": 64, "BN": 64, "w": 4, "s": 3}],
+    "tile_score_lse": [{"BN": 32}, {"BN": 128}, {"ROWS": 64, "w": 4}, {"s": 3}],
     "sparse_tile_fwd": [{"s": 2}, {"w": 8}, {"s": 4}, {"ROWS": 32}],
     "sparse_tile_dq": [{"ROWS": 64, "w": 4, "s": 3}, {"ROWS": 64, "w": 8, "s": 3},
                        {"ROWS": 64, "w": 8, "s": 2}, {"ROWS": 32}],
@@ -48,6 +49,7 @@ CANDIDATES = {
 KERNEL = {
     "window_fwd": "_window_fwd", "window_dq": "_window_bwd_dq", "local_dkv": "_local_bwd_dkv",
     "global_dkv": "_global_bwd_dkv", "tile_score": "_tile_score",
+    "tile_score_lse": "_tile_score",
     "sparse_tile_fwd": "_sparse_tile_fwd", "sparse_tile_dq": "_sparse_tile_dq",
     "sparse_tile_dkv": "_sparse_tile_dkv",
 }  # fmt: skip

@@ -244,6 +244,11 @@ def test_long_prefixes_take_wide_global_dkv_tiles():
 
 
 def test_kernels_compile_for_sm90(monkeypatch, tmp_path):
+    from automla.kernels.parallel import autograd
+
+    # the selection after the window forward, on its lse, from 4 compressed keys: the Bq 64
+    # case (5) takes that score kernel, the Bq 16 case (2) the two-pass one
+    monkeypatch.setattr(autograd, "SELECT_AFTER_NC", 4)
     compilers = _Compilers(tmp_path, n=max(1, min(cpus(), 8)))
     try:
         record_launches(monkeypatch, compilers)

@@ -102,13 +102,12 @@ def test_tile_selection_matches_select_tiles():
     assert torch.equal(got, select_tiles(q, k, plan, mask))
 
 
-@pytest.mark.parametrize("keys_outer", [0, 1])
 @pytest.mark.parametrize(
     "bq,mask",
     [(64, None), (16, [True, False, True, True, False, False])],
     ids=["packed", "padded-head-mask"],
 )
-def test_tile_selection_takes_the_global_branchs_lse(monkeypatch, bq, mask, keys_outer):
+def test_tile_selection_takes_the_global_branchs_lse(monkeypatch, bq, mask):
     # global stride == block size: the selection's softmax is the global branch's, so the op
     # normalises the scores by that branch's lse (one pass over the blocks, after the window
     # forward) and still selects exactly what select_tiles does
@@ -116,7 +115,6 @@ def test_tile_selection_takes_the_global_branchs_lse(monkeypatch, bq, mask, keys
     from automla.kernels.parallel.layout import _Layout
 
     monkeypatch.setattr(autograd, "SELECT_AFTER_NC", 0)  # from the first compressed key
-    monkeypatch.setattr(sparse_tile, "SCORE_KEYS_OUTER", keys_outer)
     cfg = AttentionConfig(budget=96, ratios=(0.25, 0.5, 0.25), block_size=4, select_tile=bq)
     plan = cfg.plan(150)
     assert plan.stride == plan.block_size

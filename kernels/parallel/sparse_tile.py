@@ -39,10 +39,6 @@ from .layout import _options
 from .selection import _rank
 from .sparse import _invert
 
-# A/B (bench/kernel_ab.py): the score kernel with the global branch's lse loops over the
-# blocks outside the tile's row chunks
-SCORE_KEYS_OUTER = 0
-
 
 @triton.jit
 def _split_rows(start, o_r, GR: tl.constexpr, RU: tl.constexpr):
@@ -116,13 +112,12 @@ def _tile_score_kernel(
     LSE: tl.constexpr,
     SPLIT: tl.constexpr,
     PREC: tl.constexpr,
-    KEYS_OUTER: tl.constexpr,
 ):
     # One tile of BQ queries of one KV group: each candidate block's score, the group-summed
     # probability of every query (its softmax over the blocks complete at it) summed over the
     # tile; -inf for the other blocks. Candidates are the blocks complete at the tile's first
-    # position t0, less those wholly inside t0's window. The program owns its score row, so it
-    # adds each chunk of RU rows to it in place (in a fixed order: deterministic).
+    # position t0, less those wholly inside t0's window. The program owns its score row (its
+    # sums run in a fixed order: deterministic).
     # LSE: the softmax's log-normaliser is the global branch's (lse_g [B, T, HQ], log2; its
     # stride is the block size, so it normalises over the same blocks), read instead of a
     # first pass over the blocks; the scores themselves still take the float32 means.
@@ -145,53 +140,46 @@ def _tile_score_kernel(
     o_h = i_hk * G + o_g
     m_h = (o_r < RU) & (o_g < G)
     m_h = m_h & (tl.load(active + o_h, mask=m_h, other=0) != 0)
-    if n_cand > 0:
-        if KEYS_OUTER:
-            # LSE only: each block's means loaded (and split) once for all the tile's rows,
-            # whose probabilities add up in registers before one sum and one store per block
-            for i_n in range(0, n_cand, BN):
-                o_n = i_n + tl.arange(0, BN)
-                b_k = _kmean_block(km, o_n, o_d, NB, HKV, D)
-                b_hi, b_lo = _kmean_parts(b_k, q.dtype.element_ty, SPLIT)
-                b_acc = tl.zeros([RP, BN], dtype=tl.float32)
-                for i_r in range(0, (t_end - t0) * GR, RU):
-                    b_q, o_tok, o_h, m_r = _chunk_rows(
-                        q, active, i_r, o_r, o_d, m_h, t0, t_end, i_hk, HQ, G, GR, RU, D
-                    )
-                    b_lse = tl.load(lse_g + o_tok * HQ + o_h, mask=m_r, other=float("inf"))
-                    b_s = _dot_parts(b_q, b_hi, b_lo, SPLIT, PREC) * scale2
-                    b_s = tl.where(o_n[None, :] < ((o_tok + 1) // BS)[:, None], b_s, float("-inf"))
-                    b_acc += tl.exp2(b_s - b_lse[:, None])
-                tl.store(score + o_n, tl.sum(b_acc, 0), mask=o_n < n_cand)
-        else:
+    if n_cand > 0 and LSE:
+        # blocks outside the row chunks: each block's means loaded (and split) once a tile,
+        # its probabilities summed in registers over every row, then stored once
+        for i_n in range(0, n_cand, BN):
+            o_n = i_n + tl.arange(0, BN)
+            b_k = _kmean_block(km, o_n, o_d, NB, HKV, D)
+            b_hi, b_lo = _kmean_parts(b_k, q.dtype.element_ty, SPLIT)
+            b_acc = tl.zeros([RP, BN], dtype=tl.float32)
             for i_r in range(0, (t_end - t0) * GR, RU):
-                # [RP, D]
                 b_q, o_tok, o_h, m_r = _chunk_rows(
                     q, active, i_r, o_r, o_d, m_h, t0, t_end, i_hk, HQ, G, GR, RU, D
                 )
-                n_vis = (o_tok + 1) // BS
-                if LSE:
-                    # +inf where no block is complete yet (as below)
-                    b_lse = tl.load(lse_g + o_tok * HQ + o_h, mask=m_r, other=float("inf"))
-                else:
-                    # the blocks complete at the chunk's last token
-                    hi = tl.minimum(
-                        (tl.minimum(t0 + (i_r + RU - 1) // GR, t_end - 1) + 1) // BS, NB
-                    )
-                    # rows that are padding, pruned or past T get lse = +inf: they add nothing
-                    b_lse = _kmean_lse(
-                        km, b_q, o_d, n_vis, m_r, hi, NB, scale2, HKV, D, BN, RP, SPLIT, PREC
-                    )
-                for i_n in range(0, n_cand, BN):
-                    o_n = i_n + tl.arange(0, BN)
-                    b_s = _kmean_scores(km, b_q, o_n, o_d, n_vis, NB, scale2, HKV, D, SPLIT, PREC)
-                    # [BN]: this chunk's probabilities summed over its rows
-                    b_p = tl.sum(tl.exp2(b_s - b_lse[:, None]), 0)
-                    m_o = o_n < n_cand
-                    b_p += tl.load(
-                        score + o_n, mask=m_o & (tl.zeros_like(o_n) + i_r > 0), other=0.0
-                    )
-                    tl.store(score + o_n, b_p, mask=m_o)
+                # +inf where masked or no block is complete yet: such rows add nothing
+                b_lse = tl.load(lse_g + o_tok * HQ + o_h, mask=m_r, other=float("inf"))
+                b_s = _dot_parts(b_q, b_hi, b_lo, SPLIT, PREC) * scale2
+                b_s = tl.where(o_n[None, :] < ((o_tok + 1) // BS)[:, None], b_s, float("-inf"))
+                b_acc += tl.exp2(b_s - b_lse[:, None])
+            tl.store(score + o_n, tl.sum(b_acc, 0), mask=o_n < n_cand)
+    elif n_cand > 0:
+        # each chunk's normalisers need a pass over the blocks first: chunks outside
+        for i_r in range(0, (t_end - t0) * GR, RU):
+            # [RP, D]
+            b_q, o_tok, o_h, m_r = _chunk_rows(
+                q, active, i_r, o_r, o_d, m_h, t0, t_end, i_hk, HQ, G, GR, RU, D
+            )
+            n_vis = (o_tok + 1) // BS
+            # the blocks complete at the chunk's last token
+            hi = tl.minimum((tl.minimum(t0 + (i_r + RU - 1) // GR, t_end - 1) + 1) // BS, NB)
+            # rows that are padding, pruned or past T get lse = +inf: they add nothing
+            b_lse = _kmean_lse(
+                km, b_q, o_d, n_vis, m_r, hi, NB, scale2, HKV, D, BN, RP, SPLIT, PREC
+            )
+            for i_n in range(0, n_cand, BN):
+                o_n = i_n + tl.arange(0, BN)
+                b_s = _kmean_scores(km, b_q, o_n, o_d, n_vis, NB, scale2, HKV, D, SPLIT, PREC)
+                # [BN]: this chunk's probabilities summed over its rows
+                b_p = tl.sum(tl.exp2(b_s - b_lse[:, None]), 0)
+                m_o = o_n < n_cand
+                b_p += tl.load(score + o_n, mask=m_o & (tl.zeros_like(o_n) + i_r > 0), other=0.0)
+                tl.store(score + o_n, b_p, mask=m_o)
     for i_n in range(n_cand // BN * BN, NB, BN):
         o_n = i_n + tl.arange(0, BN)
         m_o = (o_n >= n_cand) & (o_n < NB)
@@ -474,14 +462,13 @@ def select(q, k, lay, km, lse_g=None) -> torch.Tensor:
     no block), as `selection.select_tiles`. km: the float32 block means [B, NB, HKV, D], or
     None (pooled here). lse_g: the global branch's lse [B, T, HQ] where its stride is the
     block size (its softmax is then the scores' own): one pass over the blocks instead of two."""
-    t = lay.tiles("tile_score")
+    t = lay.tiles("tile_score" if lse_g is None else "tile_score_lse")
     bq = lay.plan.select_tile
     GR, RU, RP = tile_rows(lay.G, bq, t["ROWS"])
     t = {**t, **_row_options(t, GR, RU)}
     return _rank(
         _tile_score_kernel, lay.NT, lay.NT, q, k, lay, km, t, NT=lay.NT, BQ=bq, GR=GR, RU=RU,
         RP=RP, lse_g=q if lse_g is None else lse_g, LSE=lse_g is not None,
-        KEYS_OUTER=bool(SCORE_KEYS_OUTER) and lse_g is not None,
     )  # fmt: skip
 
 
