@@ -40,7 +40,7 @@ CANDIDATES = {
                    {"BC": 128, "w": 8}, {"BT": 128, "w": 8}, {"BC": 64, "s": 3}],
     "tile_score": [{"ROWS": 64, "w": 4, "s": 3}, {"ROWS": 64, "BN": 64, "w": 4},
                    {"ROWS": 64, "w": 8}, {"BN": 64}, {"ROWS": 64, "BN": 64, "w": 4, "s": 3}],
-    "tile_score_lse": [{"BN": 32}, {"BN": 128}, {"ROWS": 64, "w": 4}, {"s": 3}],
+    "tile_score_lse": [{"BN": 32}, {"BN": 128}, {"ROWS": 128, "w": 8}, {"s": 3}],
     "sparse_tile_fwd": [{"s": 2}, {"w": 8}, {"s": 4}, {"ROWS": 32}],
     "sparse_tile_dq": [{"ROWS": 64, "w": 4, "s": 3}, {"ROWS": 64, "w": 8, "s": 3},
                        {"ROWS": 64, "w": 8, "s": 2}, {"ROWS": 32}],

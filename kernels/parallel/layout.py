@@ -26,8 +26,9 @@ _GPU_TILES = {
     # tile-shared selection (select_tile > 1): rows are tokens x the padded group
     # (swept at 32k, 64 q / 4 KV heads, D 128: bench/NOTES.md)
     "tile_score": {"ROWS": 128, "BN": 32, "num_warps": 8},
-    # the score with the global branch's lse: blocks outside the row chunks (12/4/64 32k: BN 64)
-    "tile_score_lse": {"ROWS": 128, "BN": 64, "num_warps": 8},
+    # the score on the global branch's lse, blocks outside the row chunks (swept at 32k,
+    # 12/4/64 and 64/4/128: bench/RESULTS.md, eighteenth session)
+    "tile_score_lse": {"ROWS": 64, "BN": 64, "num_warps": 4},
     "sparse_tile_fwd": {"ROWS": 64, "num_warps": 4, "num_stages": 3},
     "sparse_tile_dq": {"ROWS": 128, "num_warps": 8, "num_stages": 3},
     "sparse_tile_dkv": {"ROWS": 64, "CH": 256, "num_warps": 4},
