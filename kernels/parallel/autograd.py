@@ -32,12 +32,12 @@ GLOBAL_DKV_PROGRAMS = 512
 # launches fills the GPU alone
 OVERLAP = True
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-# From this many compressed keys (T = 16k at stride 64), where the global stride is the block
+# From this many compressed keys (T = 4k at stride 64), where the global stride is the block
 # size, the tile selection reads the global branch's lse after the window forward rather than
-# running both of its passes beside it: at 12/4/64 32k the score kernel fell 406 -> 236 us,
-# but at 8k the op rose 0.7%, the second stream's overlap worth more there (bench/NOTES.md,
-# sixteenth session).
-SELECT_AFTER_NC = 256
+# running both of its passes beside it. With the one-pass score's blocks outside its row
+# chunks that pays from 4k (12/4/64: op -0.3 to -1.1% at 4k, -0.4% at 8k, two runs); at 256
+# before, when the second stream's overlap was worth more (bench/NOTES.md, eighteenth session).
+SELECT_AFTER_NC = 64
 
 
 def _fork(q: torch.Tensor, lay: _Layout) -> torch.cuda.Stream | None:
