@@ -40,7 +40,7 @@ def _add_tiles(
 
 
 @triton.jit
-def _read_rows(tiles, q, do, out, NSEL: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+def _read_rows(tiles, q, do, out, ROWS: tl.constexpr, D: tl.constexpr):
     # One (block, tile) pair of the block-order dk/dv: the tile's q and dO rows, read (summed,
     # so that the loads are kept).
     p = tl.program_id(0)
@@ -69,7 +69,7 @@ def probe(T: int, hkv: int, G: int, D: int, bq: int = 64, bs: int = 64, nsel: in
     runs = [
         ("atomic adds", tile_bytes, lambda: _add_tiles[(n_tiles,)](idx, dk, dv, nsel, bs, D, True)),
         ("stores", tile_bytes, lambda: _add_tiles[(n_tiles,)](idx, out_k, out_v, nsel, bs, D, False)),
-        ("reads", 2 * rows * D * 2 * pairs, lambda: _read_rows[(pairs,)](tiles, q, do, sums, nsel, rows, D)),
+        ("reads", 2 * rows * D * 2 * pairs, lambda: _read_rows[(pairs,)](tiles, q, do, sums, rows, D)),
     ]  # fmt: skip
     table = []
     for name, nbytes, fn in runs:
@@ -77,13 +77,13 @@ def probe(T: int, hkv: int, G: int, D: int, bq: int = 64, bs: int = 64, nsel: in
         table.append((name, nbytes / 1e9, ms, nbytes / ms / 1e6))
     torch.cuda.synchronize()
     # the adds arrived: each block's dk holds the sum of what its selecting programs added
-    adds = _expected(idx, n_blocks, bs * D)
+    adds = _expected(idx, n_blocks)
     reps = dk.view(n_blocks, -1)[:, 0] / adds.clamp_min(1e-30)
     assert torch.all((adds == 0) | (reps - reps[adds > 0][0]).abs().lt(1e-3 * reps.abs() + 1))
     return table
 
 
-def _expected(idx: torch.Tensor, n_blocks: int, width: int) -> torch.Tensor:
+def _expected(idx: torch.Tensor, n_blocks: int) -> torch.Tensor:
     """Per block, what one call adds to the first element of its dk tile."""
     p = torch.arange(idx.shape[0], device=idx.device)
     value = (p % 7 + 1).float()[:, None].expand_as(idx)

@@ -6,11 +6,12 @@ Per point (q heads/KV heads/head dim : T : budget : select_tile[:batch]) the op'
 backward run once under the Triton interpreter with the GPU's tiles, recording every launch; each
 distinct kernel is then compiled for sm_90 (in this process, without the interpreter) and its
 PTX read: how many warpgroup MMAs (`wgmma`) it has, how many take their A operand from
-registers rather than shared memory (at 64-wide tiles a product that reads both operands from
-shared memory runs at the shared memory's pace), their shapes, any Ampere `mma.sync`, its
-shared memory, and what ptxas reports of registers and spills. The tiles depend on the head
-dim, the group size and (past 256) the compressed keys, not on T, so a short T stands for a
-long one. `--triton DIR` compiles with the Triton installed in DIR (e.g. the device's version,
+registers rather than shared memory (taking A from registers was measured no faster in
+these kernels: bench/RESULTS.md, eighteenth session), their shapes, any Ampere `mma.sync`, its
+shared memory, and what ptxas reports of registers and spills. The kernels and tiles depend on
+the head dim, the group size and the compressed keys (from 64 the selection's one-pass score,
+from 256 the global dk/dv's wide tiles), not on T otherwise: a T with as many compressed keys
+stands for a long one, or `--set autograd.SELECT_AFTER_NC=0` takes the one-pass score at any T. `--triton DIR` compiles with the Triton installed in DIR (e.g. the device's version,
 `pip install --target DIR --no-deps triton==3.6.0`); the recording runs this environment's.
 """
 
