@@ -177,9 +177,9 @@ PIPELINED = {
 class _Compilers:
     """A few processes without the interpreter that compile each distinct launch for sm_90 as
     soon as it is recorded (each compile is single-threaded), each with its own empty cache;
-    the kernels in PIPELINED must come out with their streamed loads prefetched."""
+    the kernels in `pipelined` must come out with their streamed loads prefetched."""
 
-    def __init__(self, tmp_path, n: int):
+    def __init__(self, tmp_path, n: int, pipelined: set[str] = PIPELINED):
         script = tmp_path / "compile_kernels.py"
         script.write_text(COMPILE)
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -190,7 +190,7 @@ class _Compilers:
             with open(out, "w") as f:
                 self.procs.append(
                     subprocess.Popen(
-                        [sys.executable, str(script), ",".join(sorted(PIPELINED)), TESTS],
+                        [sys.executable, str(script), ",".join(sorted(pipelined)), TESTS],
                         stdin=subprocess.PIPE,
                         stdout=f,
                         stderr=subprocess.STDOUT,
@@ -262,6 +262,37 @@ def test_kernels_compile_for_sm90(monkeypatch, tmp_path):
     finally:
         compilers.stop()
     assert not failed, "\n\n".join(failed)
+
+
+def test_tile_order_backward_compiles_for_sm90(monkeypatch, tmp_path):
+    # the opt-in sparse backward in tile order (`sparse_tile.FUSED_BWD`) as the GPU launches it
+    # (its dk/dv added by TMA: `GPU_CONSTEXPRS`), for the cases of Bq 64 (G 3, D 64) and Bq 16
+    # (G 16, D 128), its streamed loads prefetched
+    import automla.kernels.parallel.sparse_tile as sparse_tile
+
+    name = "_sparse_tile_bwd_kernel"
+    monkeypatch.setattr(sparse_tile, "FUSED_BWD", 1)
+    compilers = _Compilers(tmp_path, n=2, pipelined={name})
+    try:
+        launches = _Only(name, compilers)
+        record_launches(monkeypatch, launches)
+        assert launches.count == 2, launches.count
+        failed = compilers.failures(timeout=900)
+    finally:
+        compilers.stop()
+    assert not failed, "\n\n".join(failed)
+
+
+class _Only:
+    """Passes on the launches of one kernel (counted) to `sink`."""
+
+    def __init__(self, kernel: str, sink):
+        self.kernel, self.sink, self.count = kernel, sink, 0
+
+    def append(self, launch: dict) -> None:
+        if launch["kernel"] == self.kernel:
+            self.count += 1
+            self.sink.append(launch)
 
 
 class _Kernel:

@@ -32,10 +32,15 @@ _GPU_TILES = {
     "sparse_tile_fwd": {"ROWS": 64, "num_warps": 4, "num_stages": 3},
     "sparse_tile_dq": {"ROWS": 128, "num_warps": 8, "num_stages": 3},
     "sparse_tile_dkv": {"ROWS": 64, "CH": 256, "num_warps": 4},
+    # the tile-order backward (`sparse_tile.FUSED_BWD`, untimed): programs of HEADS heads, in
+    # chunks of ROWS of the tile's tokens; the largest that ptxas takes without spilling
+    # (bench/NOTES.md, nineteenth session)
+    "sparse_tile_bwd": {"ROWS": 64, "HEADS": 1, "num_warps": 8},
 }
 # Small tiles under the interpreter, so that every loop runs more than once in the tests.
 _CPU_TILES = {
-    "BT": 32, "BK": 16, "BC": 16, "BN": 16, "ROWS": 32, "CH": 8, "HP": 2, "num_warps": 4
+    "BT": 32, "BK": 16, "BC": 16, "BN": 16, "ROWS": 32, "CH": 8, "HEADS": 4, "HP": 2,
+    "num_warps": 4,
 }  # fmt: skip
 
 
@@ -52,6 +57,7 @@ _GPU_TILES_D64 = {
     "global_dkv": {"BC": 32},
     "sparse_tile_dq": {"ROWS": 64, "num_warps": 4, "num_stages": 3},
     "sparse_tile_dkv": {"ROWS": 32},
+    "sparse_tile_bwd": {"num_warps": 4},
 }
 
 
