@@ -104,6 +104,13 @@ def _tiles(kernel: str, G: int | None = None, D: int | None = None, NC: int = 0)
     return _gpu_tiles(kernel, G, D, NC)
 
 
+def bwd_heads(G: int, most: int) -> int:
+    """Heads per program of the tile-order sparse backward: the largest divisor of the group
+    size G up to `most` (its programs then hold whole packs, none short where every head is
+    active)."""
+    return max(h for h in range(1, min(G, most) + 1) if G % h == 0)
+
+
 def _options(tiles: dict) -> dict:
     """The launch options (warps, stages) of a `_tiles` entry."""
     return {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
@@ -158,10 +165,11 @@ def _head_lists(
             # the bits' sum is their OR; bit 63 (a 64th head) wraps to int64's sign as it should
             bits=(host.view(HKV, G).to(torch.int64) << torch.arange(G)).sum(1).to(device),
         )
-        # the packs the window kernels will launch with, now: none is then copied to the
-        # device while a CUDA graph is being captured
+        # the packs the window kernels and the tile-order sparse backward will launch with,
+        # now: none is then copied to the device while a CUDA graph is being captured
         for kernel in ("window_fwd", "window_dq"):
             lists.packs(_tiles(kernel, G)["HP"])
+        lists.packs(bwd_heads(G, _tiles("sparse_tile_bwd", G)["HEADS"]))
         if len(_HEAD_LISTS) > 1024:  # masks change only at pruning decisions
             _HEAD_LISTS.clear()
         _HEAD_LISTS[key] = lists

@@ -36,7 +36,7 @@ from .common import (
     _sparse_dkv_rows,
 )
 from .launch import descriptors_available, launch, tiles_of
-from .layout import _options
+from .layout import _options, bwd_heads
 from .selection import _rank
 from .sparse import _invert
 
@@ -706,12 +706,6 @@ def fused_available(lay, dk: torch.Tensor, dv: torch.Tensor) -> bool:
     bq = lay.plan.select_tile
     aligned = dk.data_ptr() % 16 == 0 and dv.data_ptr() % 16 == 0
     return bool(FUSED_BWD) and 16 <= bq <= 128 and descriptors_available() and aligned
-
-
-def bwd_heads(G: int, most: int) -> int:
-    """Heads per program of the tile-order backward: the largest divisor of the group size G up
-    to `most` (its programs then hold whole packs, none short where every head is active)."""
-    return max(h for h in range(1, min(G, most) + 1) if G % h == 0)
 
 
 def _fused_backward(q, k, v, gate, do, idx, lay, saved, dgate, deltas, dq, dk, dv) -> None:
