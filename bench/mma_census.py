@@ -11,8 +11,9 @@ these kernels: bench/RESULTS.md, eighteenth session), their shapes, any Ampere `
 shared memory, and what ptxas reports of registers and spills. The kernels and tiles depend on
 the head dim, the group size and the compressed keys (from 64 the selection's one-pass score,
 from 256 the global dk/dv's wide tiles), not on T otherwise: a T with as many compressed keys
-stands for a long one, or `--set autograd.SELECT_AFTER_NC=0` takes the one-pass score at any T. `--triton DIR` compiles with the Triton installed in DIR (e.g. the device's version,
-`pip install --target DIR --no-deps triton==3.6.0`); the recording runs this environment's.
+stands for a long one, or `--set autograd.SELECT_AFTER_NC=0` takes the one-pass score at any
+T. `--triton DIR` compiles with the Triton installed in DIR (e.g. the device's version, `pip
+install --target DIR --no-deps triton==3.6.0`); the recording runs this environment's.
 """
 
 from __future__ import annotations

@@ -32,6 +32,13 @@ CASES = [
 ]
 
 
+# masks of 6 heads in 2 groups of 3
+HEAD_MASKS = [
+    pytest.param([True, False, True, True, False, False], id="part-of-groups"),
+    pytest.param([False, False, False, True, True, True], id="whole-group"),
+]
+
+
 @pytest.mark.parametrize("B,T,HQ,HKV,D,budget,ratios,bs,bq", CASES)
 def test_tile_mode_matches_reference(B, T, HQ, HKV, D, budget, ratios, bs, bq):
     cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs, select_tile=bq)
@@ -54,13 +61,7 @@ def test_tile_setting_leaves_sparse_free_corners_alone(ratios):
     check(1, 37, 4, 2, 16, cfg, torch.float32, tol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "mask",
-    [
-        pytest.param([True, False, True, True, False, False], id="part-of-groups"),
-        pytest.param([False, False, False, True, True, True], id="whole-group"),
-    ],
-)
+@pytest.mark.parametrize("mask", HEAD_MASKS)
 @pytest.mark.parametrize("bq", [16, 64], ids=["padded", "packed"])
 def test_tile_mode_head_mask(mask, bq):
     cfg = AttentionConfig(budget=24, ratios=(0.25, 0.25, 0.5), block_size=4, select_tile=bq)
@@ -278,13 +279,7 @@ def test_tile_order_backward_matches_reference(
     assert bool(calls) == (16 <= bq <= 128 and HAS_DESCRIPTORS)
 
 
-@pytest.mark.parametrize(
-    "mask",
-    [
-        pytest.param([True, False, True, True, False, False], id="part-of-groups"),
-        pytest.param([False, False, False, True, True, True], id="whole-group"),
-    ],
-)
+@pytest.mark.parametrize("mask", HEAD_MASKS)
 def test_tile_order_backward_head_mask(monkeypatch, mask):
     # packs of 3 heads, short where a group has fewer active (-1 entries: rows masked)
     calls = _tile_order(monkeypatch, 3)

@@ -465,6 +465,15 @@ def _bwd_step(
 
 
 @triton.jit
+def _head_rows(o_bq, o_t, i_h, T, HQ: tl.constexpr):
+    # A chunk's rows: tokens o_t of head i_h (-1: none) as offsets into [B * T * HQ] rows
+    # (o_bq, the batch's first), and which are real.
+    # broadcast before comparing: the interpreter mis-types a scalar mask in `&`
+    m_r = (o_t < T) & (i_h + tl.zeros_like(o_t) >= 0)
+    return o_bq + o_t * HQ + tl.maximum(i_h, 0), m_r
+
+
+@triton.jit
 def _sparse_tile_bwd_kernel(
     q,
     k,
@@ -577,15 +586,6 @@ def _sparse_tile_bwd_kernel(
         if ACCUMULATE:
             b_dq += tl.load(dq + o_x, mask=m_r[:, None], other=0.0).to(tl.float32)
         tl.store(dq + o_x, b_dq.to(dq.dtype.element_ty), mask=m_r[:, None])
-
-
-@triton.jit
-def _head_rows(o_bq, o_t, i_h, T, HQ: tl.constexpr):
-    # A chunk's rows: tokens o_t of head i_h (-1: none) as offsets into [B * T * HQ] rows
-    # (o_bq, the batch's first), and which are real.
-    # broadcast before comparing: the interpreter mis-types a scalar mask in `&`
-    m_r = (o_t < T) & (i_h + tl.zeros_like(o_t) >= 0)
-    return o_bq + o_t * HQ + tl.maximum(i_h, 0), m_r
 
 
 # The sparse backward as one kernel in tile order (`_sparse_tile_bwd_kernel`) instead of the
