@@ -270,28 +270,42 @@ def test_tile_order_backward_compiles_for_sm90(monkeypatch, tmp_path):
     # (G 16, D 128), its streamed loads prefetched
     import automla.kernels.parallel.sparse_tile as sparse_tile
 
-    name = "_sparse_tile_bwd_kernel"
     monkeypatch.setattr(sparse_tile, "FUSED_BWD", 1)
-    compilers = _Compilers(tmp_path, n=2, pipelined={name})
+    launches = _compile_one(monkeypatch, tmp_path, "_sparse_tile_bwd_kernel", pipelined=True)
+    assert len(launches) == 2, len(launches)
+
+
+def test_fused_local_dq_compiles_for_sm90(monkeypatch, tmp_path):
+    # the local dk/dv that adds the local dq (`autograd.FUSED_LOCAL`) as the GPU launches it
+    # (its dq added by TMA: `window.GPU_CONSTEXPRS`), for every case with a local branch
+    from automla.kernels.parallel import autograd
+
+    monkeypatch.setattr(autograd, "FUSED_LOCAL", 1)
+    launches = _compile_one(monkeypatch, tmp_path, "_local_bwd_dkv_kernel", pipelined=False)
+    assert len(launches) >= 2 and all(x["params"]["DQ"]["constexpr"] for x in launches)
+
+
+def _compile_one(monkeypatch, tmp_path, name: str, pipelined: bool) -> list[dict]:
+    """Compiles every distinct launch of kernel `name` in the recorded cases for sm_90 (its
+    loop's loads prefetched where `pipelined`), failing on any error; returns those launches."""
+    compilers = _Compilers(tmp_path, n=2, pipelined={name} if pipelined else set())
     try:
-        launches = _Only(name, compilers)
-        record_launches(monkeypatch, launches)
-        assert launches.count == 2, launches.count
+        record_launches(monkeypatch, _Only(name, compilers))
         failed = compilers.failures(timeout=900)
     finally:
         compilers.stop()
     assert not failed, "\n\n".join(failed)
+    return list(compilers.distinct.values())
 
 
 class _Only:
-    """Passes on the launches of one kernel (counted) to `sink`."""
+    """Passes on the launches of one kernel to `sink`."""
 
     def __init__(self, kernel: str, sink):
-        self.kernel, self.sink, self.count = kernel, sink, 0
+        self.kernel, self.sink = kernel, sink
 
     def append(self, launch: dict) -> None:
         if launch["kernel"] == self.kernel:
-            self.count += 1
             self.sink.append(launch)
 
 

@@ -10,6 +10,9 @@ import triton.language as tl
 
 from .common import _gate_grad, _load_pair, _pack_rows, _softmax_finish, _softmax_step
 
+# as in sparse_tile: the GPU's constexprs where the interpreter's differ (TMA adds)
+GPU_CONSTEXPRS = {"_local_bwd_dkv_kernel": {"TMA_ADD": True}}
+
 
 @triton.jit
 def _window_fwd_kernel(
@@ -149,6 +152,7 @@ def _window_bwd_dq_kernel(
     PREC: tl.constexpr,
     ZB: tl.constexpr,
     TMA: tl.constexpr,
+    LOCAL_DQ: tl.constexpr,
 ):
     # dq of one query tile of HP heads of one group: local, then global; each branch's dgate
     # and softmax delta (the dk/dv kernels, launched after, read the deltas): the local one's
@@ -173,13 +177,14 @@ def _window_bwd_dq_kernel(
     b_dq = tl.zeros([HP * BT, D], dtype=tl.float32)
 
     if HAS_LOCAL:
+        b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
+        b_delta = _gate_grad(b_do, o_l + o_x, b_g, dgate + o_r * 3, delta_l + o_r, m_t)
+    if HAS_LOCAL and LOCAL_DQ:  # else the local dk/dv kernel adds the local dq
         if not TMA:
             k += (i_b * T * HKV + i_hk).to(tl.int64) * D
             v += (i_b * T * HKV + i_hk).to(tl.int64) * D
-        b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
         b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
         b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
-        b_delta = _gate_grad(b_do, o_l + o_x, b_g, dgate + o_r * 3, delta_l + o_r, m_t)
         lo = tl.maximum(i_t * BT - window + 1, 0) // BK * BK
         hi = tl.minimum((i_t + 1) * BT, T)
         for i_s in range(lo, hi, BK):
@@ -252,6 +257,8 @@ def _local_bwd_dkv_kernel(
     dv,
     dkc,
     dvc,
+    dq,
+    dq_t,
     T,
     NC,
     NA,
@@ -267,6 +274,8 @@ def _local_bwd_dkv_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     SPREAD: tl.constexpr,
+    DQ: tl.constexpr,
+    TMA_ADD: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # One key tile of one KV head, one of NSPLIT programs: the queries that see the tile are
@@ -275,6 +284,10 @@ def _local_bwd_dkv_kernel(
     # running a few long programs. dk/dv are float32 buffers that every branch adds to.
     # SPREAD: the first program also adds the global branch's gradient of the compressed
     # token that pooled each key (dkc/dvc [B, NC, HKV, D], complete), 1/stride of it.
+    # DQ: the local branch's dq too, FlashAttention's backward with its five products per
+    # query-key pair: each item's [BT, D] share is added to the float32 dq ([B, T, HQ, D], its
+    # pointer; dq_t a TMA descriptor of its [B * T, HQ * D] view, added to where TMA_ADD), and
+    # the window dq kernel skips its local loop.
     i_s, i_bg, i_sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bg // NA
     i_hk = tl.load(groups + i_bg % NA)
@@ -318,6 +331,14 @@ def _local_bwd_dkv_kernel(
             b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
             b_dst = b_pt * (b_dpt - b_delta[None, :])
             b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+            if DQ:
+                # [BT, D]; rows past T are zero (masked in m_st): added past the batch's end
+                # by TMA, they add nothing
+                b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k, input_precision=PREC) * scale
+                if TMA_ADD:
+                    dq_t.atomic_add([i_b * T + lo + (i_it % nq) * BT, i_h * D], b_dq)
+                else:
+                    tl.atomic_add(dq + o_x, b_dq, mask=m_t[:, None], sem="relaxed")
     b_dk = b_dk * scale
     if SPREAD:
         o_c = o_s // stride
