@@ -34,7 +34,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(argv: Sequence[str] | None = None) -> int:
     """Run one command and return its exit status (0 ok, 1 failed run, 2 bad input)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # unknown options are named by the command's own parser (its usage, not the top level's)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from automla.export import ExportError
     from automla.preflight import ClusterError
     from automla.report import RunError, SearchFailed, SearchInterrupted
@@ -67,8 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
         "language models, on Ray Tune and Optuna.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from automla import __version__
+
+    parser.add_argument("--version", action="version", version=f"automla {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
 
     p = sub.add_parser(
         "search",
@@ -79,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         "study.db, hypervolume.csv, the plots, report.html, search.log, ray/. Exits 1 when every "
         "trial failed, listing the reasons.",
     )
-    what = p.add_mutually_exclusive_group(required=True)
+    # required, checked in _search: argparse would report it before a misspelt option
+    what = p.add_mutually_exclusive_group()
     what.add_argument("--space", metavar="FILE", help="search-space YAML file")
     what.add_argument(
         "--resume",
@@ -103,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="print the Pareto front of a run and redraw its plot",
         description="Print the Pareto front of a run folder (a table, or JSON with --json) "
-        "and rewrite trials.csv, pareto.json, hypervolume.csv and pareto.png from trials.json.",
+        "and rewrite its outputs from trials.json: trials.csv, pareto.json, hypervolume.csv, "
+        "the plots and report.html. A damaged trials.json is set aside and rebuilt from "
+        "study.db.",
     )
     p.add_argument("run", metavar="RUN", help="a run folder, e.g. runs/default-20250101-120000")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -137,19 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="where to write the config (default: best.yaml)",
     )
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
     p.set_defaults(func=_export)
 
     p = sub.add_parser(
         "train",
         help="train one configuration (e.g. an exported one)",
         description="Train the model of a trainer config file with a progress bar; the run "
-        "folder receives config.yaml, metrics.jsonl and checkpoint/checkpoint.pt.",
+        "folder receives config.yaml, metrics.jsonl and checkpoint/checkpoint.pt (with "
+        "pruning, pruning.jsonl and model_compact.pt too). Exits 1 if the loss diverges.",
     )
     p.add_argument("--config", required=True, metavar="F", help="trainer config YAML")
     p.add_argument(
         "--out", metavar="DIR", help="run folder (default: runs/train-<stem>-<date>-<time>)"
     )
     p.add_argument("--steps", type=int, metavar="N", help="override the number of steps")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint (its logs continue too)",
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser(
@@ -162,13 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
     p.set_defaults(func=_dashboard)
+    for command in sub.choices.values():
+        command.set_defaults(parser=command)
     return parser
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser: options are never taken by a prefix (`--trial` is not `--trials`)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
 
 
 def _search(args: argparse.Namespace) -> int:
     from automla import schema
     from automla.runner import default_name, resume_search, run_search
 
+    if not args.space and not args.resume:
+        args.parser.error("one of the arguments --space --resume is required")
     if args.resume:
         if args.trials is not None or args.name or args.out != "runs":
             from automla.report import RunError
@@ -204,7 +234,7 @@ def _console():
 def _export(args: argparse.Namespace) -> int:
     from automla.export import export
 
-    record, path = export(args.run, args.pick, args.output, args.where)
+    record, path = export(args.run, args.pick, args.output, args.where, replace=args.force)
     metrics = ", ".join(
         f"{k}={v:.4g}" for k, v in record["metrics"].items() if k in ("val_loss", "tokens_per_s")
     )
@@ -230,21 +260,27 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError("", f"{path}: cannot read the file ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise ConfigError("", f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if isinstance(data, dict) and "space" in data and "objectives" in data:
+        raise ConfigError(
+            "", f"{path}: a search-space file, not a trainer config: automla search --space {path}"
+        )
     try:
         config = build(TrainConfig, data)
         if args.steps is not None:
             config = build(TrainConfig, {**to_dict(config), "steps": args.steps})
     except ConfigError as e:
         raise ConfigError("", f"{path}: {e}") from None
+    # every rank names the folder; only rank 0 writes it, so rank 0's name is the one made
+    out = Path(args.out or f"runs/train-{path.stem}-{datetime.now():%Y%m%d-%H%M%S}")
+    resume = _resume_from(out) if args.resume else _unused(out)
     # under torchrun (RANK, WORLD_SIZE, ... set) every process joins the group and trains its
-    # share: data parallel, or sequence parallel with `sequence_parallel: P`
+    # share: data parallel, or sequence parallel with `sequence_parallel: P`. Each rank has
+    # checked the folder above: none can have written it before the group is joined.
     joined = init_from_env(config.device)
     main = is_main()  # asked before the group is gone
     try:
-        # every rank names the folder; only rank 0 writes it, so rank 0's name is the one made
-        out = Path(args.out or f"runs/train-{path.stem}-{datetime.now():%Y%m%d-%H%M%S}")
         try:
-            metrics = train(config, out_dir=out, progress=True)
+            metrics = train(config, out_dir=out, resume=resume, progress=True)
         except ConfigError as e:  # the data cannot train: found before out is made
             raise ConfigError("", f"{path}: {e}") from None
     finally:
@@ -252,7 +288,12 @@ def _train(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
     if not main:
         return 0
-    table = Table(title=f"final metrics ({out})", title_justify="left")
+    table = Table(
+        title=f"final metrics ({out})",
+        title_justify="left",
+        caption="tokens_per_s: the exclusive benchmark's; train_tokens_per_s: this run's clock",
+        caption_justify="left",
+    )
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():
@@ -263,10 +304,33 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_from(out: Path) -> Path:
+    """The checkpoint folder that `train --resume` continues from."""
+    from automla.trainers.config import ConfigError
+    from automla.trainers.trainer import CHECKPOINT_DIR
+
+    if not (out / CHECKPOINT_DIR).is_dir():
+        raise ConfigError("", f"{out}: no {CHECKPOINT_DIR}/ to resume from; give --out RUN")
+    return out / CHECKPOINT_DIR
+
+
+def _unused(out: Path) -> None:
+    """Refuses a folder that holds a training run already: training again would replace its
+    checkpoint and logs."""
+    from automla.trainers.trainer import CHECKPOINT_DIR, METRICS_LOG
+
+    if (out / METRICS_LOG).exists() or (out / CHECKPOINT_DIR).exists():
+        raise FileExistsError(
+            f"{out} holds a training run already; give another --out, or --resume to continue it"
+        )
+
+
 def _dashboard(args: argparse.Namespace) -> int:
     from automla.report import RunError
     from automla.run_folder import study_url
 
+    if not Path(args.run).is_dir():
+        raise RunError(f"{args.run}: no such run folder")
     if not (Path(args.run) / "study.db").is_file():
         raise RunError(f"{args.run}: no study.db here; give the run folder of a search")
     url = study_url(args.run)
@@ -274,9 +338,25 @@ def _dashboard(args: argparse.Namespace) -> int:
         import optuna_dashboard
     except ImportError:
         raise RunError("optuna-dashboard is not installed: pip install optuna-dashboard") from None
+    _check_port(args.host, args.port)
     print(f"Optuna dashboard of {args.run}: http://{args.host}:{args.port} (Ctrl-C stops it)")
     optuna_dashboard.run_server(url, host=args.host, port=args.port)
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fails with one line, not the server's traceback, where host:port cannot be served."""
+    import os
+    import socket
+
+    from automla.report import RunError
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise RunError(f"cannot listen on {host}:{port} ({why}); try another --port") from None
 
 
 if __name__ == "__main__":

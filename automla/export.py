@@ -106,9 +106,15 @@ def select(
 
 
 def export(
-    run_dir: str | Path, pick: str, out: str | Path, where: Sequence[str] = ()
+    run_dir: str | Path,
+    pick: str,
+    out: str | Path,
+    where: Sequence[str] = (),
+    *,
+    replace: bool = False,
 ) -> tuple[dict[str, Any], Path]:
-    """Write the chosen trial's full TrainConfig to `out` (YAML); returns (record, path)."""
+    """Write the chosen trial's full TrainConfig to `out` (YAML); returns (record, path). An
+    existing `out` (perhaps edited by hand) is replaced only where `replace`."""
     config, trials = load_run(run_dir)
     record = select(trials, config.metrics, config.modes, pick, where)
     if not isinstance(record.get("config"), dict):
@@ -118,6 +124,8 @@ def export(
         )
     train_config = build(TrainConfig, record["config"])  # validates what is written
     path = Path(out)
+    if path.exists() and not replace:
+        raise FileExistsError(f"{path} exists; --force replaces it, or -o names another file")
     if path.parent != Path(""):
         path.parent.mkdir(parents=True, exist_ok=True)
     header = (

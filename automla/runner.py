@@ -129,17 +129,38 @@ def resume_search(
     are neither rerun nor counted.
     """
     run_dir = Path(run_dir).resolve()
+    if not run_dir.is_dir():
+        raise report_mod.RunError(f"{run_dir}: no such run folder")
     if not (run_dir / "space.yaml").is_file():
         raise report_mod.RunError(f"{run_dir}: not a run folder (space.yaml is missing)")
+    config = load(run_dir / "space.yaml")
+    finished = _finished_trials(run_dir, config)
+    if finished:
+        (console or Console()).print(
+            f"{run_dir.name}: the search finished ({finished} trials); nothing to resume. "
+            f"`automla report {run_dir}` shows its front."
+        )
+        return run_dir
     if not tune.Tuner.can_restore(str(run_dir / "ray")):
         raise report_mod.RunError(
             f"{run_dir}: Ray saved no experiment state before the search stopped; "
             "start it again instead"
         )
-    config = load(run_dir / "space.yaml")
     address = _checked_address(address)
     check_data(config)
     return _execute(config, run_dir, address, train_fn, console or Console(), resume=True)
+
+
+def _finished_trials(run_dir: Path, config: SearchConfig) -> int:
+    """How many trials a search that ran its whole budget recorded (trials.json, none stopped
+    by an interruption); 0 if it did not, or the file cannot tell."""
+    try:
+        records = json.loads((run_dir / "trials.json").read_text())
+        states = [r["state"] for r in records]
+    except (OSError, ValueError, TypeError, KeyError):
+        return 0
+    done = len(states) >= config.trials and report_mod.STOPPED not in states
+    return len(states) if done else 0
 
 
 def _checked_address(address: str | None) -> str | None:
@@ -258,8 +279,9 @@ def _execute(
     console.print(report_mod.front_table(summary, name))
     shown = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     console.print(
-        f"{summary['trials']} trials ({shown}) in {duration(wall)} · "
-        f"hypervolume {report_mod.hypervolume_text(summary)} · run folder {run_dir}"
+        f"{summary['trials']} trials ({shown}) in {duration(wall)}"
+        + (" (this session)" if resume else "")
+        + f" · hypervolume {report_mod.hypervolume_text(summary)} · run folder {run_dir}"
     )
     if summary.get("gpu_usage"):
         u = summary["gpu_usage"]

@@ -255,3 +255,41 @@ def test_the_search_log_leaves_out_tensorboards_complaint_about_attention_stats(
         h.close()
     text = (tmp_path / "search.log").read_text()
     assert "attn_gate" not in text and "ray/tune/other" in text
+
+
+def test_export_keeps_an_existing_file_unless_forced(run: Path, tmp_path: Path, capsys):
+    best = tmp_path / "best.yaml"
+    best.write_text("# edited by hand\n")
+    assert cli.run(["export", str(run), "-o", str(best)]) == 2
+    err = capsys.readouterr().err
+    assert f"{best} exists; --force replaces it" in err and err.count("\n") == 1
+    assert best.read_text() == "# edited by hand\n"
+    assert cli.run(["export", str(run), "-o", str(best), "--force"]) == 0
+    assert best.read_text().startswith("# AutoMLA export: trial")
+
+
+def test_resume_of_a_finished_search_runs_nothing(run: Path, capsys, monkeypatch):
+    space = yaml.safe_load((run / "space.yaml").read_text())
+    (run / "space.yaml").write_text(yaml.safe_dump({**space, "trials": len(TRIALS)}))
+    before = (run / "trials.json").read_text()
+    monkeypatch.setattr("automla.runner._checked_address", pytest.fail)  # no Ray is started
+    assert cli.run(["search", "--resume", str(run)]) == 0
+    assert "the search finished (3 trials); nothing to resume" in capsys.readouterr().out
+    assert (run / "trials.json").read_text() == before
+
+
+def test_resume_and_dashboard_name_a_missing_folder(tmp_path: Path, capsys):
+    for command in (["search", "--resume"], ["dashboard"]):
+        assert cli.run([*command, str(tmp_path / "nope")]) == 2
+        assert "nope: no such run folder" in capsys.readouterr().err
+
+
+def test_dashboard_names_a_port_in_use(run: Path, capsys):
+    import socket
+
+    pytest.importorskip("optuna_dashboard")
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert cli.run(["dashboard", str(run), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1

@@ -173,6 +173,12 @@ def test_export_then_train(run_dir: Path, tmp_path: Path, capsys):
     assert (out / "checkpoint" / "checkpoint.pt").is_file()
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 4
+    # the same folder again only with --resume, which continues the run and its log
+    assert cli.run(["train", "--config", str(best), "--steps", "6", "--out", str(out)]) == 2
+    resume = ["train", "--config", str(best), "--steps", "6", "--out", str(out), "--resume"]
+    assert cli.run(resume) == 0
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[: len(lines)] == [json.loads(x)["step"] for x in lines] and steps[-1] == 6
 
 
 def test_export_picks_and_filters(run_dir: Path, tmp_path: Path, capsys):

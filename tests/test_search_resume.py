@@ -199,7 +199,9 @@ def test_kill_the_driver_then_resume_the_folder_moved(tmp_path: Path):
 
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path: Path, capsys):
     assert cli.run(["search", "--resume", str(tmp_path / "nothing")]) == 2
-    assert "not a run folder" in capsys.readouterr().err
+    assert "no such run folder" in capsys.readouterr().err
+    assert cli.run(["search", "--resume", str(tmp_path)]) == 2
+    assert "not a run folder (space.yaml is missing)" in capsys.readouterr().err
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "space.yaml").write_text(
         yaml.safe_dump(schema.to_yaml_dict(schema.parse(SPACE)))
