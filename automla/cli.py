@@ -233,10 +233,13 @@ def _console():
 
 def _export(args: argparse.Namespace) -> int:
     from automla.export import export
+    from automla.report import format_value
 
     record, path = export(args.run, args.pick, args.output, args.where, replace=args.force)
     metrics = ", ".join(
-        f"{k}={v:.4g}" for k, v in record["metrics"].items() if k in ("val_loss", "tokens_per_s")
+        f"{k}={format_value(v)}"
+        for k, v in record["metrics"].items()
+        if k in ("val_loss", "tokens_per_s")
     )
     print(f"trial {record['trial_id']} ({record.get('label', '')}; {metrics}) -> {path}")
     print(f"train it: automla train --config {path}")
@@ -249,6 +252,7 @@ def _train(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from automla.report import format_value
     from automla.trainers import train
     from automla.trainers.config import ConfigError, TrainConfig, build, to_dict
     from automla.trainers.distributed import init_from_env, is_main
@@ -298,7 +302,7 @@ def _train(args: argparse.Namespace) -> int:
     table.add_column("value", justify="right")
     for k, v in metrics.items():
         if isinstance(v, (int, float)):
-            table.add_row(k, f"{v:,.4g}" if isinstance(v, float) else str(v))
+            table.add_row(k, format_value(v))
     Console().print(table)
     print(f"checkpoint: {out / 'checkpoint'}")
     return 0

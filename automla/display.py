@@ -120,17 +120,21 @@ class Progress(tune.Callback):
             f"{duration(time.time() - self.started)}"
         )
         table = Table(box=None, pad_edge=False)
-        for col in ("trial", "state", "config", "step", *self.config.metrics):
-            table.add_column(
-                col, justify="right" if col not in ("trial", "state", "config") else "left"
-            )
+        # only the config wraps: the numbers stay whole on a narrow terminal
+        table.add_column("trial", no_wrap=True)
+        table.add_column("state", no_wrap=True)
+        table.add_column("config")
+        for col in ("step", *self.config.metrics):
+            table.add_column(col, justify="right", no_wrap=True)
         for tid, r in list(self.rows.items())[-14:]:
             last = r.get("last") or {}
             style = {"failed": "red", "running": "cyan", "pruned": "dim"}.get(r["state"])
             table.add_row(
                 tid,
                 r["state"],
-                Text(r["desc"] if r["state"] != "failed" else r.get("reason", "")[:70]),
+                report_mod.Items(r["desc"].split(_SEP), sep=_SEP)
+                if r["state"] != "failed"
+                else Text(r.get("reason", "")[:70]),
                 _num(last.get("step")),
                 *[_num(last.get(m)) for m in self.config.metrics],
                 style=style,
@@ -138,18 +142,22 @@ class Progress(tune.Callback):
         return Group(head, table)
 
 
+# between a trial's label and settings in the live table: a single space is also inside some
+# of them (`L28 G28 S43`, `gate.hidden=[32, 32]`), and the table breaks lines only here
+_SEP = "  "
+
+
 def _describe(built: dict[str, Any]) -> str:
     """A trial's config in one line: its label, then its searched values (ratio shares left to
     the label)."""
-    return " ".join([built["label"]] + [f"{k}={v}" for k, v in _searched(built["params"])])
+    items = [f"{k}={report_mod.setting_text(v)}" for k, v in _searched(built["params"])]
+    return _SEP.join([built["label"], *items])
 
 
 def _proposed(params: dict[str, Any]) -> str:
     """The values Optuna proposed, less the ratios' raw simplex coordinates (their shares come
     with the built config, in the trial's label)."""
-    return " ".join(
-        f"{k}={f'{v:.3g}' if isinstance(v, float) else v}" for k, v in _searched(params)
-    )
+    return " ".join(f"{k}={report_mod.setting_text(v)}" for k, v in _searched(params))
 
 
 def _searched(params: dict[str, Any]) -> list[tuple[str, Any]]:

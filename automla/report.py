@@ -17,8 +17,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.measure import Measurement
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 from automla import attention_view, pareto
 from automla import reference as reference_mod
@@ -446,7 +450,7 @@ def write_html(
         cells = [e["trial_id"] + (" (knee)" if e["knee"] else "")]
         cells += [format_value(e["metrics"][m]) for m in metrics] + [e["label"]]
         cells.append(e.get("vs_reference_text", ""))
-        cells += [format_value(e["params"].get(p, "")) for p in params]
+        cells += [setting_text(e["params"].get(p, "")) for p in params]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     ref = summary.get("reference") or {}
     if ref:
@@ -478,7 +482,9 @@ def write_html(
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>AutoMLA run {html.escape(name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;text-align:right}}
-table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style></head>
+table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}
+td.bar{{text-align:left}}span.bar{{display:inline-block;height:.8em;background:#4c72b0}}</style>
+</head>
 <body><h1>AutoMLA run {html.escape(name)}</h1>
 <p>{summary["trials"]} trials ({counts}); hypervolume {html.escape(hypervolume_text(summary))}.
 </p><p>How to read the hypervolume: {html.escape(summary.get("hypervolume_note", ""))}.</p>
@@ -489,10 +495,38 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style
 {"".join(rows)}</table>
 {"".join(images)}
 {attention_section}
-<h2>parameter importances</h2><pre>{html.escape(json.dumps(scores, indent=1))}</pre>
+<h2>parameter importances</h2>{_importances_html(scores)}
 </body></html>
 """
     Path(path).write_text(page)
+
+
+def _importances_html(scores: dict[str, dict[str, float]]) -> str:
+    """Each parameter's importance per objective as a table, to 2 decimals with a bar, most
+    important first (Optuna's scores sum to 1; their 16 digits say nothing more)."""
+    import html
+
+    metrics = [m for m, per in scores.items() if per]
+    if not metrics:
+        return "<p>too few completed trials to fit them.</p>"
+    params = sorted(
+        {p for m in metrics for p in scores[m]},
+        key=lambda p: -sum(scores[m].get(p, 0.0) for m in metrics),
+    )
+    rows = []
+    for p in params:
+        cells = [f'<td title="{html.escape(p)}">{html.escape(short_name(p))}</td>']
+        for m in metrics:
+            v = scores[m].get(p)
+            cells.append(
+                '<td class="bar">-</td>'
+                if v is None
+                else f'<td class="bar">{v:.2f} <span class="bar" style="width:{100 * v:.0f}px">'
+                "</span></td>"
+            )
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
+    return f"<table><tr><th>parameter</th>{head}</tr>{''.join(rows)}</table>"
 
 
 def _gpu_line(usage: dict[str, Any] | None) -> str:
@@ -554,44 +588,90 @@ def report(
     return summary
 
 
-def front_table(summary: dict[str, Any], title: str = "") -> Table:
-    """The Pareto front as a rich table, best first on the first objective; knee marked."""
+def front_table(summary: dict[str, Any], title: str = "") -> Group:
+    """The Pareto front as a rich table, best first on the first objective, knee marked; each
+    trial's searched settings listed below it (a settings column squeezed the numbers to `1.9…`
+    on an 80-column terminal and still wrapped values mid-word at 120)."""
     metrics = [o["metric"] for o in summary["objectives"]]
     table = Table(title=f"Pareto front {title}".strip(), title_justify="left")
-    # the trial, its objectives and ratios keep their width in a narrow terminal; the searched
-    # settings share one column that folds
-    table.add_column("trial", no_wrap=True)
+    # the objectives and ratios never wrap: when the terminal is narrow, the trial and the
+    # comparison columns wrap first (rich shrinks only wrapping columns while it can)
+    table.add_column("trial")
     for o in summary["objectives"]:
         table.add_column(f"{o['metric']}\n({o['mode']})", justify="right", no_wrap=True)
     table.add_column("ratios", no_wrap=True)
     ref = summary.get("reference") or {}
     if ref:
-        table.add_column("vs dense reference", no_wrap=True)
-    table.add_column("settings", overflow="fold")
+        table.add_column("vs dense reference")
     for entry in summary["front"]:
-        settings = "  ".join(
-            f"{short_name(k)}={format_value(v)}"
-            for k, v in entry["params"].items()
-            if not k.startswith(RATIOS)
-        )
         table.add_row(
-            entry["trial_id"] + (" (knee)" if entry["knee"] else ""),
+            _trial_cell(entry),
             *[format_value(entry["metrics"][m]) for m in metrics],
             entry["label"],
-            *([entry.get("vs_reference_text", "")] if ref else []),
-            settings,
+            *([_comparison_cell(entry.get("vs_reference_text", ""))] if ref else []),
             style="bold" if entry["knee"] else None,
         )
     if ref:
+        done = ref.get("state") == COMPLETED
         table.add_row(
             reference_mod.LABEL,
             *[_reference_cell(ref, m) for m in metrics],
             "dense",
-            "1x" if ref.get("state") == COMPLETED else "",
-            "" if ref.get("state") == COMPLETED else f"{ref.get('state')}: {ref.get('reason')}",
+            "1x" if done else f"{ref.get('state')}: {ref.get('reason')}",
             style="italic",
         )
-    return table
+    settings = Table.grid(padding=(0, 2))
+    settings.add_column(no_wrap=True)
+    settings.add_column()
+    for entry in summary["front"]:
+        items = [
+            f"{short_name(k)}={setting_text(v)}"
+            for k, v in entry["params"].items()
+            if not k.startswith(RATIOS)
+        ]
+        if items:
+            style = "bold" if entry["knee"] else None
+            settings.add_row(_trial_cell(entry), Items(items, sep="  "), style=style)
+    if not settings.rows:
+        return Group(table)
+    return Group(table, Text("settings of the front"), Padding(settings, (0, 0, 0, 2)))
+
+
+def _trial_cell(entry: dict[str, Any]) -> str:
+    return entry["trial_id"] + (" (knee)" if entry["knee"] else "")
+
+
+def _comparison_cell(text: str) -> Items:
+    """'-0.16 val_loss, 0.54x tokens_per_s', broken only after a comma."""
+    parts = text.split(", ") if text else []
+    return Items([p + "," for p in parts[:-1]] + parts[-1:], sep=" ")
+
+
+class Items:
+    """Items on as few lines as the width allows, broken only between items (rich's own
+    wrapping breaks at any space, splitting `gate.hidden=[32, 32]` or `-0.16 val_loss`); its
+    narrowest is its widest item, so rich knows how far a column of them can shrink."""
+
+    def __init__(self, items: list[str], sep: str = " "):
+        self.items = items
+        self.sep = sep
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        widest = max((cell_len(i) for i in self.items), default=0)
+        return Measurement(widest, cell_len(self.sep.join(self.items))).with_maximum(
+            options.max_width
+        )
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        lines: list[str] = []
+        for item in self.items:
+            joined = f"{lines[-1]}{self.sep}{item}" if lines else item
+            if lines and cell_len(joined) <= options.max_width:
+                lines[-1] = joined
+            else:
+                lines.append(item)
+        # an item wider than the whole width is left to rich (wrapped at its spaces)
+        yield Text("\n".join(lines))
 
 
 def _reference_cell(ref: dict[str, Any], metric: str) -> str:
@@ -740,7 +820,16 @@ def finite_number(v: Any) -> bool:
 
 
 def format_value(v: Any) -> str:
-    """A table cell: a float to 4 significant digits, from 1000 up whole with separators."""
+    """A metric in a table or a line: from 1000 up whole with separators (`43,519`, int or
+    float alike), a smaller float to 4 significant digits (`1.972`)."""
+    if finite_number(v) and abs(v) >= 1000:
+        return f"{v:,.0f}"
     if isinstance(v, float):
-        return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return f"{v:.4g}"
     return str(v)
+
+
+def setting_text(v: Any) -> str:
+    """A searched setting's value: a float to 3 significant digits (`0.139`, not
+    `0.13865206088892373`), anything else as it is."""
+    return f"{v:.3g}" if isinstance(v, float) else str(v)

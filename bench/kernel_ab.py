@@ -11,7 +11,8 @@ and cuDNN's fwd+bwd on the same inputs.
 
 `--set NAME=VALUE` instead changes a setting of the launch layer (`kernels/parallel/autograd.py`;
 `MODULE.NAME` for another module of the package, e.g. `sparse_tile.DKV_PROGRAMS`) for the "after"
-rows, and `--kernels` names the kernels whose time it moves. MLA and cuDNN are timed both as
+rows, and `--kernels` names the kernels whose time it moves; `--variant` (repeated) times
+several such sets of settings against the same "before" rows in one run. MLA and cuDNN are timed both as
 called from Python and captured with their backward in one CUDA graph (as a whole-step graph
 runs them: at short T the first is host time):
 
@@ -19,6 +20,8 @@ runs them: at short T the first is host time):
         [--points 64/4/128:32768:nsa:64 12/4/64:8192:nsa:64 ...] [--rep 200]
     python bench/kernel_ab.py --base LOCAL_DKV_PROGRAMS=1 --set LOCAL_DKV_PROGRAMS=1024 \
         --kernels local_bwd_dkv
+    python bench/kernel_ab.py --variant FUSED_LOCAL=1 --variant sparse_tile.FUSED_BWD=1 \
+        --variant FUSED_LOCAL=1 sparse_tile.FUSED_BWD=1 --kernels local_bwd_dkv window_bwd_dq
 """
 
 from __future__ import annotations
@@ -106,9 +109,10 @@ def max_diff(a: list, b: list) -> float:
     return worst
 
 
-def measure(point: str, before: dict, after: dict, rep: int, names: list[str]) -> dict:
-    """One point: outputs compared, then MLA before and after, the kernels `names` (whose
-    names contain one of them), cuDNN. before/after: launch-layer attributes to set."""
+def measure(point: str, sides: list[tuple[str, dict]], rep: int, names: list[str]) -> dict:
+    """One point: each side's outputs compared with the first's, then MLA under each side
+    (label, launch-layer attributes to set), the kernels `names` (whose names contain one of
+    them), cuDNN."""
     cfg, xs = point_inputs(point)
     row, res = {"point": point}, {}
 
@@ -118,7 +122,7 @@ def measure(point: str, before: dict, after: dict, rep: int, names: list[str]) -
     def op(q, k, v, g):
         return mla_attention(q, k, v, g, cfg, backend="triton")
 
-    for label, values in (("before", before), ("after", after)):
+    for label, values in sides:
         apply(values)
         res[label] = outputs(xs, cfg)
         row[label] = do_bench(mla, rep=rep, return_mode="median")
@@ -126,7 +130,8 @@ def measure(point: str, before: dict, after: dict, rep: int, names: list[str]) -
         per = kernel_ms(mla, runs=3)
         row[label + "_per"] = {n: v for n, v in per.items() if any(s in n for s in names)}
         row[label + "_kernels"] = sum(row[label + "_per"].values())
-    row["diff"] = max_diff(res["after"], res["before"])
+    first = sides[0][0]
+    row["diff"] = max(max_diff(res[label], res[first]) for label, _ in sides[1:])
     cudnn = sdpa(SDPBackend.CUDNN_ATTENTION)
     q, k, v, _, do = xs
 
@@ -136,6 +141,52 @@ def measure(point: str, before: dict, after: dict, rep: int, names: list[str]) -
     row["cudnn"] = do_bench(dense, rep=rep, return_mode="median")
     row["cudnn_graph"] = in_one_graph(cudnn, xs, rep, uses_gate=False)
     return row
+
+
+def sides_of(before: dict, base: dict, variants: list[dict]) -> list[tuple[str, dict]]:
+    """("before", ...) then ("after", ...) or ("after1", ...), ... for several variants: every
+    setting any side changes is set on every side, at the code's own value where not given.
+    before: what an earlier module replaces (`load_before`)."""
+    changed = {k for values in (base, *variants) for k in values}
+    own = {k: getattr(*module_of(k)) for k in changed}
+    current = {k: getattr(*module_of(k)) for k in before}  # what the earlier module replaces
+    first = {**before, **own, **base}
+    after = {**current, **own}
+    labels = ["after"] if len(variants) <= 1 else [f"after{i + 1}" for i in range(len(variants))]
+    return [("before", first)] + [(lb, {**after, **v}) for lb, v in zip(labels, variants or [{}])]
+
+
+def table(rows: list[dict], sides: list[tuple[str, dict]]) -> None:
+    """The op's times per side against the first, and cuDNN's; then each timed kernel's."""
+    labels = [label for label, _ in sides]
+    head = "| point | " + " | ".join(f"{lb} ms (one graph)" for lb in labels)
+    head += " | " + " | ".join(f"{lb}/before (one graph)" for lb in labels[1:])
+    print(f"\n{head} | cuDNN ms (one graph) | best vs cuDNN (one graph) | max rel diff |")
+    print("| --- " * (2 * len(labels) + 3) + "|")
+    for r in rows:
+        times = [f"{r[lb]:.3f} ({r[lb + '_graph']:.3f})" for lb in labels]
+        ratios = [
+            f"{r[lb] / r['before']:.3f} ({r[lb + '_graph'] / r['before_graph']:.3f})"
+            for lb in labels[1:]
+        ]
+        best = min(r[lb] for lb in labels)
+        best_graph = min(r[lb + "_graph"] for lb in labels)
+        print(f"| {r['point']} | {' | '.join(times + ratios)} | {r['cudnn']:.3f} "
+              f"({r['cudnn_graph']:.3f}) | {r['cudnn'] / best:.2f}× "
+              f"({r['cudnn_graph'] / best_graph:.2f}×) | {r['diff']:.1e} |")  # fmt: skip
+    print("\n| point | timed kernel | " + " | ".join(f"{lb} ms" for lb in labels) + " |")
+    print("| --- " * (len(labels) + 2) + "|")
+    for r in rows:
+        for n in sorted(set().union(*(r[lb + "_per"] for lb in labels))):
+            cells = " | ".join(f"{r[lb + '_per'].get(n, 0.0):.3f}" for lb in labels)
+            print(f"| {r['point']} | {n} | {cells} |")
+    for lb in labels[1:]:
+        ratio = statistics.geometric_mean(r[lb] / r["before"] for r in rows)
+        print(f"geomean {lb}/before: {ratio:.3f}")
+
+
+def settings(pairs: list[str]) -> dict:
+    return {k: int(v) for k, v in (kv.split("=") for kv in pairs)}
 
 
 def main() -> None:
@@ -149,6 +200,14 @@ def main() -> None:
         help="launch-layer settings (integers) for the after rows",
     )
     ap.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="instead of --set, one of several sets of settings, each timed (repeat the flag)",
+    )
+    ap.add_argument(
         "--base",
         nargs="+",
         default=[],
@@ -159,40 +218,20 @@ def main() -> None:
     ap.add_argument("--points", nargs="+", default=POINTS, metavar="SHAPE:T:BUDGET:BQ[:B]")
     ap.add_argument("--rep", type=int, default=200, help="do_bench repetition time (ms)")
     args = ap.parse_args()
+    if args.set and args.variant:
+        ap.error("give --set or --variant, not both")
     before = load_before(args.before) if args.before else {}
-    settings = dict(kv.split("=") for kv in args.set)
-    base = dict(kv.split("=") for kv in args.base)
-    # every setting either side changes is set on both: the code's own value where not given
-    before.update({k: getattr(*module_of(k)) for k in {**settings, **base}})
-    after = {k: getattr(*module_of(k)) for k in before}
-    after.update({k: int(v) for k, v in settings.items()})
-    before.update({k: int(v) for k, v in base.items()})
-    names = [k for k in before if k not in settings and k not in base] + args.kernels
-    print("changed:", ", ".join(sorted(before)), "; timed kernels:", ", ".join(names), flush=True)
+    variants = [settings(v) for v in args.variant] or ([settings(args.set)] if args.set else [])
+    sides = sides_of(before, settings(args.base), variants)
+    changed = {k for _, values in sides for k in values}
+    names = list(before) + args.kernels
+    print("changed:", ", ".join(sorted(changed)), "; timed kernels:", ", ".join(names), flush=True)
     rows = []
     for point in args.points:
-        rows.append(measure(point, before, after, args.rep, names))
+        rows.append(measure(point, sides, args.rep, names))
         print({k: v for k, v in rows[-1].items() if not k.endswith("_per")}, flush=True)
-    apply(after)
-    print("\n| point | MLA before ms (one graph) | after ms (one graph) | after/before (one graph) "
-          "| changed kernels before → after ms | cuDNN ms (one graph) "
-          "| after vs cuDNN (one graph) | max rel diff |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['point']} | {r['before']:.3f} ({r['before_graph']:.3f}) | {r['after']:.3f} "
-              f"({r['after_graph']:.3f}) | {r['after'] / r['before']:.3f} "
-              f"({r['after_graph'] / r['before_graph']:.3f}) | {r['before_kernels']:.3f} → "
-              f"{r['after_kernels']:.3f} | {r['cudnn']:.3f} ({r['cudnn_graph']:.3f}) | "
-              f"{r['cudnn'] / r['after']:.2f}× ({r['cudnn_graph'] / r['after_graph']:.2f}×) | "
-              f"{r['diff']:.1e} |")  # fmt: skip
-    print("\n| point | changed kernel | before ms | after ms |")
-    print("| --- | --- | --- | --- |")
-    for r in rows:
-        for n in sorted(set(r["before_per"]) | set(r["after_per"])):
-            b, a = r["before_per"].get(n, 0.0), r["after_per"].get(n, 0.0)
-            print(f"| {r['point']} | {n} | {b:.3f} | {a:.3f} |")
-    print("geomean after/before:",
-          round(statistics.geometric_mean(r["after"] / r["before"] for r in rows), 3))  # fmt: skip
+    apply(sides[-1][1])
+    table(rows, sides)
 
 
 if __name__ == "__main__":

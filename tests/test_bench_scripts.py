@@ -95,3 +95,40 @@ def test_train_throughput_compares_each_row_with_dense_of_the_same_settings(caps
     assert cells[0][-2:] == ["1.33x", "0.80x |"]
     # per-op graphs: the dense peer runs without graphs, fused (no such row here)
     assert cells[1][-1] == " |"
+
+
+def test_kernel_ab_sets_every_changed_setting_on_every_side(capsys):
+    ab = _bench("kernel_ab")
+    own_local, own_bwd = ab.launch.FUSED_LOCAL, ab.kernels.parallel.sparse_tile.FUSED_BWD
+    earlier = {"_window_bwd_dq_kernel": "earlier kernel"}
+    variants = [{"FUSED_LOCAL": 1}, {"FUSED_LOCAL": 1, "sparse_tile.FUSED_BWD": 1}]
+    sides = dict(ab.sides_of(earlier, {"sparse_tile.FUSED_BWD": 0}, variants))
+    assert list(sides) == ["before", "after1", "after2"]
+    assert sides["before"] == {
+        "_window_bwd_dq_kernel": "earlier kernel", "FUSED_LOCAL": own_local,
+        "sparse_tile.FUSED_BWD": 0,
+    }  # fmt: skip
+    current = ab.launch._window_bwd_dq_kernel
+    assert sides["after1"] == {
+        "_window_bwd_dq_kernel": current,
+        "FUSED_LOCAL": 1,
+        "sparse_tile.FUSED_BWD": own_bwd,
+    }
+    assert sides["after2"]["sparse_tile.FUSED_BWD"] == 1
+    # one --set: its side is "after"
+    assert [lb for lb, _ in ab.sides_of({}, {}, [{"FUSED_LOCAL": 1}])] == ["before", "after"]
+
+    def row(ms: dict) -> dict:
+        r = {"point": "p", "cudnn": 2.0, "cudnn_graph": 1.0, "diff": 1e-3}
+        for lb, t in ms.items():
+            r |= {lb: t, lb + "_graph": t / 2, lb + "_per": {"k": t / 4}, lb + "_kernels": t / 4}
+        return r
+
+    ab.table([row({"before": 1.0, "after1": 0.5, "after2": 0.8})], list(sides.items()))
+    lines = capsys.readouterr().out.splitlines()
+    cells = next(x for x in lines if x.startswith("| p | 1.000")).split(" | ")
+    assert cells[1:6] == ["1.000 (0.500)", "0.500 (0.250)", "0.800 (0.400)", "0.500 (0.500)",
+                          "0.800 (0.800)"]  # fmt: skip
+    assert cells[7] == "4.00× (4.00×)"  # cuDNN against the fastest side
+    assert "| p | k | 0.250 | 0.125 | 0.200 |" in lines
+    assert "geomean after2/before: 0.800" in lines

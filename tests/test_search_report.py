@@ -5,16 +5,21 @@ the plots, the self-contained HTML page and --json."""
 from __future__ import annotations
 
 import base64
+import io
 import json
+import logging
 import math
+import re
+import time
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 from helpers import objectives
+from rich.console import Console
 
-from automla import cli, schema
+from automla import cli, report, schema
 
 SPACE = {
     "objectives": objectives(),
@@ -127,9 +132,130 @@ def test_report_writes_plots_and_one_page(run_dir: Path, capsys):
         data = base64.b64encode((run_dir / name).read_bytes()).decode()
         assert f"data:image/png;base64,{data}" in page
     assert page.count("<img ") == len(pngs) and 'src="http' not in page and "<link" not in page
-    # importances were fitted on the study's three completed trials, for each objective
-    scores = json.loads(page.split("<pre>")[1].split("</pre>")[0].replace("&quot;", '"'))
-    assert set(scores) == {"val_loss", "tokens_per_s"}
-    for per in scores.values():
-        assert set(per) == {"lr", "model.mla.budget"}
-        assert sum(per.values()) == pytest.approx(1.0)
+    # importances were fitted on the study's three completed trials, for each objective, and
+    # shown as a table rounded to 2 decimals (not a JSON dump of 16-digit floats)
+    section = page.split("<h2>parameter importances</h2>")[1].split("</table>")[0]
+    assert "<pre>" not in page and not re.search(r"\d\.\d{3,}", section)
+    assert "<th>val_loss</th><th>tokens_per_s</th>" in section
+    rows = re.findall(r"<tr><td[^>]*>([^<]+)</td>(.*?)</tr>", section)
+    assert {name for name, _ in rows} == {"lr", "budget"}
+    columns = zip(*(re.findall(r'<td class="bar">(\d\.\d\d) ', cells) for _, cells in rows))
+    for column in columns:  # one per objective
+        assert sum(map(float, column)) == pytest.approx(1.0, abs=0.011)
+
+
+# the front of a real run (its first and knee trials), with its unrounded values
+GATE = {"model.mla.gate.hidden": "[32, 32]", "model.mla.gate.activation": "tanh"}
+PRUNING = {"pruning.threshold": None, "pruning.warmup_steps": 29, "pruning.regrow": False}
+FRONT = {
+    "objectives": [
+        {"metric": "val_loss", "mode": "min"},
+        {"metric": "tokens_per_s", "mode": "max"},
+    ],
+    "front": [
+        {
+            "trial_id": "dca2da6a",
+            "knee": False,
+            "label": "L28 G28 S43",
+            "params": {
+                "model.d_model": 96,
+                "model.mla.ratios.local": 0.281711,
+                "model.mla.budget": 128,
+                **GATE,
+                "pruning.fraction": 0.13865206088892373,
+                **PRUNING,
+                "pruning.granularity": "group",
+            },
+            "metrics": {"val_loss": 1.9717278480529785, "tokens_per_s": 21329.741937316736},
+            "vs_reference_text": "-0.16 val_loss, 0.54x tokens_per_s",
+        },
+        {
+            "trial_id": "c7be06f6",
+            "knee": True,
+            "label": "L47 G53",
+            "params": {
+                "model.d_model": 64,
+                "model.mla.budget": 16,
+                **GATE,
+                "pruning.fraction": 0.2317765864354,
+                **PRUNING,
+                "pruning.granularity": "head",
+            },
+            "metrics": {"val_loss": 1.9842081069946289, "tokens_per_s": 43519.44018173218},
+            "vs_reference_text": "-0.15 val_loss, 1.1x tokens_per_s",
+        },
+    ],
+    "reference": {
+        "state": "completed",
+        "metrics": {"val_loss": 2.1366660594940186, "tokens_per_s": 39254.448387174474},
+    },
+}
+SHOWN = ["1.972", "21,330", "1.984", "43,519", "2.137", "39,254", "c7be06f6 (knee)"]
+SETTINGS = [
+    "d_model=96",
+    "budget=128",
+    "gate.hidden=[32, 32]",
+    "gate.activation=tanh",
+    "pruning.fraction=0.139",
+    "pruning.fraction=0.232",
+    "pruning.threshold=None",
+    "pruning.warmup_steps=29",
+    "pruning.regrow=False",
+    "pruning.granularity=group",
+    "pruning.granularity=head",
+]
+
+
+def _render(renderable, width: int) -> str:
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text()
+
+
+@pytest.mark.parametrize("width", [80, 120, 200])
+def test_front_table_keeps_numbers_and_settings_whole(width: int):
+    """80: a terminal (the settings column used to squeeze the losses to `1.9…`); 120: a log
+    file (values used to break mid-word, `pruning.threshold=Non` / `e`)."""
+    text = _render(report.front_table(FRONT, "demo"), width)
+    assert "…" not in text and max(map(len, text.splitlines())) <= width
+    for shown in SHOWN + SETTINGS:  # each whole on one line
+        assert shown in text, shown
+    assert "0.1386" not in text and "ratios.local" not in text
+    # comparisons break after a comma, if at all
+    assert "-0.16 val_loss," in text and "0.54x tokens_per_s" in text
+
+
+def test_numbers_share_one_format():
+    assert report.format_value(43519.44) == report.format_value(43519) == "43,519"
+    assert report.format_value(1.9717278480529785) == "1.972"
+    assert report.format_value(128) == "128" and report.format_value(float("nan")) == "nan"
+    assert report.setting_text(0.13865206088892373) == "0.139"
+    assert report.setting_text(None) == "None" and report.setting_text(16) == "16"
+
+
+def test_importances_table_without_scores():
+    assert "too few completed trials" in report._importances_html({"val_loss": {}})
+    page = report._importances_html({"val_loss": {"lr": 0.87654321, "model.mla.budget": 0.1234}})
+    assert page.index(">lr<") < page.index(">budget<") and "0.88" in page and "0.12" in page
+
+
+def test_live_table_keeps_numbers_and_settings_whole():
+    from automla.display import Progress, _describe
+
+    built = {"label": "L28 G28 S43", "params": {**FRONT["front"][0]["params"]}}
+    progress = Progress(
+        Console(file=io.StringIO()),
+        schema.parse(SPACE, "hand.yaml"),
+        "demo",
+        time.time(),
+        logging.getLogger("automla.test_search_report"),
+    )
+    progress.rows["dca2da6a"] = {
+        "desc": _describe(built),
+        "state": "done",
+        "last": {"step": 200, **FRONT["front"][0]["metrics"]},
+    }
+    text = _render(progress._render(), 80)
+    assert "…" not in text and "1.972" in text and "21,330" in text
+    for shown in ["L28 G28 S43", *SETTINGS[:5], *SETTINGS[6:9]]:
+        assert shown in text, shown
