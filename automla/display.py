@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import textwrap
 import time
 from typing import Any
 
@@ -59,6 +60,10 @@ class Progress(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._row(trial)["state"] = "running"
+        if _restored(trial):  # a resumed search's unfinished trial, from its last checkpoint
+            step = (trial.last_result or {}).get("step")
+            self._event(f"resume {trial.trial_id}  from its checkpoint at step {step}")
+            return
         # the values Optuna proposed, as they are: the trial's label and built config arrive
         # with its first result, one evaluation later
         self._event(f"start  {trial.trial_id}  {_proposed(trial.config)}")
@@ -134,7 +139,7 @@ class Progress(tune.Callback):
                 r["state"],
                 report_mod.Items(r["desc"].split(_SEP), sep=_SEP)
                 if r["state"] != "failed"
-                else Text(r.get("reason", "")[:70]),
+                else Text(textwrap.shorten(r.get("reason", ""), 70, placeholder=" …")),
                 _num(last.get("step")),
                 *[_num(last.get(m)) for m in self.config.metrics],
                 style=style,
@@ -145,6 +150,14 @@ class Progress(tune.Callback):
 # between a trial's label and settings in the live table: a single space is also inside some
 # of them (`L28 G28 S43`, `gate.hidden=[32, 32]`), and the table breaks lines only here
 _SEP = "  "
+
+
+def _restored(trial: Any) -> bool:
+    """Whether Tune starts `trial` again from a checkpoint (it reported before and saved one)."""
+    try:
+        return trial.checkpoint is not None and bool(trial.last_result)
+    except Exception:  # cosmetic: a Tune that keeps this elsewhere shows a plain start
+        return False
 
 
 def _describe(built: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -136,6 +137,10 @@ def _resume(run_dir: Path, log: Path) -> list[dict]:
     assert all(sum(s[1] == i for s in starts) <= 2 for i in ids)
     assert {e[1] for e in lines(log, "end")} == set(ids)
     assert any(0 < int(s[2]) < STEPS for s in starts), "no trial continued from a checkpoint"
+    # and the progress says so, naming the step
+    assert re.search(
+        r"resume \w+  from its checkpoint at step \d", (run_dir / "search.log").read_text()
+    )
     # all checkpoints are kept while the search may still be resumed; then only the newest
     kept = [len(list(d.glob("checkpoint_*"))) for d in (run_dir / "ray").glob("trial_*")]
     assert len(kept) == TRIALS and max(kept) == 1, kept
