@@ -1,6 +1,7 @@
 """Launch tiles swept one kernel at a time at given points, each change timed in the whole op.
 
     python bench/tile_sweep.py [--points 12/4/64:8192:nsa:64 ...] [--kernels window_dq local_dkv]
+    python bench/tile_sweep.py --set FUSED_LOCAL=1 --kernels local_dkv_fused
 
 For each point (q heads/KV heads/head dim : T : budget : select_tile) and each candidate change
 of one kernel's tiles (`CANDIDATES`, applied over the tiles the launch layer would use there):
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, as `kernels`
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_ab import max_diff, outputs  # noqa: E402
+from kernel_ab import max_diff, module_of, outputs  # noqa: E402
 from tile_shapes import in_one_graph, point_inputs  # noqa: E402
 from timing import kernel_ms  # noqa: E402
 
@@ -36,6 +37,9 @@ CANDIDATES = {
                   {"HP": 4, "BT": 32, "w": 4}],
     "local_dkv": [{"s": 3}, {"BK": 128, "w": 8}, {"BT": 32}, {"BK": 32}, {"w": 8},
                   {"BK": 32, "BT": 32}, {"BK": 128, "w": 4}, {"BT": 128, "w": 4}],
+    # with --set FUSED_LOCAL=1
+    "local_dkv_fused": [{"BK": 64, "w": 4}, {"BK": 64, "w": 4, "s": 3}, {"s": 3},
+                        {"BT": 32}, {"BT": 128}, {"BK": 128, "w": 4}],
     "global_dkv": [{"s": 3}, {"BT": 32}, {"w": 8}, {"BC": 32}, {"BC": 64}, {"BC": 64, "w": 8},
                    {"BC": 128, "w": 8}, {"BT": 128, "w": 8}, {"BC": 64, "s": 3}],
     "tile_score": [{"ROWS": 64, "w": 4, "s": 3}, {"ROWS": 64, "BN": 64, "w": 4},
@@ -48,6 +52,7 @@ CANDIDATES = {
 }  # fmt: skip
 KERNEL = {
     "window_fwd": "_window_fwd", "window_dq": "_window_bwd_dq", "local_dkv": "_local_bwd_dkv",
+    "local_dkv_fused": "_local_bwd_dkv",
     "global_dkv": "_global_bwd_dkv", "tile_score": "_tile_score",
     "tile_score_lse": "_tile_score",
     "sparse_tile_fwd": "_sparse_tile_fwd", "sparse_tile_dq": "_sparse_tile_dq",
@@ -115,7 +120,16 @@ def main() -> None:
     ap.add_argument("--points", nargs="+", default=["12/4/64:8192:nsa:64"])
     ap.add_argument("--kernels", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     ap.add_argument("--rep", type=int, default=30, help="do_bench repetition time (ms)")
+    ap.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="launch-layer settings (integers) for the whole sweep, as kernel_ab's",
+    )
     args = ap.parse_args()
+    for name, value in (kv.split("=") for kv in args.set):
+        setattr(*module_of(name), int(value))
     for point in args.points:
         sweep_point(point, args.kernels, args.rep)
 

@@ -297,7 +297,7 @@ def _window_dkv(
         )  # fmt: skip
     if lay.has_local:
         gluon = local_dkv_gluon.available(q)
-        t = lay.tiles("local_dkv")
+        t = lay.tiles("local_dkv" if dq_l is None else "local_dkv_fused")
         BK, BT = (
             (local_dkv_gluon.BK, local_dkv_gluon.query_rows(D)) if gluon else (t["BK"], t["BT"])
         )

@@ -20,6 +20,10 @@ _GPU_TILES = {
     "sparse_fwd": {"num_warps": 2},
     "window_dq": {"BT": 32, "BK": 64, "BC": 64, "HP": 4, "num_warps": 8},
     "local_dkv": {"BT": 64, "BK": 64, "num_warps": 4},
+    # the local dk/dv that adds the local dq too (`autograd.FUSED_LOCAL`, untimed): 128-key
+    # tiles, FlashAttention 3's, so that each [BT, D] float32 dq reduction follows twice the
+    # products a 64-key tile's would (bench/NOTES.md, twentieth session)
+    "local_dkv_fused": {"BT": 64, "BK": 128, "num_warps": 8},
     "global_dkv": {"BT": 64, "BC": 64, "num_warps": 4},
     "sparse_dq": {"num_warps": 2},
     "sparse_dkv": {"ROWS": 64, "CH": 256, "num_warps": 4},
