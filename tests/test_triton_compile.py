@@ -277,11 +277,12 @@ def test_tile_order_backward_compiles_for_sm90(monkeypatch, tmp_path):
 
 def test_fused_local_dq_compiles_for_sm90(monkeypatch, tmp_path):
     # the local dk/dv that adds the local dq (`autograd.FUSED_LOCAL`) as the GPU launches it
-    # (its dq added by TMA: `window.GPU_CONSTEXPRS`), for every case with a local branch
+    # (its dq added by TMA: `window.GPU_CONSTEXPRS`), for every case with a local branch, its
+    # loads prefetched (its items over listed heads: no `if` in the loop)
     from automla.kernels.parallel import autograd
 
     monkeypatch.setattr(autograd, "FUSED_LOCAL", 1)
-    launches = _compile_one(monkeypatch, tmp_path, "_local_bwd_dkv_kernel", pipelined=False)
+    launches = _compile_one(monkeypatch, tmp_path, "_local_bwd_dkv_kernel", pipelined=True)
     assert len(launches) >= 2 and all(x["params"]["DQ"]["constexpr"] for x in launches)
 
 

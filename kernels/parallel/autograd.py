@@ -319,6 +319,7 @@ def _window_dkv(
             launch(
                 _local_bwd_dkv_kernel, (n_tiles, B * lay.NA, nsplit), **shared,
                 k=k, v=v, lse_l=saved["lse_l"], delta_l=delta_l, dk=dk, dv=dv, **dq,
+                heads=lay.packs(lay.G) if fused else lay.active,
                 NSPLIT=nsplit, window=lay.plan.window,
                 BT=BT, BK=BK, SPREAD=lay.has_global, DQ=fused,
                 TMA_ADD=fused and not _interpret(), **_options(t),

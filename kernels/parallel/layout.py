@@ -174,6 +174,7 @@ def _head_lists(
         for kernel in ("window_fwd", "window_dq"):
             lists.packs(_tiles(kernel, G)["HP"])
         lists.packs(bwd_heads(G, _tiles("sparse_tile_bwd", G)["HEADS"]))
+        lists.packs(G)  # the local dk/dv's that adds the local dq (`autograd.FUSED_LOCAL`)
         if len(_HEAD_LISTS) > 1024:  # masks change only at pruning decisions
             _HEAD_LISTS.clear()
         _HEAD_LISTS[key] = lists
