@@ -11,7 +11,7 @@ from ..common import check_inputs
 from ..config import AttentionConfig, Plan
 from . import local_dkv_gluon, sparse, sparse_tile, window_gluon
 from .common import _interpret
-from .launch import compiling_ahead, descriptors_available, launch, tiles_of
+from .launch import compiling_ahead, launch, tiles_of, tma_adds_available
 from .layout import _Layout, _options
 from .selection import _pool
 from .window import (
@@ -220,9 +220,9 @@ def mla_bwd(
 
 def _fused_local(q: torch.Tensor, lay: _Layout) -> bool:
     """Whether the local dk/dv kernel adds the local dq (`FUSED_LOCAL`): switched on, a local
-    branch and its `tl.dot` dk/dv, and TMA descriptors (for its float32 adds)."""
+    branch and its `tl.dot` dk/dv, and TMA reductions (for its float32 adds)."""
     gluon = local_dkv_gluon.available(q)
-    return bool(FUSED_LOCAL) and lay.has_local and not gluon and descriptors_available()
+    return bool(FUSED_LOCAL) and lay.has_local and not gluon and tma_adds_available(q)
 
 
 def _window_dq(

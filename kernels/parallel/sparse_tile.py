@@ -35,7 +35,7 @@ from .common import (
     _sparse_delta,
     _sparse_dkv_rows,
 )
-from .launch import descriptors_available, launch, tiles_of
+from .launch import launch, tiles_of, tma_adds_available
 from .layout import _options, bwd_heads
 from .selection import _rank
 from .sparse import _invert
@@ -701,11 +701,11 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, deltas, dq, dk, dv, read
 
 def fused_available(lay, dk: torch.Tensor, dv: torch.Tensor) -> bool:
     """Whether the tile-order backward takes this call: switched on (`FUSED_BWD`), a tile's
-    tokens as one chunk of rows (16 to 128), TMA descriptors, and the float32 dk/dv at a
+    tokens as one chunk of rows (16 to 128), TMA reductions, and the float32 dk/dv at a
     16-byte aligned address (a descriptor of a copy would add into the copy)."""
     bq = lay.plan.select_tile
     aligned = dk.data_ptr() % 16 == 0 and dv.data_ptr() % 16 == 0
-    return bool(FUSED_BWD) and 16 <= bq <= 128 and descriptors_available() and aligned
+    return bool(FUSED_BWD) and 16 <= bq <= 128 and tma_adds_available(dk) and aligned
 
 
 def _fused_backward(q, k, v, gate, do, idx, lay, saved, dgate, deltas, dq, dk, dv) -> None:
