@@ -242,7 +242,11 @@ def _export(args: argparse.Namespace) -> int:
         if k in ("val_loss", "tokens_per_s")
     )
     print(f"trial {record['trial_id']} ({record.get('label', '')}; {metrics}) -> {path}")
-    print(f"train it: automla train --config {path}")
+    sp = record["config"].get("sequence_parallel", 1) or 1
+    if sp > 1:  # one process per sequence shard (README: sequence parallelism)
+        print(f"train it: torchrun --nproc-per-node {sp} -m automla.cli train --config {path}")
+    else:
+        print(f"train it: automla train --config {path}")
     return 0
 
 
@@ -254,12 +258,12 @@ def _train(args: argparse.Namespace) -> int:
 
     from automla.report import format_value
     from automla.trainers import train
-    from automla.trainers.config import ConfigError, TrainConfig, build, to_dict
+    from automla.trainers.config import ConfigError, TrainConfig, build, read_yaml, to_dict
     from automla.trainers.distributed import init_from_env, is_main
 
     path = Path(args.config)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path.read_text())
     except OSError as e:
         raise ConfigError("", f"{path}: cannot read the file ({e.strerror or e})") from None
     except yaml.YAMLError as e:
@@ -350,17 +354,22 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 def _check_port(host: str, port: int) -> None:
     """Fails with one line, not the server's traceback, where host:port cannot be served."""
-    import os
+    import errno
     import socket
 
     from automla.report import RunError
 
+    if not 0 < port < 65536:
+        raise RunError(f"--port {port}: expected a port from 1 to 65535")
     try:
         with socket.create_server((host, port)):
             pass
     except OSError as e:
-        why = os.strerror(e.errno) if e.errno else str(e)
-        raise RunError(f"cannot listen on {host}:{port} ({why}); try another --port") from None
+        in_use = e.errno == errno.EADDRINUSE
+        # the error's own words, without the address that create_server appends to them
+        why = (e.strerror or str(e)).split(" (while attempting")[0]
+        hint = "try another --port" if in_use else "check --host"
+        raise RunError(f"cannot listen on {host}:{port} ({why}); {hint}") from None
 
 
 if __name__ == "__main__":

@@ -82,10 +82,17 @@ def validate_resources(
             f"{total_gpus:g} GPUs per trial{each.format(f'{gpus:g}')} asked for, but the "
             f"cluster has {have_gpus:g}"
         )
-    if _trial_cpus(cpus, workers) > have_cpus + 1e-9:
+    need = _trial_cpus(cpus, workers)
+    if need > have_cpus + 1e-9:
+        if workers > 1:  # the trial's own process holds a token share beside its workers
+            fit = math.floor((have_cpus - DRIVER_CPUS) / workers * 100) / 100
+            hint = f"; cpus: {fit:g} per worker fits" if fit > 0 else ""
+            raise ResourceError(
+                f"{need:g} CPUs per trial ({workers} workers x {cpus:g}, and {DRIVER_CPUS:g} "
+                f"for the trial's own process) asked for, but the cluster has {have_cpus:g}" + hint
+            )
         raise ResourceError(
-            f"{total_cpus:g} CPUs per trial{each.format(f'{cpus:g}')} asked for, but the "
-            f"cluster has {have_cpus:g}"
+            f"{total_cpus:g} CPUs per trial asked for, but the cluster has {have_cpus:g}"
         )
 
 

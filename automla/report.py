@@ -112,6 +112,7 @@ def completed(trials: list[dict[str, Any]], metrics: list[str]) -> list[dict[str
 
 
 ONE_POINT_FRONT = "one trial dominates all others"
+NO_FRONT = "no trial completed"
 
 
 def summarise(
@@ -159,7 +160,9 @@ def summarise(
         "hypervolume_note": hv["note"],
         "hypervolume_reference": hv["reference"],
         "hypervolume_unbeaten": unbeaten,
-        "front_note": ONE_POINT_FRONT if len(front) == 1 and len(done) > 1 else "",
+        "front_note": (
+            NO_FRONT if not done else ONE_POINT_FRONT if len(front) == 1 and len(done) > 1 else ""
+        ),
         "reference": _reference_entry(reference, metrics),
         "hypervolume_history": [
             {
@@ -205,6 +208,8 @@ def hypervolume_reference(
 def hypervolume_text(summary: dict[str, Any]) -> str:
     """The hypervolume as one phrase for a terminal line or a page."""
     note = summary.get("front_note")
+    if note == NO_FRONT:
+        return f"n/a: {note}"
     if summary.get("hypervolume_stable"):
         source = summary["hypervolume_reference"].get("source", "")
         text = f"{summary['hypervolume']:.4f} (vs {source.removeprefix('the ')})"
@@ -592,6 +597,8 @@ def front_table(summary: dict[str, Any], title: str = "") -> Group:
     """The Pareto front as a rich table, best first on the first objective, knee marked; each
     trial's searched settings listed below it (a settings column squeezed the numbers to `1.9…`
     on an 80-column terminal and still wrapped values mid-word at 120)."""
+    if not summary["front"]:
+        return Group(Text(f"Pareto front {title}: none, {NO_FRONT}".replace("  ", " ")))
     metrics = [o["metric"] for o in summary["objectives"]]
     table = Table(title=f"Pareto front {title}".strip(), title_justify="left")
     # the objectives and ratios never wrap: when the terminal is narrow, the trial and the
@@ -757,7 +764,8 @@ def plot(
         fontsize=10,
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    if ax.get_legend_handles_labels()[0]:  # nothing to name where no trial completed
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

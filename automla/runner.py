@@ -111,6 +111,12 @@ def run_search(
         if not (run_dir / "ray").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    except KeyboardInterrupt:
+        # Ctrl-C before Ray saved any experiment state: nothing in the folder can be resumed,
+        # and kept, it would stop the same search from starting again under its name
+        if not tune.Tuner.can_restore(str(run_dir / "ray")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def resume_search(

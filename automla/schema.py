@@ -40,7 +40,14 @@ from automla.benchmark_plan import plan_benchmark
 from automla.domains import Choice, Domain, IntRange, LogUniform, Simplex, Uniform, probe_values
 from automla.introspect import defaults, field_type, leaf_kind, type_name
 from automla.metrics import check_metric
-from automla.trainers.config import ConfigError, TrainConfig, build, join_path, to_dict
+from automla.trainers.config import (
+    ConfigError,
+    TrainConfig,
+    build,
+    join_path,
+    read_yaml,
+    to_dict,
+)
 
 Mode = Literal["min", "max"]
 SamplerName = Literal["tpe", "nsga2", "gp", "random"]
@@ -226,7 +233,7 @@ def load(path: str | Path) -> SearchConfig:
     except OSError as e:
         raise SpaceError(file, "", f"cannot read the file ({e.strerror or e})") from None
     try:
-        data = yaml.safe_load(text)
+        data = read_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

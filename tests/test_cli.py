@@ -59,3 +59,31 @@ def test_train_names_a_search_space_given_as_its_config(capsys):
     space = Path(__file__).parents[1] / "search_spaces" / "default.yaml"
     assert cli.run(["train", "--config", str(space)]) == 2
     assert "a search-space file, not a trainer config" in capsys.readouterr().err
+
+
+def test_ctrl_c_before_any_saved_state_leaves_no_folder(tmp_path: Path, monkeypatch):
+    # interrupted while Ray starts: nothing can be resumed, so nothing is kept that would stop
+    # the same search from starting again under its name
+    from helpers import search_space
+
+    from automla import runner, schema
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_execute", interrupted)
+    monkeypatch.setattr(runner, "_checked_address", lambda address: None)
+    config = schema.parse(search_space(), "s.yaml")
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_search(config, tmp_path, "early")
+    assert not (tmp_path / "early").exists()
+
+
+def test_train_config_reads_exponent_numbers(tmp_path: Path, capsys):
+    # `lr: 3e-3` is a string to YAML 1.1; the config is read as YAML 1.2 reads it (the run
+    # then stops at the missing checkpoint, after the config was accepted)
+    config = tmp_path / "c.yaml"
+    config.write_text("steps: 2\nlr: 3e-3\n")
+    argv = ["train", "--config", str(config), "--out", str(tmp_path), "--resume"]
+    assert cli.run(argv) == 2
+    assert "no checkpoint/ to resume from" in capsys.readouterr().err

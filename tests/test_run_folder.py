@@ -293,3 +293,22 @@ def test_dashboard_names_a_port_in_use(run: Path, capsys):
         assert cli.run(["dashboard", str(run), "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1
+
+
+def test_dashboard_names_a_port_out_of_range(run: Path, capsys):
+    pytest.importorskip("optuna_dashboard")
+    assert cli.run(["dashboard", str(run), "--port", "99999"]) == 2
+    assert "--port 99999: expected a port from 1 to 65535" in capsys.readouterr().err
+
+
+def test_export_tells_how_to_train_a_sequence_parallel_config(run: Path, tmp_path, capsys):
+    records = json.loads((run / "trials.json").read_text())
+    for r in records:  # two KV groups: one a rank
+        r["config"]["sequence_parallel"] = 2
+        r["config"]["model"]["n_kv_heads"] = 2
+    (run / "trials.json").write_text(json.dumps(records))
+    best = tmp_path / "sp.yaml"
+    assert cli.run(["export", str(run), "-o", str(best), "--pick", "min:val_loss"]) == 0
+    assert f"torchrun --nproc-per-node 2 -m automla.cli train --config {best}" in (
+        capsys.readouterr().out
+    )

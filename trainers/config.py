@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import yaml
 
 from automla.kernels import AttentionConfig, HeadGroups
 from automla.kernels.ops import Backend  # the op's own list, so the two cannot drift apart
@@ -590,3 +593,23 @@ def _kind(value: Any) -> str:
     if value is None:
         return "null"
     return f"{type(value).__name__} {value!r}"
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading exponent numbers as YAML 1.2 does (see `read_yaml`)."""
+
+
+# YAML 1.1 (PyYAML) wants a dot and a signed exponent: 1.0e-3 is a float, but 3e-3, 1E+2 and
+# 1.5e3 are strings. YAML 1.2 reads all of them as floats; so do we.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """`yaml.safe_load`, except that unquoted exponent numbers (`3e-3`, `1E+4`, `-2e5`, `1.5e3`)
+    are floats, as in YAML 1.2, wherever they appear. A quoted `'3e-3'` stays a string; an
+    unquoted one in a text setting is a float, so that setting rejects it: quote it there."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
