@@ -2,8 +2,10 @@
 
 `--where` filters the completed trials first (`val_loss<=3.1`, `tokens_per_s>20000`, several
 joined by commas or given more than once; names are metrics or searched settings as in
-trials.csv). `--pick` then chooses: `knee` (of the Pareto front of what is left),
-`min:METRIC` or `max:METRIC` (over everything left).
+trials.csv). Text, true/false and null settings take `==` and `!=` with a word, case ignored
+(`pruning.regrow==true`, `model.mla.gate.activation!=tanh`, `pruning.granularity==null`); a
+trial without the name never matches. `--pick` then chooses: `knee` (of the Pareto front of
+what is left), `min:METRIC` or `max:METRIC` (over everything left).
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ class ExportError(ValueError):
     """A bad --pick or --where, or nothing left to pick from."""
 
 
-def parse_where(expressions: Sequence[str]) -> list[tuple[str, str, float]]:
-    """`['val_loss<=3.1, tokens_per_s>1e4']` -> [(name, op, value), ...]."""
-    out = []
+def parse_where(expressions: Sequence[str]) -> list[tuple[str, str, float | str]]:
+    """`['val_loss<=3.1, pruning.regrow==true']` -> [(name, op, value), ...]; a value that is
+    not a number stays text (lower case), allowed with == and != only."""
+    out: list[tuple[str, str, float | str]] = []
     for expr in expressions:
         for part in expr.split(","):
             if not part.strip():
@@ -46,13 +49,20 @@ def parse_where(expressions: Sequence[str]) -> list[tuple[str, str, float]]:
             if not m:
                 raise ExportError(
                     f"--where {part.strip()!r}: expected NAME OP NUMBER with OP one of "
-                    f"{' '.join(_OPS)}, e.g. 'val_loss<=3.1'"
+                    f"{' '.join(_OPS)}, or NAME==TEXT / NAME!=TEXT, e.g. 'val_loss<=3.1', "
+                    "'pruning.regrow==true'"
                 )
             name, op, raw = m.groups()
+            value: float | str
             try:
                 value = float(raw)
             except ValueError:
-                raise ExportError(f"--where {part.strip()!r}: {raw!r} is not a number") from None
+                if op not in ("==", "!="):
+                    raise ExportError(
+                        f"--where {part.strip()!r}: {raw!r} is not a number, and {op!r} needs "
+                        "a number; text settings take == or !="
+                    ) from None
+                value = raw.lower()
             out.append((name, op, value))
     return out
 
@@ -82,18 +92,24 @@ def select(
     if not pool:
         raise ExportError("the run has no completed trial to pick from")
     names = sorted({k for _, f in pool for k, v in f.items() if finite_number(v)})
-    for name, _, _ in conditions:
-        if name not in names:
-            raise ExportError(f"--where: unknown name {name!r}; expected one of {', '.join(names)}")
+    texts = {k for t, _ in pool for k, v in t.get("params", {}).items() if _text(v) is not None}
+    for name, op, value in conditions:
+        shown = f"--where {_shown(name, op, value)!r}"
+        if name not in names and name not in texts:
+            known = ", ".join(sorted({*names, *texts}))
+            raise ExportError(f"--where: unknown name {name!r}; expected one of {known}")
+        if isinstance(value, str) and name not in texts:
+            raise ExportError(f"{shown}: {name} is a number; compare it with a number")
+        if not isinstance(value, str) and name not in names:
+            raise ExportError(
+                f"{shown}: {name} is a text setting; it takes == or != with a word "
+                "(true/false, null for a null choice)"
+            )
     if target is not None and target not in names:
         raise ExportError(f"--pick: unknown metric {target!r}; expected one of {', '.join(names)}")
-    left = [
-        (t, f)
-        for t, f in pool
-        if all(finite_number(f.get(n)) and _OPS[op](f[n], v) for n, op, v in conditions)
-    ]
+    left = [(t, f) for t, f in pool if all(_holds(f.get(n), op, v) for n, op, v in conditions)]
     if not left:
-        shown = ", ".join(f"{n}{op}{v:g}" for n, op, v in conditions)
+        shown = ", ".join(_shown(*c) for c in conditions)
         raise ExportError(f"no completed trial satisfies {shown} ({len(pool)} completed)")
     if kind == "knee":
         points = [[t["metrics"][m] for m in metrics] for t, _ in left]
@@ -141,3 +157,23 @@ def export(
 
 def _fields(t: dict[str, Any]) -> dict[str, Any]:
     return {**t.get("params", {}), **t.get("metrics", {})}
+
+
+def _text(v: Any) -> str | None:
+    """A text, true/false or null setting as the lower-case word --where compares it with
+    (`silu`, `true`, `null`); None for any other value."""
+    if v is None or isinstance(v, bool):
+        return {None: "null", True: "true", False: "false"}[v]
+    return v.lower() if isinstance(v, str) else None
+
+
+def _holds(v: Any, op: str, value: float | str) -> bool:
+    """Whether a trial's `v` satisfies `op value`; a value of the other kind never does."""
+    if isinstance(value, str):
+        text = _text(v)
+        return text is not None and _OPS[op](text, value)
+    return finite_number(v) and _OPS[op](v, value)
+
+
+def _shown(name: str, op: str, value: float | str) -> str:
+    return f"{name}{op}{value if isinstance(value, str) else format(value, 'g')}"
