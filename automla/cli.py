@@ -296,10 +296,13 @@ def _train(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
     if not main:
         return 0
+    both = "tokens_per_s" in metrics and "train_tokens_per_s" in metrics
     table = Table(
         title=f"final metrics ({out})",
         title_justify="left",
-        caption="tokens_per_s: the exclusive benchmark's; train_tokens_per_s: this run's clock",
+        caption="tokens_per_s: the exclusive benchmark's; train_tokens_per_s: this run's clock"
+        if both
+        else None,
         caption_justify="left",
     )
     table.add_column("metric")

@@ -285,7 +285,9 @@ def _execute(
     console.print(report_mod.front_table(summary, name))
     shown = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     console.print(
-        f"{summary['trials']} trials ({shown}) in {duration(wall)}"
+        f"{summary['trials']}"
+        + (f" of {config.trials}" if summary["trials"] < config.trials else "")
+        + f" trials ({shown}) in {duration(wall)}"
         + (" (this session)" if resume else "")
         + f" · hypervolume {report_mod.hypervolume_text(summary)} · run folder {run_dir}"
     )
