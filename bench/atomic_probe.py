@@ -1,11 +1,11 @@
 """How fast float32 tiles add atomically on the GPU, against plain stores and the reads they would
 replace: the question before a tile-order sparse backward (bench/NOTES.md, eighteenth and
-nineteenth sessions).
+nineteenth sessions; the kernel it was for lost, twentieth).
 
     python bench/atomic_probe.py [--T 32768] [--hkv 4] [--G 3] [--D 64] [--hp 1]
 
 The sparse dk/dv today runs per key block over the tiles that chose it, re-reading each tile's
-q and dO rows once per block (the `reads` row). In tile order (`sparse_tile.FUSED_BWD`) a
+q and dO rows once per block (the `reads` row). In tile order (the kernel tried) a
 program holds hp heads of its tile's rows and adds each selected block's dk and dv, [block, D]
 float32 each, atomically: `atomic adds` with `tl.atomic_add`, `TMA adds` with a descriptor's
 (a TMA reduction, as the kernel does), at random blocks, as i.i.d. inputs select them; G // hp

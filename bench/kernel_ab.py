@@ -20,8 +20,9 @@ runs them: at short T the first is host time):
         [--points 64/4/128:32768:nsa:64 12/4/64:8192:nsa:64 ...] [--rep 200]
     python bench/kernel_ab.py --base LOCAL_DKV_PROGRAMS=1 --set LOCAL_DKV_PROGRAMS=1024 \
         --kernels local_bwd_dkv
-    python bench/kernel_ab.py --variant FUSED_LOCAL=1 --variant sparse_tile.FUSED_BWD=1 \
-        --variant FUSED_LOCAL=1 sparse_tile.FUSED_BWD=1 --kernels local_bwd_dkv window_bwd_dq
+    python bench/kernel_ab.py --variant LOCAL_DKV_PROGRAMS=1024 --variant \
+        sparse_tile.DKV_PROGRAMS=4096 --variant LOCAL_DKV_PROGRAMS=1024 sparse_tile.DKV_PROGRAMS=4096 \
+        --kernels local_bwd_dkv sparse_tile_dkv
 """
 
 from __future__ import annotations

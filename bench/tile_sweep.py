@@ -1,7 +1,7 @@
 """Launch tiles swept one kernel at a time at given points, each change timed in the whole op.
 
     python bench/tile_sweep.py [--points 12/4/64:8192:nsa:64 ...] [--kernels window_dq local_dkv]
-    python bench/tile_sweep.py --set FUSED_LOCAL=1 --kernels local_dkv_fused
+    python bench/tile_sweep.py --set LOCAL_DKV_PROGRAMS=1024 --kernels local_dkv
 
 For each point (q heads/KV heads/head dim : T : budget : select_tile) and each candidate change
 of one kernel's tiles (`CANDIDATES`, applied over the tiles the launch layer would use there):
@@ -37,9 +37,6 @@ CANDIDATES = {
                   {"HP": 4, "BT": 32, "w": 4}],
     "local_dkv": [{"s": 3}, {"BK": 128, "w": 8}, {"BT": 32}, {"BK": 32}, {"w": 8},
                   {"BK": 32, "BT": 32}, {"BK": 128, "w": 4}, {"BT": 128, "w": 4}],
-    # with --set FUSED_LOCAL=1
-    "local_dkv_fused": [{"BK": 64, "w": 4}, {"BK": 64, "w": 4, "s": 3}, {"s": 3},
-                        {"BT": 32}, {"BT": 128}, {"BK": 128, "w": 4}],
     "global_dkv": [{"s": 3}, {"BT": 32}, {"w": 8}, {"BC": 32}, {"BC": 64}, {"BC": 64, "w": 8},
                    {"BC": 128, "w": 8}, {"BT": 128, "w": 8}, {"BC": 64, "s": 3}],
     "tile_score": [{"ROWS": 64, "w": 4, "s": 3}, {"ROWS": 64, "BN": 64, "w": 4},
@@ -52,7 +49,6 @@ CANDIDATES = {
 }  # fmt: skip
 KERNEL = {
     "window_fwd": "_window_fwd", "window_dq": "_window_bwd_dq", "local_dkv": "_local_bwd_dkv",
-    "local_dkv_fused": "_local_bwd_dkv",
     "global_dkv": "_global_bwd_dkv", "tile_score": "_tile_score",
     "tile_score_lse": "_tile_score",
     "sparse_tile_fwd": "_sparse_tile_fwd", "sparse_tile_dq": "_sparse_tile_dq",

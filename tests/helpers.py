@@ -121,8 +121,7 @@ def cpus() -> int:
 def compile_launch(rec: dict):
     """A launch recorded by `test_triton_compile.recording` compiled for sm_90 on this machine,
     its pointers 16-byte aligned as the GPU's launches specialise them (which is what lets the
-    loads be vectorised and so prefetched), with its module's `GPU_CONSTEXPRS`. Run it where
-    TRITON_INTERPRET is unset."""
+    loads be vectorised and so prefetched). Run it where TRITON_INTERPRET is unset."""
     import importlib
 
     import triton
@@ -136,9 +135,6 @@ def compile_launch(rec: dict):
     consts = {
         (names.index(n),): p["constexpr"] for n, p in rec["params"].items() if "constexpr" in p
     }
-    # what the GPU's launch would take where the interpreter's could not (`GPU_CONSTEXPRS`)
-    for n, value in getattr(module, "GPU_CONSTEXPRS", {}).get(rec["kernel"], {}).items():
-        consts[(names.index(n),)] = value
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n][0] == "*"}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=rec["options"])

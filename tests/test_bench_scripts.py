@@ -99,24 +99,31 @@ def test_train_throughput_compares_each_row_with_dense_of_the_same_settings(caps
 
 def test_kernel_ab_sets_every_changed_setting_on_every_side(capsys):
     ab = _bench("kernel_ab")
-    own_local, own_bwd = ab.launch.FUSED_LOCAL, ab.kernels.parallel.sparse_tile.FUSED_BWD
+    own_local = ab.launch.LOCAL_DKV_PROGRAMS
+    own_sparse = ab.kernels.parallel.sparse_tile.DKV_PROGRAMS
     earlier = {"_window_bwd_dq_kernel": "earlier kernel"}
-    variants = [{"FUSED_LOCAL": 1}, {"FUSED_LOCAL": 1, "sparse_tile.FUSED_BWD": 1}]
-    sides = dict(ab.sides_of(earlier, {"sparse_tile.FUSED_BWD": 0}, variants))
+    variants = [
+        {"LOCAL_DKV_PROGRAMS": 1},
+        {"LOCAL_DKV_PROGRAMS": 1, "sparse_tile.DKV_PROGRAMS": 1},
+    ]
+    sides = dict(ab.sides_of(earlier, {"sparse_tile.DKV_PROGRAMS": 0}, variants))
     assert list(sides) == ["before", "after1", "after2"]
     assert sides["before"] == {
-        "_window_bwd_dq_kernel": "earlier kernel", "FUSED_LOCAL": own_local,
-        "sparse_tile.FUSED_BWD": 0,
+        "_window_bwd_dq_kernel": "earlier kernel", "LOCAL_DKV_PROGRAMS": own_local,
+        "sparse_tile.DKV_PROGRAMS": 0,
     }  # fmt: skip
     current = ab.launch._window_bwd_dq_kernel
     assert sides["after1"] == {
         "_window_bwd_dq_kernel": current,
-        "FUSED_LOCAL": 1,
-        "sparse_tile.FUSED_BWD": own_bwd,
+        "LOCAL_DKV_PROGRAMS": 1,
+        "sparse_tile.DKV_PROGRAMS": own_sparse,
     }
-    assert sides["after2"]["sparse_tile.FUSED_BWD"] == 1
+    assert sides["after2"]["sparse_tile.DKV_PROGRAMS"] == 1
     # one --set: its side is "after"
-    assert [lb for lb, _ in ab.sides_of({}, {}, [{"FUSED_LOCAL": 1}])] == ["before", "after"]
+    assert [lb for lb, _ in ab.sides_of({}, {}, [{"LOCAL_DKV_PROGRAMS": 1}])] == [
+        "before",
+        "after",
+    ]
 
     def row(ms: dict) -> dict:
         r = {"point": "p", "cudnn": 2.0, "cudnn_graph": 1.0, "diff": 1e-3}

@@ -11,7 +11,6 @@ import torch
 
 from automla.kernels import AttentionConfig, mla_attention, mla_reference, select_blocks
 from automla.kernels.parallel import mla_triton, select_blocks_triton
-from automla.kernels.parallel.launch import descriptors_available
 from automla.kernels.parallel.selection import _pool
 from automla.kernels.parallel.sparse import _invert
 
@@ -115,53 +114,6 @@ def test_local_dkv_split_over_programs_with_pruned_heads(monkeypatch, mask, prog
     cfg = AttentionConfig(budget=96, ratios=(0.5, 0.3, 0.2), block_size=4)
     head_mask = None if mask is None else torch.tensor(mask)
     check(1, 70, 6, 2, 16, cfg, torch.float32, tol=1e-5, head_mask=head_mask)
-
-
-def _fused_local(monkeypatch) -> list:
-    """Switches the local dq into the local dk/dv kernel (`FUSED_LOCAL`); returns the list
-    that each backward's choice is recorded in."""
-    import automla.kernels.parallel.autograd as launch_layer
-
-    calls = []
-    chosen = launch_layer._fused_local
-    monkeypatch.setattr(launch_layer, "FUSED_LOCAL", 1)
-    monkeypatch.setattr(
-        launch_layer, "_fused_local", lambda *a: calls.append(chosen(*a)) or calls[-1]
-    )
-    return calls
-
-
-@pytest.mark.parametrize("select_tile", [1, 16])
-@pytest.mark.parametrize("B,T,HQ,HKV,D,budget,ratios,bs", CASES)
-def test_fused_local_dq_matches_reference(
-    monkeypatch, B, T, HQ, HKV, D, budget, ratios, bs, select_tile
-):
-    # the local dq added by the local dk/dv kernel, float32 sums; cases without a local
-    # branch keep the window dq's path
-    calls = _fused_local(monkeypatch)
-    cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs, select_tile=select_tile)
-    check(B, T, HQ, HKV, D, cfg, torch.float32, tol=1e-5, seed=T + select_tile)
-    assert calls and all(calls) == (cfg.plan(T).window > 0 and descriptors_available())
-
-
-@pytest.mark.parametrize(
-    "mask,programs",
-    [
-        (None, 30),
-        ([True, False, True, True, False, False], 1),
-        ([False, False, False, True, False, True], 30),
-    ],
-    ids=["all-heads-split", "part-of-groups", "whole-group-split"],
-)
-def test_fused_local_dq_with_splits_and_pruned_heads(monkeypatch, mask, programs):
-    import automla.kernels.parallel.autograd as launch_layer
-
-    calls = _fused_local(monkeypatch)
-    monkeypatch.setattr(launch_layer, "LOCAL_DKV_PROGRAMS", programs)
-    cfg = AttentionConfig(budget=96, ratios=(0.5, 0.3, 0.2), block_size=4)
-    head_mask = None if mask is None else torch.tensor(mask)
-    check(1, 70, 6, 2, 16, cfg, torch.float32, tol=1e-5, head_mask=head_mask)
-    assert all(calls) == descriptors_available()
 
 
 @pytest.mark.parametrize("programs", [1, 4], ids=["whole-sequence", "chunks-of-tiles"])
@@ -409,11 +361,7 @@ GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,T,HQ,HKV,D,budget,ratios,bs,mask", GPU_CASES)
 def test_gpu_bf16_matches_reference(B, T, HQ, HKV, D, budget, ratios, bs, mask):
-    _check_gpu_bf16(B, T, HQ, HKV, D, budget, ratios, bs, mask)
-
-
-def _check_gpu_bf16(B, T, HQ, HKV, D, budget, ratios, bs, mask, select_tile=1):
-    cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs, select_tile=select_tile)
+    cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs)
     head_mask = None
     if mask:
         head_mask = torch.arange(HQ, device="cuda") % 3 != 1
@@ -430,20 +378,6 @@ def _check_gpu_bf16(B, T, HQ, HKV, D, budget, ratios, bs, mask, select_tile=1):
         assert torch.equal(o_host, o)
         # dk/dv add partial sums atomically, in no fixed order
         assert all(rel_err(a, b) <= 1e-3 for a, b in zip(grads_host, grads))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("select_tile", [1, 64])
-@pytest.mark.parametrize(
-    "B,T,HQ,HKV,D,budget,ratios,bs,mask", [GPU_CASES[0], GPU_CASES[-2], GPU_CASES[2]]
-)
-def test_gpu_fused_local_dq_bf16(
-    monkeypatch, B, T, HQ, HKV, D, budget, ratios, bs, mask, select_tile
-):
-    # the local dq's float32 sums added by TMA reductions, which the interpreter cannot run
-    calls = _fused_local(monkeypatch)
-    _check_gpu_bf16(B, T, HQ, HKV, D, budget, ratios, bs, mask, select_tile)
-    assert calls and all(calls)
 
 
 @pytest.mark.gpu

@@ -264,52 +264,6 @@ def test_kernels_compile_for_sm90(monkeypatch, tmp_path):
     assert not failed, "\n\n".join(failed)
 
 
-def test_tile_order_backward_compiles_for_sm90(monkeypatch, tmp_path):
-    # the opt-in sparse backward in tile order (`sparse_tile.FUSED_BWD`) as the GPU launches it
-    # (its dk/dv added by TMA: `GPU_CONSTEXPRS`), for the cases of Bq 64 (G 3, D 64) and Bq 16
-    # (G 16, D 128), its streamed loads prefetched
-    import automla.kernels.parallel.sparse_tile as sparse_tile
-
-    monkeypatch.setattr(sparse_tile, "FUSED_BWD", 1)
-    launches = _compile_one(monkeypatch, tmp_path, "_sparse_tile_bwd_kernel", pipelined=True)
-    assert len(launches) == 2, len(launches)
-
-
-def test_fused_local_dq_compiles_for_sm90(monkeypatch, tmp_path):
-    # the local dk/dv that adds the local dq (`autograd.FUSED_LOCAL`) as the GPU launches it
-    # (its dq added by TMA: `window.GPU_CONSTEXPRS`), for every case with a local branch, its
-    # loads prefetched (its items over listed heads: no `if` in the loop)
-    from automla.kernels.parallel import autograd
-
-    monkeypatch.setattr(autograd, "FUSED_LOCAL", 1)
-    launches = _compile_one(monkeypatch, tmp_path, "_local_bwd_dkv_kernel", pipelined=True)
-    assert len(launches) >= 2 and all(x["params"]["DQ"]["constexpr"] for x in launches)
-
-
-def _compile_one(monkeypatch, tmp_path, name: str, pipelined: bool) -> list[dict]:
-    """Compiles every distinct launch of kernel `name` in the recorded cases for sm_90 (its
-    loop's loads prefetched where `pipelined`), failing on any error; returns those launches."""
-    compilers = _Compilers(tmp_path, n=2, pipelined={name} if pipelined else set())
-    try:
-        record_launches(monkeypatch, _Only(name, compilers))
-        failed = compilers.failures(timeout=900)
-    finally:
-        compilers.stop()
-    assert not failed, "\n\n".join(failed)
-    return list(compilers.distinct.values())
-
-
-class _Only:
-    """Passes on the launches of one kernel to `sink`."""
-
-    def __init__(self, kernel: str, sink):
-        self.kernel, self.sink = kernel, sink
-
-    def append(self, launch: dict) -> None:
-        if launch["kernel"] == self.kernel:
-            self.sink.append(launch)
-
-
 class _Kernel:
     """Stands in for a jit kernel: records launches (grid) and compiles ahead (warmup), which
     returns a stand-in compiled kernel per distinct set of arguments, as Triton's cache does."""

@@ -11,10 +11,7 @@ import torch
 from test_triton import check, make_inputs, rel_err, run_reference, run_triton
 
 from automla.kernels import AttentionConfig, select_blocks
-from automla.kernels.parallel.launch import descriptors_available
 from automla.kernels.selection import select_tiles
-
-HAS_DESCRIPTORS = descriptors_available()
 
 # (B, T, HQ, HKV, D, budget, ratios, block_size, select_tile)
 CASES = [
@@ -250,48 +247,3 @@ def test_tma_descriptor_loads_match_reference(
     head_mask = None if mask is None else torch.tensor(mask)
     check(B, T, HQ, HKV, D, cfg, torch.float32, tol=1e-5, head_mask=head_mask, seed=T)
     assert made and all(made)  # every launch that can take descriptors took them
-
-
-def _tile_order(monkeypatch, heads: int) -> list:
-    """Switches the sparse backward to one kernel in tile order (`FUSED_BWD`), programs of up
-    to `heads` heads; returns the list that each call of it is recorded in."""
-    import automla.kernels.parallel.sparse_tile as sparse_tile
-    from automla.kernels.parallel import layout
-
-    calls = []
-    fused = sparse_tile._fused_backward
-    monkeypatch.setattr(sparse_tile, "FUSED_BWD", 1)
-    monkeypatch.setitem(layout._CPU_TILES, "HEADS", heads)
-    monkeypatch.setattr(sparse_tile, "_fused_backward", lambda *a: calls.append(1) or fused(*a))
-    return calls
-
-
-@pytest.mark.parametrize("heads", [1, 4], ids=["one-head", "heads-per-program"])
-@pytest.mark.parametrize("B,T,HQ,HKV,D,budget,ratios,bs,bq", CASES)
-def test_tile_order_backward_matches_reference(
-    monkeypatch, B, T, HQ, HKV, D, budget, ratios, bs, bq, heads
-):
-    # Bq from 16 to 128 run it (a tile's tokens in chunks of 32 rows here), Bq 2 the three
-    # kernels; with up to 4 heads a program, G 3 and 6 take 3 and G 16 takes 4
-    calls = _tile_order(monkeypatch, heads)
-    cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs, select_tile=bq)
-    check(B, T, HQ, HKV, D, cfg, torch.float32, tol=1e-5, seed=T + bq + 1)
-    assert bool(calls) == (16 <= bq <= 128 and HAS_DESCRIPTORS)
-
-
-@pytest.mark.parametrize("mask", HEAD_MASKS)
-def test_tile_order_backward_head_mask(monkeypatch, mask):
-    # packs of 3 heads, short where a group has fewer active (-1 entries: rows masked)
-    calls = _tile_order(monkeypatch, 3)
-    cfg = AttentionConfig(budget=32, ratios=(0.25, 0.25, 0.5), block_size=4, select_tile=16)
-    check(1, 70, 6, 2, 16, cfg, torch.float32, tol=1e-5, head_mask=torch.tensor(mask))
-    assert calls or not HAS_DESCRIPTORS
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("bq,HQ,HKV,D", [(64, 12, 4, 64), (16, 8, 2, 64), (64, 64, 4, 128)])
-def test_gpu_tile_order_backward_bf16(monkeypatch, bq, HQ, HKV, D):
-    # its dk/dv added by TMA reductions, which the interpreter cannot run
-    calls = _tile_order(monkeypatch, 1)
-    _check_gpu_bf16(bq, HQ, HKV, D)
-    assert calls

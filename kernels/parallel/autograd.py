@@ -11,7 +11,7 @@ from ..common import check_inputs
 from ..config import AttentionConfig, Plan
 from . import local_dkv_gluon, sparse, sparse_tile, window_gluon
 from .common import _interpret
-from .launch import compiling_ahead, launch, tiles_of, tma_adds_available
+from .launch import compiling_ahead, launch, tiles_of
 from .layout import _Layout, _options
 from .selection import _pool
 from .window import (
@@ -27,11 +27,6 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 LOCAL_DKV_PROGRAMS = 512
 # programs with work that the global dk/dv launch aims for ((tile, chunk) pairs x groups)
 GLOBAL_DKV_PROGRAMS = 512
-# The local branch's dq added by its dk/dv kernel (five products per query-key pair, its dq
-# in float32 by TMA reductions, added to the op's dq at the end) instead of recomputed in the
-# window dq's local loop (seven). Written and compiled offline, checked on CPU, not yet timed
-# (bench/NOTES.md, twentieth session).
-FUSED_LOCAL = 0
 # on CUDA, the sparse branch's selection (forward) and its inversion, dq and dk/dv (backward)
 # run on a second stream beside the window branches' kernels: at short T neither chain of
 # launches fills the GPU alone
@@ -160,16 +155,12 @@ def mla_bwd(
     # float32: the branches add into them atomically; one buffer, zeroed once, one cast. Behind
     # dk/dv, the global branch's gradient of the compressed keys (dkc/dvc), spread back later.
     # The window dq kernel zeroes it where there is one (every adder runs after it).
-    # First, where the local dk/dv adds the local dq (`FUSED_LOCAL`), that float32 dq.
-    fused = _fused_local(q, lay)
-    n_q, n_kv, n_c = B * T * HQ * D * fused, 2 * B * T * HKV * D, 2 * B * lay.NC * HKV * D
-    n = n_q + n_kv + n_c
-    zeroed = lay.any and lay.has_window and n < 2**31  # its offsets are int32
-    buffer = (torch.empty if zeroed else torch.zeros)(n, dtype=torch.float32, device=dev)
-    dq_l = buffer[:n_q].view(B, T, HQ, D) if fused else None
-    dkv = buffer[n_q : n_q + n_kv].view(2, B, T, HKV, D)
+    n_kv, n_c = 2 * B * T * HKV * D, 2 * B * lay.NC * HKV * D
+    zeroed = lay.any and lay.has_window and n_kv + n_c < 2**31  # its offsets are int32
+    buffer = (torch.empty if zeroed else torch.zeros)(n_kv + n_c, dtype=torch.float32, device=dev)
+    dkv = buffer[:n_kv].view(2, B, T, HKV, D)
     dk, dv = dkv
-    dkvc = buffer[n_q + n_kv :].view(2, B, lay.NC, HKV, D)
+    dkvc = buffer[n_kv:].view(2, B, lay.NC, HKV, D)
     if lay.partial or not lay.any:
         dq = torch.zeros_like(q)
     else:
@@ -185,8 +176,8 @@ def mla_bwd(
     delta_g = delta_buffer(lay.has_global)
     delta_s = delta_buffer(lay.has_sparse)
     window = (do, q, k, v, gate, lay, saved)
-    dkv_args = (delta_l, delta_g, dk, dv, dkvc, dq_l)
-    dq_args = (dgate, delta_l, delta_g, dq, buffer if zeroed else buffer[:0], not fused)
+    dkv_args = (delta_l, delta_g, dk, dv, dkvc)
+    dq_args = (dgate, delta_l, delta_g, dq, buffer if zeroed else buffer[:0])
     if lay.has_sparse:
         branch = sparse_tile if lay.plan.select_tile > 1 else sparse
         # the sparse dq reads the window branches' deltas: the window dq runs before it below
@@ -212,32 +203,21 @@ def mla_bwd(
             branch.backward(*args, ready=window_dq)
         _window_dkv(*window, *dkv_args)
         _join(side)
-    if fused:
-        dq.add_(dq_l)
     dkv = dkv.to(k.dtype)
     return dq, dkv[0], dkv[1], dgate
 
 
-def _fused_local(q: torch.Tensor, lay: _Layout) -> bool:
-    """Whether the local dk/dv kernel adds the local dq (`FUSED_LOCAL`): switched on, a local
-    branch and its `tl.dot` dk/dv, and TMA reductions (for its float32 adds)."""
-    gluon = local_dkv_gluon.available(q)
-    return bool(FUSED_LOCAL) and lay.has_local and not gluon and tma_adds_available(q)
-
-
-def _window_dq(
-    do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, dq, zero, local_dq
-) -> None:
+def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, dq, zero) -> None:
     """The window branches' dq (written), their dgate columns and softmax deltas; `zero`, the
     float32 buffer that the branches' dk/dv add into (or an empty slice of it), is zeroed on
-    the way. Without `local_dq` the local branch's dq is left to its dk/dv kernel."""
+    the way."""
     if lay.has_window:
         _launch_window(
             _window_bwd_dq_kernel, "window_dq", lay, q, k, v, saved["kc"], saved["vc"],
             gate=gate, do=do, o_l=saved["o_l"], lse_l=saved["lse_l"], lse_g=saved["lse_g"],
             dgate=dgate, delta_l=delta_l, delta_g=delta_g, dq=dq, zero=zero, NZ=zero.numel(),
             T=lay.T, NC=lay.NC, window=lay.plan.window, stride=lay.stride, scale=lay.scale,
-            ZB=1024, LOCAL_DQ=local_dq,
+            ZB=1024,
         )  # fmt: skip
 
 
@@ -267,12 +247,9 @@ def _launch_window(kernel, name: str, lay: _Layout, q, k, v, kc, vc, **args) -> 
     )
 
 
-def _window_dkv(
-    do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv, dkvc, dq_l
-) -> None:
+def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv, dkvc) -> None:
     """The local and global branches' dk/dv, added to the float32 dk, dv. dkvc: the zeroed
-    float32 [2, B, NC, HKV, D] that the global branch's compressed-key gradient is summed in;
-    dq_l, if given, the zeroed float32 [B, T, HQ, D] that the local dk/dv adds the local dq to."""
+    float32 [2, B, NC, HKV, D] that the global branch's compressed-key gradient is summed in."""
     B, T, HKV, D = lay.B, lay.T, lay.HKV, lay.D
     dkc, dvc = dkvc
     # both kernels read the queries' side (q, do, the gate) and the compressed-key buffers
@@ -297,7 +274,7 @@ def _window_dkv(
         )  # fmt: skip
     if lay.has_local:
         gluon = local_dkv_gluon.available(q)
-        t = lay.tiles("local_dkv" if dq_l is None else "local_dkv_fused")
+        t = lay.tiles("local_dkv")
         BK, BT = (
             (local_dkv_gluon.BK, local_dkv_gluon.query_rows(D)) if gluon else (t["BK"], t["BT"])
         )
@@ -313,16 +290,11 @@ def _window_dkv(
         else:
             # SPREAD: the global branch's key gradient goes back over the pooled keys here,
             # not in a launch of its own
-            fused = dq_l is not None
-            # without the local dq, dk stands in for its buffer (not read)
-            dq = tiles_of(BT, True, dq_t=dq_l) | {"dq": dq_l} if fused else {"dq": dk, "dq_t": dk}
             launch(
                 _local_bwd_dkv_kernel, (n_tiles, B * lay.NA, nsplit), **shared,
-                k=k, v=v, lse_l=saved["lse_l"], delta_l=delta_l, dk=dk, dv=dv, **dq,
-                heads=lay.packs(lay.G) if fused else lay.active,
-                NSPLIT=nsplit, window=lay.plan.window,
-                BT=BT, BK=BK, SPREAD=lay.has_global, DQ=fused,
-                TMA_ADD=fused and not _interpret(), **_options(t),
+                k=k, v=v, lse_l=saved["lse_l"], delta_l=delta_l, dk=dk, dv=dv,
+                NSPLIT=nsplit, window=lay.plan.window, BT=BT, BK=BK,
+                SPREAD=lay.has_global, **_options(t),
             )  # fmt: skip
     elif lay.has_global:
         BK = min(64, triton.next_power_of_2(lay.stride))

@@ -46,20 +46,6 @@ def descriptors_available() -> bool:
     return True
 
 
-def tma_adds_available(x: torch.Tensor) -> bool:
-    """Whether kernels can add float32 tiles through TMA descriptors (TMA reductions) for
-    tensors on x's device: host descriptors, and a Hopper or later GPU; on the CPU the
-    interpreter's pointer atomics stand in for them."""
-    if not descriptors_available():
-        return False
-    return not x.is_cuda or _capability(x.device.index or 0) >= 9
-
-
-@functools.cache
-def _capability(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
 def tiles_of(rows: int, tma: bool, **tensors: torch.Tensor) -> dict:
     """Kernel arguments for `tensors` (each [..., H, D]): where `tma`, TMA descriptors of
     [rows, D] tiles of their [-1, H * D] views (a kernel addresses a tile by row and column);

@@ -20,10 +20,6 @@ _GPU_TILES = {
     "sparse_fwd": {"num_warps": 2},
     "window_dq": {"BT": 32, "BK": 64, "BC": 64, "HP": 4, "num_warps": 8},
     "local_dkv": {"BT": 64, "BK": 64, "num_warps": 4},
-    # the local dk/dv that adds the local dq too (`autograd.FUSED_LOCAL`, untimed): 128-key
-    # tiles, FlashAttention 3's, so that each [BT, D] float32 dq reduction follows twice the
-    # products a 64-key tile's would (bench/NOTES.md, twentieth session)
-    "local_dkv_fused": {"BT": 64, "BK": 128, "num_warps": 8},
     "global_dkv": {"BT": 64, "BC": 64, "num_warps": 4},
     "sparse_dq": {"num_warps": 2},
     "sparse_dkv": {"ROWS": 64, "CH": 256, "num_warps": 4},
@@ -36,15 +32,10 @@ _GPU_TILES = {
     "sparse_tile_fwd": {"ROWS": 64, "num_warps": 4, "num_stages": 3},
     "sparse_tile_dq": {"ROWS": 128, "num_warps": 8, "num_stages": 3},
     "sparse_tile_dkv": {"ROWS": 64, "CH": 256, "num_warps": 4},
-    # the tile-order backward (`sparse_tile.FUSED_BWD`, untimed): programs of HEADS heads, in
-    # chunks of ROWS of the tile's tokens; the largest that ptxas takes without spilling
-    # (bench/NOTES.md, nineteenth session)
-    "sparse_tile_bwd": {"ROWS": 64, "HEADS": 1, "num_warps": 8},
 }
 # Small tiles under the interpreter, so that every loop runs more than once in the tests.
 _CPU_TILES = {
-    "BT": 32, "BK": 16, "BC": 16, "BN": 16, "ROWS": 32, "CH": 8, "HEADS": 4, "HP": 2,
-    "num_warps": 4,
+    "BT": 32, "BK": 16, "BC": 16, "BN": 16, "ROWS": 32, "CH": 8, "HP": 2, "num_warps": 4
 }  # fmt: skip
 
 
@@ -61,7 +52,6 @@ _GPU_TILES_D64 = {
     "global_dkv": {"BC": 32},
     "sparse_tile_dq": {"ROWS": 64, "num_warps": 4, "num_stages": 3},
     "sparse_tile_dkv": {"ROWS": 32},
-    "sparse_tile_bwd": {"num_warps": 4},
 }
 
 
@@ -106,13 +96,6 @@ def _tiles(kernel: str, G: int | None = None, D: int | None = None, NC: int = 0)
     if _interpret():
         return dict(_CPU_TILES, num_stages=1, TMA=_tma(kernel, D))
     return _gpu_tiles(kernel, G, D, NC)
-
-
-def bwd_heads(G: int, most: int) -> int:
-    """Heads per program of the tile-order sparse backward: the largest divisor of the group
-    size G up to `most` (its programs then hold whole packs, none short where every head is
-    active)."""
-    return max(h for h in range(1, min(G, most) + 1) if G % h == 0)
 
 
 def _options(tiles: dict) -> dict:
@@ -169,12 +152,10 @@ def _head_lists(
             # the bits' sum is their OR; bit 63 (a 64th head) wraps to int64's sign as it should
             bits=(host.view(HKV, G).to(torch.int64) << torch.arange(G)).sum(1).to(device),
         )
-        # the packs the window kernels and the tile-order sparse backward will launch with,
-        # now: none is then copied to the device while a CUDA graph is being captured
+        # the packs the window kernels will launch with, now: none is then copied to the
+        # device while a CUDA graph is being captured
         for kernel in ("window_fwd", "window_dq"):
             lists.packs(_tiles(kernel, G)["HP"])
-        lists.packs(bwd_heads(G, _tiles("sparse_tile_bwd", G)["HEADS"]))
-        lists.packs(G)  # the local dk/dv's that adds the local dq (`autograd.FUSED_LOCAL`)
         if len(_HEAD_LISTS) > 1024:  # masks change only at pruning decisions
             _HEAD_LISTS.clear()
         _HEAD_LISTS[key] = lists

@@ -23,7 +23,6 @@ import triton.language as tl
 from .common import (
     _chunk_block,
     _dot_parts,
-    _interpret,
     _kmean_block,
     _kmean_lse,
     _kmean_parts,
@@ -35,8 +34,8 @@ from .common import (
     _sparse_delta,
     _sparse_dkv_rows,
 )
-from .launch import launch, tiles_of, tma_adds_available
-from .layout import _options, bwd_heads
+from .launch import launch, tiles_of
+from .layout import _options
 from .selection import _rank
 from .sparse import _invert
 
@@ -430,175 +429,6 @@ def _sparse_tile_dkv_kernel(
         tl.atomic_add(dv + o_kv, b_dv, mask=m_k[:, None], sem="relaxed")
 
 
-@triton.jit
-def _bwd_step(
-    b_k,
-    b_v,
-    m_k,
-    b_q,
-    b_do,
-    b_g,
-    b_lse,
-    b_delta,
-    b_dk,
-    b_dv,
-    b_dqt,
-    b_dg,
-    scale2,
-    PREC: tl.constexpr,
-):
-    # One chunk of rows against one selected block: the five products of FlashAttention's
-    # backward, keys as rows (so the two dk/dv products take P and dS from registers). do is
-    # the op's; the branch's, g_s * do, enters as the gate's column scale of P and dP.
-    # [BSP, rows]
-    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
-    b_pt = tl.where(m_k[:, None], tl.exp2(b_st - b_lse[None, :]), 0.0)
-    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
-    # sum_j P dP with the ungated do: <do, o_s>, the gate's gradient
-    b_dg += tl.sum(b_pt * b_dpt, 0)
-    b_dst = b_pt * (b_g[None, :] * b_dpt - b_delta[None, :])
-    b_dv += tl.dot((b_pt * b_g[None, :]).to(b_do.dtype), b_do, input_precision=PREC)
-    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
-    # dq transposed, [D, rows]: K^T as A keeps M at 64 however few the rows (a warpgroup MMA)
-    b_dqt += tl.dot(tl.trans(b_k), b_dst.to(b_k.dtype), input_precision=PREC)
-    return b_dk, b_dv, b_dqt, b_dg
-
-
-@triton.jit
-def _head_rows(o_bq, o_t, i_h, T, HQ: tl.constexpr):
-    # A chunk's rows: tokens o_t of head i_h (-1: none) as offsets into [B * T * HQ] rows
-    # (o_bq, the batch's first), and which are real.
-    # broadcast before comparing: the interpreter mis-types a scalar mask in `&`
-    m_r = (o_t < T) & (i_h + tl.zeros_like(o_t) >= 0)
-    return o_bq + o_t * HQ + tl.maximum(i_h, 0), m_r
-
-
-@triton.jit
-def _sparse_tile_bwd_kernel(
-    q,
-    k,
-    v,
-    do,
-    gate,
-    idx,
-    packs,
-    o,
-    lse_s,
-    dgate,
-    delta_l,
-    delta_g,
-    delta_s,
-    dq,
-    dk,
-    dv,
-    dk_t,
-    dv_t,
-    T,
-    NT,
-    NP,
-    scale2,
-    scale,
-    HQ: tl.constexpr,
-    HKV: tl.constexpr,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    NSEL: tl.constexpr,
-    BS: tl.constexpr,
-    BSP: tl.constexpr,
-    BQ: tl.constexpr,
-    HP: tl.constexpr,
-    RC: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
-    HAS_LOCAL: tl.constexpr,
-    HAS_GLOBAL: tl.constexpr,
-    PREC: tl.constexpr,
-    TMA_ADD: tl.constexpr,
-):
-    # The sparse backward in tile order, dq, dk/dv and dgate in one pass: a program takes one
-    # selection tile's BQ tokens for a pack of HP active heads of one group, in chunks of RC
-    # tokens of one head, runs the tile's blocks once and adds each block's dk/dv, summed over
-    # the chunks in registers, atomically (a TMA reduction). Each row reads its blocks once,
-    # with five products per query-key pair. q, k, v and do are TMA descriptors of their
-    # [B * T, H * D] views (a chunk's rows are an [RC, D] box: no per-row addresses live
-    # across the loop); dk and dv float32 pointers, dk_t and dv_t descriptors of the same,
-    # added to with TMA where TMA_ADD (the interpreter has no TMA reduction).
-    i_t, i_p = tl.program_id(0), tl.program_id(1)
-    i_b = i_p // NP
-    p_pack = packs + (i_p % NP) * HP
-    i_hk = tl.load(p_pack) // G
-    row0 = i_b * T  # the batch's first row in the descriptors' views
-    idx += ((i_b * NT + i_t) * HKV + i_hk).to(tl.int64) * NSEL
-    o_bq = (i_b * T * HQ).to(tl.int64)
-    o_d = tl.arange(0, D)
-    o_k = tl.arange(0, BSP)
-    o_c = tl.arange(0, RC)
-    NQ: tl.constexpr = BQ // RC  # chunks per head
-    # each chunk's head (-1 where the pack is short), first token, its rows' gate, lse and
-    # delta (computed here) and their dq and dgate sums, as tuples indexed by chunk. Its q and
-    # dO are loaded again for each block (TMA, from L1 or L2); the per-row vectors are held:
-    # loaded again for each block, their pointers made ptxas spill.
-    heads, starts, dqs, dgs, gs, lses, deltas = (), (), (), (), (), (), ()
-    for c in tl.static_range(HP * NQ):
-        i_h = tl.load(p_pack + c // NQ)
-        t_c = i_t * BQ + (c % NQ) * RC
-        p_r, m_r = _head_rows(o_bq, t_c + o_c, i_h, T, HQ)
-        o_x = (p_r * D)[:, None] + o_d[None, :]
-        # rows outside m_r come as stored, but meet o's zeros
-        b_do = do.load([row0 + t_c, tl.maximum(i_h, 0) * D])
-        b_delta = _sparse_delta(
-            b_do, o + o_x, delta_l + p_r, delta_g + p_r, delta_s + p_r, m_r, HAS_LOCAL, HAS_GLOBAL
-        )
-        heads += (i_h,)
-        starts += (t_c,)
-        gs += (tl.load(gate + p_r * 3 + 2, mask=m_r, other=0.0).to(tl.float32),)
-        lses += (tl.load(lse_s + p_r, mask=m_r, other=float("inf")),)
-        deltas += (b_delta,)
-        dqs += (tl.zeros([D, RC], dtype=tl.float32),)
-        dgs += (tl.zeros([RC], dtype=tl.float32),)
-    for i in range(_n_selected(idx, NSEL)):
-        m_k, b_k, b_v = _load_block(k, v, idx + i, o_k, o_d, row0, i_hk * D, BS, HKV, D, True)
-        b_dk = tl.zeros([BSP, D], dtype=tl.float32)
-        b_dv = tl.zeros([BSP, D], dtype=tl.float32)
-        new_dqs, new_dgs = (), ()
-        for c in tl.static_range(HP * NQ):
-            at = [row0 + starts[c], tl.maximum(heads[c], 0) * D]
-            b_dk, b_dv, b_dq, b_dg = _bwd_step(
-                b_k, b_v, m_k, q.load(at), do.load(at), gs[c], lses[c], deltas[c], b_dk, b_dv,
-                dqs[c], dgs[c], scale2, PREC,
-            )  # fmt: skip
-            new_dqs += (b_dq,)
-            new_dgs += (b_dg,)
-        dqs, dgs = new_dqs, new_dgs
-        i_kv = row0 + tl.load(idx + i) * BS
-        if TMA_ADD:
-            # rows past BS (BSP > BS) are the next block's: their sums are zero (masked keys)
-            dk_t.atomic_add([i_kv, i_hk * D], b_dk * scale)
-            dv_t.atomic_add([i_kv, i_hk * D], b_dv)
-        else:
-            o_kv = ((i_kv + o_k) * (HKV * D) + i_hk * D)[:, None] + o_d[None, :]
-            tl.atomic_add(dk + o_kv, b_dk * scale, mask=m_k[:, None], sem="relaxed")
-            tl.atomic_add(dv + o_kv, b_dv, mask=m_k[:, None], sem="relaxed")
-    for c in tl.static_range(HP * NQ):
-        p_r, m_r = _head_rows(o_bq, starts[c] + o_c, heads[c], T, HQ)
-        o_x = (p_r * D)[:, None] + o_d[None, :]
-        tl.store(dgate + p_r * 3 + 2, dgs[c], mask=m_r)
-        b_dq = tl.trans(dqs[c]) * scale
-        if ACCUMULATE:
-            b_dq += tl.load(dq + o_x, mask=m_r[:, None], other=0.0).to(tl.float32)
-        tl.store(dq + o_x, b_dq.to(dq.dtype.element_ty), mask=m_r[:, None])
-
-
-# The sparse backward as one kernel in tile order (`_sparse_tile_bwd_kernel`) instead of the
-# inversion, dq and dk/dv kernels: five products per query-key pair instead of seven, each
-# row's q and dO read once per block from L1 or L2 instead of from the dk/dv's scattered
-# reads, against each (head, tile, block)'s dk/dv added by TMA. Written and compiled offline,
-# checked on CPU, not yet timed (bench/NOTES.md, nineteenth session).
-FUSED_BWD = 0
-
-# constexprs that the GPU's launches take where the interpreter's cannot: the compile checks
-# (`tests/helpers.compile_launch`) put them in the launches they recorded under it
-GPU_CONSTEXPRS = {"_sparse_tile_bwd_kernel": {"TMA_ADD": True}}
-
 # chunks the dk/dv launch aims for at least, where its tiles' CH allows (1: CH alone decides)
 DKV_PROGRAMS = 2048
 
@@ -663,11 +493,6 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, deltas, dq, dk, dv, read
     deltas. `ready()`, if given, runs before the dq launch, which adds to dq and reads the
     local and global deltas: the window dq kernel must have written them by then."""
     delta_l, delta_g, delta_s = deltas
-    if fused_available(lay, dk, dv):
-        if ready is not None:
-            ready()
-        _fused_backward(q, k, v, gate, do, idx, lay, saved, dgate, deltas, dq, dk, dv)
-        return
     t = lay.tiles("sparse_tile_dkv")
     GR, RU, RP = tile_rows(lay.G, lay.plan.select_tile, t["ROWS"])
     # chunks of about CH queries (CH // Bq tiles), fewer where the (tile, block) pairs would
@@ -696,35 +521,4 @@ def backward(q, k, v, gate, do, idx, lay, saved, dgate, deltas, dq, dk, dv, read
         dob=dob, lse_s=saved["lse_s"], delta_s=delta_s, dk=dk, dv=dv, T=lay.T, NB=lay.NB,
         **lay.args, scale=lay.scale, GR=GR, BS=lay.plan.block_size, BSP=lay.BSP,
         BQ=lay.plan.select_tile, RU=RU, RP=RP, **_row_options(t, GR, RU),
-    )  # fmt: skip
-
-
-def fused_available(lay, dk: torch.Tensor, dv: torch.Tensor) -> bool:
-    """Whether the tile-order backward takes this call: switched on (`FUSED_BWD`), a tile's
-    tokens as one chunk of rows (16 to 128), TMA reductions, and the float32 dk/dv at a
-    16-byte aligned address (a descriptor of a copy would add into the copy)."""
-    bq = lay.plan.select_tile
-    aligned = dk.data_ptr() % 16 == 0 and dv.data_ptr() % 16 == 0
-    return bool(FUSED_BWD) and 16 <= bq <= 128 and tma_adds_available(dk) and aligned
-
-
-def _fused_backward(q, k, v, gate, do, idx, lay, saved, dgate, deltas, dq, dk, dv) -> None:
-    """`backward` as one kernel in tile order (`_sparse_tile_bwd_kernel`): no inversion, no
-    stored dO, and five products per query-key pair instead of seven."""
-    delta_l, delta_g, delta_s = deltas
-    t = lay.tiles("sparse_tile_bwd")
-    bq = lay.plan.select_tile
-    HP = bwd_heads(lay.G, t["HEADS"])
-    RC = min(bq, t["ROWS"])
-    packs = lay.packs(HP)
-    launch(
-        _sparse_tile_bwd_kernel, (lay.NT, lay.B * packs.shape[0]),
-        **tiles_of(RC, True, q=q, do=do), **tiles_of(lay.BSP, True, k=k, v=v),
-        **tiles_of(lay.BSP, True, dk_t=dk, dv_t=dv), dk=dk, dv=dv,
-        gate=gate, idx=idx, packs=packs, o=saved["o"], lse_s=saved["lse_s"], dgate=dgate,
-        delta_l=delta_l, delta_g=delta_g, delta_s=delta_s, dq=dq, T=lay.T, NT=lay.NT,
-        NP=packs.shape[0], **lay.args, scale=lay.scale, NSEL=lay.plan.n_select,
-        BS=lay.plan.block_size, BSP=lay.BSP, BQ=bq, HP=HP, RC=RC, ACCUMULATE=lay.has_window,
-        HAS_LOCAL=lay.has_local, HAS_GLOBAL=lay.has_global, TMA_ADD=not _interpret(),
-        **_options(t),
     )  # fmt: skip

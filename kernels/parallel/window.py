@@ -10,9 +10,6 @@ import triton.language as tl
 
 from .common import _gate_grad, _load_pair, _pack_rows, _softmax_finish, _softmax_step
 
-# as in sparse_tile: the GPU's constexprs where the interpreter's differ (TMA adds)
-GPU_CONSTEXPRS = {"_local_bwd_dkv_kernel": {"TMA_ADD": True}}
-
 
 @triton.jit
 def _window_fwd_kernel(
@@ -152,7 +149,6 @@ def _window_bwd_dq_kernel(
     PREC: tl.constexpr,
     ZB: tl.constexpr,
     TMA: tl.constexpr,
-    LOCAL_DQ: tl.constexpr,
 ):
     # dq of one query tile of HP heads of one group: local, then global; each branch's dgate
     # and softmax delta (the dk/dv kernels, launched after, read the deltas): the local one's
@@ -177,14 +173,13 @@ def _window_bwd_dq_kernel(
     b_dq = tl.zeros([HP * BT, D], dtype=tl.float32)
 
     if HAS_LOCAL:
-        b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
-        b_delta = _gate_grad(b_do, o_l + o_x, b_g, dgate + o_r * 3, delta_l + o_r, m_t)
-    if HAS_LOCAL and LOCAL_DQ:  # else the local dk/dv kernel adds the local dq
         if not TMA:
             k += (i_b * T * HKV + i_hk).to(tl.int64) * D
             v += (i_b * T * HKV + i_hk).to(tl.int64) * D
+        b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
         b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
         b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
+        b_delta = _gate_grad(b_do, o_l + o_x, b_g, dgate + o_r * 3, delta_l + o_r, m_t)
         lo = tl.maximum(i_t * BT - window + 1, 0) // BK * BK
         hi = tl.minimum((i_t + 1) * BT, T)
         for i_s in range(lo, hi, BK):
@@ -243,69 +238,6 @@ def _window_bwd_dq_kernel(
 
 
 @triton.jit
-def _local_item(
-    q,
-    do,
-    gate,
-    lse_l,
-    delta_l,
-    dq,
-    dq_t,
-    b_k,
-    b_v,
-    b_dk,
-    b_dv,
-    o_s,
-    o_d,
-    i_b,
-    i_h,
-    t0,
-    T,
-    window,
-    scale2,
-    scale,
-    HQ: tl.constexpr,
-    D: tl.constexpr,
-    BT: tl.constexpr,
-    DQ: tl.constexpr,
-    TMA_ADD: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    # One (head, query tile) item of the local dk/dv: head i_h (-1: none, rows masked), the
-    # BT queries from t0, against the key tile (b_k, b_v at keys o_s). Returns dk, dv.
-    o_qh = (i_b * T * HQ + tl.maximum(i_h, 0)).to(tl.int64)
-    o_t = t0 + tl.arange(0, BT)
-    # broadcast before comparing: the interpreter mis-types a scalar mask in `&`
-    m_t = (o_t < T) & (i_h + tl.zeros_like(o_t) >= 0)
-    o_x = o_qh * D + (o_t * (HQ * D))[:, None] + o_d[None, :]
-    o_r = o_qh + o_t * HQ
-    # [BT, D]
-    b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
-    b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
-    b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
-    b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
-    b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
-    b_delta = tl.load(delta_l + o_r, mask=m_t, other=0.0)
-    # [BK, BT]
-    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
-    m_st = (o_t[None, :] >= o_s[:, None]) & (o_t[None, :] < o_s[:, None] + window) & m_t[None, :]
-    b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
-    b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
-    b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
-    b_dst = b_pt * (b_dpt - b_delta[None, :])
-    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
-    if DQ:
-        # [BT, D]; rows past T or of no head are zero (masked in m_st): where TMA adds them
-        # (past the batch's end, or at head 0), they add nothing
-        b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k, input_precision=PREC) * scale
-        if TMA_ADD:
-            dq_t.atomic_add([i_b * T + t0, tl.maximum(i_h, 0) * D], b_dq)
-        else:
-            tl.atomic_add(dq + o_x, b_dq, mask=m_t[:, None], sem="relaxed")
-    return b_dk, b_dv
-
-
-@triton.jit
 def _local_bwd_dkv_kernel(
     q,
     k,
@@ -313,7 +245,6 @@ def _local_bwd_dkv_kernel(
     gate,
     active,
     groups,
-    heads,
     do,
     lse_l,
     delta_l,
@@ -321,8 +252,6 @@ def _local_bwd_dkv_kernel(
     dv,
     dkc,
     dvc,
-    dq,
-    dq_t,
     T,
     NC,
     NA,
@@ -338,8 +267,6 @@ def _local_bwd_dkv_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     SPREAD: tl.constexpr,
-    DQ: tl.constexpr,
-    TMA_ADD: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # One key tile of one KV head, one of NSPLIT programs: the queries that see the tile are
@@ -348,11 +275,6 @@ def _local_bwd_dkv_kernel(
     # running a few long programs. dk/dv are float32 buffers that every branch adds to.
     # SPREAD: the first program also adds the global branch's gradient of the compressed
     # token that pooled each key (dkc/dvc [B, NC, HKV, D], complete), 1/stride of it.
-    # DQ: the local branch's dq too, FlashAttention's backward with its five products per
-    # query-key pair: each item's [BT, D] share is added to the float32 dq ([B, T, HQ, D], its
-    # pointer; dq_t a TMA descriptor of its [B * T, HQ * D] view, added to where TMA_ADD), and
-    # the window dq kernel skips its local loop. Its items run over `heads` ([NA, G], each
-    # active group's active heads, -1 after them) instead of testing `active`.
     i_s, i_bg, i_sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bg // NA
     i_hk = tl.load(groups + i_bg % NA)
@@ -370,23 +292,32 @@ def _local_bwd_dkv_kernel(
     hi = tl.minimum(i_s * BK + BK - 1 + window, T)
     nq = tl.cdiv(hi - lo, BT)
     for i_it in range(i_sp, G * nq, NSPLIT):
-        t0 = lo + (i_it % nq) * BT
-        if DQ:
-            # the group's listed active heads (-1: none, its rows masked), so that the loop
-            # has no `if`: its loads can then be prefetched, which a program alone on its SM
-            # needs (the `if` below keeps Triton's pipeliner out)
-            i_h = tl.load(heads + (i_bg % NA) * G + i_it // nq)
-            b_dk, b_dv = _local_item(
-                q, do, gate, lse_l, delta_l, dq, dq_t, b_k, b_v, b_dk, b_dv, o_s, o_d, i_b,
-                i_h, t0, T, window, scale2, scale, HQ, D, BT, DQ, TMA_ADD, PREC,
-            )  # fmt: skip
-        else:
-            i_h = i_hk * G + i_it // nq
-            if tl.load(active + i_h) != 0:
-                b_dk, b_dv = _local_item(
-                    q, do, gate, lse_l, delta_l, dq, dq_t, b_k, b_v, b_dk, b_dv, o_s, o_d, i_b,
-                    i_h, t0, T, window, scale2, scale, HQ, D, BT, DQ, TMA_ADD, PREC,
-                )  # fmt: skip
+        i_h = i_hk * G + i_it // nq
+        if tl.load(active + i_h) != 0:
+            o_qh = (i_b * T * HQ + i_h).to(tl.int64)
+            o_t = lo + (i_it % nq) * BT + tl.arange(0, BT)
+            m_t = o_t < T
+            o_x = o_qh * D + (o_t * (HQ * D))[:, None] + o_d[None, :]
+            o_r = o_qh + o_t * HQ
+            # [BT, D]
+            b_q = tl.load(q + o_x, mask=m_t[:, None], other=0.0)
+            b_do = tl.load(do + o_x, mask=m_t[:, None], other=0.0)
+            b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
+            b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+            b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
+            b_delta = tl.load(delta_l + o_r, mask=m_t, other=0.0)
+            # [BK, BT]
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
+            m_st = (
+                (o_t[None, :] >= o_s[:, None])
+                & (o_t[None, :] < o_s[:, None] + window)
+                & m_t[None, :]
+            )
+            b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
+            b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
+            b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
     b_dk = b_dk * scale
     if SPREAD:
         o_c = o_s // stride
