@@ -452,7 +452,7 @@ def write_html(
     head.append("vs dense reference")
     rows = []
     for e in summary["front"]:
-        cells = [e["trial_id"] + (" (knee)" if e["knee"] else "")]
+        cells = [_trial_cell(e)]
         cells += [format_value(e["metrics"][m]) for m in metrics] + [e["label"]]
         cells.append(e.get("vs_reference_text", ""))
         cells += [setting_text(e["params"].get(p, "")) for p in params]

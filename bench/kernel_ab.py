@@ -12,9 +12,9 @@ and cuDNN's fwd+bwd on the same inputs.
 `--set NAME=VALUE` instead changes a setting of the launch layer (`kernels/parallel/autograd.py`;
 `MODULE.NAME` for another module of the package, e.g. `sparse_tile.DKV_PROGRAMS`) for the "after"
 rows, and `--kernels` names the kernels whose time it moves; `--variant` (repeated) times
-several such sets of settings against the same "before" rows in one run. MLA and cuDNN are timed both as
-called from Python and captured with their backward in one CUDA graph (as a whole-step graph
-runs them: at short T the first is host time):
+several such sets of settings against the same "before" rows in one run. MLA and cuDNN are
+timed both as called from Python and captured with their backward in one CUDA graph (as a
+whole-step graph runs them: at short T the first is host time):
 
     python bench/kernel_ab.py --before bench/_before.py \
         [--points 64/4/128:32768:nsa:64 12/4/64:8192:nsa:64 ...] [--rep 200]

@@ -128,8 +128,7 @@ def compile_launch(rec: dict):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module = importlib.import_module(rec["module"])
-    fn = getattr(module, rec["kernel"])
+    fn = getattr(importlib.import_module(rec["module"]), rec["kernel"])
     names = list(rec["params"])
     sig = {n: rec["params"][n].get("type", "constexpr") for n in names}
     consts = {

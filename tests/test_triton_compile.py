@@ -177,9 +177,9 @@ PIPELINED = {
 class _Compilers:
     """A few processes without the interpreter that compile each distinct launch for sm_90 as
     soon as it is recorded (each compile is single-threaded), each with its own empty cache;
-    the kernels in `pipelined` must come out with their streamed loads prefetched."""
+    the kernels in PIPELINED must come out with their streamed loads prefetched."""
 
-    def __init__(self, tmp_path, n: int, pipelined: set[str] = PIPELINED):
+    def __init__(self, tmp_path, n: int):
         script = tmp_path / "compile_kernels.py"
         script.write_text(COMPILE)
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -190,7 +190,7 @@ class _Compilers:
             with open(out, "w") as f:
                 self.procs.append(
                     subprocess.Popen(
-                        [sys.executable, str(script), ",".join(sorted(pipelined)), TESTS],
+                        [sys.executable, str(script), ",".join(sorted(PIPELINED)), TESTS],
                         stdin=subprocess.PIPE,
                         stdout=f,
                         stderr=subprocess.STDOUT,

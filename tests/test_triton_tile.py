@@ -29,13 +29,6 @@ CASES = [
 ]
 
 
-# masks of 6 heads in 2 groups of 3
-HEAD_MASKS = [
-    pytest.param([True, False, True, True, False, False], id="part-of-groups"),
-    pytest.param([False, False, False, True, True, True], id="whole-group"),
-]
-
-
 @pytest.mark.parametrize("B,T,HQ,HKV,D,budget,ratios,bs,bq", CASES)
 def test_tile_mode_matches_reference(B, T, HQ, HKV, D, budget, ratios, bs, bq):
     cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs, select_tile=bq)
@@ -58,7 +51,13 @@ def test_tile_setting_leaves_sparse_free_corners_alone(ratios):
     check(1, 37, 4, 2, 16, cfg, torch.float32, tol=1e-5)
 
 
-@pytest.mark.parametrize("mask", HEAD_MASKS)
+@pytest.mark.parametrize(
+    "mask",
+    [
+        pytest.param([True, False, True, True, False, False], id="part-of-groups"),
+        pytest.param([False, False, False, True, True, True], id="whole-group"),
+    ],
+)
 @pytest.mark.parametrize("bq", [16, 64], ids=["padded", "packed"])
 def test_tile_mode_head_mask(mask, bq):
     cfg = AttentionConfig(budget=24, ratios=(0.25, 0.25, 0.5), block_size=4, select_tile=bq)
@@ -149,11 +148,6 @@ def _real_size_config(bq: int) -> AttentionConfig:
 @pytest.mark.parametrize("bq", [16, 64])
 @pytest.mark.parametrize("HQ,HKV,D", [(12, 4, 64), (64, 4, 128), (16, 16, 64)])
 def test_gpu_tile_mode_bf16(bq, HQ, HKV, D):
-    _check_gpu_bf16(bq, HQ, HKV, D)
-
-
-def _check_gpu_bf16(bq, HQ, HKV, D):
-    # the op against the reference in bf16 at 4k + 37 tokens, the NSA-sized budget
     T = 4096 + 37
     cfg = _real_size_config(bq)
     q, k, v, gate, do = make_inputs(1, T, HQ, HKV, D, torch.bfloat16, device="cuda", seed=bq)
