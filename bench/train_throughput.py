@@ -41,9 +41,11 @@ from budgets import budget_config
 from timing import kernel_ms, print_kernels
 
 from automla.kernels import AttentionConfig
-from automla.trainers import DataConfig, ModelConfig, TrainConfig
+from automla.trainers import DataConfig, ModelConfig, TrainConfig, fast_ops
 from automla.trainers.data import load_data
 from automla.trainers.trainer import build_state, lr_at, train_step
+
+DEFAULT_LOSS = fast_ops.LOSS  # measure() sets fast_ops.LOSS per variant
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,14 @@ class Variant:
     checkpoint: str = "none"
     width: int | None = None
     """None: the 125M model; else the d_model of an 8-layer wide stack."""
+    loss: str = DEFAULT_LOSS
+    """fast_ops.LOSS while it runs: the fused ops' training loss."""
 
     @property
     def name(self) -> str:
         name = self.attention if self.attention == "dense" else f"mla Bq={self.select_tile}"
+        if self.fused and self.loss != DEFAULT_LOSS:
+            name += f" {self.loss} loss"
         return name if self.graphs == "off" else f"{name} +{self.graphs} graphs"
 
 
@@ -135,6 +141,7 @@ def measure(
         dtype="bfloat16",
         device=str(device),
     )
+    fast_ops.LOSS = v.loss  # read by each training forward
     state = build_state(cfg, device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     vocab = cfg.model.vocab_size
@@ -161,7 +168,8 @@ def measure(
     step_s = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     if profile and device.type == "cuda":  # after the peak: the profiler's steps are extra
-        print_kernels(f"{v.name} T={T} step", kernel_ms(lambda s=state: train_step(s, x, y, 1e-4)))
+        times = kernel_ms(lambda s=state: train_step(s, x, y, 1e-4))
+        print_kernels(f"{v.name} T={T} step", times, top=30)
     params = sum(p.numel() for p in state.raw_model.parameters())
     del state
     return {
@@ -232,7 +240,7 @@ def variants(args, device) -> list[tuple[Variant, int]]:
     """(variant, T) in the order run: per length, each attention plain then its fast paths."""
     fast = []
     if args.fused:
-        fast.append({"fused": True})
+        fast += [{"fused": True, "loss": loss} for loss in args.loss]
     if args.fp8:
         fast.append({"fused": args.fused, "precision": "fp8"})
     for mode in args.checkpoint:
@@ -257,22 +265,31 @@ def variants(args, device) -> list[tuple[Variant, int]]:
             for precision in ("bf16", "fp8"):
                 v = Variant("dense", fused=args.fused, precision=precision, width=width)
                 out.append((v, args.wide_seq))
+    if args.fast_only:
+        out = [
+            (v, T) for v, T in out
+            if (v.fused or not args.fused) and (v.graphs != "off" or not args.cuda_graphs)
+        ]  # fmt: skip
     if device.type != "cuda":
         # the CPU smoke run: what runs there (no fused ops, no float8), each once
-        cpu = [(dataclasses.replace(v, fused=False), T) for v, T in out if v.precision == "bf16"]
+        cpu = [
+            (dataclasses.replace(v, fused=False, loss=DEFAULT_LOSS), T)
+            for v, T in out
+            if v.precision == "bf16"
+        ]
         out = list(dict.fromkeys(cpu))
     return out
 
 
 def print_table(rows: list[dict]) -> None:
-    fields = ("select_tile", "fused", "precision", "checkpoint", "width", "graphs")
+    fields = ("select_tile", "fused", "precision", "checkpoint", "width", "graphs", "loss")
 
     def key(r, attention=None, **change):
         v = {f: r[f] for f in fields}
         return (r["T"], attention or r["attention"].split(" +")[0], *{**v, **change}.values())
 
     ok = {key(r): r for r in rows if "error" not in r}
-    plain_settings = dict(fused=False, precision="bf16", checkpoint="none")
+    plain_settings = dict(fused=False, precision="bf16", checkpoint="none", loss=DEFAULT_LOSS)
 
     def dense(r, graphs=None, **change):
         """The dense row of r's length, width and settings, those in `change` replaced;
@@ -358,6 +375,18 @@ def main() -> None:
     ap.add_argument("--wide-seq", type=int, default=8192)
     ap.add_argument("--loss-steps", type=int, default=0, help="fp8 vs bf16 loss curves (0: off)")
     ap.add_argument("--loss-width", type=int, default=4096)
+    ap.add_argument(
+        "--loss",
+        nargs="+",
+        choices=["chunked", "liger"],
+        default=[DEFAULT_LOSS],
+        help="with --fused: each of these training losses (liger's: a captured step takes the "
+        "plain loss over the logits)",
+    )
+    ap.add_argument(
+        "--fast-only", action="store_true",
+        help="only the rows with every fast path asked for (--fused, --cuda-graphs)",
+    )  # fmt: skip
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")

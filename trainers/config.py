@@ -64,9 +64,9 @@ class ModelConfig:
     that does not apply (fp16, several ranks, a step that cannot be captured); evaluations
     and the first step of each head layout then run eagerly (as fast as per-op graphs with
     warm compile caches, and faster with cold ones: bench/RESULTS.md).
-    A captured step computes its loss from the logits: liger's fused linear + cross-entropy
-    synchronises with the host, so long contexts with large vocabularies, where the logits
-    are the memory peak, are better off with "op"."""
+    With fused ops a captured step takes the chunked linear + cross-entropy
+    (`trainers/cross_entropy.py`), which never holds the logits; without them, the loss over
+    the whole logits, the memory peak of long contexts with large vocabularies."""
     fused_ops: bool | None = None
     """liger-kernel's Triton ops for RMSNorm, SwiGLU, rotary and (training) linear +
     cross-entropy without the logits tensor. None: on where the model runs on CUDA and

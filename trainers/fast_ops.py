@@ -5,8 +5,8 @@ device: the CPU path never loads them (the plain PyTorch ops of `model` stay the
 
 `prepare_model` turns a freshly built model, already on its device, into the configured one:
 - fused ops (`model.fused_ops`): RMSNorm, SwiGLU on the fused gate/up projection, rotary
-  positions and, in training, linear + cross-entropy in chunks so that the (tokens x vocab)
-  logits are never materialised;
+  positions (liger's) and, in training, linear + cross-entropy in chunks so that the
+  (tokens x vocab) logits are never materialised (`cross_entropy`, or liger's: `LOSS`);
 - float8 (`model.precision: fp8`): the q/k/v/o projections and the MLP's linears become
   torchao `Float8Linear`s (compiled, as torchao needs to fuse its scaling casts); the gate MLP,
   embeddings, norms and loss stay in the autocast dtype / float32.
@@ -172,6 +172,18 @@ def rotary_half(
     return q.transpose(1, 2), k.transpose(1, 2)
 
 
+LOSS = "chunked"
+"""The training loss with fused ops: "chunked" (`cross_entropy`, capturable in a whole-step
+graph) or "liger" (liger's, which reads the target count on the host: a captured step then
+takes the plain loss over the whole float32 logits). Kept for A/B runs of
+`bench/train_throughput.py --loss`."""
+
+
+def capturable_loss() -> bool:
+    """Whether `linear_cross_entropy` can run inside a CUDA graph capture."""
+    return LOSS == "chunked"
+
+
 def linear_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
 ) -> torch.Tensor:
@@ -179,6 +191,10 @@ def linear_cross_entropy(
     held whole. Under autocast the matmuls run in its dtype, as the plain path's: h and the
     (tied, float32) weight are cast once here rather than in every chunk, and the weight's
     gradient is summed over the chunks in float32."""
+    if LOSS == "chunked":
+        from .cross_entropy import linear_cross_entropy as chunked
+
+        return chunked(h, weight, targets, ignore_index)
     # liger's autograd Function itself, not its `liger_kernel.transformers` wrapper, which
     # imports Hugging Face transformers (see LIGER_UNUSED)
     from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction

@@ -607,10 +607,11 @@ class LanguageModel(nn.Module):
             x = block(x, rot)
         h = self.norm(x)
         train = targets is not None and torch.is_grad_enabled()
-        # liger's linear + cross-entropy counts the targets on the host (.item()): a whole-step
-        # CUDA graph (`cuda_graphs: step`) cannot hold it, and takes the plain loss instead
+        # the chunked loss runs inside a whole-step CUDA graph (`cuda_graphs: step`); liger's
+        # (fast_ops.LOSS, for A/B runs) counts the targets on the host, so a captured step
+        # takes the plain loss over the logits instead
         capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()
-        if self.fused and train and sp is None and not capturing:
+        if self.fused and train and sp is None and (fast_ops.capturable_loss() or not capturing):
             # the loss in chunks, no logits (an evaluation, without gradients, still gets them)
             loss = fast_ops.linear_cross_entropy(
                 h.flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index=-100
