@@ -45,7 +45,8 @@ from automla.trainers import DataConfig, ModelConfig, TrainConfig, fast_ops
 from automla.trainers.data import load_data
 from automla.trainers.trainer import build_state, lr_at, train_step
 
-DEFAULT_LOSS = fast_ops.LOSS  # measure() sets fast_ops.LOSS per variant
+# measure() sets these per variant
+DEFAULT_LOSS, DEFAULT_NORM = fast_ops.LOSS, fast_ops.NORM
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,16 @@ class Variant:
     """None: the 125M model; else the d_model of an 8-layer wide stack."""
     loss: str = DEFAULT_LOSS
     """fast_ops.LOSS while it runs: the fused ops' training loss."""
+    norm: str = DEFAULT_NORM
+    """fast_ops.NORM while it runs: the fused ops' RMSNorm."""
 
     @property
     def name(self) -> str:
         name = self.attention if self.attention == "dense" else f"mla Bq={self.select_tile}"
         if self.fused and self.loss != DEFAULT_LOSS:
             name += f" {self.loss} loss"
+        if self.fused and self.norm != DEFAULT_NORM:
+            name += f" {self.norm} norm"
         return name if self.graphs == "off" else f"{name} +{self.graphs} graphs"
 
 
@@ -141,7 +146,7 @@ def measure(
         dtype="bfloat16",
         device=str(device),
     )
-    fast_ops.LOSS = v.loss  # read by each training forward
+    fast_ops.LOSS, fast_ops.NORM = v.loss, v.norm  # read by each training forward
     state = build_state(cfg, device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     vocab = cfg.model.vocab_size
@@ -175,6 +180,7 @@ def measure(
     return {
         **dataclasses.asdict(v),
         "attention": v.name,
+        "kind": v.attention,
         "T": T,
         "d_model": cfg.model.d_model,
         "params": params,
@@ -229,7 +235,8 @@ def run(v: Variant, T: int, args, device) -> dict:
     except Exception as e:  # noqa: BLE001 - reported in the table
         # (not from model_config: the error may be its own)
         d_model = 64 if args.tiny else v.width or (512 if args.model == "search" else 768)
-        return {**dataclasses.asdict(v), "attention": v.name, "T": T, "d_model": d_model,
+        return {**dataclasses.asdict(v), "attention": v.name, "kind": v.attention, "T": T,
+                "d_model": d_model,
                 "error": repr(e)[:300]}  # fmt: skip
     finally:
         if device.type == "cuda":
@@ -240,7 +247,9 @@ def variants(args, device) -> list[tuple[Variant, int]]:
     """(variant, T) in the order run: per length, each attention plain then its fast paths."""
     fast = []
     if args.fused:
-        fast += [{"fused": True, "loss": loss} for loss in args.loss]
+        fast += [
+            {"fused": True, "loss": loss, "norm": norm} for loss in args.loss for norm in args.norm
+        ]
     if args.fp8:
         fast.append({"fused": args.fused, "precision": "fp8"})
     for mode in args.checkpoint:
@@ -273,7 +282,7 @@ def variants(args, device) -> list[tuple[Variant, int]]:
     if device.type != "cuda":
         # the CPU smoke run: what runs there (no fused ops, no float8), each once
         cpu = [
-            (dataclasses.replace(v, fused=False, loss=DEFAULT_LOSS), T)
+            (dataclasses.replace(v, fused=False, loss=DEFAULT_LOSS, norm=DEFAULT_NORM), T)
             for v, T in out
             if v.precision == "bf16"
         ]
@@ -282,14 +291,16 @@ def variants(args, device) -> list[tuple[Variant, int]]:
 
 
 def print_table(rows: list[dict]) -> None:
-    fields = ("select_tile", "fused", "precision", "checkpoint", "width", "graphs", "loss")
+    fields = ("select_tile", "fused", "precision", "checkpoint", "width", "graphs", "loss", "norm")
 
     def key(r, attention=None, **change):
         v = {f: r[f] for f in fields}
-        return (r["T"], attention or r["attention"].split(" +")[0], *{**v, **change}.values())
+        return (r["T"], attention or r["kind"], *{**v, **change}.values())
 
     ok = {key(r): r for r in rows if "error" not in r}
-    plain_settings = dict(fused=False, precision="bf16", checkpoint="none", loss=DEFAULT_LOSS)
+    plain_settings = dict(
+        fused=False, precision="bf16", checkpoint="none", loss=DEFAULT_LOSS, norm=DEFAULT_NORM
+    )
 
     def dense(r, graphs=None, **change):
         """The dense row of r's length, width and settings, those in `change` replaced;
@@ -382,6 +393,13 @@ def main() -> None:
         default=[DEFAULT_LOSS],
         help="with --fused: each of these training losses (liger's: a captured step takes the "
         "plain loss over the logits)",
+    )
+    ap.add_argument(
+        "--norm",
+        nargs="+",
+        choices=["triton", "liger"],
+        default=[DEFAULT_NORM],
+        help="with --fused: each of these RMSNorms",
     )
     ap.add_argument(
         "--fast-only", action="store_true",

@@ -75,10 +75,10 @@ def test_tree_ab_kernel_table_sums_matching_kernels_per_round():
 def test_train_throughput_compares_each_row_with_dense_of_the_same_settings(capsys):
     tt = _bench("train_throughput")
 
-    def row(attention, bq, graphs, fused, ms):
-        v = tt.Variant(attention, bq, graphs=graphs, fused=fused)
-        return {**dataclasses.asdict(v), "attention": v.name, "T": 2048, "d_model": 512,
-                "step_ms": ms, "tokens_per_s": 1.0, "peak_mem_gb": 1.0}  # fmt: skip
+    def row(attention, bq, graphs, fused, ms, **change):
+        v = tt.Variant(attention, bq, graphs=graphs, fused=fused, **change)
+        return {**dataclasses.asdict(v), "attention": v.name, "kind": attention, "T": 2048,
+                "d_model": 512, "step_ms": ms, "tokens_per_s": 1.0, "peak_mem_gb": 1.0}  # fmt: skip
 
     rows = [
         row("dense", 1, "off", False, 10.0),
@@ -86,6 +86,8 @@ def test_train_throughput_compares_each_row_with_dense_of_the_same_settings(caps
         row("dense", 1, "step", True, 6.0),
         row("mla", 64, "step", True, 7.5),
         row("mla", 64, "op", True, 12.0),
+        row("dense", 1, "step", True, 9.0, loss="liger"),
+        row("mla", 64, "step", True, 4.5, loss="liger"),
     ]
     tt.print_table(rows)
     lines = capsys.readouterr().out.splitlines()
@@ -95,6 +97,8 @@ def test_train_throughput_compares_each_row_with_dense_of_the_same_settings(caps
     assert cells[0][-2:] == ["1.33x", "0.80x |"]
     # per-op graphs: the dense peer runs without graphs, fused (no such row here)
     assert cells[1][-1] == " |"
+    # another loss: against dense with that loss (9.0 / 4.5)
+    assert "liger loss" in cells[2][2] and cells[2][-1] == "2.00x |"
 
 
 def test_kernel_ab_sets_every_changed_setting_on_every_side(capsys):

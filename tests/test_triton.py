@@ -116,9 +116,8 @@ def test_local_dkv_split_over_programs_with_pruned_heads(monkeypatch, mask, prog
     check(1, 70, 6, 2, 16, cfg, torch.float32, tol=1e-5, head_mask=head_mask)
 
 
-@pytest.mark.parametrize("per_head", [0, 1], ids=["per-group", "per-head"])
 @pytest.mark.parametrize("programs", [1, 4], ids=["whole-sequence", "chunks-of-tiles"])
-def test_global_dkv_query_chunks(monkeypatch, programs, per_head):
+def test_global_dkv_query_chunks(monkeypatch, programs):
     # the global dk/dv cuts the queries into chunks of absolute positions shared by every
     # compressed tile (17 compressed keys here: two tiles): one chunk of the whole sequence,
     # or chunks of several query tiles, some before a tile's first query and so empty for it
@@ -126,29 +125,8 @@ def test_global_dkv_query_chunks(monkeypatch, programs, per_head):
     import automla.kernels.parallel.autograd as launch_layer
 
     monkeypatch.setattr(launch_layer, "GLOBAL_DKV_PROGRAMS", programs)
-    monkeypatch.setattr(launch_layer, "GLOBAL_DKV_PER_HEAD", per_head)
     cfg = AttentionConfig(budget=48, ratios=(0.2, 0.6, 0.2), block_size=2)
     check(1, 70, 4, 2, 16, cfg, torch.float32, tol=1e-5)
-
-
-@pytest.mark.parametrize("select_tile", [1, 16], ids=["per-query", "tile"])
-def test_window_tiles_placed_last_first(monkeypatch, select_tile):
-    # the window kernels' query tiles launched in reverse (WINDOW_REVERSED): the same sums
-    import automla.kernels.parallel.autograd as launch_layer
-
-    monkeypatch.setattr(launch_layer, "WINDOW_REVERSED", 1)
-    cfg = AttentionConfig(budget=48, ratios=(0.3, 0.4, 0.3), block_size=4, select_tile=select_tile)
-    check(
-        1,
-        70,
-        6,
-        2,
-        16,
-        cfg,
-        torch.float32,
-        tol=1e-5,
-        head_mask=torch.tensor([1, 0, 1, 1, 1, 0]).bool(),
-    )
 
 
 @pytest.mark.parametrize(
@@ -159,14 +137,12 @@ def test_window_tiles_placed_last_first(monkeypatch, select_tile):
     ],
     ids=["head-mask-whole-sequence", "D128-whole-group-pruned"],
 )
-@pytest.mark.parametrize("per_head", [0, 1], ids=["per-group", "per-head"])
-def test_global_dkv_with_pruned_heads(monkeypatch, D, mask, programs, per_head):
+def test_global_dkv_with_pruned_heads(monkeypatch, D, mask, programs):
     # the global dk/dv skips pruned heads, part of a group or all of one, in one chunk of the
     # whole sequence or in many
     import automla.kernels.parallel.autograd as launch_layer
 
     monkeypatch.setattr(launch_layer, "GLOBAL_DKV_PROGRAMS", programs)
-    monkeypatch.setattr(launch_layer, "GLOBAL_DKV_PER_HEAD", per_head)
     cfg = AttentionConfig(budget=48, ratios=(0.2, 0.6, 0.2), block_size=2)
     check(1, 70, 6, 2, D, cfg, torch.float32, tol=1e-5, head_mask=torch.tensor(mask))
 

@@ -4,9 +4,10 @@ Both libraries are optional (the `gpu` extra) and imported only here, only on th
 device: the CPU path never loads them (the plain PyTorch ops of `model` stay the oracle).
 
 `prepare_model` turns a freshly built model, already on its device, into the configured one:
-- fused ops (`model.fused_ops`): RMSNorm, SwiGLU on the fused gate/up projection, rotary
-  positions (liger's) and, in training, linear + cross-entropy in chunks so that the
-  (tokens x vocab) logits are never materialised (`cross_entropy`, or liger's: `LOSS`);
+- fused ops (`model.fused_ops`): SwiGLU on the fused gate/up projection and rotary positions
+  (liger's), RMSNorm (`rms_norm`, or liger's: `NORM`) and, in training, linear +
+  cross-entropy in chunks so that the (tokens x vocab) logits are never materialised
+  (`cross_entropy`, or liger's: `LOSS`);
 - float8 (`model.precision: fp8`): the q/k/v/o projections and the MLP's linears become
   torchao `Float8Linear`s (compiled, as torchao needs to fuse its scaling casts); the gate MLP,
   embeddings, norms and loss stay in the autocast dtype / float32.
@@ -138,7 +139,17 @@ def float8_linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> t
     )
 
 
+NORM = "triton"
+"""RMSNorm with fused ops: "triton" (`rms_norm`: the output in autocast's dtype, several rows
+a step in the backward) or "liger" (liger's: float32 out, one row a step). Kept for A/B runs
+of `bench/train_throughput.py --norm`."""
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if NORM == "triton":
+        from .rms_norm import rms_norm as triton_rms_norm
+
+        return triton_rms_norm(x, weight, eps)
     from liger_kernel.ops import LigerRMSNormFunction
 
     # llama casting: the inverse RMS in float32, as F.rms_norm; not in place (dY is kept)

@@ -27,14 +27,6 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 LOCAL_DKV_PROGRAMS = 512
 # programs with work that the global dk/dv launch aims for ((tile, chunk) pairs x groups)
 GLOBAL_DKV_PROGRAMS = 512
-# The global dk/dv's programs: one per active head (1), or per active group (0), which runs
-# one pipelined loop over its rows per head (at 8k, 3 heads x 3 query tiles: a prologue and a
-# drain every third step). Timed in bench/NOTES.md, twenty-first session.
-GLOBAL_DKV_PER_HEAD = 0
-# The window kernels' query tiles placed last first (1): their global prefixes grow with the
-# position, so the launch's last programs are then its shortest. Timed in bench/NOTES.md,
-# twenty-first session.
-WINDOW_REVERSED = 0
 # on CUDA, the sparse branch's selection (forward) and its inversion, dq and dk/dv (backward)
 # run on a second stream beside the window branches' kernels: at short T neither chain of
 # launches fills the GPU alone
@@ -251,7 +243,6 @@ def _launch_window(kernel, name: str, lay: _Layout, q, k, v, kc, vc, **args) -> 
         HAS_LOCAL=lay.has_local,
         HAS_GLOBAL=lay.has_global,
         TMA=t["TMA"],
-        REVERSED=bool(WINDOW_REVERSED and lay.has_global),
         **_options(t),
     )
 
@@ -273,16 +264,13 @@ def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv
         # query rows that each tile's programs read, summed over the tiles (from the first
         # query tile that sees the tile): cut in chunks so that the launch fills the GPU
         rows = sum(max(0, T - ((c * BC + 1) * stride - 1) // BT * BT) for c in range(n_tiles))
-        # programs per batch: the active heads, or the active groups
-        heads = lay.packs(1).view(-1) if GLOBAL_DKV_PER_HEAD else lay.groups
-        chunk = triton.cdiv(rows * B * heads.numel(), GLOBAL_DKV_PROGRAMS)
+        chunk = triton.cdiv(rows * B * lay.NA, GLOBAL_DKV_PROGRAMS)
         chunk = min(triton.cdiv(T, BT), max(1, triton.cdiv(chunk, BT))) * BT
         launch(
-            _global_bwd_dkv_kernel, (n_tiles, B * heads.numel(), triton.cdiv(T, chunk)),
-            **{**shared, **tiles_of(BT, t["TMA"], q=q, do=do), "groups": heads,
-               "NA": heads.numel()}, kc=saved["kc"], vc=saved["vc"], lse_g=saved["lse_g"],
-            delta_g=delta_g, chunk=chunk, BT=BT, BC=BC, TMA=t["TMA"],
-            PER_HEAD=bool(GLOBAL_DKV_PER_HEAD), **_options(t),
+            _global_bwd_dkv_kernel, (n_tiles, B * lay.NA, triton.cdiv(T, chunk)),
+            **{**shared, **tiles_of(BT, t["TMA"], q=q, do=do)}, kc=saved["kc"], vc=saved["vc"],
+            lse_g=saved["lse_g"], delta_g=delta_g, chunk=chunk, BT=BT, BC=BC, TMA=t["TMA"],
+            **_options(t),
         )  # fmt: skip
     if lay.has_local:
         gluon = local_dkv_gluon.available(q)

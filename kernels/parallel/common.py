@@ -237,17 +237,11 @@ def _sparse_delta(
 
 
 @triton.jit
-def _pack_rows(
-    packs, T, NP, HQ: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr,
-    REVERSED: tl.constexpr,
-):  # fmt: skip
+def _pack_rows(packs, T, NP, HQ: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr):
     # The program's rows: BT tokens of each of the HP heads of one pack (heads of one KV group,
-    # -1 where the pack is short). Returns the query tile, the batch, the KV head, each row's
-    # token o_t, its offset o_row = t * HQ + h inside the batch and m_t, whether it is a real
-    # row. REVERSED: a pack's last query tiles (the longest global prefixes) placed first.
+    # -1 where the pack is short). Returns the batch, the KV head, each row's token o_t, its
+    # offset o_row = t * HQ + h inside the batch and m_t, whether it is a real row.
     i_t, i_p = tl.program_id(0), tl.program_id(1)
-    if REVERSED:
-        i_t = tl.num_programs(0) - 1 - i_t
     i_b = i_p // NP
     p_pack = packs + (i_p % NP) * HP
     o_r = tl.arange(0, HP * BT)
@@ -255,7 +249,7 @@ def _pack_rows(
     o_h = tl.load(p_pack + o_r // BT)
     m_t = (o_t < T) & (o_h >= 0)
     o_row = o_t * HQ + tl.maximum(o_h, 0)
-    return i_t, i_b, tl.load(p_pack) // G, o_t, o_row, m_t
+    return i_b, tl.load(p_pack) // G, o_t, o_row, m_t
 
 
 def _interpret() -> bool:

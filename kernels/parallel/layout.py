@@ -154,8 +154,8 @@ def _head_lists(
         )
         # the packs the window kernels will launch with, now: none is then copied to the
         # device while a CUDA graph is being captured
-        for HP in {1} | {_tiles(kernel, G)["HP"] for kernel in ("window_fwd", "window_dq")}:
-            lists.packs(HP)  # 1: the global dk/dv's per-head programs
+        for kernel in ("window_fwd", "window_dq"):
+            lists.packs(_tiles(kernel, G)["HP"])
         if len(_HEAD_LISTS) > 1024:  # masks change only at pruning decisions
             _HEAD_LISTS.clear()
         _HEAD_LISTS[key] = lists

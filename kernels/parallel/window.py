@@ -43,11 +43,11 @@ def _window_fwd_kernel(
     STORE: tl.constexpr,
     PREC: tl.constexpr,
     TMA: tl.constexpr,
-    REVERSED: tl.constexpr,
 ):
     # One query tile of HP heads of one group (their rows share each key tile): the local
     # window, then the compressed prefix.
-    i_t, i_b, i_hk, o_t, o_row, m_t = _pack_rows(packs, T, NP, HQ, G, BT, HP, REVERSED)
+    i_b, i_hk, o_t, o_row, m_t = _pack_rows(packs, T, NP, HQ, G, BT, HP)
+    i_t = tl.program_id(0)
     o_bq = (i_b * T * HQ).to(tl.int64)
     o_d = tl.arange(0, D)
     o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
@@ -149,7 +149,6 @@ def _window_bwd_dq_kernel(
     PREC: tl.constexpr,
     ZB: tl.constexpr,
     TMA: tl.constexpr,
-    REVERSED: tl.constexpr,
 ):
     # dq of one query tile of HP heads of one group: local, then global; each branch's dgate
     # and softmax delta (the dk/dv kernels, launched after, read the deltas): the local one's
@@ -162,7 +161,8 @@ def _window_bwd_dq_kernel(
     for i_z in range(i_p * ZB, NZ, n_p * ZB):
         o_z = i_z + tl.arange(0, ZB)
         tl.store(zero + o_z, tl.zeros([ZB], dtype=tl.float32), mask=o_z < NZ)
-    i_t, i_b, i_hk, o_t, o_row, m_t = _pack_rows(packs, T, NP, HQ, G, BT, HP, REVERSED)
+    i_b, i_hk, o_t, o_row, m_t = _pack_rows(packs, T, NP, HQ, G, BT, HP)
+    i_t = tl.program_id(0)
     o_bq = (i_b * T * HQ).to(tl.int64)
     o_d = tl.arange(0, D)
     o_x = o_bq * D + (o_row * D)[:, None] + o_d[None, :]
@@ -358,23 +358,16 @@ def _global_bwd_dkv_kernel(
     BC: tl.constexpr,
     PREC: tl.constexpr,
     TMA: tl.constexpr,
-    PER_HEAD: tl.constexpr,
 ):
     # One tile of compressed keys of one KV head, over the queries of one chunk (absolute
     # positions [i_p * chunk, (i_p + 1) * chunk)) that see it. The programs of one chunk and
     # every tile run side by side (tiles vary fastest) and read the same q and dO rows, once
     # from memory. The chunks add their partial gradients into dkc/dvc [B, NC, HKV, D]
     # (float32, zeroed), which the local dk/dv kernel or `_spread_kernel` spreads back over
-    # the pooled keys. PER_HEAD: the program reads one active head's queries (`groups` lists
-    # the active heads, NA of them), with no head test inside its loop.
+    # the pooled keys.
     i_c, i_bg, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bg // NA
-    if PER_HEAD:
-        i_h0 = tl.load(groups + i_bg % NA)
-        i_hk = i_h0 // G
-    else:
-        i_h0 = 0
-        i_hk = tl.load(groups + i_bg % NA)
+    i_hk = tl.load(groups + i_bg % NA)
     o_kh = (i_b * NC * HKV + i_hk).to(tl.int64) * D
     o_c = i_c * BC + tl.arange(0, BC)
     o_d = tl.arange(0, D)
@@ -388,9 +381,9 @@ def _global_bwd_dkv_kernel(
     # the first query tile that sees the tile's first compressed key (chunk is BT-aligned)
     lo = tl.maximum(((i_c * BC + 1) * stride - 1) // BT * BT, i_p * chunk)
     hi = tl.minimum((i_p + 1) * chunk, T)
-    for i_g in range(1 if PER_HEAD else G):
-        i_h = i_h0 + i_g if PER_HEAD else i_hk * G + i_g
-        if PER_HEAD or tl.load(active + i_h) != 0:
+    for i_g in range(G):
+        i_h = i_hk * G + i_g
+        if tl.load(active + i_h) != 0:
             o_qh = (i_b * T * HQ + i_h).to(tl.int64)
             for i_t in range(lo, hi, BT):
                 o_t = i_t + tl.arange(0, BT)
