@@ -12,6 +12,14 @@ import os
 from pathlib import Path
 
 
+def relative_error(a, b) -> float:
+    """|a - b| / |b| over all elements (float32 norms); a must hold no NaN or inf."""
+    import torch
+
+    assert torch.isfinite(a).all()
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 def objectives() -> list[dict]:
     """The usual two objectives, a fresh list each call: lower val_loss, higher tokens_per_s."""
     return [
