@@ -173,8 +173,8 @@ def measure(
     step_s = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     if profile and device.type == "cuda":  # after the peak: the profiler's steps are extra
-        times = kernel_ms(lambda s=state: train_step(s, x, y, 1e-4))
-        print_kernels(f"{v.name} T={T} step", times, top=30)
+        kernels = kernel_ms(lambda s=state: train_step(s, x, y, 1e-4))
+        print_kernels(f"{v.name} T={T} step", kernels, top=30)
     params = sum(p.numel() for p in state.raw_model.parameters())
     del state
     return {
