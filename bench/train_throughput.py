@@ -178,9 +178,7 @@ def measure(
     params = sum(p.numel() for p in state.raw_model.parameters())
     del state
     return {
-        **dataclasses.asdict(v),
-        "attention": v.name,
-        "kind": v.attention,
+        **_identity(v),
         "T": T,
         "d_model": cfg.model.d_model,
         "params": params,
@@ -225,6 +223,12 @@ def curve_gap(reference: list[float], other: list[float], window: int = 10) -> d
     return {"max_rel_gap": rel.max().item(), "final_rel_gap": rel[-1].item()}
 
 
+def _identity(v: Variant) -> dict:
+    """A row's settings: the variant's fields, its name as "attention", its kind (dense or
+    mla) as "kind"."""
+    return {**dataclasses.asdict(v), "attention": v.name, "kind": v.attention}
+
+
 def run(v: Variant, T: int, args, device) -> dict:
     """measure(), or the error's row: one failing variant must not lose the others."""
     try:
@@ -235,9 +239,7 @@ def run(v: Variant, T: int, args, device) -> dict:
     except Exception as e:  # noqa: BLE001 - reported in the table
         # (not from model_config: the error may be its own)
         d_model = 64 if args.tiny else v.width or (512 if args.model == "search" else 768)
-        return {**dataclasses.asdict(v), "attention": v.name, "kind": v.attention, "T": T,
-                "d_model": d_model,
-                "error": repr(e)[:300]}  # fmt: skip
+        return {**_identity(v), "T": T, "d_model": d_model, "error": repr(e)[:300]}
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -68,8 +68,9 @@ class ModelConfig:
     (`trainers/cross_entropy.py`), which never holds the logits; without them, the loss over
     the whole logits, the memory peak of long contexts with large vocabularies."""
     fused_ops: bool | None = None
-    """liger-kernel's Triton ops for RMSNorm, SwiGLU, rotary and (training) linear +
-    cross-entropy without the logits tensor. None: on where the model runs on CUDA and
+    """Triton ops for RMSNorm and (training) linear + cross-entropy without the logits tensor
+    (our own, `trainers/rms_norm.py` and `cross_entropy.py`), and liger-kernel's for SwiGLU and
+    rotary. None: on where the model runs on CUDA and
     liger-kernel is installed (the `gpu` extra); the plain PyTorch ops elsewhere."""
     precision: Literal["bf16", "fp8"] = "bf16"
     """fp8: torchao float8 training for the q/k/v/o projections and the MLP's linears (CUDA

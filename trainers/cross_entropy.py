@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fast_ops import compute_dtype
+
 CHUNK_BYTES = 1 << 30
 """Logits per chunk, in bytes: 1 GiB of bfloat16 is ~10k rows of a 50k vocabulary."""
 
@@ -67,7 +69,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         inv_count = 1.0 / count.to(torch.float32).reshape(1)
         losses = torch.empty(N, dtype=torch.float32, device=h.device)
         dh = torch.empty_like(hd)
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+        wants_dw = weight.requires_grad
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if wants_dw else None
         rows = _rows_per_chunk(N, V, hd.element_size())
         block = min(BLOCK, triton.next_power_of_2(V))
         for s in range(0, N, rows):
@@ -78,7 +81,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 BLOCK=block, num_warps=8,
             )  # fmt: skip
             torch.mm(logits, wd, out=dh[s:e])
-            if weight.requires_grad:
+            if wants_dw:
                 dw += (logits.T @ hd[s:e]).float()
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = (h.dtype, weight.dtype)
@@ -88,7 +91,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         dh, dw = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        return (dh * grad).to(h_dtype), (dw * grad).to(w_dtype), None, None, None
+        dw = None if dw is None else (dw * grad).to(w_dtype)
+        return (dh * grad).to(h_dtype), dw, None, None, None
 
 
 def linear_cross_entropy(
@@ -97,8 +101,6 @@ def linear_cross_entropy(
     """Mean cross-entropy of the logits h @ weight.T (h [N, C], weight [V, C], targets [N]) over
     the targets that are not ignore_index (NaN where none is), as F.cross_entropy of those
     logits in float32. Under autocast the matmuls run in its dtype, as a plain linear's."""
-    dtype = h.dtype
-    if torch.is_autocast_enabled(h.device.type):
-        dtype = torch.get_autocast_dtype(h.device.type)
+    dtype = compute_dtype(h)
     with torch.autocast(h.device.type, enabled=False):
         return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, dtype)

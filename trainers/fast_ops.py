@@ -123,6 +123,12 @@ def convert_fp8(model: nn.Module) -> None:
             module.compile(dynamic=False)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype that x's matmuls run in: autocast's where it is on for x's device, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def is_float8(module: nn.Module) -> bool:
     return type(module).__name__ == "Float8Linear"
 
@@ -132,8 +138,7 @@ def float8_linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> t
     columns (pruned heads): eager, not compiled (one shape per head layout)."""
     from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
 
-    if torch.is_autocast_enabled("cuda"):
-        x = x.to(torch.get_autocast_dtype("cuda"))
+    x = x.to(compute_dtype(x))
     return matmul_with_hp_or_float8_args.apply(
         x, weight.t(), module.linear_mm_config, module.config
     )
@@ -200,9 +205,9 @@ def linear_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
 ) -> torch.Tensor:
     """Mean cross-entropy of logits h @ weight.T, computed in chunks: the logits are never
-    held whole. Under autocast the matmuls run in its dtype, as the plain path's: h and the
-    (tied, float32) weight are cast once here rather than in every chunk, and the weight's
-    gradient is summed over the chunks in float32."""
+    held whole (`LOSS` says whose). Under autocast the matmuls run in its dtype, as the plain
+    path's: h and the (tied, float32) weight are cast once rather than in every chunk, and the
+    weight's gradient is summed over the chunks in float32."""
     if LOSS == "chunked":
         from .cross_entropy import linear_cross_entropy as chunked
 

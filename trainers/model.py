@@ -450,8 +450,7 @@ def _autocast_once(x: torch.Tensor) -> torch.Tensor:
     """x in autocast's dtype where autocast is on. For an input that two projections read:
     autocast would cast it for each (it caches casts of parameters only), and their gradients
     would come back as two casts and a float32 add instead of one add and one cast."""
-    device = x.device.type
-    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+    return x.to(fast_ops.compute_dtype(x))
 
 
 def _linear(module: nn.Linear, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

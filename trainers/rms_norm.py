@@ -10,9 +10,13 @@ twenty-first session)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from .fast_ops import compute_dtype
 
 ELEMENTS = 8192
 """Elements a program's step reads: BM rows of the row width padded to a power of two."""
@@ -64,6 +68,7 @@ def _tiles(N: int) -> tuple[int, int]:
     return max(1, ELEMENTS // BN), BN
 
 
+@functools.cache
 def _programs(device: torch.device) -> int:
     """Programs of the backward: a few per SM (8 under the interpreter)."""
     if device.type != "cuda":
@@ -108,8 +113,6 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """F.rms_norm(x, (N,), weight, eps) over x's last dim N, in float32 inside; the output in
     autocast's dtype where autocast is on (what the next linear would cast it to), else x's."""
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         return _RMSNorm.apply(x, weight, eps, dtype)
