@@ -15,6 +15,8 @@ the rest still run.
 - the 125M model (12 layers, d 768, 50k vocabulary) at each --seq, dense and MLA (each
   --select-tile), plain; --fused adds fused ops on, --fp8 float8 linears (with fused ops when
   --fused), --checkpoint MODE activation checkpointing (likewise);
+- --gate MODE...: MLA rows with each of these matmuls for the gate (`model.GATE_MATMUL`:
+  its own, its own with rows padded to 16 bytes, or inside the qkv projection's);
 - --wide: 8-layer stacks of d_model --wide-widths (heads of 128, 4 query heads per KV head) at
   --wide-seq, dense attention, bf16 against fp8;
 - --loss-steps N: N training steps of the --loss-width stack on the stdlib's bytes (the same
@@ -42,11 +44,13 @@ from timing import kernel_ms, print_kernels
 
 from automla.kernels import AttentionConfig
 from automla.trainers import DataConfig, ModelConfig, TrainConfig, fast_ops
+from automla.trainers import model as model_module
 from automla.trainers.data import load_data
 from automla.trainers.trainer import build_state, lr_at, train_step
 
 # measure() sets these per variant
 DEFAULT_LOSS, DEFAULT_NORM = fast_ops.LOSS, fast_ops.NORM
+DEFAULT_GATE = model_module.GATE_MATMUL
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class Variant:
     """fast_ops.LOSS while it runs: the fused ops' training loss."""
     norm: str = DEFAULT_NORM
     """fast_ops.NORM while it runs: the fused ops' RMSNorm."""
+    gate: str = DEFAULT_GATE
+    """model.GATE_MATMUL while it runs: the matmul of MLA's gate."""
 
     @property
     def name(self) -> str:
@@ -73,6 +79,8 @@ class Variant:
             name += f" {self.loss} loss"
         if self.fused and self.norm != DEFAULT_NORM:
             name += f" {self.norm} norm"
+        if self.gate != DEFAULT_GATE:
+            name += f" gate {self.gate}"
         return name if self.graphs == "off" else f"{name} +{self.graphs} graphs"
 
 
@@ -146,7 +154,8 @@ def measure(
         dtype="bfloat16",
         device=str(device),
     )
-    fast_ops.LOSS, fast_ops.NORM = v.loss, v.norm  # read by each training forward
+    # read by each training forward
+    fast_ops.LOSS, fast_ops.NORM, model_module.GATE_MATMUL = v.loss, v.norm, v.gate
     state = build_state(cfg, device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     vocab = cfg.model.vocab_size
@@ -256,15 +265,16 @@ def variants(args, device) -> list[tuple[Variant, int]]:
         fast.append({"fused": args.fused, "precision": "fp8"})
     for mode in args.checkpoint:
         fast.append({"fused": args.fused, "checkpoint": mode})
-    attentions = [("dense", 1)] + [("mla", bq) for bq in args.select_tile]
+    attentions = [("dense", 1, DEFAULT_GATE)]
+    attentions += [("mla", bq, gate) for bq in args.select_tile for gate in args.gate]
     graphs = ["off"] + args.cuda_graphs
     out = []
     for T in [128, 256] if args.tiny else args.seq:
-        for attention, bq in attentions:
+        for attention, bq, gate in attentions:
             for mode in graphs:
                 if attention == "dense" and mode == "op":
                     continue  # "op" graphs only the MLA op
-                base = Variant(attention, bq, graphs=mode)
+                base = Variant(attention, bq, graphs=mode, gate=gate)
                 out.append((base, T))
                 for change in fast:
                     v = dataclasses.replace(base, **change)
@@ -293,7 +303,9 @@ def variants(args, device) -> list[tuple[Variant, int]]:
 
 
 def print_table(rows: list[dict]) -> None:
-    fields = ("select_tile", "fused", "precision", "checkpoint", "width", "graphs", "loss", "norm")
+    fields = (
+        "select_tile", "fused", "precision", "checkpoint", "width", "graphs", "loss", "norm", "gate"
+    )  # fmt: skip
 
     def key(r, attention=None, **change):
         v = {f: r[f] for f in fields}
@@ -308,6 +320,7 @@ def print_table(rows: list[dict]) -> None:
         """The dense row of r's length, width and settings, those in `change` replaced;
         graphs: r's unless given ("op" graphs only the MLA op: its dense peer has none)."""
         graphs = graphs or (r["graphs"] if r["graphs"] != "op" else "off")
+        change = {"gate": DEFAULT_GATE, **change}
         return ok.get(key(r, attention="dense", select_tile=1, graphs=graphs, **change))
 
     print(
@@ -399,9 +412,16 @@ def main() -> None:
     ap.add_argument(
         "--norm",
         nargs="+",
-        choices=["triton", "liger"],
+        choices=["triton", "triton-add", "liger"],
         default=[DEFAULT_NORM],
-        help="with --fused: each of these RMSNorms",
+        help="with --fused: each of these RMSNorms (triton-add: with the residual add in it)",
+    )
+    ap.add_argument(
+        "--gate",
+        nargs="+",
+        choices=["own", "aligned", "qkv"],
+        default=[DEFAULT_GATE],
+        help="MLA rows with each of these gate matmuls (model.GATE_MATMUL)",
     )
     ap.add_argument(
         "--fast-only", action="store_true",

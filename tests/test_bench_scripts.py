@@ -88,6 +88,7 @@ def test_train_throughput_compares_each_row_with_dense_of_the_same_settings(caps
         row("mla", 64, "op", True, 12.0),
         row("dense", 1, "step", True, 9.0, loss="liger"),
         row("mla", 64, "step", True, 4.5, loss="liger"),
+        row("mla", 64, "step", True, 5.0, gate="qkv"),
     ]
     tt.print_table(rows)
     lines = capsys.readouterr().out.splitlines()
@@ -99,6 +100,8 @@ def test_train_throughput_compares_each_row_with_dense_of_the_same_settings(caps
     assert cells[1][-1] == " |"
     # another loss: against dense with that loss (9.0 / 4.5)
     assert "liger loss" in cells[2][2] and cells[2][-1] == "2.00x |"
+    # another gate matmul (dense has no gate): against dense of the same settings (6.0 / 5.0)
+    assert "gate qkv" in cells[3][2] and cells[3][-1] == "1.20x |"
 
 
 def test_kernel_ab_sets_every_changed_setting_on_every_side(capsys):

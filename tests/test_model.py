@@ -93,7 +93,13 @@ def test_gate_starts_near_half_and_is_trained(gate):
     idx = tokens(2, 32)
     attn = model.blocks[0].attn
     seen = {}
-    attn.gate.register_forward_hook(lambda m, i, o: seen.setdefault("g", torch.sigmoid(o)))
+    attend = attn._attend
+
+    def spy(q, k, v, gate, mask):  # the gate as the op receives it
+        seen.setdefault("g", gate)
+        return attend(q, k, v, gate, mask)
+
+    attn._attend = spy
     _, loss = model(idx, tokens(2, 32, seed=3))
     assert (seen["g"] - 0.5).abs().max() < 0.1
     loss.backward()
@@ -191,3 +197,38 @@ def test_hidden_gate_reads_one_cast_of_x_under_autocast(monkeypatch):
         assert err < 3e-2, name
     # the embeddings' gradient passes through x's gradient of every layer
     assert not torch.equal(grads["embed.weight"], grads_ref["embed.weight"])
+
+
+@pytest.mark.parametrize("mode", ["aligned", "qkv"])
+@pytest.mark.parametrize("gate", GATES[:2])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_gate_matmul_modes_match_its_own_matmul(monkeypatch, mode, gate, pruned):
+    # The gate's first linear padded to aligned rows, or appended to the qkv projection's rows
+    # (padded too at one width, 12 + 64 rows, and not at the other, 16 + 64): the same logits
+    # and gradients as its own matmul, with a pruned head's gate rows selected or not.
+    import automla.trainers.model as model_module
+
+    idx, targets = tokens(2, 37), tokens(2, 37, seed=2)
+
+    def run(which: str, autocast: bool):
+        monkeypatch.setattr(model_module, "GATE_MATMUL", which)
+        model = model_of(tiny(gate=gate)).train()
+        if pruned:
+            model.blocks[1].attn.set_head_mask(torch.tensor([True, False, True, True]))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, loss = model(idx, targets)
+        loss.backward()
+        return logits.float(), {n: p.grad for n, p in model.named_parameters()}
+
+    for autocast, tol in ((False, 1e-5), (True, 2e-2)):
+        logits_ref, grads_ref = run("own", autocast)
+        logits, grads = run(mode, autocast)
+        assert (logits - logits_ref).norm() / logits_ref.norm() < tol
+        assert grads.keys() == grads_ref.keys()
+        for name, g in grads_ref.items():
+            if g is None:
+                assert grads[name] is None, name
+                continue
+            assert torch.isfinite(grads[name]).all(), name
+            err = (grads[name] - g).norm() / g.norm().clamp_min(1e-12)
+            assert err < tol, (name, float(err))

@@ -5,9 +5,9 @@ device: the CPU path never loads them (the plain PyTorch ops of `model` stay the
 
 `prepare_model` turns a freshly built model, already on its device, into the configured one:
 - fused ops (`model.fused_ops`): SwiGLU on the fused gate/up projection and rotary positions
-  (liger's), RMSNorm (`rms_norm`, or liger's: `NORM`) and, in training, linear +
-  cross-entropy in chunks so that the (tokens x vocab) logits are never materialised
-  (`cross_entropy`, or liger's: `LOSS`);
+  (liger's), RMSNorm (`rms_norm`, with the residual add before it or not, or liger's: `NORM`)
+  and, in training, linear + cross-entropy in chunks so that the (tokens x vocab) logits are
+  never materialised (`cross_entropy`, or liger's: `LOSS`);
 - float8 (`model.precision: fp8`): the q/k/v/o projections and the MLP's linears become
   torchao `Float8Linear`s (compiled, as torchao needs to fuse its scaling casts); the gate MLP,
   embeddings, norms and loss stay in the autocast dtype / float32.
@@ -146,13 +146,14 @@ def float8_linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> t
 
 NORM = "triton"
 """RMSNorm with fused ops: "triton" (`rms_norm`: the output in autocast's dtype, blocks of rows
-a step in the backward) or "liger" (liger's: float32 out, one row a step; 5.8 against 3.0 ms
-of backward in the 125M step at 32k). Kept for A/B runs of `bench/train_throughput.py
---norm`."""
+a step in the backward), "triton-add" (the same with the residual add before each norm in its
+kernels, both ways: `add_rms_norm`; not yet timed, bench/NOTES.md, twenty-second session) or
+"liger" (liger's: float32 out, one row a step; 5.8 against 3.0 ms of backward in the 125M step
+at 32k). For A/B runs of `bench/train_throughput.py --norm`."""
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if NORM == "triton":
+    if NORM != "liger":
         from .rms_norm import rms_norm as triton_rms_norm
 
         return triton_rms_norm(x, weight, eps)
@@ -160,6 +161,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
     # llama casting: the inverse RMS in float32, as F.rms_norm; not in place (dY is kept)
     return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
+
+
+def add_rms_norm(
+    x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, its RMSNorm) with h = x + r: one kernel each way where `NORM` says so."""
+    if NORM == "triton-add":
+        from .rms_norm import add_rms_norm as triton_add_rms_norm
+
+        return triton_add_rms_norm(x, r, weight, eps)
+    h = x + r
+    return h, rms_norm(h, weight, eps)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,16 @@ from .graphs import GraphedOp
 
 _ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
 
+GATE_MATMUL = "own"
+"""Which matmul gives a gate that reads x its first linear's output (read at each forward; A/B
+runs set it): "own", a matmul of its own (at the 125M model 36 outputs, rows of 72 bytes, which
+the GPU's matmul kernels take only on a slower path); "aligned", the same with its outputs
+padded to 16-byte rows; "qkv", its rows appended to the qkv projection's and padded likewise,
+so one matmul reads x and one writes x's gradient. A float8 qkv and sequence parallelism keep
+"own". Not yet timed against each other: bench/NOTES.md, twenty-second session."""
+ALIGN = 8
+"""Outputs that the padded gate matmuls round up to: 16 bytes of bf16."""
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -46,6 +56,16 @@ class RMSNorm(nn.Module):
         if self.fused:
             return fast_ops.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, r: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, norm(h)) with h = x + r (x where r is None): the residual add and the norm that
+        reads its sum, in one kernel each way when fused."""
+        if r is None:
+            return x, self(x)
+        if self.fused:
+            return fast_ops.add_rms_norm(x, r, self.weight, self.eps)
+        h = x + r
+        return h, self(h)
 
 
 def rotary_table(seq_len: int, head_dim: int, base: float) -> torch.Tensor:
@@ -90,8 +110,24 @@ class GateMLP(nn.Module):
         """Logits; with `rows`, only those outputs of the last layer are computed."""
         if rows is None:
             return self.net(x)
+        weight, bias = self.first_layer(rows)
+        return self.finish(F.linear(x, weight, bias), rows)
+
+    def first_layer(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first linear's weight and bias: only `rows` of them where it is also the last."""
+        first = self.net[0]
+        if rows is None or len(self.net) > 1:
+            return first.weight, first.bias
+        return first.weight.index_select(0, rows), first.bias.index_select(0, rows)
+
+    def finish(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from the first linear's output h (bias included), `rows` as in forward."""
+        if len(self.net) == 1:
+            return h
+        h = self.net[1:-1](h)
         last = self.net[-1]
-        h = self.net[:-1](x)
+        if rows is None:
+            return last(h)
         return F.linear(h, last.weight.index_select(0, rows), last.bias.index_select(0, rows))
 
 
@@ -305,17 +341,15 @@ class Attention(nn.Module):
         half = self._fused_rotary(x)
         rows = self._half_rows(lay) if half else lay.rows
         w = self.qkv.weight if rows is None else self.qkv.weight.index_select(0, rows)
-        if self.gate is not None and self.cfg.mla.gate.input == "hidden":
-            x = _autocast_once(x)
-        qkv = _linear(self.qkv, x, w).view(B, T, S + 2 * K, d)
-        # split, not sliced: a split's backward writes qkv's gradient with one cat, where each
-        # slice's would zero a tensor of qkv's size, copy into it and add it to the others
+        heads = [S, K, K] if half else [S + K, K]
+        pieces, gate_h = self._project(x, w, [n * d for n in heads], lay)
+        pieces = [p.unflatten(-1, (-1, d)) for p in pieces]
         if half:
-            q_in, k_in, v = qkv.split([S, K, K], dim=2)  # (B, T, S, D), (B, T, K, D) x 2
+            q_in, k_in, v = pieces  # (B, T, S, D), (B, T, K, D) x 2
             # q and k in the half layout: one kernel rotates both; q.k is unchanged
             q, k = fast_ops.rotary_half(q_in, k_in, rot.real, rot.imag)
         else:
-            qk_in, v = qkv.split([S + K, K], dim=2)
+            qk_in, v = pieces
             # rotary on q and k together: one set of elementwise ops
             q, k = apply_rotary(qk_in, rot).split([S, K], dim=2)
             q_in = qk_in[:, :, :S]
@@ -325,8 +359,8 @@ class Attention(nn.Module):
             else:
                 y = self._sdpa(q, k.index_select(2, lay.kv_of), v.index_select(2, lay.kv_of), 1)
         else:
-            if self.cfg.mla.gate.input == "hidden":
-                logits = self.gate(x, lay.gate_rows).view(B, T, S, 3)
+            if gate_h is not None:
+                logits = self.gate.finish(gate_h, lay.gate_rows).view(B, T, S, 3)
             else:
                 # the query before rotary: its content, not its position
                 logits = self.gate(fast_ops.from_half(q_in) if half else q_in)
@@ -335,6 +369,32 @@ class Attention(nn.Module):
             y = self._attend(q, k, v, torch.sigmoid(logits), lay.slot_mask)  # (B, T, S, D)
         w = self.proj.weight if lay.cols is None else self.proj.weight.index_select(1, lay.cols)
         return _linear(self.proj, self._scale_and_track(y, lay).reshape(B, T, S * d), w)
+
+    def _project(
+        self, x: torch.Tensor, w: torch.Tensor, sizes: list[int], lay: HeadLayout
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """x @ w.T (qkv weight rows) split into pieces of `sizes` columns, and where the gate
+        reads x, its first linear's output (else None), as `GATE_MATMUL` says.
+
+        Split, not sliced: a split's backward writes the gradient with one cat, where each
+        slice's would zero a tensor of the whole output's size, copy into it and add."""
+        if self.gate is None or self.cfg.mla.gate.input != "hidden":
+            return list(_linear(self.qkv, x, w).split(sizes, -1)), None
+        x = _autocast_once(x)
+        weight, bias = self.gate.first_layer(lay.gate_rows)
+        n = weight.shape[0]
+        mode = "own" if fast_ops.is_float8(self.qkv) else GATE_MATMUL
+        if mode == "qkv":
+            pad = -(w.shape[0] + n) % ALIGN
+            out = F.linear(x, torch.cat([w, weight, weight.new_zeros(pad, weight.shape[1])]))
+            *pieces, h, _ = out.split([*sizes, n, pad], -1)
+            return pieces, h + bias.to(h.dtype)
+        pieces = list(_linear(self.qkv, x, w).split(sizes, -1))
+        if mode == "aligned":
+            pad = -n % ALIGN
+            weight = torch.cat([weight, weight.new_zeros(pad, weight.shape[1])])
+            return pieces, F.linear(x, weight, torch.cat([bias, bias.new_zeros(pad)]))[..., :n]
+        return pieces, F.linear(x, weight, bias)
 
     def _fused_rotary(self, x: torch.Tensor) -> bool:
         # a float8 qkv keeps its own (compiled) call on its whole weight: no permuted rows
@@ -503,25 +563,37 @@ class Block(nn.Module):
         self.checkpoint = cfg.checkpoint
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        x, y = self.run(x, rot)
+        return x + y
+
+    def run(
+        self, x: torch.Tensor, rot: torch.Tensor, pending: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on the residual stream x + pending (the previous block's MLP output, not
+        yet added; None: 0), its own MLP output left pending: (x', y), the block's output being
+        x' + y. Each residual add then runs inside the norm that reads its sum (`RMSNorm.add`),
+        the last block's in the model's final norm."""
         # only while gradients are recorded: there is nothing to recompute otherwise
         mode = self.checkpoint if torch.is_grad_enabled() else "none"
+        if mode != "none" and pending is not None:
+            x = x + pending  # a checkpoint keeps one input of the block, the sum
         if mode == "block":
-            return checkpoint(self._forward, x, rot, use_reentrant=False)
+            return checkpoint(self._run, x, rot, use_reentrant=False)
         if mode == "attention":
-            x = x + checkpoint(self._attention, x, rot, use_reentrant=False)
-        else:
-            x = x + self._attention(x, rot)
-        return x + self._feed_forward(x)
+            a = checkpoint(self._attention, x, rot, use_reentrant=False)
+            x, n = self.mlp_norm.add(x, a)
+            return x, self.mlp(n)
+        return self._run(x, rot, pending)
 
     def _attention(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         return self.attn(self.attn_norm(x), rot)
 
-    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.mlp_norm(x))
-
-    def _forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-        x = x + self._attention(x, rot)
-        return x + self._feed_forward(x)
+    def _run(
+        self, x: torch.Tensor, rot: torch.Tensor, pending: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, n = self.attn_norm.add(x, pending)
+        x, n = self.mlp_norm.add(x, self.attn(n, rot))
+        return x, self.mlp(n)
 
 
 class LanguageModel(nn.Module):
@@ -602,10 +674,10 @@ class LanguageModel(nn.Module):
         if sp is None and T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
         rot = self.rope[:T] if sp is None else sp.rotary(self.rope, T)
-        x = self.embed(idx)  # (B, T, C)
+        x, y = self.embed(idx), None  # (B, T, C); the residual stream is x + y
         for block in self.blocks:
-            x = block(x, rot)
-        h = self.norm(x)
+            x, y = block.run(x, rot, y)
+        h = self.norm.add(x, y)[1]
         train = targets is not None and torch.is_grad_enabled()
         # the chunked loss runs inside a whole-step CUDA graph (`cuda_graphs: step`); liger's
         # (fast_ops.LOSS, for A/B runs) counts the targets on the host, so a captured step
