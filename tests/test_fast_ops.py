@@ -333,3 +333,31 @@ def test_fp8_trains_a_few_steps_with_a_finite_falling_loss(attention):
     losses = [train_step(state, x, x.roll(-1, 1), 3e-3).item() for _ in range(15)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm, gate", [("triton-add", "own"), ("triton", "aligned"),
+                                        ("triton", "qkv"), ("triton-add", "qkv")])  # fmt: skip
+def test_opt_in_norm_and_gate_matmuls_match_the_defaults_on_cuda(monkeypatch, norm, gate):
+    # with fused ops (liger's rotary on q/k rows in its layout, a pruned head's gate rows): the
+    # residual add inside the norm and the gate's other matmuls give the defaults' results
+    pytest.importorskip("liger_kernel")
+    from automla.trainers import fast_ops
+    from automla.trainers import model as model_module
+
+    device = torch.device("cuda")
+    x, y = tokens(2, 256, vocab=512, seed=7).to(device), tokens(2, 256, vocab=512, seed=8)
+    y = y.to(device)
+    results = []
+    for settings in (("triton", "own"), (norm, gate)):
+        monkeypatch.setattr(fast_ops, "NORM", settings[0])
+        monkeypatch.setattr(model_module, "GATE_MATMUL", settings[1])
+        torch.manual_seed(0)
+        model = prepare_model(build_model(gpu_config("mla", fused_ops=True)).to(device), device)
+        model.blocks[1].attn.set_head_mask(torch.tensor([True, True, False, True]))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            results.append(loss_and_grads(model, x, y))
+    (loss0, grads0), (loss1, grads1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-2, atol=1e-2)
+    for name, g in grads0.items():
+        assert torch.isfinite(grads1[name]).all() and relative_error(grads1[name], g) < 2e-2, name
