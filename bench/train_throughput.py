@@ -51,6 +51,16 @@ from automla.trainers.trainer import build_state, lr_at, train_step
 # measure() sets these per variant
 DEFAULT_LOSS, DEFAULT_NORM = fast_ops.LOSS, fast_ops.NORM
 DEFAULT_GATE = model_module.GATE_MATMUL
+# the settings each given value of which runs rows of its own: flag, values, default, help
+AB_SETTINGS = [
+    ("loss", ["chunked", "liger"], DEFAULT_LOSS,
+     "with --fused: each of these training losses (liger's: a captured step takes the plain "
+     "loss over the logits)"),
+    ("norm", ["triton", "triton-add", "liger"], DEFAULT_NORM,
+     "with --fused: each of these RMSNorms (triton-add: with the residual add in it)"),
+    ("gate", ["own", "aligned", "qkv"], DEFAULT_GATE,
+     "MLA rows with each of these gate matmuls (model.GATE_MATMUL)"),
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -401,28 +411,8 @@ def main() -> None:
     ap.add_argument("--wide-seq", type=int, default=8192)
     ap.add_argument("--loss-steps", type=int, default=0, help="fp8 vs bf16 loss curves (0: off)")
     ap.add_argument("--loss-width", type=int, default=4096)
-    ap.add_argument(
-        "--loss",
-        nargs="+",
-        choices=["chunked", "liger"],
-        default=[DEFAULT_LOSS],
-        help="with --fused: each of these training losses (liger's: a captured step takes the "
-        "plain loss over the logits)",
-    )
-    ap.add_argument(
-        "--norm",
-        nargs="+",
-        choices=["triton", "triton-add", "liger"],
-        default=[DEFAULT_NORM],
-        help="with --fused: each of these RMSNorms (triton-add: with the residual add in it)",
-    )
-    ap.add_argument(
-        "--gate",
-        nargs="+",
-        choices=["own", "aligned", "qkv"],
-        default=[DEFAULT_GATE],
-        help="MLA rows with each of these gate matmuls (model.GATE_MATMUL)",
-    )
+    for name, choices, default, help in AB_SETTINGS:
+        ap.add_argument(f"--{name}", nargs="+", choices=choices, default=[default], help=help)
     ap.add_argument(
         "--fast-only", action="store_true",
         help="only the rows with every fast path asked for (--fused, --cuda-graphs)",

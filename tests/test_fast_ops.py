@@ -360,4 +360,4 @@ def test_opt_in_norm_and_gate_matmuls_match_the_defaults_on_cuda(monkeypatch, no
     (loss0, grads0), (loss1, grads1) = results
     torch.testing.assert_close(loss1, loss0, rtol=1e-2, atol=1e-2)
     for name, g in grads0.items():
-        assert torch.isfinite(grads1[name]).all() and relative_error(grads1[name], g) < 2e-2, name
+        assert relative_error(grads1[name], g) < 2e-2, name  # (and finite)

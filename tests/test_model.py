@@ -27,6 +27,16 @@ def model_of(cfg: ModelConfig, seed=0) -> LanguageModel:
     return build_model(cfg).eval()
 
 
+def trained_once(model: LanguageModel, autocast: bool = True):
+    """The float32 logits and each parameter's gradient of one training forward and backward on
+    fixed tokens (bf16 autocast on the CPU, or none)."""
+    idx, targets = tokens(2, 37), tokens(2, 37, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits, loss = model.train()(idx, targets)
+    loss.backward()
+    return logits.float(), {n: p.grad for n, p in model.named_parameters()}
+
+
 GATES = [
     pytest.param(GateConfig(), id="hidden-linear"),
     pytest.param(GateConfig(hidden=[16, 8], activation="gelu"), id="hidden-mlp"),
@@ -177,20 +187,9 @@ def test_hidden_gate_reads_one_cast_of_x_under_autocast(monkeypatch):
     import automla.trainers.model as model_module
 
     cfg = tiny(gate=GateConfig(hidden=[16, 8], activation="gelu"))
-    idx, targets = tokens(2, 37), tokens(2, 37, seed=2)
-
-    def run(cast_once: bool):
-        if not cast_once:
-            monkeypatch.setattr(model_module, "_autocast_once", lambda x: x)
-        model = model_of(cfg).train()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, loss = model(idx, targets)
-        loss.backward()
-        monkeypatch.undo()
-        return logits.float(), {n: p.grad for n, p in model.named_parameters()}
-
-    logits, grads = run(True)
-    logits_ref, grads_ref = run(False)
+    logits, grads = trained_once(model_of(cfg))
+    monkeypatch.setattr(model_module, "_autocast_once", lambda x: x)
+    logits_ref, grads_ref = trained_once(model_of(cfg))
     assert torch.equal(logits, logits_ref)
     for name, g in grads_ref.items():
         err = (grads[name] - g).norm() / g.norm().clamp_min(1e-12)
@@ -208,17 +207,12 @@ def test_gate_matmul_modes_match_its_own_matmul(monkeypatch, mode, gate, pruned)
     # and gradients as its own matmul, with a pruned head's gate rows selected or not.
     import automla.trainers.model as model_module
 
-    idx, targets = tokens(2, 37), tokens(2, 37, seed=2)
-
     def run(which: str, autocast: bool):
         monkeypatch.setattr(model_module, "GATE_MATMUL", which)
-        model = model_of(tiny(gate=gate)).train()
+        model = model_of(tiny(gate=gate))
         if pruned:
             model.blocks[1].attn.set_head_mask(torch.tensor([True, False, True, True]))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits, loss = model(idx, targets)
-        loss.backward()
-        return logits.float(), {n: p.grad for n, p in model.named_parameters()}
+        return trained_once(model, autocast)
 
     for autocast, tol in ((False, 1e-5), (True, 2e-2)):
         logits_ref, grads_ref = run("own", autocast)

@@ -163,16 +163,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
 
 
+def adds_in_norm() -> bool:
+    """Whether a residual add and the norm after it run as `add_rms_norm` (`NORM`)."""
+    return NORM == "triton-add"
+
+
 def add_rms_norm(
     x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, its RMSNorm) with h = x + r: one kernel each way where `NORM` says so."""
-    if NORM == "triton-add":
-        from .rms_norm import add_rms_norm as triton_add_rms_norm
+    """(h, its RMSNorm) with h = x + r, one Triton kernel each way."""
+    from .rms_norm import add_rms_norm as triton_add_rms_norm
 
-        return triton_add_rms_norm(x, r, weight, eps)
-    h = x + r
-    return h, rms_norm(h, weight, eps)
+    return triton_add_rms_norm(x, r, weight, eps)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
