@@ -17,6 +17,9 @@ the rest still run.
   --fused), --checkpoint MODE activation checkpointing (likewise);
 - --gate MODE...: MLA rows with each of these matmuls for the gate (`model.GATE_MATMUL`:
   its own, its own with rows padded to 16 bytes, or inside the qkv projection's);
+- --memory: what is allocated at each row's peak, summed by the line that allocated it, and
+  for MLA rows the difference from the dense row of the same settings (`memory_peak.py`; the
+  warm-up's allocations are recorded, the timed steps run without the recording);
 - --wide: 8-layer stacks of d_model --wide-widths (heads of 128, 4 query heads per KV head) at
   --wide-seq, dense attention, bf16 against fp8;
 - --loss-steps N: N training steps of the --loss-width stack on the stdlib's bytes (the same
@@ -30,6 +33,7 @@ $OUT/train_throughput.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 from budgets import budget_config
+from memory_peak import Peak, Recording
 from timing import kernel_ms, print_kernels
 
 from automla.kernels import AttentionConfig
@@ -153,7 +158,7 @@ def model_config(
 
 def measure(
     v: Variant, T, steps, warmup, tiny, device, heads, profile=False, max_s=30.0, model="125m",
-    batch=1,
+    batch=1, memory=False,
 ):  # fmt: skip
     cfg = TrainConfig(
         model=model_config(v, T, tiny, heads, model=model),
@@ -175,8 +180,12 @@ def measure(
     if device.type == "cuda":
         # from the warm-up on: a CUDA graph's memory is allocated when it is captured there
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(warmup):  # Triton and torch.compile compile here
-        train_step(state, x, y, 1e-4)
+    # the warm-up holds the first eager steps and a step graph's capture: every allocation
+    # that the timed steps' peak is made of (a replayed graph allocates nothing)
+    recording = Recording() if memory and device.type == "cuda" else contextlib.nullcontext()
+    with recording:
+        for _ in range(warmup):  # Triton and torch.compile compile here
+            train_step(state, x, y, 1e-4)
     sync()
     times = []
     start = time.perf_counter()
@@ -196,6 +205,7 @@ def measure(
         print_kernels(f"{v.name} T={T} step", kernels, top=30)
     params = sum(p.numel() for p in state.raw_model.parameters())
     del state
+    extra = {"memory_peak": recording.peak().to_json()} if isinstance(recording, Recording) else {}
     return {
         **_identity(v),
         "T": T,
@@ -206,6 +216,7 @@ def measure(
         "batch": batch,
         "tokens_per_s": batch * T / step_s,
         "peak_mem_gb": peak,
+        **extra,
     }
 
 
@@ -253,7 +264,7 @@ def run(v: Variant, T: int, args, device) -> dict:
     try:
         return measure(
             v, T, args.steps, args.warmup, args.tiny, device, tuple(args.heads), args.profile,
-            args.max_variant_s, args.model, args.batch,
+            args.max_variant_s, args.model, args.batch, args.memory,
         )  # fmt: skip
     except Exception as e:  # noqa: BLE001 - reported in the table
         # (not from model_config: the error may be its own)
@@ -356,6 +367,20 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
+def print_memory(rows: list[dict]) -> None:
+    """--memory: what each row held at its peak, by site; an MLA row also against the dense row
+    of its settings (its length, width, graphs and fast paths)."""
+    traced = [r for r in rows if "memory_peak" in r]
+    fields = ("T", "width", "fused", "precision", "checkpoint", "graphs", "loss", "norm")
+    dense = {tuple(r[f] for f in fields): r for r in traced if r["kind"] == "dense"}
+    for r in traced:
+        peak = Peak.from_json(r["memory_peak"])
+        print(f"\nMemory, {r['attention']} T={r['T']}: {peak.describe()}")
+        base = dense.get(tuple(r[f] for f in fields))
+        if r["kind"] == "mla" and base is not None:
+            print(f"against dense: {peak.against(Peak.from_json(base['memory_peak']))}")
+
+
 def _ratio(row: dict, base: dict | None, field: str, invert: bool = False) -> str:
     """row / base of `field` (base / row with invert: a speed-up of times), '' against itself."""
     if base is None or base is row or math.isnan(row[field]):
@@ -380,6 +405,10 @@ def main() -> None:
         help="query heads, KV heads, head dim (the sparse branch is cheapest per query at G=16)",
     )
     ap.add_argument("--profile", action="store_true", help="CUDA: print each step's kernels")
+    ap.add_argument(
+        "--memory", action="store_true",
+        help="CUDA: what is allocated at each row's memory peak, by the line that allocated it",
+    )  # fmt: skip
     ap.add_argument(
         "--cuda-graphs",
         nargs="*",
@@ -476,6 +505,7 @@ def main() -> None:
                 f"{loss['max_rel_gap']:.2%}, at the end {loss['final_rel_gap']:.2%}\n"
             )
     print_table(rows)
+    print_memory(rows)
     write_json(paths, name, rows, loss)
 
 

@@ -104,6 +104,54 @@ def test_train_throughput_compares_each_row_with_dense_of_the_same_settings(caps
     assert "gate qkv" in cells[3][2] and cells[3][-1] == "1.20x |"
 
 
+def test_memory_peak_names_what_was_alive_at_the_peak(capsys):
+    mp = _bench("memory_peak")
+
+    def frames(path: str | None) -> list[dict]:
+        # innermost first, as the allocator records them; torch's own frames are skipped
+        ours = [{"filename": f"{mp.ROOT}/{path}", "line": 7, "name": "f"}] if path else []
+        return [{"filename": "/lib/torch/nn/functional.py", "line": 1, "name": "g"}, *ours]
+
+    def alloc(addr, size, path=None):
+        return {"action": "alloc", "addr": addr, "size": size, "frames": frames(path)}
+
+    def free(addr, size):
+        return {"action": "free_requested", "addr": addr, "size": size, "frames": []}
+
+    model, op = "trainers/model.py", "kernels/parallel/autograd.py"
+    trace = [
+        free(99, 40),  # allocated before the trace: the running total goes below the base
+        alloc(1, 100, model), alloc(2, 50, op), free(1, 100), alloc(3, 300), alloc(4, 20, op),
+        {"action": "free_completed", "addr": 1, "size": 100},  # not what the allocated count uses
+        free(3, 300), free(2, 50), alloc(5, 360, "bench/train_throughput.py"),
+    ]  # fmt: skip
+    peak = mp.peak_of(trace, base=1000)
+    # totals -40, 60, 110, 10, 310, 330 (event 5), 330, 30, -20, 340 (event 9, the peak)
+    assert (peak.peak, peak.event, peak.events) == (1340, 9, 10)
+    early = mp.peak_of(trace[:-1], base=1000)
+    assert (early.peak, early.event) == (1330, 5)
+    assert early.sites == [
+        (f"{mp.NO_FRAME}, blocks of 0.00 MiB", 300, 1), (f"{op}:7 f", 70, 2)
+    ]  # fmt: skip
+    # the bench's own frame where no library frame is on the stack
+    assert peak.sites[0][0] == "bench/train_throughput.py:7 f"
+    assert mp.Peak.from_json(early.to_json()) == early
+
+    tt = _bench("train_throughput")
+
+    def row(kind, peak):
+        v = tt.Variant(kind, 64 if kind == "mla" else 1, graphs="step", fused=True)
+        return {**dataclasses.asdict(v), "attention": v.name, "kind": kind, "T": 2048,
+                "memory_peak": peak.to_json()}  # fmt: skip
+
+    tt.print_memory([row("dense", peak), row("mla", early)])
+    out = capsys.readouterr().out
+    assert "Memory, mla Bq=64 +step graphs T=2048: peak 0.000 GB at event 5 of 9" in out
+    # MLA against dense: 10 bytes less at the peak; by site -360 (bench), +300, +50 (op)
+    assert "against dense: -0.0 MiB at the peak; by site:" in out
+    assert out.index("-0.0 MiB  bench/train_throughput.py:7 f") < out.index(f"+0.0 MiB  {op}:7 f")
+
+
 def test_kernel_ab_sets_every_changed_setting_on_every_side(capsys):
     ab = _bench("kernel_ab")
     own_local = ab.launch.LOCAL_DKV_PROGRAMS
