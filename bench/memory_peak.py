@@ -28,10 +28,10 @@ def site(frames: list[dict]) -> str:
     backward ops carry no Python frame)."""
     ours = [f for f in frames if f.get("filename", "").startswith(ROOT)]
     library = [f for f in ours if "/bench/" not in f["filename"]]
-    for f in library or ours:
-        path = f["filename"][len(ROOT) + 1 :]
-        return f"{path}:{f.get('line', 0)} {f.get('name', '')}"
-    return NO_FRAME
+    if not ours:
+        return NO_FRAME
+    f = (library or ours)[0]
+    return f"{f['filename'][len(ROOT) + 1 :]}:{f.get('line', 0)} {f.get('name', '')}"
 
 
 @dataclasses.dataclass

@@ -182,8 +182,8 @@ def measure(
         torch.cuda.reset_peak_memory_stats()
     # the warm-up holds the first eager steps and a step graph's capture: every allocation
     # that the timed steps' peak is made of (a replayed graph allocates nothing)
-    recording = Recording() if memory and device.type == "cuda" else contextlib.nullcontext()
-    with recording:
+    recording = Recording() if memory and device.type == "cuda" else None
+    with recording or contextlib.nullcontext():
         for _ in range(warmup):  # Triton and torch.compile compile here
             train_step(state, x, y, 1e-4)
     sync()
@@ -205,7 +205,7 @@ def measure(
         print_kernels(f"{v.name} T={T} step", kernels, top=30)
     params = sum(p.numel() for p in state.raw_model.parameters())
     del state
-    extra = {"memory_peak": recording.peak().to_json()} if isinstance(recording, Recording) else {}
+    extra = {"memory_peak": recording.peak().to_json()} if recording else {}
     return {
         **_identity(v),
         "T": T,
@@ -323,26 +323,37 @@ def variants(args, device) -> list[tuple[Variant, int]]:
     return out
 
 
-def print_table(rows: list[dict]) -> None:
-    fields = (
-        "select_tile", "fused", "precision", "checkpoint", "width", "graphs", "loss", "norm", "gate"
+class Peers:
+    """The rows of a run by their settings: `of(r, **change)` is the row (not failed) of r's
+    length and settings with those in `change` replaced, `dense(r, ...)` r's dense peer."""
+
+    FIELDS = (
+        "T", "kind", "select_tile", "fused", "precision", "checkpoint", "width", "graphs", "loss",
+        "norm", "gate",
     )  # fmt: skip
 
-    def key(r, attention=None, **change):
-        v = {f: r[f] for f in fields}
-        return (r["T"], attention or r["kind"], *{**v, **change}.values())
+    def __init__(self, rows: list[dict]):
+        self.rows = {self._key(r): r for r in rows if "error" not in r}
 
-    ok = {key(r): r for r in rows if "error" not in r}
-    plain_settings = dict(
-        fused=False, precision="bf16", checkpoint="none", loss=DEFAULT_LOSS, norm=DEFAULT_NORM
-    )
+    def _key(self, r: dict, **change) -> tuple:
+        return tuple({**{f: r[f] for f in self.FIELDS}, **change}.values())
 
-    def dense(r, graphs=None, **change):
+    def of(self, r: dict, **change) -> dict | None:
+        return self.rows.get(self._key(r, **change))
+
+    def dense(self, r: dict, graphs: str | None = None, **change) -> dict | None:
         """The dense row of r's length, width and settings, those in `change` replaced;
         graphs: r's unless given ("op" graphs only the MLA op: its dense peer has none)."""
         graphs = graphs or (r["graphs"] if r["graphs"] != "op" else "off")
         change = {"gate": DEFAULT_GATE, **change}
-        return ok.get(key(r, attention="dense", select_tile=1, graphs=graphs, **change))
+        return self.of(r, kind="dense", select_tile=1, graphs=graphs, **change)
+
+
+def print_table(rows: list[dict]) -> None:
+    peers = Peers(rows)
+    plain_settings = dict(
+        fused=False, precision="bf16", checkpoint="none", loss=DEFAULT_LOSS, norm=DEFAULT_NORM
+    )
 
     print(
         "| T | d_model | attention | fused | precision | checkpoint | step ms | tokens/s | "
@@ -358,12 +369,12 @@ def print_table(rows: list[dict]) -> None:
         if "error" in r:
             print(f"{head} failed: {r['error'][:120]} | | | | | | |")
             continue
-        plain = ok.get(key(r, graphs="off", **plain_settings))
+        plain = peers.of(r, graphs="off", **plain_settings)
         print(
             f"{head} {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_mem_gb']:.2f} | "
             f"{_ratio(r, plain, 'step_ms', invert=True)} | {_ratio(r, plain, 'peak_mem_gb')} | "
-            f"{_ratio(r, dense(r, 'off', **plain_settings), 'step_ms', invert=True)} | "
-            f"{_ratio(r, dense(r), 'step_ms', invert=True)} |"
+            f"{_ratio(r, peers.dense(r, 'off', **plain_settings), 'step_ms', invert=True)} | "
+            f"{_ratio(r, peers.dense(r), 'step_ms', invert=True)} |"
         )
 
 
@@ -371,12 +382,11 @@ def print_memory(rows: list[dict]) -> None:
     """--memory: what each row held at its peak, by site; an MLA row also against the dense row
     of its settings (its length, width, graphs and fast paths)."""
     traced = [r for r in rows if "memory_peak" in r]
-    fields = ("T", "width", "fused", "precision", "checkpoint", "graphs", "loss", "norm")
-    dense = {tuple(r[f] for f in fields): r for r in traced if r["kind"] == "dense"}
+    peers = Peers(traced)
     for r in traced:
         peak = Peak.from_json(r["memory_peak"])
         print(f"\nMemory, {r['attention']} T={r['T']}: {peak.describe()}")
-        base = dense.get(tuple(r[f] for f in fields))
+        base = peers.dense(r)
         if r["kind"] == "mla" and base is not None:
             print(f"against dense: {peak.against(Peak.from_json(base['memory_peak']))}")
 
