@@ -17,6 +17,8 @@ the rest still run.
   --fused), --checkpoint MODE activation checkpointing (likewise);
 - --gate MODE...: MLA rows with each of these matmuls for the gate (`model.GATE_MATMUL`:
   its own, its own with rows padded to 16 bytes, or inside the qkv projection's);
+- --local kept summed: MLA rows with the local branch's output kept for the backward and with
+  its delta summed in the window dq instead (the op's `KEEP_LOCAL_OUTPUT`);
 - --memory: what is allocated at each row's peak, summed by the line that allocated it, and
   for MLA rows the difference from the dense row of the same settings (`memory_peak.py`; the
   warm-up's allocations are recorded, the timed steps run without the recording);
@@ -48,6 +50,7 @@ from memory_peak import Peak, Recording
 from timing import kernel_ms, print_kernels
 
 from automla.kernels import AttentionConfig
+from automla.kernels.parallel import autograd as mla_launch
 from automla.trainers import DataConfig, ModelConfig, TrainConfig, fast_ops
 from automla.trainers import model as model_module
 from automla.trainers.data import load_data
@@ -56,6 +59,7 @@ from automla.trainers.trainer import build_state, lr_at, train_step
 # measure() sets these per variant
 DEFAULT_LOSS, DEFAULT_NORM = fast_ops.LOSS, fast_ops.NORM
 DEFAULT_GATE = model_module.GATE_MATMUL
+DEFAULT_LOCAL = "kept" if mla_launch.KEEP_LOCAL_OUTPUT else "summed"
 # the settings each given value of which runs rows of its own: flag, values, default, help
 AB_SETTINGS = [
     ("loss", ["chunked", "liger"], DEFAULT_LOSS,
@@ -65,7 +69,12 @@ AB_SETTINGS = [
      "with --fused: each of these RMSNorms (triton-add: with the residual add in it)"),
     ("gate", ["own", "aligned", "qkv"], DEFAULT_GATE,
      "MLA rows with each of these gate matmuls (model.GATE_MATMUL)"),
+    ("local", ["kept", "summed"], DEFAULT_LOCAL,
+     "MLA rows with the local branch's output kept for the backward, or its delta summed in "
+     "the window dq (the op's KEEP_LOCAL_OUTPUT)"),
 ]  # fmt: skip
+# the settings above that only MLA rows vary (a dense row has their defaults)
+MLA_ONLY = {"gate": DEFAULT_GATE, "local": DEFAULT_LOCAL}
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,8 @@ class Variant:
     """fast_ops.NORM while it runs: the fused ops' RMSNorm."""
     gate: str = DEFAULT_GATE
     """model.GATE_MATMUL while it runs: the matmul of MLA's gate."""
+    local: str = DEFAULT_LOCAL
+    """kept: the op's KEEP_LOCAL_OUTPUT while it runs (summed: off)."""
 
     @property
     def name(self) -> str:
@@ -96,6 +107,8 @@ class Variant:
             name += f" {self.norm} norm"
         if self.gate != DEFAULT_GATE:
             name += f" gate {self.gate}"
+        if self.local != DEFAULT_LOCAL:
+            name += f" local {self.local}"
         return name if self.graphs == "off" else f"{name} +{self.graphs} graphs"
 
 
@@ -171,6 +184,7 @@ def measure(
     )
     # read by each training forward
     fast_ops.LOSS, fast_ops.NORM, model_module.GATE_MATMUL = v.loss, v.norm, v.gate
+    mla_launch.KEEP_LOCAL_OUTPUT = v.local == "kept"
     state = build_state(cfg, device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     vocab = cfg.model.vocab_size
@@ -286,16 +300,21 @@ def variants(args, device) -> list[tuple[Variant, int]]:
         fast.append({"fused": args.fused, "precision": "fp8"})
     for mode in args.checkpoint:
         fast.append({"fused": args.fused, "checkpoint": mode})
-    attentions = [("dense", 1, DEFAULT_GATE)]
-    attentions += [("mla", bq, gate) for bq in args.select_tile for gate in args.gate]
+    attentions = [("dense", 1, {})]
+    attentions += [
+        ("mla", bq, {"gate": gate, "local": local})
+        for bq in args.select_tile
+        for gate in args.gate
+        for local in args.local
+    ]
     graphs = ["off"] + args.cuda_graphs
     out = []
     for T in [128, 256] if args.tiny else args.seq:
-        for attention, bq, gate in attentions:
+        for attention, bq, mla_only in attentions:
             for mode in graphs:
                 if attention == "dense" and mode == "op":
                     continue  # "op" graphs only the MLA op
-                base = Variant(attention, bq, graphs=mode, gate=gate)
+                base = Variant(attention, bq, graphs=mode, **mla_only)
                 out.append((base, T))
                 for change in fast:
                     v = dataclasses.replace(base, **change)
@@ -329,7 +348,7 @@ class Peers:
 
     FIELDS = (
         "T", "kind", "select_tile", "fused", "precision", "checkpoint", "width", "graphs", "loss",
-        "norm", "gate",
+        "norm", "gate", "local",
     )  # fmt: skip
 
     def __init__(self, rows: list[dict]):
@@ -345,7 +364,7 @@ class Peers:
         """The dense row of r's length, width and settings, those in `change` replaced;
         graphs: r's unless given ("op" graphs only the MLA op: its dense peer has none)."""
         graphs = graphs or (r["graphs"] if r["graphs"] != "op" else "off")
-        change = {"gate": DEFAULT_GATE, **change}
+        change = {**MLA_ONLY, **change}
         return self.of(r, kind="dense", select_tile=1, graphs=graphs, **change)
 
 
