@@ -1,6 +1,7 @@
 """Whether a change to the Triton kernels changes the code they compile to, without a GPU.
 
     python bench/ptx_diff.py [REV]        # REV (default HEAD) against the working tree
+    python bench/ptx_diff.py --new KEPT=1 # a constexpr the tree's kernels added, at REV's code
 
 A refactor of kernel bodies (a shared @triton.jit helper, a moved launch) should leave the
 GPU code as it was; when it does, the timings in RESULTS.md still hold and need no device
@@ -8,7 +9,9 @@ time. This records the launches of one MLA forward and backward at the shapes of
 tests/test_triton_compile.py (under the interpreter, with the GPU's tiles), compiles each
 distinct kernel signature for sm_90 at REV (a temporary git worktree) and in the working tree,
 and compares the PTX without its debug information and line locations. Prints each kernel
-variant that differs and exits 1 if any does.
+variant that differs and exits 1 if any does. A kernel that gained a constexpr switch (an
+opt-in path, its default the code it replaces) launches with one parameter more; `--new
+NAME=VALUE` matches its variants to REV's without that parameter where it has that value.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import hashlib, importlib, json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+new = json.loads(sys.argv[3])  # constexprs left out of a variant's key at these values
 out = {}
 for rec in json.load(open(sys.argv[1])):
     fn = getattr(importlib.import_module(rec["module"]), rec["kernel"])
@@ -50,7 +54,9 @@ for rec in json.load(open(sys.argv[1])):
     constexprs = {(names.index(n),): p["constexpr"] for n, p in rec["params"].items() if "constexpr" in p}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options=rec["options"])
-    key = json.dumps({k: rec[k] for k in ("kernel", "params", "options")}, sort_keys=True)
+    params = {n: p for n, p in rec["params"].items() if n not in new or p != {"constexpr": new[n]}}
+    key = json.dumps({"kernel": rec["kernel"], "params": params, "options": rec["options"]},
+                     sort_keys=True)
     out[rec["kernel"] + "-" + hashlib.sha1(key.encode()).hexdigest()[:8]] = compiled.asm["ptx"]
 json.dump(out, open(sys.argv[2], "w"))
 """
@@ -69,8 +75,11 @@ def code(ptx: str) -> list[str]:
     return lines
 
 
-def compile_tree(tree: Path, pythonpath: Path, work: Path, name: str) -> dict[str, str]:
-    """PTX of each kernel variant launched by the tree's kernels, compiled from its sources."""
+def compile_tree(
+    tree: Path, pythonpath: Path, work: Path, name: str, new: dict | None = None
+) -> dict[str, str]:
+    """PTX of each kernel variant launched by the tree's kernels, compiled from its sources;
+    `new`: constexprs left out of the variants' keys where they have these values."""
     env = {**os.environ, "PYTHONPATH": str(pythonpath)}
     launches, ptx = work / f"{name}-launches.json", work / f"{name}-ptx.json"
     (work / "record.py").write_text(RECORD)
@@ -78,14 +87,24 @@ def compile_tree(tree: Path, pythonpath: Path, work: Path, name: str) -> dict[st
     subprocess.run([sys.executable, work / "record.py", tree, launches], env=env, check=True)
     env.pop("TRITON_INTERPRET", None)
     env["TRITON_CACHE_DIR"] = str(work / f"{name}-cache")
-    subprocess.run([sys.executable, work / "compile.py", launches, ptx], env=env, check=True)
+    compile_args = [work / "compile.py", launches, ptx, json.dumps(new or {})]
+    subprocess.run([sys.executable, *compile_args], env=env, check=True)
     return json.loads(ptx.read_text())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rev", nargs="?", default="HEAD", help="the revision to compare against")
+    ap.add_argument(
+        "--new", nargs="*", default=[], metavar="NAME=VALUE",
+        help="a constexpr the working tree's kernels take and REV's do not, at the value that "
+        "keeps REV's code (an integer; 0 or 1 for a flag)",
+    )  # fmt: skip
     args = ap.parse_args()
+    new = {}
+    for pair in args.new:
+        name, _, value = pair.partition("=")
+        new[name] = int(value)
     with tempfile.TemporaryDirectory(prefix="ptx-diff-") as tmp:
         work = Path(tmp)
         base = work / "base"
@@ -97,7 +116,7 @@ def main() -> None:
             (work / "pkg").mkdir()
             (work / "pkg" / "automla").symlink_to(base)
             before = compile_tree(base, work / "pkg", work, "base")
-            after = compile_tree(ROOT, ROOT, work, "tree")
+            after = compile_tree(ROOT, ROOT, work, "tree", new)
         finally:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", base], check=True)
     changed = sorted(k for k in before.keys() & after.keys() if code(before[k]) != code(after[k]))
