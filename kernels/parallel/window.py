@@ -226,7 +226,8 @@ def _window_bwd_dq_kernel(
 
     if HAS_GLOBAL:
         # The global branch's output is not kept, so its delta g <do, o_g> is not known before
-        # the loop (nor the local one's where it is not KEPT, summed the same way above). With dP from the ungated do, dgate_g = sum_j P dP, and for any per-row c,
+        # the loop (nor the local one's where it is not KEPT, summed the same way above). With
+        # dP from the ungated do, dgate_g = sum_j P dP, and for any per-row c,
         # dq_g = sum_j P (g dP - delta) k = sum_j P (g dP - c) k - (delta - c) sum_j P k: the
         # last sum in an accumulator of its own, subtracted once delta is known. c, the first
         # tile's mean of g dP, keeps the bf16 products from cancelling where dP has a common
