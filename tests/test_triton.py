@@ -230,17 +230,23 @@ def test_keeps_at_most_the_local_output_and_dgate_holds_at_tiny_gates(
     assert all(e <= 1e-5 for e in errs.values()), errs
 
 
+def offset_values_errors(ratios) -> dict:
+    """The op's float16 gradient errors against the float32 reference where every value
+    carries an offset of 16 (a window or prefix of 64 keys over 96 tokens)."""
+    cfg = AttentionConfig(budget=64, ratios=ratios, block_size=1)
+    q, k, v, gate, do = make_inputs(1, 96, 2, 1, 32, torch.float32, seed=3)
+    v = v + 16.0
+    _, grads = run_triton(*(x.half() for x in (q, k, v, gate, do)), cfg)
+    _, grads_ref = run_reference(q, k, v, gate, do, cfg)
+    return {n: rel_err(x, r) for n, x, r in zip(("dq", "dk", "dv", "dgate"), grads, grads_ref)}
+
+
 def test_global_dq_holds_where_the_pooled_values_share_an_offset():
     # The global dq sums P (g dP - c) k and P k apart and subtracts (delta - c) P k at the
     # end. Where every value carries a common offset dP does too, and without the shift c
     # (the first tile's mean of g dP) the float16 products cancel: dq's error was 1.2e-2
     # here with c = 0 (1.4e-2 when the delta came from a kept float16 o_g), 7.7e-3 with it.
-    cfg = AttentionConfig(budget=64, ratios=(0.0, 1.0, 0.0), block_size=1)
-    q, k, v, gate, do = make_inputs(1, 96, 2, 1, 32, torch.float32, seed=3)
-    v = v + 16.0
-    _, grads = run_triton(*(x.half() for x in (q, k, v, gate, do)), cfg)
-    _, grads_ref = run_reference(q, k, v, gate, do, cfg)
-    errs = {n: rel_err(x, r) for n, x, r in zip(("dq", "dk", "dv", "dgate"), grads, grads_ref)}
+    errs = offset_values_errors((0.0, 1.0, 0.0))
     assert errs["dq"] <= 1e-2 and all(e <= 2e-2 for e in errs.values()), errs
 
 
@@ -252,12 +258,7 @@ def test_local_dq_summed_holds_where_the_values_share_an_offset(monkeypatch):
     import automla.kernels.parallel.autograd as launch_layer
 
     monkeypatch.setattr(launch_layer, "KEEP_LOCAL_OUTPUT", False)
-    cfg = AttentionConfig(budget=64, ratios=(1.0, 0.0, 0.0), block_size=1)
-    q, k, v, gate, do = make_inputs(1, 96, 2, 1, 32, torch.float32, seed=3)
-    v = v + 16.0
-    _, grads = run_triton(*(x.half() for x in (q, k, v, gate, do)), cfg)
-    _, grads_ref = run_reference(q, k, v, gate, do, cfg)
-    errs = {n: rel_err(x, r) for n, x, r in zip(("dq", "dk", "dv", "dgate"), grads, grads_ref)}
+    errs = offset_values_errors((1.0, 0.0, 0.0))
     assert errs["dq"] <= 4.5e-3 and all(e <= 1e-2 for e in errs.values()), errs
 
 
