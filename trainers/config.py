@@ -70,8 +70,8 @@ class ModelConfig:
     fused_ops: bool | None = None
     """Triton ops for RMSNorm and (training) linear + cross-entropy without the logits tensor
     (our own, `trainers/rms_norm.py` and `cross_entropy.py`), and liger-kernel's for SwiGLU and
-    rotary. None: on where the model runs on CUDA and
-    liger-kernel is installed (the `gpu` extra); the plain PyTorch ops elsewhere."""
+    rotary. None: on where the model runs on CUDA and liger-kernel is installed (the `gpu`
+    extra); the plain PyTorch ops elsewhere."""
     precision: Literal["bf16", "fp8"] = "bf16"
     """fp8: torchao float8 training for the q/k/v/o projections and the MLP's linears (CUDA
     only, their widths multiples of 16); the gate MLP, embeddings, norms, attention and loss

@@ -179,6 +179,7 @@ def _window_bwd_dq_kernel(
             k += (i_b * T * HKV + i_hk).to(tl.int64) * D
             v += (i_b * T * HKV + i_hk).to(tl.int64) * D
         b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
+        # two tests of KEPT: the lse's load between them, where it was before the switch
         if KEPT:
             b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
         b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
