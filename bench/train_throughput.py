@@ -8,15 +8,14 @@ the rest of the model's fast path: fused ops, float8 linears, activation checkpo
 
 One full training step (forward, backward, clipping, AdamW) on one sequence of each length, bf16
 autocast on CUDA; the median step time after warm-up gives tokens/s; peak memory is
-torch.cuda.max_memory_allocated over the timed steps. Each variant times at most --steps steps
+torch.cuda.max_memory_allocated from the warm-up on, less what earlier rows left allocated
+(reported as left_gb; release() frees it between rows). Each variant times at most --steps steps
 and stops early past --max-variant-s; a variant that fails (out of memory, say) is reported and
 the rest still run.
 
 - the 125M model (12 layers, d 768, 50k vocabulary) at each --seq, dense and MLA (each
   --select-tile), plain; --fused adds fused ops on, --fp8 float8 linears (with fused ops when
   --fused), --checkpoint MODE activation checkpointing (likewise);
-- --gate MODE...: MLA rows with each of these matmuls for the gate (`model.GATE_MATMUL`:
-  its own, its own with rows padded to 16 bytes, or inside the qkv projection's);
 - --local kept summed: MLA rows with the local branch's output kept for the backward and with
   its delta summed in the window dq instead (the op's `KEEP_LOCAL_OUTPUT`);
 - --memory: what is allocated at each row's peak, summed by the line that allocated it, and
@@ -37,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -52,29 +52,25 @@ from timing import kernel_ms, print_kernels
 from automla.kernels import AttentionConfig
 from automla.kernels.parallel import autograd as mla_launch
 from automla.trainers import DataConfig, ModelConfig, TrainConfig, fast_ops
-from automla.trainers import model as model_module
 from automla.trainers.data import load_data
 from automla.trainers.trainer import build_state, lr_at, train_step
 
 # measure() sets these per variant
 DEFAULT_LOSS, DEFAULT_NORM = fast_ops.LOSS, fast_ops.NORM
-DEFAULT_GATE = model_module.GATE_MATMUL
 DEFAULT_LOCAL = "kept" if mla_launch.KEEP_LOCAL_OUTPUT else "summed"
 # the settings each given value of which runs rows of its own: flag, values, default, help
 AB_SETTINGS = [
     ("loss", ["chunked", "liger"], DEFAULT_LOSS,
      "with --fused: each of these training losses (liger's: a captured step takes the plain "
      "loss over the logits)"),
-    ("norm", ["triton", "triton-add", "liger"], DEFAULT_NORM,
+    ("norm", ["triton-add", "liger"], DEFAULT_NORM,
      "with --fused: each of these RMSNorms (triton-add: with the residual add in it)"),
-    ("gate", ["own", "aligned", "qkv"], DEFAULT_GATE,
-     "MLA rows with each of these gate matmuls (model.GATE_MATMUL)"),
     ("local", ["kept", "summed"], DEFAULT_LOCAL,
      "MLA rows with the local branch's output kept for the backward, or its delta summed in "
      "the window dq (the op's KEEP_LOCAL_OUTPUT)"),
 ]  # fmt: skip
 # the settings above that only MLA rows vary (a dense row has their defaults)
-MLA_ONLY = {"gate": DEFAULT_GATE, "local": DEFAULT_LOCAL}
+MLA_ONLY = {"local": DEFAULT_LOCAL}
 
 
 @dataclass(frozen=True)
@@ -93,8 +89,6 @@ class Variant:
     """fast_ops.LOSS while it runs: the fused ops' training loss."""
     norm: str = DEFAULT_NORM
     """fast_ops.NORM while it runs: the fused ops' RMSNorm."""
-    gate: str = DEFAULT_GATE
-    """model.GATE_MATMUL while it runs: the matmul of MLA's gate."""
     local: str = DEFAULT_LOCAL
     """kept: the op's KEEP_LOCAL_OUTPUT while it runs (summed: off)."""
 
@@ -105,8 +99,6 @@ class Variant:
             name += f" {self.loss} loss"
         if self.fused and self.norm != DEFAULT_NORM:
             name += f" {self.norm} norm"
-        if self.gate != DEFAULT_GATE:
-            name += f" gate {self.gate}"
         if self.local != DEFAULT_LOCAL:
             name += f" local {self.local}"
         return name if self.graphs == "off" else f"{name} +{self.graphs} graphs"
@@ -183,8 +175,11 @@ def measure(
         device=str(device),
     )
     # read by each training forward
-    fast_ops.LOSS, fast_ops.NORM, model_module.GATE_MATMUL = v.loss, v.norm, v.gate
+    fast_ops.LOSS, fast_ops.NORM = v.loss, v.norm
     mla_launch.KEEP_LOCAL_OUTPUT = v.local == "kept"
+    # what earlier rows left allocated (none once run() has cleared up after them): not this
+    # row's, so taken off its peak
+    left = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     state = build_state(cfg, device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     vocab = cfg.model.vocab_size
@@ -213,7 +208,7 @@ def measure(
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{v} at T={T}: loss {loss.item()}")
     step_s = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    peak = (torch.cuda.max_memory_allocated() - left) / 2**30 if device.type == "cuda" else math.nan
     if profile and device.type == "cuda":  # after the peak: the profiler's steps are extra
         kernels = kernel_ms(lambda s=state: train_step(s, x, y, 1e-4))
         print_kernels(f"{v.name} T={T} step", kernels, top=30)
@@ -230,6 +225,7 @@ def measure(
         "batch": batch,
         "tokens_per_s": batch * T / step_s,
         "peak_mem_gb": peak,
+        "left_gb": left / 2**30,
         **extra,
     }
 
@@ -273,6 +269,19 @@ def _identity(v: Variant) -> dict:
     return {**dataclasses.asdict(v), "attention": v.name, "kind": v.attention}
 
 
+def release(device) -> None:
+    """Free what a row leaves behind on the GPU: its cached blocks, and the matmul libraries'
+    workspaces, which torch keeps per stream (a row's step-graph capture runs on streams of
+    its own) and empty_cache() does not free: left, each row's peak would carry every earlier
+    row's (~64 MB a row, 2026-12-05)."""
+    gc.collect()
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        torch.cuda.synchronize(device)
+        clear()
+    torch.cuda.empty_cache()
+
+
 def run(v: Variant, T: int, args, device) -> dict:
     """measure(), or the error's row: one failing variant must not lose the others."""
     try:
@@ -286,7 +295,7 @@ def run(v: Variant, T: int, args, device) -> dict:
         return {**_identity(v), "T": T, "d_model": d_model, "error": repr(e)[:300]}
     finally:
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            release(device)
 
 
 def variants(args, device) -> list[tuple[Variant, int]]:
@@ -301,12 +310,7 @@ def variants(args, device) -> list[tuple[Variant, int]]:
     for mode in args.checkpoint:
         fast.append({"fused": args.fused, "checkpoint": mode})
     attentions = [("dense", 1, {})]
-    attentions += [
-        ("mla", bq, {"gate": gate, "local": local})
-        for bq in args.select_tile
-        for gate in args.gate
-        for local in args.local
-    ]
+    attentions += [("mla", bq, {"local": local}) for bq in args.select_tile for local in args.local]
     graphs = ["off"] + args.cuda_graphs
     out = []
     for T in [128, 256] if args.tiny else args.seq:
@@ -348,7 +352,7 @@ class Peers:
 
     FIELDS = (
         "T", "kind", "select_tile", "fused", "precision", "checkpoint", "width", "graphs", "loss",
-        "norm", "gate", "local",
+        "norm", "local",
     )  # fmt: skip
 
     def __init__(self, rows: list[dict]):
@@ -495,7 +499,7 @@ def main() -> None:
         else:
             print(
                 f"{tag} {r['step_ms']:9.1f} ms/step {r['peak_mem_gb']:7.2f} GB "
-                f"({time.perf_counter() - t0:.0f} s)",
+                f"(+{r['left_gb']:.3f} GB left by earlier rows; {time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
         write_json(paths, name, rows, None)  # after each variant: a cut-off run keeps its rows

@@ -196,33 +196,3 @@ def test_hidden_gate_reads_one_cast_of_x_under_autocast(monkeypatch):
         assert err < 3e-2, name
     # the embeddings' gradient passes through x's gradient of every layer
     assert not torch.equal(grads["embed.weight"], grads_ref["embed.weight"])
-
-
-@pytest.mark.parametrize("mode", ["aligned", "qkv"])
-@pytest.mark.parametrize("gate", GATES[:2])
-@pytest.mark.parametrize("pruned", [False, True])
-def test_gate_matmul_modes_match_its_own_matmul(monkeypatch, mode, gate, pruned):
-    # The gate's first linear padded to aligned rows, or appended to the qkv projection's rows
-    # (padded too at one width, 12 + 64 rows, and not at the other, 16 + 64): the same logits
-    # and gradients as its own matmul, with a pruned head's gate rows selected or not.
-    import automla.trainers.model as model_module
-
-    def run(which: str, autocast: bool):
-        monkeypatch.setattr(model_module, "GATE_MATMUL", which)
-        model = model_of(tiny(gate=gate))
-        if pruned:
-            model.blocks[1].attn.set_head_mask(torch.tensor([True, False, True, True]))
-        return trained_once(model, autocast)
-
-    for autocast, tol in ((False, 1e-5), (True, 2e-2)):
-        logits_ref, grads_ref = run("own", autocast)
-        logits, grads = run(mode, autocast)
-        assert (logits - logits_ref).norm() / logits_ref.norm() < tol
-        assert grads.keys() == grads_ref.keys()
-        for name, g in grads_ref.items():
-            if g is None:
-                assert grads[name] is None, name
-                continue
-            assert torch.isfinite(grads[name]).all(), name
-            err = (grads[name] - g).norm() / g.norm().clamp_min(1e-12)
-            assert err < tol, (name, float(err))

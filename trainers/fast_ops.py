@@ -144,12 +144,13 @@ def float8_linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> t
     )
 
 
-NORM = "triton"
-"""RMSNorm with fused ops: "triton" (`rms_norm`: the output in autocast's dtype, blocks of rows
-a step in the backward), "triton-add" (the same with the residual add before each norm in its
-kernels, both ways: `add_rms_norm`; not yet timed, bench/NOTES.md, twenty-second session) or
-"liger" (liger's: float32 out, one row a step; 5.8 against 3.0 ms of backward in the 125M step
-at 32k). For A/B runs of `bench/train_throughput.py --norm`."""
+NORM = "triton-add"
+"""RMSNorm with fused ops: "triton-add" (`add_rms_norm`: the residual add before each norm in
+its kernels, both ways; the output in autocast's dtype, blocks of rows a step in the backward;
+`rms_norm` where there is no add), or "liger" (liger's, after a separate add: float32 out, one
+row a step; 5.8 against 3.0 ms of backward in the 125M step at 32k). The add inside took
+0.8-0.9 ms off the 125M step at 8k and 3.5-4.0 ms at 32k (bench/RESULTS.md, twenty-fifth
+session). For A/B runs of `bench/train_throughput.py --norm`."""
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -32,16 +32,6 @@ from .graphs import GraphedOp
 
 _ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
 
-GATE_MATMUL = "own"
-"""Which matmul gives a gate that reads x its first linear's output (read at each forward; A/B
-runs set it): "own", a matmul of its own (at the 125M model 36 outputs, rows of 72 bytes, which
-the GPU's matmul kernels take only on a slower path); "aligned", the same with its outputs
-padded to 16-byte rows; "qkv", its rows appended to the qkv projection's and padded likewise,
-so one matmul reads x and one writes x's gradient. A float8 qkv and sequence parallelism keep
-"own". Not yet timed against each other: bench/NOTES.md, twenty-second session."""
-ALIGN = 8
-"""Outputs that the padded gate matmuls round up to: 16 bytes of bf16."""
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -108,24 +98,10 @@ class GateMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits; with `rows`, only those outputs of the last layer are computed."""
-        weight, bias = self.first_layer(rows)
-        return self.finish(F.linear(x, weight, bias), rows)
-
-    def first_layer(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first linear's weight and bias: only `rows` of them where it is also the last."""
-        first = self.net[0]
-        if rows is None or len(self.net) > 1:
-            return first.weight, first.bias
-        return first.weight.index_select(0, rows), first.bias.index_select(0, rows)
-
-    def finish(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits from the first linear's output h (bias included), `rows` as in forward."""
-        if len(self.net) == 1:
-            return h
-        h = self.net[1:-1](h)
-        last = self.net[-1]
         if rows is None:
-            return last(h)
+            return self.net(x)
+        last = self.net[-1]
+        h = self.net[:-1](x)
         return F.linear(h, last.weight.index_select(0, rows), last.bias.index_select(0, rows))
 
 
@@ -339,15 +315,17 @@ class Attention(nn.Module):
         half = self._fused_rotary(x)
         rows = self._half_rows(lay) if half else lay.rows
         w = self.qkv.weight if rows is None else self.qkv.weight.index_select(0, rows)
-        heads = [S, K, K] if half else [S + K, K]
-        pieces, gate_h = self._project(x, w, [n * d for n in heads], lay)
-        pieces = [p.unflatten(-1, (-1, d)) for p in pieces]
+        if self.gate is not None and self.cfg.mla.gate.input == "hidden":
+            x = _autocast_once(x)
+        qkv = _linear(self.qkv, x, w).view(B, T, S + 2 * K, d)
+        # split, not sliced: a split's backward writes qkv's gradient with one cat, where each
+        # slice's would zero a tensor of qkv's size, copy into it and add it to the others
         if half:
-            q_in, k_in, v = pieces  # (B, T, S, D), (B, T, K, D) x 2
+            q_in, k_in, v = qkv.split([S, K, K], dim=2)  # (B, T, S, D), (B, T, K, D) x 2
             # q and k in the half layout: one kernel rotates both; q.k is unchanged
             q, k = fast_ops.rotary_half(q_in, k_in, rot.real, rot.imag)
         else:
-            qk_in, v = pieces
+            qk_in, v = qkv.split([S + K, K], dim=2)
             # rotary on q and k together: one set of elementwise ops
             q, k = apply_rotary(qk_in, rot).split([S, K], dim=2)
             q_in = qk_in[:, :, :S]
@@ -357,8 +335,8 @@ class Attention(nn.Module):
             else:
                 y = self._sdpa(q, k.index_select(2, lay.kv_of), v.index_select(2, lay.kv_of), 1)
         else:
-            if gate_h is not None:
-                logits = self.gate.finish(gate_h, lay.gate_rows).view(B, T, S, 3)
+            if self.cfg.mla.gate.input == "hidden":
+                logits = self.gate(x, lay.gate_rows).view(B, T, S, 3)
             else:
                 # the query before rotary: its content, not its position
                 logits = self.gate(fast_ops.from_half(q_in) if half else q_in)
@@ -367,32 +345,6 @@ class Attention(nn.Module):
             y = self._attend(q, k, v, torch.sigmoid(logits), lay.slot_mask)  # (B, T, S, D)
         w = self.proj.weight if lay.cols is None else self.proj.weight.index_select(1, lay.cols)
         return _linear(self.proj, self._scale_and_track(y, lay).reshape(B, T, S * d), w)
-
-    def _project(
-        self, x: torch.Tensor, w: torch.Tensor, sizes: list[int], lay: HeadLayout
-    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """x @ w.T (qkv weight rows) split into pieces of `sizes` columns, and where the gate
-        reads x, its first linear's output (else None), as `GATE_MATMUL` says.
-
-        Split, not sliced: a split's backward writes the gradient with one cat, where each
-        slice's would zero a tensor of the whole output's size, copy into it and add."""
-        if self.gate is None or self.cfg.mla.gate.input != "hidden":
-            return list(_linear(self.qkv, x, w).split(sizes, -1)), None
-        x = _autocast_once(x)
-        weight, bias = self.gate.first_layer(lay.gate_rows)
-        n = weight.shape[0]
-        mode = "own" if fast_ops.is_float8(self.qkv) else GATE_MATMUL
-        if mode == "qkv":
-            pad = -(w.shape[0] + n) % ALIGN
-            out = F.linear(x, torch.cat([w, weight, weight.new_zeros(pad, weight.shape[1])]))
-            *pieces, h, _ = out.split([*sizes, n, pad], -1)
-            return pieces, h + bias.to(h.dtype)
-        pieces = list(_linear(self.qkv, x, w).split(sizes, -1))
-        if mode == "aligned":
-            pad = -n % ALIGN
-            weight = torch.cat([weight, weight.new_zeros(pad, weight.shape[1])])
-            return pieces, F.linear(x, weight, torch.cat([bias, bias.new_zeros(pad)]))[..., :n]
-        return pieces, F.linear(x, weight, bias)
 
     def _fused_rotary(self, x: torch.Tensor) -> bool:
         # a float8 qkv keeps its own (compiled) call on its whole weight: no permuted rows
