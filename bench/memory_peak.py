@@ -75,7 +75,13 @@ class Peak:
         theirs = {s: b for s, b, _ in other.sites}
         diff = {s: mine.get(s, 0) - theirs.get(s, 0) for s in mine.keys() | theirs.keys()}
         diff = sorted(((s, d) for s, d in diff.items() if d), key=lambda x: -abs(x[1]))
-        lines = [f"{(self.peak - other.peak) / 2**20:+.1f} MiB at the peak; by site:"]
+        # the part allocated before the traces (parameters, and whatever an earlier run left
+        # allocated) apart: the traces' own difference is what the two steps allocate
+        own = (self.peak - self.base) - (other.peak - other.base)
+        lines = [
+            f"{(self.peak - other.peak) / 2**20:+.1f} MiB at the peak, {own / 2**20:+.1f} MiB of "
+            "it allocated in the traces; by site:"
+        ]
         lines += [f"  {d / 2**20:+9.1f} MiB  {s}" for s, d in diff[:top]]
         return "\n".join(lines)
 

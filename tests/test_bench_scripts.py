@@ -145,11 +145,14 @@ def test_memory_peak_names_what_was_alive_at_the_peak(capsys):
         return {**dataclasses.asdict(v), "attention": v.name, "kind": kind, "T": 2048,
                 "memory_peak": peak.to_json()}  # fmt: skip
 
-    tt.print_memory([row("dense", peak), row("mla", early)])
+    # the MLA row with 3 MiB more allocated before its trace (what an earlier row left)
+    later = mp.peak_of(trace[:-1], base=1000 + 3 * 2**20)
+    tt.print_memory([row("dense", peak), row("mla", later)])
     out = capsys.readouterr().out
-    assert "Memory, mla Bq=64 +step graphs T=2048: peak 0.000 GB at event 5 of 9" in out
-    # MLA against dense: 10 bytes less at the peak; by site -360 (bench), +300, +50 (op)
-    assert "against dense: -0.0 MiB at the peak; by site:" in out
+    assert "Memory, mla Bq=64 +step graphs T=2048: peak 0.003 GB at event 5 of 9" in out
+    # MLA against dense: 3 MiB more at the peak, 10 bytes less of its own; by site -360
+    # (bench), +300, +50 (op)
+    assert "against dense: +3.0 MiB at the peak, -0.0 MiB of it allocated in the traces" in out
     assert out.index("-0.0 MiB  bench/train_throughput.py:7 f") < out.index(f"+0.0 MiB  {op}:7 f")
 
 
