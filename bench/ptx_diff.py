@@ -1,7 +1,7 @@
 """Whether a change to the Triton kernels changes the code they compile to, without a GPU.
 
     python bench/ptx_diff.py [REV]        # REV (default HEAD) against the working tree
-    python bench/ptx_diff.py --new KEPT=1 # a constexpr the tree's kernels added, at REV's code
+    python bench/ptx_diff.py --new NAME=1 # a constexpr the tree's kernels added, at REV's code
 
 A refactor of kernel bodies (a shared @triton.jit helper, a moved launch) should leave the
 GPU code as it was; when it does, the timings in RESULTS.md still hold and need no device

@@ -16,8 +16,6 @@ the rest still run.
 - the 125M model (12 layers, d 768, 50k vocabulary) at each --seq, dense and MLA (each
   --select-tile), plain; --fused adds fused ops on, --fp8 float8 linears (with fused ops when
   --fused), --checkpoint MODE activation checkpointing (likewise);
-- --local kept summed: MLA rows with the local branch's output kept for the backward and with
-  its delta summed in the window dq instead (the op's `KEEP_LOCAL_OUTPUT`);
 - --memory: what is allocated at each row's peak, summed by the line that allocated it, and
   for MLA rows the difference from the dense row of the same settings (`memory_peak.py`; the
   warm-up's allocations are recorded, the timed steps run without the recording);
@@ -50,14 +48,12 @@ from memory_peak import Peak, Recording
 from timing import kernel_ms, print_kernels
 
 from automla.kernels import AttentionConfig
-from automla.kernels.parallel import autograd as mla_launch
 from automla.trainers import DataConfig, ModelConfig, TrainConfig, fast_ops
 from automla.trainers.data import load_data
 from automla.trainers.trainer import build_state, lr_at, train_step
 
 # measure() sets these per variant
 DEFAULT_LOSS, DEFAULT_NORM = fast_ops.LOSS, fast_ops.NORM
-DEFAULT_LOCAL = "kept" if mla_launch.KEEP_LOCAL_OUTPUT else "summed"
 # the settings each given value of which runs rows of its own: flag, values, default, help
 AB_SETTINGS = [
     ("loss", ["chunked", "liger"], DEFAULT_LOSS,
@@ -65,12 +61,7 @@ AB_SETTINGS = [
      "loss over the logits)"),
     ("norm", ["triton-add", "liger"], DEFAULT_NORM,
      "with --fused: each of these RMSNorms (triton-add: with the residual add in it)"),
-    ("local", ["kept", "summed"], DEFAULT_LOCAL,
-     "MLA rows with the local branch's output kept for the backward, or its delta summed in "
-     "the window dq (the op's KEEP_LOCAL_OUTPUT)"),
 ]  # fmt: skip
-# the settings above that only MLA rows vary (a dense row has their defaults)
-MLA_ONLY = {"local": DEFAULT_LOCAL}
 
 
 @dataclass(frozen=True)
@@ -89,8 +80,6 @@ class Variant:
     """fast_ops.LOSS while it runs: the fused ops' training loss."""
     norm: str = DEFAULT_NORM
     """fast_ops.NORM while it runs: the fused ops' RMSNorm."""
-    local: str = DEFAULT_LOCAL
-    """kept: the op's KEEP_LOCAL_OUTPUT while it runs (summed: off)."""
 
     @property
     def name(self) -> str:
@@ -99,8 +88,6 @@ class Variant:
             name += f" {self.loss} loss"
         if self.fused and self.norm != DEFAULT_NORM:
             name += f" {self.norm} norm"
-        if self.local != DEFAULT_LOCAL:
-            name += f" local {self.local}"
         return name if self.graphs == "off" else f"{name} +{self.graphs} graphs"
 
 
@@ -176,7 +163,6 @@ def measure(
     )
     # read by each training forward
     fast_ops.LOSS, fast_ops.NORM = v.loss, v.norm
-    mla_launch.KEEP_LOCAL_OUTPUT = v.local == "kept"
     # what earlier rows left allocated (none once run() has cleared up after them): not this
     # row's, so taken off its peak
     left = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -309,16 +295,15 @@ def variants(args, device) -> list[tuple[Variant, int]]:
         fast.append({"fused": args.fused, "precision": "fp8"})
     for mode in args.checkpoint:
         fast.append({"fused": args.fused, "checkpoint": mode})
-    attentions = [("dense", 1, {})]
-    attentions += [("mla", bq, {"local": local}) for bq in args.select_tile for local in args.local]
+    attentions = [("dense", 1)] + [("mla", bq) for bq in args.select_tile]
     graphs = ["off"] + args.cuda_graphs
     out = []
     for T in [128, 256] if args.tiny else args.seq:
-        for attention, bq, mla_only in attentions:
+        for attention, bq in attentions:
             for mode in graphs:
                 if attention == "dense" and mode == "op":
                     continue  # "op" graphs only the MLA op
-                base = Variant(attention, bq, graphs=mode, **mla_only)
+                base = Variant(attention, bq, graphs=mode)
                 out.append((base, T))
                 for change in fast:
                     v = dataclasses.replace(base, **change)
@@ -352,7 +337,7 @@ class Peers:
 
     FIELDS = (
         "T", "kind", "select_tile", "fused", "precision", "checkpoint", "width", "graphs", "loss",
-        "norm", "local",
+        "norm",
     )  # fmt: skip
 
     def __init__(self, rows: list[dict]):
@@ -368,7 +353,6 @@ class Peers:
         """The dense row of r's length, width and settings, those in `change` replaced;
         graphs: r's unless given ("op" graphs only the MLA op: its dense peer has none)."""
         graphs = graphs or (r["graphs"] if r["graphs"] != "op" else "off")
-        change = {**MLA_ONLY, **change}
         return self.of(r, kind="dense", select_tile=1, graphs=graphs, **change)
 
 

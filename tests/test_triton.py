@@ -84,19 +84,6 @@ def test_matches_reference_float32(B, T, HQ, HKV, D, budget, ratios, bs):
     check(B, T, HQ, HKV, D, cfg, torch.float32, tol=1e-5)
 
 
-LOCAL_CASES = [c for c in CASES if c.values[6][0] > 0]
-
-
-@pytest.mark.parametrize("B,T,HQ,HKV,D,budget,ratios,bs", LOCAL_CASES)
-def test_local_output_summed_matches_reference(monkeypatch, B, T, HQ, HKV, D, budget, ratios, bs):
-    # KEEP_LOCAL_OUTPUT off: the window dq sums the local branch's delta and dgate in its loop
-    import automla.kernels.parallel.autograd as launch_layer
-
-    monkeypatch.setattr(launch_layer, "KEEP_LOCAL_OUTPUT", False)
-    cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs)
-    check(B, T, HQ, HKV, D, cfg, torch.float32, tol=1e-5)
-
-
 @pytest.mark.parametrize("programs", [1, 30], ids=["one-program-per-tile", "split-3"])
 def test_local_dkv_split_over_programs(monkeypatch, programs):
     # the local dk/dv launch splits each key tile's (head, query tile) items over programs
@@ -160,9 +147,8 @@ def test_global_dkv_with_pruned_heads(monkeypatch, D, mask, programs):
     check(1, 70, 6, 2, D, cfg, torch.float32, tol=1e-5, head_mask=torch.tensor(mask))
 
 
-@pytest.mark.parametrize("keep", [True, False], ids=["local-kept", "local-summed"])
 @pytest.mark.parametrize("select_tile", [1, 4], ids=["per-query", "tile"])
-def test_uninitialised_buffers_are_written_before_read(monkeypatch, select_tile, keep):
+def test_uninitialised_buffers_are_written_before_read(monkeypatch, select_tile):
     # every float buffer the op allocates without zeroing (the dk/dv accumulator that the
     # window dq kernel zeroes, the outputs, the softmax statistics) starts as NaN here: one
     # that a kernel reads before writing shows in the outputs or gradients
@@ -177,29 +163,20 @@ def test_uninitialised_buffers_are_written_before_read(monkeypatch, select_tile,
 
     for name in ("empty", "empty_like"):  # the branch modules' buffers too (e.g. their dO)
         monkeypatch.setattr(launch_layer.torch, name, poison(getattr(torch, name)))
-    monkeypatch.setattr(launch_layer, "KEEP_LOCAL_OUTPUT", keep)
     cfg = AttentionConfig(budget=96, ratios=(0.5, 0.3, 0.2), block_size=4, select_tile=select_tile)
     check(1, 70, 4, 2, 16, cfg, torch.float32, tol=1e-5)
 
 
-@pytest.mark.parametrize("keep", [True, False], ids=["local-kept", "local-summed"])
 @pytest.mark.parametrize("select_tile", [1, 4], ids=["per-query", "tile"])
-def test_keeps_at_most_the_local_output_and_dgate_holds_at_tiny_gates(
-    monkeypatch, select_tile, keep
-):
-    # The backward keeps q, the output o and (KEEP_LOCAL_OUTPUT) the local branch's output o_l
-    # of q's shape, not the global or sparse branch's (their deltas and dgates come from their
-    # dq loops and from <do, o>). The gates of the branches whose output is not kept are 1e-4,
-    # and 0 at every 7th token: dgate must still match, which an output recovered by dividing
-    # by the gate would not.
-    import automla.kernels.parallel.autograd as launch_layer
-
-    monkeypatch.setattr(launch_layer, "KEEP_LOCAL_OUTPUT", keep)
+def test_keeps_only_the_local_output_and_dgate_holds_at_tiny_gates(select_tile):
+    # The backward keeps q, the output o and the local branch's output o_l of q's shape, not
+    # the global or sparse branch's (their deltas and dgates come from their dq loops and from
+    # <do, o>). Their gates are 1e-4, and 0 at every 7th token: dgate must still match, which
+    # an output recovered by dividing by the gate would not.
     cfg = AttentionConfig(budget=96, ratios=(0.5, 0.3, 0.2), block_size=4, select_tile=select_tile)
     q, k, v, gate, do = make_inputs(1, 70, 4, 2, 16, torch.float32, seed=5)
-    tiny = slice(1, None) if keep else slice(None)
-    gate[..., tiny] = 1e-4
-    gate[:, ::7, :, tiny] = 0.0
+    gate[..., 1:] = 1e-4
+    gate[:, ::7, :, 1:] = 0.0
     leaves = [x.clone().requires_grad_() for x in (q, k, v, gate)]
     saved = []
 
@@ -211,34 +188,22 @@ def test_keeps_at_most_the_local_output_and_dgate_holds_at_tiny_gates(
         o = mla_triton(*leaves, cfg)
     rows = [x for x in saved if x.shape == q.shape]
     ptrs = [x.data_ptr() for x in rows]
-    assert len(rows) == 2 + keep and len(set(ptrs)) == 2 + keep, ptrs
+    assert len(rows) == 3 and len(set(ptrs)) == 3, ptrs
     assert leaves[0].data_ptr() in ptrs and o.data_ptr() in ptrs
-    if keep:
-        (o_l,) = [x for x in rows if x.data_ptr() not in (leaves[0].data_ptr(), o.data_ptr())]
-        local = torch.zeros_like(gate)
-        local[..., 0] = 1.0
-        assert rel_err(o_l, mla_reference(q, k, v, local, cfg)) <= 1e-5
+    (o_l,) = [x for x in rows if x.data_ptr() not in (leaves[0].data_ptr(), o.data_ptr())]
+    local = torch.zeros_like(gate)
+    local[..., 0] = 1.0
+    assert rel_err(o_l, mla_reference(q, k, v, local, cfg)) <= 1e-5
     o.backward(do)
     _, grads_ref = run_reference(q, k, v, gate, do, cfg)
     dgate, dgate_ref = leaves[3].grad, grads_ref[3]
     errs = {
         n: rel_err(x.grad, r) for n, x, r in zip(("dq", "dk", "dv", "dgate"), leaves, grads_ref)
     }
-    for i, name in ((0, "l"), (1, "g"), (2, "s"))[keep:]:
+    for i, name in ((1, "g"), (2, "s")):
         errs[f"dgate_{name}"] = rel_err(dgate[..., i], dgate_ref[..., i])
         errs[f"dgate_{name} at 0"] = rel_err(dgate[:, ::7, :, i], dgate_ref[:, ::7, :, i])
     assert all(e <= 1e-5 for e in errs.values()), errs
-
-
-def offset_values_errors(ratios) -> dict:
-    """The op's float16 gradient errors against the float32 reference where every value
-    carries an offset of 16 (a window or prefix of 64 keys over 96 tokens)."""
-    cfg = AttentionConfig(budget=64, ratios=ratios, block_size=1)
-    q, k, v, gate, do = make_inputs(1, 96, 2, 1, 32, torch.float32, seed=3)
-    v = v + 16.0
-    _, grads = run_triton(*(x.half() for x in (q, k, v, gate, do)), cfg)
-    _, grads_ref = run_reference(q, k, v, gate, do, cfg)
-    return {n: rel_err(x, r) for n, x, r in zip(("dq", "dk", "dv", "dgate"), grads, grads_ref)}
 
 
 def test_global_dq_holds_where_the_pooled_values_share_an_offset():
@@ -246,20 +211,13 @@ def test_global_dq_holds_where_the_pooled_values_share_an_offset():
     # end. Where every value carries a common offset dP does too, and without the shift c
     # (the first tile's mean of g dP) the float16 products cancel: dq's error was 1.2e-2
     # here with c = 0 (1.4e-2 when the delta came from a kept float16 o_g), 7.7e-3 with it.
-    errs = offset_values_errors((0.0, 1.0, 0.0))
+    cfg = AttentionConfig(budget=64, ratios=(0.0, 1.0, 0.0), block_size=1)
+    q, k, v, gate, do = make_inputs(1, 96, 2, 1, 32, torch.float32, seed=3)
+    v = v + 16.0
+    _, grads = run_triton(*(x.half() for x in (q, k, v, gate, do)), cfg)
+    _, grads_ref = run_reference(q, k, v, gate, do, cfg)
+    errs = {n: rel_err(x, r) for n, x, r in zip(("dq", "dk", "dv", "dgate"), grads, grads_ref)}
     assert errs["dq"] <= 1e-2 and all(e <= 2e-2 for e in errs.values()), errs
-
-
-def test_local_dq_summed_holds_where_the_values_share_an_offset(monkeypatch):
-    # The global dq's scheme in the local loop (KEEP_LOCAL_OUTPUT off), where a row's first
-    # key tile may hold none of its keys: its shift c comes from the first tile where it sees
-    # any. Here dq's error was 6.0e-3 with c = 0, 3.5e-3 with it (7.0e-3 with o_l kept in
-    # float16).
-    import automla.kernels.parallel.autograd as launch_layer
-
-    monkeypatch.setattr(launch_layer, "KEEP_LOCAL_OUTPUT", False)
-    errs = offset_values_errors((1.0, 0.0, 0.0))
-    assert errs["dq"] <= 4.5e-3 and all(e <= 1e-2 for e in errs.values()), errs
 
 
 def test_matches_reference_float16():

@@ -144,8 +144,10 @@ def _real_size_config(bq: int) -> AttentionConfig:
     )
 
 
-def _check_bf16(bq: int, HQ: int, HKV: int, D: int) -> None:
-    """The op in bf16 at a real size against the reference: output and gradients <= 1e-2."""
+@pytest.mark.gpu
+@pytest.mark.parametrize("bq", [16, 64])
+@pytest.mark.parametrize("HQ,HKV,D", [(12, 4, 64), (64, 4, 128), (16, 16, 64)])
+def test_gpu_tile_mode_bf16(bq, HQ, HKV, D):
     T = 4096 + 37
     cfg = _real_size_config(bq)
     q, k, v, gate, do = make_inputs(1, T, HQ, HKV, D, torch.bfloat16, device="cuda", seed=bq)
@@ -155,23 +157,6 @@ def _check_bf16(bq: int, HQ: int, HKV: int, D: int) -> None:
     for name, x, ref in zip(("dq", "dk", "dv", "dgate"), grads, grads_ref):
         errs[name] = rel_err(x, ref)
     assert all(e <= 1e-2 for e in errs.values()), errs
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("bq", [16, 64])
-@pytest.mark.parametrize("HQ,HKV,D", [(12, 4, 64), (64, 4, 128), (16, 16, 64)])
-def test_gpu_tile_mode_bf16(bq, HQ, HKV, D):
-    _check_bf16(bq, HQ, HKV, D)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("HQ,HKV,D", [(12, 4, 64), (64, 4, 128)])
-def test_gpu_tile_mode_bf16_local_output_summed(monkeypatch, HQ, HKV, D):
-    # KEEP_LOCAL_OUTPUT off: the Triton and the Gluon window forwards without o_l
-    from automla.kernels.parallel import autograd
-
-    monkeypatch.setattr(autograd, "KEEP_LOCAL_OUTPUT", False)
-    _check_bf16(64, HQ, HKV, D)
 
 
 @pytest.mark.gpu

@@ -38,11 +38,6 @@ _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 # chunks that pays from 4k (12/4/64: op -0.3 to -1.1% at 4k, -0.4% at 8k, two runs); at 256
 # before, when the second stream's overlap was worth more (bench/NOTES.md, eighteenth session).
 SELECT_AFTER_NC = 64
-# The local branch's output kept for the backward (its softmax delta and dgate from
-# <do, o_l>, read before the window dq's loop). False: not kept, and the window dq sums both
-# in its loop, as it does the global branch's, for one more product per key tile: a q-shaped
-# tensor less per layer (50 MB at the 125M model's 32k), untimed (bench/NOTES.md, 24th session).
-KEEP_LOCAL_OUTPUT = True
 
 
 def _fork(q: torch.Tensor, lay: _Layout) -> torch.cuda.Stream | None:
@@ -85,10 +80,10 @@ def mla_fwd(
         return torch.empty(B, T, HQ, dtype=torch.float32, device=dev) if present else o
 
     lse_l, lse_g, lse_s = map(lse_buffer, (lay.has_local, lay.has_global, lay.has_sparse))
-    # At most the local branch keeps its output (KEEP_LOCAL_OUTPUT, for its softmax delta): the
-    # global branch's backward sums its delta and dgate in its dq loop, and the sparse one takes
-    # its delta from <do, o> less the window branches' and its dgate from its dq loop.
-    keep = store and lay.has_local and KEEP_LOCAL_OUTPUT
+    # Only the local branch keeps its output (for its softmax delta): the global branch's
+    # backward sums its delta and dgate in its dq loop, and the sparse one takes its delta from
+    # <do, o> less the window branches' and its dgate from its dq loop.
+    keep = store and lay.has_local
     o_l = torch.empty(B, T, HQ, D, dtype=q.dtype, device=dev) if keep else lse_l
     kc = vc = k
     km = None
@@ -123,10 +118,10 @@ def mla_fwd(
         outs = dict(gate=gate, o=o, o_l=o_l, lse_l=lse_l, lse_g=lse_g, T=T, NC=lay.NC,
                     window=lay.plan.window, stride=lay.stride)  # fmt: skip
         if gluon:
-            window_gluon.window_forward(q, k, v, kc, vc, lay, keep, **outs)
+            window_gluon.window_forward(q, k, v, kc, vc, lay, store, **outs)
         else:
             _launch_window(_window_fwd_kernel, "window_fwd", lay, q, k, v, kc, vc, **outs,
-                           STORE=keep)  # fmt: skip
+                           STORE=store)  # fmt: skip
     _join(side)
     if lay.has_sparse:
         if after:
@@ -136,9 +131,7 @@ def mla_fwd(
         branch.forward(q, k, v, gate, idx, lay, o, lse_s)
     # o too, for the sparse backward: no memory where the caller keeps it for its own backward
     # (the model's output projection saves it)
-    saved = {"o": o, "lse_l": lse_l, "lse_g": lse_g}
-    if keep:
-        saved["o_l"] = o_l
+    saved = {"o": o, "o_l": o_l, "lse_l": lse_l, "lse_g": lse_g}
     saved.update({"lse_s": lse_s, "kc": kc, "vc": vc, "idx": idx})
     return o, saved
 
@@ -221,8 +214,7 @@ def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, 
     if lay.has_window:
         _launch_window(
             _window_bwd_dq_kernel, "window_dq", lay, q, k, v, saved["kc"], saved["vc"],
-            gate=gate, do=do, o_l=saved.get("o_l", dq), KEPT="o_l" in saved,
-            lse_l=saved["lse_l"], lse_g=saved["lse_g"],
+            gate=gate, do=do, o_l=saved["o_l"], lse_l=saved["lse_l"], lse_g=saved["lse_g"],
             dgate=dgate, delta_l=delta_l, delta_g=delta_g, dq=dq, zero=zero, NZ=zero.numel(),
             T=lay.T, NC=lay.NC, window=lay.plan.window, stride=lay.stride, scale=lay.scale,
             ZB=1024,

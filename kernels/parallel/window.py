@@ -146,15 +146,13 @@ def _window_bwd_dq_kernel(
     HP: tl.constexpr,
     HAS_LOCAL: tl.constexpr,
     HAS_GLOBAL: tl.constexpr,
-    KEPT: tl.constexpr,
     PREC: tl.constexpr,
     ZB: tl.constexpr,
     TMA: tl.constexpr,
 ):
     # dq of one query tile of HP heads of one group: local, then global; each branch's dgate
     # and softmax delta (the dk/dv kernels, launched after, read the deltas): the local one's
-    # from its output before its loop where it was KEPT, else summed in its loop as the
-    # global one's always is (the global loop's comment says how).
+    # from its kept output before its loop, the global one's summed in its loop.
     # First, the programs zero the float32 buffer `zero` (NZ values) that every branch's dk/dv
     # adds into, ZB values at a time in turn: the kernels that add to it all run after this
     # one, and a fill launch of its own sat at the head of both streams' chains.
@@ -179,18 +177,9 @@ def _window_bwd_dq_kernel(
             k += (i_b * T * HKV + i_hk).to(tl.int64) * D
             v += (i_b * T * HKV + i_hk).to(tl.int64) * D
         b_g = tl.load(gate + o_r * 3, mask=m_t, other=0.0).to(tl.float32)
-        # two tests of KEPT: the lse's load between them, where it was before the switch
-        if KEPT:
-            b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
+        b_dob = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)
         b_lse = tl.load(lse_l + o_r, mask=m_t, other=float("inf"))
-        if KEPT:
-            b_delta = _gate_grad(b_do, o_l + o_x, b_g, dgate + o_r * 3, delta_l + o_r, m_t)
-        else:
-            b_dg = tl.zeros([HP * BT], dtype=tl.float32)
-            b_c = tl.zeros([HP * BT], dtype=tl.float32)
-            # the key tile that holds each row's first key (the window's, or the sequence's)
-            o_first = tl.maximum(o_t - window + 1, 0) // BK * BK
-            b_pk = tl.zeros([HP * BT, D], dtype=tl.float32)
+        b_delta = _gate_grad(b_do, o_l + o_x, b_g, dgate + o_r * 3, delta_l + o_r, m_t)
         lo = tl.maximum(i_t * BT - window + 1, 0) // BK * BK
         hi = tl.minimum((i_t + 1) * BT, T)
         for i_s in range(lo, hi, BK):
@@ -202,33 +191,13 @@ def _window_bwd_dq_kernel(
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
             m_s = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - window)
             b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
-            if KEPT:
-                b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
-                b_ds = b_p * (b_dp - b_delta[:, None])
-            else:
-                b_pdp = b_p * tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-                b_sdp = tl.sum(b_pdp, 1)
-                b_dg += b_sdp
-                # The window's first tile may hold none of a row's keys: each row's shift c
-                # comes from the tile that holds its first key (its P is 0 before), one of
-                # the loop's first (BT + BK - 2) // BK + 1.
-                if i_s - lo < BT + BK - 1:
-                    b_spt = tl.sum(b_p, 1)
-                    b_cn = b_g * b_sdp / tl.where(b_spt > 0, b_spt, 1.0)
-                    b_c = tl.where(o_first == i_s, b_cn, b_c)
-                b_ds = b_pdp * b_g[:, None] - b_p * b_c[:, None]
-                b_pk = tl.dot(b_p.to(b_k.dtype), b_k, b_pk, input_precision=PREC)
+            b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
+            b_ds = b_p * (b_dp - b_delta[:, None])
             b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
-        if not KEPT:
-            b_delta = b_g * b_dg
-            tl.store(dgate + o_r * 3, b_dg, mask=m_t)
-            tl.store(delta_l + o_r, b_delta, mask=m_t)
-            b_dq -= (b_delta - b_c)[:, None] * b_pk
 
     if HAS_GLOBAL:
         # The global branch's output is not kept, so its delta g <do, o_g> is not known before
-        # the loop (nor the local one's where it is not KEPT, summed the same way above). With
-        # dP from the ungated do, dgate_g = sum_j P dP, and for any per-row c,
+        # the loop. With dP from the ungated do, dgate_g = sum_j P dP, and for any per-row c,
         # dq_g = sum_j P (g dP - delta) k = sum_j P (g dP - c) k - (delta - c) sum_j P k: the
         # last sum in an accumulator of its own, subtracted once delta is known. c, the first
         # tile's mean of g dP, keeps the bf16 products from cancelling where dP has a common
