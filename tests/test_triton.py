@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from automla.kernels import AttentionConfig, mla_attention, mla_reference, select_blocks
 from automla.kernels.parallel import mla_triton, select_blocks_triton
+from automla.kernels.parallel import window as window_module
 from automla.kernels.parallel.selection import _pool
 from automla.kernels.parallel.sparse import _invert
+
+_INTERIOR = window_module._interior  # before a test replaces it
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -82,6 +87,44 @@ CASES = [
 def test_matches_reference_float32(B, T, HQ, HKV, D, budget, ratios, bs):
     cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs)
     check(B, T, HQ, HKV, D, cfg, torch.float32, tol=1e-5)
+
+
+@triton.jit
+def _interior_too_long(i_t, lo, hi, window, BT: tl.constexpr, BK: tl.constexpr):
+    u_lo, u_hi = _INTERIOR(i_t, lo, hi, window, BT, BK)
+    return u_lo, tl.minimum(u_hi + BK, hi)
+
+
+# windows and compressed prefixes whose bands have interior tiles at the interpreter's tiles
+# (32 queries, 16 keys): 1 and up to 4 key tiles a query tile; a head of the group pruned
+EDGE_CASES = [
+    pytest.param(150, 96, (0.5, 0.3, 0.2), None, id="T150-window48"),
+    pytest.param(200, 160, (0.6, 0.2, 0.2), None, id="T200-window96"),
+    pytest.param(200, 160, (0.6, 0.2, 0.2), [True, False, True, True], id="T200-pruned"),
+]
+
+
+@pytest.mark.parametrize("T,budget,ratios,mask", EDGE_CASES)
+def test_edge_masks_match_reference(monkeypatch, T, budget, ratios, mask):
+    # EDGE_MASKS: the window forward and dq mask only the tiles at their bands' edges
+    import automla.kernels.parallel.autograd as launch_layer
+
+    monkeypatch.setattr(launch_layer, "EDGE_MASKS", True)
+    cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=4)
+    head_mask = None if mask is None else torch.tensor(mask)
+    check(1, T, 4, 2, 16, cfg, torch.float32, tol=1e-5, head_mask=head_mask)
+
+
+def test_edge_masks_test_fails_where_the_interior_is_wrong(monkeypatch):
+    # The check above can fail: with the local interior one tile too long (its last tile
+    # holds the rows' own and later keys, unmasked), the outputs are wrong.
+    import automla.kernels.parallel.autograd as launch_layer
+
+    monkeypatch.setattr(launch_layer, "EDGE_MASKS", True)
+    monkeypatch.setattr(window_module, "_interior", _interior_too_long)
+    cfg = AttentionConfig(budget=160, ratios=(0.6, 0.2, 0.2), block_size=4)
+    with pytest.raises(AssertionError):
+        check(1, 200, 4, 2, 16, cfg, torch.float32, tol=1e-5)
 
 
 @pytest.mark.parametrize("programs", [1, 30], ids=["one-program-per-tile", "split-3"])

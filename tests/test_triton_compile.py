@@ -126,12 +126,12 @@ def recording(monkeypatch, launches) -> None:
             monkeypatch.setattr(module, name, recorders[id(kernel)])
 
 
-def record_launches(monkeypatch, launches: list[dict] | None = None) -> list[dict]:
+def record_launches(monkeypatch, launches: list[dict] | None = None, cases=CASES) -> list[dict]:
     """Every launch of an MLA forward and backward per case, with the GPU's tiles, appended to
     `launches` (a list, or anything with `append`) in the order they run."""
     launches = [] if launches is None else launches
     recording(monkeypatch, launches)
-    for B, T, HQ, HKV, D, dtype, budget, ratios, bs, mask, bq in CASES:
+    for B, T, HQ, HKV, D, dtype, budget, ratios, bs, mask, bq in cases:
         cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=bs, select_tile=bq)
         assert cfg.plan(T).n_select % 2 == 1  # odd on purpose
         g = torch.Generator().manual_seed(0)
@@ -252,6 +252,9 @@ def test_kernels_compile_for_sm90(monkeypatch, tmp_path):
     compilers = _Compilers(tmp_path, n=max(1, min(cpus(), 8)))
     try:
         record_launches(monkeypatch, compilers)
+        # the window kernels with masks on their bands' edges only, at head dims 64 and 128
+        monkeypatch.setattr(autograd, "EDGE_MASKS", True)
+        record_launches(monkeypatch, compilers, cases=[CASES[1], CASES[3]])
         kernels = {x["kernel"] for x in compilers.distinct.values()}
         assert len(kernels) >= 10, kernels  # every kernel of the forward and backward launched
         assert {"_tile_score_kernel", "_sparse_tile_fwd_kernel", "_sparse_tile_dkv_kernel"} <= (

@@ -38,6 +38,11 @@ _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 # chunks that pays from 4k (12/4/64: op -0.3 to -1.1% at 4k, -0.4% at 8k, two runs); at 256
 # before, when the second stream's overlap was worth more (bench/NOTES.md, eighteenth session).
 SELECT_AFTER_NC = 64
+# Masks on the window band's edge tiles only (the window forward and dq): the interior tiles,
+# which every row sees whole, skip the mask's elementwise work. Opt-in, untimed since the
+# kernels changed (third session: the window kernels -8% at head dim 64, +4-8% at 128;
+# bench/NOTES.md, twenty-fifth session).
+EDGE_MASKS = False
 
 
 def _fork(q: torch.Tensor, lay: _Layout) -> torch.cuda.Stream | None:
@@ -121,7 +126,7 @@ def mla_fwd(
             window_gluon.window_forward(q, k, v, kc, vc, lay, store, **outs)
         else:
             _launch_window(_window_fwd_kernel, "window_fwd", lay, q, k, v, kc, vc, **outs,
-                           STORE=store)  # fmt: skip
+                           STORE=store, EDGE=EDGE_MASKS)  # fmt: skip
     _join(side)
     if lay.has_sparse:
         if after:
@@ -217,7 +222,7 @@ def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, 
             gate=gate, do=do, o_l=saved["o_l"], lse_l=saved["lse_l"], lse_g=saved["lse_g"],
             dgate=dgate, delta_l=delta_l, delta_g=delta_g, dq=dq, zero=zero, NZ=zero.numel(),
             T=lay.T, NC=lay.NC, window=lay.plan.window, stride=lay.stride, scale=lay.scale,
-            ZB=1024,
+            ZB=1024, EDGE=EDGE_MASKS,
         )  # fmt: skip
 
 

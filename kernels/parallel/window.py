@@ -12,6 +12,88 @@ from .common import _gate_grad, _load_pair, _pack_rows, _softmax_finish, _softma
 
 
 @triton.jit
+def _interior(i_t, lo, hi, window, BT: tl.constexpr, BK: tl.constexpr):
+    """Of the key tiles [lo, hi) of query tile i_t's window (starts BK apart), those whose
+    every key each of the tile's rows sees: [u_lo, u_hi), past the window's lower edge and
+    before the tile's first row. Masks are needed only outside it."""
+    first = (tl.maximum((i_t + 1) * BT - window, 0) + BK - 1) // BK * BK
+    u_lo = tl.minimum(tl.maximum(lo, first), hi)
+    u_hi = tl.maximum(tl.minimum((i_t * BT + 1) // BK * BK, hi), u_lo)
+    return u_lo, u_hi
+
+
+@triton.jit
+def _scores(
+    b_q, k, v, row, i_hk, o_s, n, o_d, scale2,
+    HKV: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    # The keys and values o_s (row: the first one's row in the 2-D view of TMA descriptors;
+    # those past n are zero, or with TMA come as stored) and the scores [HP * BT, len(o_s)].
+    o_kv = (o_s * (HKV * D))[:, None] + o_d[None, :]
+    b_k, b_v = _load_pair(k, v, row, i_hk * D, o_kv, o_s < n, TMA)
+    return b_k, b_v, tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
+
+
+@triton.jit
+def _local_tile(
+    b_q, k, v, i_b, i_s, i_hk, o_t, o_d, T, window, scale2,
+    HKV: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    TMA: tl.constexpr,
+):  # fmt: skip
+    # Key tile i_s of the local window, its scores, and which of them each row sees (the
+    # callers drop the mask on interior tiles; unused, its compares compile away). Keys past T
+    # are masked, as o_s <= o_t < T.
+    o_s = i_s + tl.arange(0, BK)
+    b_k, b_v, b_s = _scores(b_q, k, v, i_b * T + i_s, i_hk, o_s, T, o_d, scale2, HKV, D, PREC, TMA)
+    m_s = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - window)
+    return b_k, b_v, b_s, m_s
+
+
+@triton.jit
+def _global_tile(
+    b_q, kc, vc, i_b, i_c, i_hk, n_vis, o_d, NC, scale2,
+    HKV: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr,
+    TMA: tl.constexpr,
+):  # fmt: skip
+    # Tile i_c of compressed keys, as _local_tile; those past NC are masked, as n_vis <= NC.
+    o_c = i_c + tl.arange(0, BC)
+    b_k, b_v, b_s = _scores(
+        b_q, kc, vc, i_b * NC + i_c, i_hk, o_c, NC, o_d, scale2, HKV, D, PREC, TMA
+    )
+    return b_k, b_v, b_s, o_c[None, :] < n_vis[:, None]
+
+
+@triton.jit
+def _local_fwd_step(
+    b_q, k, v, i_b, i_s, i_hk, o_t, o_d, T, window, scale2, b_m, b_l, b_acc,
+    HKV: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, MASK: tl.constexpr,
+    PREC: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    # One key tile of the local window; MASK: the tile may hold keys that a row does not see.
+    b_k, b_v, b_s, m_s = _local_tile(
+        b_q, k, v, i_b, i_s, i_hk, o_t, o_d, T, window, scale2, HKV, D, BK, PREC, TMA
+    )
+    if MASK:
+        b_s = tl.where(m_s, b_s, float("-inf"))
+    return _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
+
+
+@triton.jit
+def _global_fwd_step(
+    b_q, kc, vc, i_b, i_c, i_hk, n_vis, o_d, NC, scale2, b_m, b_l, b_acc,
+    HKV: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, MASK: tl.constexpr,
+    PREC: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    # One tile of compressed keys; MASK: the tile may hold keys past a row's visible prefix.
+    b_k, b_v, b_s, m_s = _global_tile(
+        b_q, kc, vc, i_b, i_c, i_hk, n_vis, o_d, NC, scale2, HKV, D, BC, PREC, TMA
+    )
+    if MASK:
+        b_s = tl.where(m_s, b_s, float("-inf"))
+    return _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
+
+
+@triton.jit
 def _window_fwd_kernel(
     q,
     k,
@@ -41,11 +123,12 @@ def _window_fwd_kernel(
     HAS_LOCAL: tl.constexpr,
     HAS_GLOBAL: tl.constexpr,
     STORE: tl.constexpr,
+    EDGE: tl.constexpr,
     PREC: tl.constexpr,
     TMA: tl.constexpr,
 ):
     # One query tile of HP heads of one group (their rows share each key tile): the local
-    # window, then the compressed prefix.
+    # window, then the compressed prefix. EDGE: masks on the tiles at the band's edges only.
     i_b, i_hk, o_t, o_row, m_t = _pack_rows(packs, T, NP, HQ, G, BT, HP)
     i_t = tl.program_id(0)
     o_bq = (i_b * T * HQ).to(tl.int64)
@@ -63,16 +146,24 @@ def _window_fwd_kernel(
         b_acc = tl.zeros([HP * BT, D], dtype=tl.float32)
         lo = tl.maximum(i_t * BT - window + 1, 0) // BK * BK
         hi = tl.minimum((i_t + 1) * BT, T)
+        if EDGE:
+            u_lo, u_hi = _interior(i_t, lo, hi, window, BT, BK)
+            for i_s in range(lo, u_lo, BK):
+                b_m, b_l, b_acc = _local_fwd_step(
+                    b_q, k, v, i_b, i_s, i_hk, o_t, o_d, T, window, scale2, b_m, b_l, b_acc,
+                    HKV, D, BK, True, PREC, TMA,
+                )  # fmt: skip
+            for i_s in range(u_lo, u_hi, BK):
+                b_m, b_l, b_acc = _local_fwd_step(
+                    b_q, k, v, i_b, i_s, i_hk, o_t, o_d, T, window, scale2, b_m, b_l, b_acc,
+                    HKV, D, BK, False, PREC, TMA,
+                )  # fmt: skip
+            lo = u_hi
         for i_s in range(lo, hi, BK):
-            o_s = i_s + tl.arange(0, BK)
-            o_kv = (o_s * (HKV * D))[:, None] + o_d[None, :]
-            # [BK, D]; with TMA, keys past T come as stored: masked, as o_s <= o_t < T
-            b_k, b_v = _load_pair(k, v, i_b * T + i_s, i_hk * D, o_kv, o_s < T, TMA)
-            # [HP * BT, BK]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
-            m_s = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - window)
-            b_s = tl.where(m_s, b_s, float("-inf"))
-            b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
+            b_m, b_l, b_acc = _local_fwd_step(
+                b_q, k, v, i_b, i_s, i_hk, o_t, o_d, T, window, scale2, b_m, b_l, b_acc,
+                HKV, D, BK, True, PREC, TMA,
+            )  # fmt: skip
         b_ob, b_lse = _softmax_finish(b_m, b_l, b_acc)
         tl.store(lse_l + o_bq + o_row, b_lse, mask=m_t)
         if STORE:
@@ -90,15 +181,21 @@ def _window_fwd_kernel(
         b_acc = tl.zeros([HP * BT, D], dtype=tl.float32)
         n_vis = (o_t + 1) // stride
         hi = tl.minimum(((i_t + 1) * BT) // stride, NC)
-        for i_c in range(0, hi, BC):
-            o_c = i_c + tl.arange(0, BC)
-            o_kv = (o_c * (HKV * D))[:, None] + o_d[None, :]
-            # [BC, D]; with TMA, those past NC come as stored: masked, as n_vis <= NC
-            b_k, b_v = _load_pair(kc, vc, i_b * NC + i_c, i_hk * D, o_kv, o_c < NC, TMA)
-            # [HP * BT, BC]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
-            b_s = tl.where(o_c[None, :] < n_vis[:, None], b_s, float("-inf"))
-            b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PREC)
+        lo = 0
+        if EDGE:
+            # tiles that end within every row's visible prefix: no mask
+            u_hi = tl.minimum((i_t * BT + 1) // stride // BC * BC, hi)
+            for i_c in range(0, u_hi, BC):
+                b_m, b_l, b_acc = _global_fwd_step(
+                    b_q, kc, vc, i_b, i_c, i_hk, n_vis, o_d, NC, scale2, b_m, b_l, b_acc,
+                    HKV, D, BC, False, PREC, TMA,
+                )  # fmt: skip
+            lo = u_hi
+        for i_c in range(lo, hi, BC):
+            b_m, b_l, b_acc = _global_fwd_step(
+                b_q, kc, vc, i_b, i_c, i_hk, n_vis, o_d, NC, scale2, b_m, b_l, b_acc,
+                HKV, D, BC, True, PREC, TMA,
+            )  # fmt: skip
         b_ob, b_lse = _softmax_finish(b_m, b_l, b_acc)
         tl.store(lse_g + o_bq + o_row, b_lse, mask=m_t)
         b_g = tl.load(gate + (o_bq + o_row) * 3 + 1, mask=m_t, other=0.0).to(tl.float32)
@@ -108,6 +205,52 @@ def _window_fwd_kernel(
             b_o = b_g[:, None] * b_ob
 
     tl.store(o + o_x, b_o.to(o.dtype.element_ty), mask=m_t[:, None])
+
+
+@triton.jit
+def _local_dq_step(
+    b_q, b_dob, k, v, i_b, i_s, i_hk, o_t, o_d, T, window, scale2, b_lse, b_delta, b_dq,
+    HKV: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, MASK: tl.constexpr,
+    PREC: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    # One key tile of the local window's dq; MASK as in _local_fwd_step.
+    b_k, b_v, b_s, m_s = _local_tile(
+        b_q, k, v, i_b, i_s, i_hk, o_t, o_d, T, window, scale2, HKV, D, BK, PREC, TMA
+    )
+    if MASK:
+        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
+    else:
+        b_p = tl.exp2(b_s - b_lse[:, None])
+    b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return b_dq + tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+
+
+@triton.jit
+def _global_dq_step(
+    b_q, b_do, kc, vc, i_b, i_c, i_hk, n_vis, o_d, NC, scale2, b_lse, b_g, b_dg, b_c, b_pk,
+    b_dq, HKV: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, MASK: tl.constexpr,
+    PREC: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    # One tile of compressed keys of the global dq (the kernel's comment says how it sums);
+    # MASK as in _global_fwd_step.
+    b_k, b_v, b_s, m_s = _global_tile(
+        b_q, kc, vc, i_b, i_c, i_hk, n_vis, o_d, NC, scale2, HKV, D, BC, PREC, TMA
+    )
+    if MASK:
+        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
+    else:
+        b_p = tl.exp2(b_s - b_lse[:, None])
+    b_pdp = b_p * tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+    b_sdp = tl.sum(b_pdp, 1)
+    b_dg += b_sdp
+    if i_c == 0:
+        b_sp = tl.sum(b_p, 1)
+        b_c = b_g * b_sdp / tl.where(b_sp > 0, b_sp, 1.0)  # 0 where no key is seen
+    b_ds = b_pdp * b_g[:, None] - b_p * b_c[:, None]
+    b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    b_pk = tl.dot(b_p.to(b_k.dtype), b_k, b_pk, input_precision=PREC)
+    return b_dg, b_c, b_pk, b_dq
 
 
 @triton.jit
@@ -146,13 +289,15 @@ def _window_bwd_dq_kernel(
     HP: tl.constexpr,
     HAS_LOCAL: tl.constexpr,
     HAS_GLOBAL: tl.constexpr,
+    EDGE: tl.constexpr,
     PREC: tl.constexpr,
     ZB: tl.constexpr,
     TMA: tl.constexpr,
 ):
     # dq of one query tile of HP heads of one group: local, then global; each branch's dgate
     # and softmax delta (the dk/dv kernels, launched after, read the deltas): the local one's
-    # from its kept output before its loop, the global one's summed in its loop.
+    # from its kept output before its loop, the global one's summed in its loop. EDGE: masks
+    # on the tiles at the band's edges only.
     # First, the programs zero the float32 buffer `zero` (NZ values) that every branch's dk/dv
     # adds into, ZB values at a time in turn: the kernels that add to it all run after this
     # one, and a fill launch of its own sat at the head of both streams' chains.
@@ -182,18 +327,24 @@ def _window_bwd_dq_kernel(
         b_delta = _gate_grad(b_do, o_l + o_x, b_g, dgate + o_r * 3, delta_l + o_r, m_t)
         lo = tl.maximum(i_t * BT - window + 1, 0) // BK * BK
         hi = tl.minimum((i_t + 1) * BT, T)
+        if EDGE:
+            u_lo, u_hi = _interior(i_t, lo, hi, window, BT, BK)
+            for i_s in range(lo, u_lo, BK):
+                b_dq = _local_dq_step(
+                    b_q, b_dob, k, v, i_b, i_s, i_hk, o_t, o_d, T, window, scale2, b_lse,
+                    b_delta, b_dq, HKV, D, BK, True, PREC, TMA,
+                )  # fmt: skip
+            for i_s in range(u_lo, u_hi, BK):
+                b_dq = _local_dq_step(
+                    b_q, b_dob, k, v, i_b, i_s, i_hk, o_t, o_d, T, window, scale2, b_lse,
+                    b_delta, b_dq, HKV, D, BK, False, PREC, TMA,
+                )  # fmt: skip
+            lo = u_hi
         for i_s in range(lo, hi, BK):
-            o_s = i_s + tl.arange(0, BK)
-            o_kv = (o_s * (HKV * D))[:, None] + o_d[None, :]
-            # [BK, D]; with TMA, keys past T come as stored: masked, as o_s <= o_t < T
-            b_k, b_v = _load_pair(k, v, i_b * T + i_s, i_hk * D, o_kv, o_s < T, TMA)
-            # [HP * BT, BK]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
-            m_s = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - window)
-            b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
-            b_dp = tl.dot(b_dob, tl.trans(b_v), input_precision=PREC)
-            b_ds = b_p * (b_dp - b_delta[:, None])
-            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+            b_dq = _local_dq_step(
+                b_q, b_dob, k, v, i_b, i_s, i_hk, o_t, o_d, T, window, scale2, b_lse, b_delta,
+                b_dq, HKV, D, BK, True, PREC, TMA,
+            )  # fmt: skip
 
     if HAS_GLOBAL:
         # The global branch's output is not kept, so its delta g <do, o_g> is not known before
@@ -212,23 +363,20 @@ def _window_bwd_dq_kernel(
         b_pk = tl.zeros([HP * BT, D], dtype=tl.float32)
         n_vis = (o_t + 1) // stride
         hi = tl.minimum(((i_t + 1) * BT) // stride, NC)
-        for i_c in range(0, hi, BC):
-            o_c = i_c + tl.arange(0, BC)
-            o_kv = (o_c * (HKV * D))[:, None] + o_d[None, :]
-            # [BC, D]; with TMA, those past NC come as stored: masked, as n_vis <= NC
-            b_k, b_v = _load_pair(kc, vc, i_b * NC + i_c, i_hk * D, o_kv, o_c < NC, TMA)
-            # [HP * BT, BC]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale2
-            b_p = tl.where(o_c[None, :] < n_vis[:, None], tl.exp2(b_s - b_lse[:, None]), 0.0)
-            b_pdp = b_p * tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-            b_sdp = tl.sum(b_pdp, 1)
-            b_dg += b_sdp
-            if i_c == 0:
-                b_sp = tl.sum(b_p, 1)
-                b_c = b_g * b_sdp / tl.where(b_sp > 0, b_sp, 1.0)  # 0 where no key is seen
-            b_ds = b_pdp * b_g[:, None] - b_p * b_c[:, None]
-            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
-            b_pk = tl.dot(b_p.to(b_k.dtype), b_k, b_pk, input_precision=PREC)
+        lo = 0
+        if EDGE:
+            u_hi = tl.minimum((i_t * BT + 1) // stride // BC * BC, hi)
+            for i_c in range(0, u_hi, BC):
+                b_dg, b_c, b_pk, b_dq = _global_dq_step(
+                    b_q, b_do, kc, vc, i_b, i_c, i_hk, n_vis, o_d, NC, scale2, b_lse, b_g,
+                    b_dg, b_c, b_pk, b_dq, HKV, D, BC, False, PREC, TMA,
+                )  # fmt: skip
+            lo = u_hi
+        for i_c in range(lo, hi, BC):
+            b_dg, b_c, b_pk, b_dq = _global_dq_step(
+                b_q, b_do, kc, vc, i_b, i_c, i_hk, n_vis, o_d, NC, scale2, b_lse, b_g, b_dg,
+                b_c, b_pk, b_dq, HKV, D, BC, True, PREC, TMA,
+            )  # fmt: skip
         b_delta = b_g * b_dg
         tl.store(dgate + o_r * 3 + 1, b_dg, mask=m_t)
         tl.store(delta_g + o_r, b_delta, mask=m_t)
