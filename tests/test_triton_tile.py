@@ -145,9 +145,14 @@ def _real_size_config(bq: int) -> AttentionConfig:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("edge", [False, True], ids=["masks", "edge-masks"])
 @pytest.mark.parametrize("bq", [16, 64])
 @pytest.mark.parametrize("HQ,HKV,D", [(12, 4, 64), (64, 4, 128), (16, 16, 64)])
-def test_gpu_tile_mode_bf16(bq, HQ, HKV, D):
+def test_gpu_tile_mode_bf16(monkeypatch, bq, HQ, HKV, D, edge):
+    # edge: the window kernels mask only their bands' edge tiles (EDGE_MASKS)
+    from automla.kernels.parallel import autograd
+
+    monkeypatch.setattr(autograd, "EDGE_MASKS", edge)
     T = 4096 + 37
     cfg = _real_size_config(bq)
     q, k, v, gate, do = make_inputs(1, T, HQ, HKV, D, torch.bfloat16, device="cuda", seed=bq)
