@@ -92,19 +92,25 @@ def compile_tree(
     return json.loads(ptx.read_text())
 
 
+def _name_value(text: str) -> tuple[str, int]:
+    """NAME=VALUE with an integer VALUE, for --new."""
+    name, _, value = text.partition("=")
+    try:
+        return name, int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=INTEGER") from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rev", nargs="?", default="HEAD", help="the revision to compare against")
     ap.add_argument(
-        "--new", nargs="*", default=[], metavar="NAME=VALUE",
+        "--new", nargs="*", default=[], metavar="NAME=VALUE", type=_name_value,
         help="a constexpr the working tree's kernels take and REV's do not, at the value that "
         "keeps REV's code (an integer; 0 or 1 for a flag)",
     )  # fmt: skip
     args = ap.parse_args()
-    new = {}
-    for pair in args.new:
-        name, _, value = pair.partition("=")
-        new[name] = int(value)
+    new = dict(args.new)
     with tempfile.TemporaryDirectory(prefix="ptx-diff-") as tmp:
         work = Path(tmp)
         base = work / "base"

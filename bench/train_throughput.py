@@ -498,7 +498,7 @@ def main() -> None:
                 )
             except Exception as e:  # noqa: BLE001 - reported below
                 curves[precision] = repr(e)[:300]
-            torch.cuda.empty_cache()
+            release(device)
             print(f"loss curve {precision}: {time.perf_counter() - t0:.0f} s", flush=True)
         loss = {"width": args.loss_width, "T": args.wide_seq, "steps": args.loss_steps, **curves}
         if all(isinstance(c, list) for c in curves.values()):

@@ -158,7 +158,7 @@ def _window_fwd_kernel(
                     b_q, k, v, i_b, i_s, i_hk, o_t, o_d, T, window, scale2, b_m, b_l, b_acc,
                     HKV, D, BK, False, PREC, TMA,
                 )  # fmt: skip
-            lo = u_hi
+            lo = u_hi  # the loop below: the masked tail
         for i_s in range(lo, hi, BK):
             b_m, b_l, b_acc = _local_fwd_step(
                 b_q, k, v, i_b, i_s, i_hk, o_t, o_d, T, window, scale2, b_m, b_l, b_acc,
@@ -190,7 +190,7 @@ def _window_fwd_kernel(
                     b_q, kc, vc, i_b, i_c, i_hk, n_vis, o_d, NC, scale2, b_m, b_l, b_acc,
                     HKV, D, BC, False, PREC, TMA,
                 )  # fmt: skip
-            lo = u_hi
+            lo = u_hi  # the loop below: the masked tail
         for i_c in range(lo, hi, BC):
             b_m, b_l, b_acc = _global_fwd_step(
                 b_q, kc, vc, i_b, i_c, i_hk, n_vis, o_d, NC, scale2, b_m, b_l, b_acc,
@@ -339,7 +339,7 @@ def _window_bwd_dq_kernel(
                     b_q, b_dob, k, v, i_b, i_s, i_hk, o_t, o_d, T, window, scale2, b_lse,
                     b_delta, b_dq, HKV, D, BK, False, PREC, TMA,
                 )  # fmt: skip
-            lo = u_hi
+            lo = u_hi  # the loop below: the masked tail
         for i_s in range(lo, hi, BK):
             b_dq = _local_dq_step(
                 b_q, b_dob, k, v, i_b, i_s, i_hk, o_t, o_d, T, window, scale2, b_lse, b_delta,
@@ -371,7 +371,7 @@ def _window_bwd_dq_kernel(
                     b_q, b_do, kc, vc, i_b, i_c, i_hk, n_vis, o_d, NC, scale2, b_lse, b_g,
                     b_dg, b_c, b_pk, b_dq, HKV, D, BC, False, PREC, TMA,
                 )  # fmt: skip
-            lo = u_hi
+            lo = u_hi  # the loop below: the masked tail
         for i_c in range(lo, hi, BC):
             b_dg, b_c, b_pk, b_dq = _global_dq_step(
                 b_q, b_do, kc, vc, i_b, i_c, i_hk, n_vis, o_d, NC, scale2, b_lse, b_g, b_dg,
