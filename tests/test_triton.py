@@ -127,6 +127,29 @@ def test_edge_masks_test_fails_where_the_interior_is_wrong(monkeypatch):
         check(1, 200, 4, 2, 16, cfg, torch.float32, tol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "T,HQ,D,window,forced,on",
+    [
+        (8192, 12, 64, 512, None, True),  # the 125M model's layer, NSA-sized: measured to pay
+        (4096, 12, 64, 512, None, True),
+        (2048, 12, 64, 512, None, False),  # short: the band's start is most of the sequence
+        (8192, 12, 64, 256, None, False),  # five key tiles a band, cut into three loops
+        (8192, 64, 128, 512, None, False),  # head dim 128: the dq spills
+        (2048, 12, 64, 256, True, True),  # forced either way
+        (8192, 12, 64, 512, False, False),
+    ],
+)
+def test_edge_masks_rule(monkeypatch, T, HQ, D, window, forced, on):
+    import automla.kernels.parallel.autograd as launch_layer
+    from automla.kernels.config import Plan
+    from automla.kernels.parallel.layout import _Layout
+
+    monkeypatch.setattr(launch_layer, "EDGE_MASKS", forced)
+    q, k = torch.empty(1, T, HQ, D, device="meta"), torch.empty(1, T, 4, D, device="meta")
+    plan = Plan(window=window, stride=64, n_select=16, block_size=64, select_tile=64)
+    assert launch_layer._edge_masks(_Layout(q, k, plan, None)) is on
+
+
 @pytest.mark.parametrize("programs", [1, 30], ids=["one-program-per-tile", "split-3"])
 def test_local_dkv_split_over_programs(monkeypatch, programs):
     # the local dk/dv launch splits each key tile's (head, query tile) items over programs

@@ -39,10 +39,19 @@ _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 # before, when the second stream's overlap was worth more (bench/NOTES.md, eighteenth session).
 SELECT_AFTER_NC = 64
 # Masks on the window band's edge tiles only (the window forward and dq): the interior tiles,
-# which every row sees whole, skip the mask's elementwise work. Opt-in, untimed since the
-# kernels changed (third session: the window kernels -8% at head dim 64, +4-8% at 128;
-# bench/NOTES.md, twenty-fifth session).
-EDGE_MASKS = False
+# which every row of a query tile sees whole, skip the mask's compares and selects. None takes
+# it where it was measured to pay (`_edge_masks`); True or False forces it either way.
+EDGE_MASKS: bool | None = None
+
+
+def _edge_masks(lay: _Layout) -> bool:
+    """Whether the window kernels mask only their bands' edge tiles. Measured on an H100
+    (bench/RESULTS.md, twenty-sixth session): both kernels -4 to -6% at head dim 64 with a
+    window of 512 from T = 4k (the op -1 to -1.7%); slower at head dim 128 (the dq spills), with
+    a window of 256 (a band of five key tiles cut into three pipelined loops) and at T = 2k."""
+    if EDGE_MASKS is not None:
+        return bool(EDGE_MASKS)
+    return lay.D <= 64 and lay.plan.window >= 512 and lay.T >= 4096
 
 
 def _fork(q: torch.Tensor, lay: _Layout) -> torch.cuda.Stream | None:
@@ -126,7 +135,7 @@ def mla_fwd(
             window_gluon.window_forward(q, k, v, kc, vc, lay, store, **outs)
         else:
             _launch_window(_window_fwd_kernel, "window_fwd", lay, q, k, v, kc, vc, **outs,
-                           STORE=store, EDGE=EDGE_MASKS)  # fmt: skip
+                           STORE=store, EDGE=_edge_masks(lay))  # fmt: skip
     _join(side)
     if lay.has_sparse:
         if after:
@@ -222,7 +231,7 @@ def _window_dq(do, q, k, v, gate, lay: _Layout, saved, dgate, delta_l, delta_g, 
             gate=gate, do=do, o_l=saved["o_l"], lse_l=saved["lse_l"], lse_g=saved["lse_g"],
             dgate=dgate, delta_l=delta_l, delta_g=delta_g, dq=dq, zero=zero, NZ=zero.numel(),
             T=lay.T, NC=lay.NC, window=lay.plan.window, stride=lay.stride, scale=lay.scale,
-            ZB=1024, EDGE=EDGE_MASKS,
+            ZB=1024, EDGE=_edge_masks(lay),
         )  # fmt: skip
 
 
