@@ -95,6 +95,12 @@ def _interior_too_long(i_t, lo, hi, window, BT: tl.constexpr, BK: tl.constexpr):
     return u_lo, tl.minimum(u_hi + BK, hi)
 
 
+@triton.jit
+def _band_too_long(t0, s0, window, T, BT: tl.constexpr, BK: tl.constexpr):
+    # the local dk/dv's test with the window's end one key tile late
+    return (t0 < s0 + BK - 1) | (t0 + BT > tl.minimum(s0 + window + BK, T))
+
+
 # windows and compressed prefixes whose bands have interior tiles at the interpreter's tiles
 # (32 queries, 16 keys): 1 and up to 4 key tiles a query tile; a head of the group pruned
 EDGE_CASES = [
@@ -110,6 +116,7 @@ def test_edge_masks_match_reference(monkeypatch, T, budget, ratios, mask):
     import automla.kernels.parallel.autograd as launch_layer
 
     monkeypatch.setattr(launch_layer, "EDGE_MASKS", True)
+    monkeypatch.setattr(launch_layer, "LOCAL_DKV_EDGE", True)  # the local dk/dv's too
     cfg = AttentionConfig(budget=budget, ratios=ratios, block_size=4)
     head_mask = None if mask is None else torch.tensor(mask)
     check(1, T, 4, 2, 16, cfg, torch.float32, tol=1e-5, head_mask=head_mask)
@@ -122,6 +129,18 @@ def test_edge_masks_test_fails_where_the_interior_is_wrong(monkeypatch):
 
     monkeypatch.setattr(launch_layer, "EDGE_MASKS", True)
     monkeypatch.setattr(window_module, "_interior", _interior_too_long)
+    cfg = AttentionConfig(budget=160, ratios=(0.6, 0.2, 0.2), block_size=4)
+    with pytest.raises(AssertionError):
+        check(1, 200, 4, 2, 16, cfg, torch.float32, tol=1e-5)
+
+
+def test_local_dkv_edge_test_fails_where_the_band_is_wrong(monkeypatch):
+    # As above for the local dk/dv: with the window's end taken one key tile late, query
+    # tiles that miss some of the key tile's keys skip the mask, and dk/dv are wrong.
+    import automla.kernels.parallel.autograd as launch_layer
+
+    monkeypatch.setattr(launch_layer, "LOCAL_DKV_EDGE", True)
+    monkeypatch.setattr(window_module, "_crosses_band", _band_too_long)
     cfg = AttentionConfig(budget=160, ratios=(0.6, 0.2, 0.2), block_size=4)
     with pytest.raises(AssertionError):
         check(1, 200, 4, 2, 16, cfg, torch.float32, tol=1e-5)

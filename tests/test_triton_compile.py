@@ -252,8 +252,10 @@ def test_kernels_compile_for_sm90(monkeypatch, tmp_path):
     compilers = _Compilers(tmp_path, n=max(1, min(cpus(), 8)))
     try:
         record_launches(monkeypatch, compilers)
-        # the window kernels with masks on their bands' edges only, at head dims 64 and 128
+        # the window kernels and the local dk/dv with masks on their bands' edges only, at head
+        # dims 64 and 128
         monkeypatch.setattr(autograd, "EDGE_MASKS", True)
+        monkeypatch.setattr(autograd, "LOCAL_DKV_EDGE", True)
         record_launches(monkeypatch, compilers, cases=[CASES[1], CASES[3]])
         kernels = {x["kernel"] for x in compilers.distinct.values()}
         assert len(kernels) >= 10, kernels  # every kernel of the forward and backward launched

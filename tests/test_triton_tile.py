@@ -149,10 +149,11 @@ def _real_size_config(bq: int) -> AttentionConfig:
 @pytest.mark.parametrize("bq", [16, 64])
 @pytest.mark.parametrize("HQ,HKV,D", [(12, 4, 64), (64, 4, 128), (16, 16, 64)])
 def test_gpu_tile_mode_bf16(monkeypatch, bq, HQ, HKV, D, edge):
-    # edge: the window kernels mask only their bands' edge tiles (EDGE_MASKS)
+    # edge: the window kernels and the local dk/dv mask only their bands' edge tiles
     from automla.kernels.parallel import autograd
 
     monkeypatch.setattr(autograd, "EDGE_MASKS", edge)
+    monkeypatch.setattr(autograd, "LOCAL_DKV_EDGE", edge)
     T = 4096 + 37
     cfg = _real_size_config(bq)
     q, k, v, gate, do = make_inputs(1, T, HQ, HKV, D, torch.bfloat16, device="cuda", seed=bq)

@@ -23,6 +23,19 @@ def _interior(i_t, lo, hi, window, BT: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _crosses_band(t0, s0, window, T, BT: tl.constexpr, BK: tl.constexpr):
+    """Whether some row of the query tile at t0 misses some key of the key tile at s0 in its
+    local window: a row at or before the tile's last key, or past the window's end or T."""
+    return (t0 < s0 + BK - 1) | (t0 + BT > tl.minimum(s0 + window, T))
+
+
+@triton.jit
+def _band_mask(o_s, o_t, m_t, window):
+    # [keys, queries]: which of the rows o_t see which keys o_s in their local windows
+    return (o_t[None, :] >= o_s[:, None]) & (o_t[None, :] < o_s[:, None] + window) & m_t[None, :]
+
+
+@triton.jit
 def _scores(
     b_q, k, v, row, i_hk, o_s, n, o_d, scale2,
     HKV: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
@@ -416,6 +429,7 @@ def _local_bwd_dkv_kernel(
     BK: tl.constexpr,
     SPREAD: tl.constexpr,
     PREC: tl.constexpr,
+    EDGE: tl.constexpr,
 ):
     # One key tile of one KV head, one of NSPLIT programs: the queries that see the tile are
     # the next `window` tokens of each active head of the group, G x nq (head, query tile)
@@ -456,12 +470,13 @@ def _local_bwd_dkv_kernel(
             b_delta = tl.load(delta_l + o_r, mask=m_t, other=0.0)
             # [BK, BT]
             b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * scale2
-            m_st = (
-                (o_t[None, :] >= o_s[:, None])
-                & (o_t[None, :] < o_s[:, None] + window)
-                & m_t[None, :]
-            )
-            b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
+            if EDGE:  # a query tile that sees every key of this tile whole skips the mask
+                b_pt = tl.exp2(b_st - b_lse[None, :])
+                if _crosses_band(lo + (i_it % nq) * BT, i_s * BK, window, T, BT, BK):
+                    b_pt = tl.where(_band_mask(o_s, o_t, m_t, window), b_pt, 0.0)
+            else:
+                m_st = _band_mask(o_s, o_t, m_t, window)
+                b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
             b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
             b_dpt = tl.dot(b_v, tl.trans(b_dob), input_precision=PREC)
             b_dst = b_pt * (b_dpt - b_delta[None, :])
