@@ -122,25 +122,24 @@ def test_edge_masks_match_reference(monkeypatch, T, budget, ratios, mask):
     check(1, T, 4, 2, 16, cfg, torch.float32, tol=1e-5, head_mask=head_mask)
 
 
-def test_edge_masks_test_fails_where_the_interior_is_wrong(monkeypatch):
-    # The check above can fail: with the local interior one tile too long (its last tile
-    # holds the rows' own and later keys, unmasked), the outputs are wrong.
+@pytest.mark.parametrize(
+    "switch,helper,wrong",
+    [
+        # the window kernels' local interior one tile too long: its last tile holds the rows'
+        # own and later keys, unmasked, and the outputs are wrong
+        ("EDGE_MASKS", "_interior", _interior_too_long),
+        # the local dk/dv's band ending one key tile late: query tiles that miss some of the
+        # key tile's keys skip the mask, and dk/dv are wrong
+        ("LOCAL_DKV_EDGE", "_crosses_band", _band_too_long),
+    ],
+    ids=["window-interior", "local-dkv-band"],
+)
+def test_edge_masks_test_fails_where_the_edges_are_wrong(monkeypatch, switch, helper, wrong):
+    # The check above can fail.
     import automla.kernels.parallel.autograd as launch_layer
 
-    monkeypatch.setattr(launch_layer, "EDGE_MASKS", True)
-    monkeypatch.setattr(window_module, "_interior", _interior_too_long)
-    cfg = AttentionConfig(budget=160, ratios=(0.6, 0.2, 0.2), block_size=4)
-    with pytest.raises(AssertionError):
-        check(1, 200, 4, 2, 16, cfg, torch.float32, tol=1e-5)
-
-
-def test_local_dkv_edge_test_fails_where_the_band_is_wrong(monkeypatch):
-    # As above for the local dk/dv: with the window's end taken one key tile late, query
-    # tiles that miss some of the key tile's keys skip the mask, and dk/dv are wrong.
-    import automla.kernels.parallel.autograd as launch_layer
-
-    monkeypatch.setattr(launch_layer, "LOCAL_DKV_EDGE", True)
-    monkeypatch.setattr(window_module, "_crosses_band", _band_too_long)
+    monkeypatch.setattr(launch_layer, switch, True)
+    monkeypatch.setattr(window_module, helper, wrong)
     cfg = AttentionConfig(budget=160, ratios=(0.6, 0.2, 0.2), block_size=4)
     with pytest.raises(AssertionError):
         check(1, 200, 4, 2, 16, cfg, torch.float32, tol=1e-5)
