@@ -11,7 +11,8 @@ distinct kernel signature for sm_90 at REV (a temporary git worktree) and in the
 and compares the PTX without its debug information and line locations. Prints each kernel
 variant that differs and exits 1 if any does. A kernel that gained a constexpr switch (an
 opt-in path, its default the code it replaces) launches with one parameter more; `--new
-NAME=VALUE` matches its variants to REV's without that parameter where it has that value.
+NAME=VALUE` matches its variants to REV's without that parameter where it has that value
+(on both sides, so that kernels of REV that already take NAME still match theirs).
 """
 
 from __future__ import annotations
@@ -121,7 +122,9 @@ def main() -> None:
             # base tree puts its sources first on the path
             (work / "pkg").mkdir()
             (work / "pkg" / "automla").symlink_to(base)
-            before = compile_tree(base, work / "pkg", work, "base")
+            # left out of both sides' keys: a kernel of REV that already takes NAME keeps
+            # matching its counterpart
+            before = compile_tree(base, work / "pkg", work, "base", new)
             after = compile_tree(ROOT, ROOT, work, "tree", new)
         finally:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", base], check=True)
