@@ -18,6 +18,7 @@ from automla.kernels.parallel.selection import _pool
 from automla.kernels.parallel.sparse import _invert
 
 _INTERIOR = window_module._interior  # before a test replaces it
+_CROSSES_BAND = window_module._crosses_band
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -98,7 +99,7 @@ def _interior_too_long(i_t, lo, hi, window, BT: tl.constexpr, BK: tl.constexpr):
 @triton.jit
 def _band_too_long(t0, s0, window, T, BT: tl.constexpr, BK: tl.constexpr):
     # the local dk/dv's test with the window's end one key tile late
-    return (t0 < s0 + BK - 1) | (t0 + BT > tl.minimum(s0 + window + BK, T))
+    return _CROSSES_BAND(t0, s0, window + BK, T, BT, BK)
 
 
 # windows and compressed prefixes whose bands have interior tiles at the interpreter's tiles

@@ -43,8 +43,9 @@ SELECT_AFTER_NC = 64
 # it where it was measured to pay (`_edge_masks`); True or False forces it either way.
 EDGE_MASKS: bool | None = None
 # The same for the local dk/dv, per (head, query tile) item of its loop: a run-time branch,
-# not a split loop (its loads are not pipelined: they sit under the active-head test). Untimed.
-LOCAL_DKV_EDGE: bool | None = False
+# not a split loop (its loads are not pipelined: they sit under the active-head test). Opt-in,
+# untimed.
+LOCAL_DKV_EDGE = False
 
 
 def _edge_masks(lay: _Layout) -> bool:
@@ -55,12 +56,6 @@ def _edge_masks(lay: _Layout) -> bool:
     if EDGE_MASKS is not None:
         return bool(EDGE_MASKS)
     return lay.D <= 64 and lay.plan.window >= 512 and lay.T >= 4096
-
-
-def _local_dkv_edge(lay: _Layout) -> bool:
-    """Whether the local dk/dv skips the mask on query tiles that see its key tile whole
-    (`LOCAL_DKV_EDGE`; None follows the window kernels' rule)."""
-    return _edge_masks(lay) if LOCAL_DKV_EDGE is None else bool(LOCAL_DKV_EDGE)
 
 
 def _fork(q: torch.Tensor, lay: _Layout) -> torch.cuda.Stream | None:
@@ -317,7 +312,7 @@ def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv
                 _local_bwd_dkv_kernel, (n_tiles, B * lay.NA, nsplit), **shared,
                 k=k, v=v, lse_l=saved["lse_l"], delta_l=delta_l, dk=dk, dv=dv,
                 NSPLIT=nsplit, window=lay.plan.window, BT=BT, BK=BK,
-                SPREAD=lay.has_global, EDGE=_local_dkv_edge(lay), **_options(t),
+                SPREAD=lay.has_global, EDGE=bool(LOCAL_DKV_EDGE), **_options(t),
             )  # fmt: skip
     elif lay.has_global:
         BK = min(64, triton.next_power_of_2(lay.stride))

@@ -474,7 +474,7 @@ def _local_bwd_dkv_kernel(
                 b_pt = tl.exp2(b_st - b_lse[None, :])
                 if _crosses_band(lo + (i_it % nq) * BT, i_s * BK, window, T, BT, BK):
                     b_pt = tl.where(_band_mask(o_s, o_t, m_t, window), b_pt, 0.0)
-            else:
+            else:  # the code before the switch, op for op (the same PTX)
                 m_st = _band_mask(o_s, o_t, m_t, window)
                 b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
             b_dv += tl.dot(b_pt.to(b_dob.dtype), b_dob, input_precision=PREC)
