@@ -194,3 +194,28 @@ def test_kernel_ab_sets_every_changed_setting_on_every_side(capsys):
     assert cells[7] == "4.00× (4.00×)"  # cuDNN against the fastest side
     assert "| p | k | 0.250 | 0.125 | 0.200 |" in lines
     assert "geomean after2/before: 0.800" in lines
+
+
+def test_fa4_block_lists_are_the_selection_and_its_transpose():
+    # FlashAttention 4 is fed MLA's tile selection as per-tile key blocks (forward) and
+    # per-key-block query tiles (backward); both must say exactly which blocks each tile reads
+    fa4 = _bench("fa4_backends")
+    g = torch.Generator().manual_seed(0)
+    B, NT, HKV, n, G, nbk = 2, 9, 2, 4, 3, 9
+    idx = torch.stack([torch.randperm(nbk, generator=g)[:n] for _ in range(B * NT * HKV)])
+    idx = idx.view(B, NT, HKV, n)
+    idx[:, :2] = -1  # early tiles with no candidate
+    idx[:, 2, :, 1:] = -1  # one block only
+    (fc, fi), (bc, bi) = fa4.block_lists(idx, HKV * G, nbk * 64, 64)
+    assert fc.shape == (B, HKV * G, NT) and bc.shape == (B, HKV * G, nbk)
+    reads = torch.zeros(B, HKV * G, NT, nbk, dtype=torch.bool)
+    for b in range(B):
+        for h in range(HKV * G):
+            for t in range(NT):
+                got = fi[b, h, t, : fc[b, h, t]].tolist()
+                want = idx[b, t, h // G]
+                assert got == sorted(want[want >= 0].tolist())
+                reads[b, h, t, got] = True
+            for j in range(nbk):
+                tiles = bi[b, h, j, : bc[b, h, j]].tolist()
+                assert tiles == sorted(tiles) == reads[b, h, :, j].nonzero().flatten().tolist()

@@ -1,0 +1,223 @@
+"""Would FlashAttention 4's CuTe kernels beat ours on MLA's local and sparse branches?
+
+Each branch alone, forward and backward, through FlashAttention 4's Hopper kernels (the
+`flash-attn-4` package, CuTe DSL: a causal sliding window for the local branch; block sparsity
+fed MLA's own tile selection for the sparse branch) beside MLA's Triton kernels for the same
+work, the whole MLA op and cuDNN's dense attention, all in one run. With `select_tile` = Bq =
+block size, every block a tile selects lies wholly before the tile's first query (DESIGN §1),
+so the sparse branch is block-sparse attention over full blocks: no mask inside a block.
+
+Each FlashAttention 4 branch is first checked against the float32 naive reference of that
+branch (output and q, k, v gradients) at a short length. Times: the profiler's kernel time per
+fwd+bwd (the GPU's work, no host) and the event-timed median of back-to-back calls. MLA's
+branch rows are the kernels of the whole NSA op that do that branch's work alone (the window
+kernels also do the global branch's, so the local row is a local-only plan).
+
+    python bench/fa4_backends.py [--shapes 12/4/64 64/4/128] [--lengths 8192 32768]
+
+Needs the `flash-attn-4` package and its CUTLASS DSL (not in the device image: carried).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend
+
+try:
+    from automla.kernels import AttentionConfig, mla_attention
+    from automla.kernels.naive import naive_local, naive_sparse
+    from automla.kernels.selection import select_tiles
+except ImportError:  # not installed: import the folder directly
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kernels import AttentionConfig, mla_attention
+    from kernels.naive import naive_local, naive_sparse
+    from kernels.selection import select_tiles
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, budgets.py, tile_shapes.py
+from budgets import budget_config  # noqa: E402
+from tile_shapes import inputs, sdpa  # noqa: E402
+from timing import device_ms, kernel_ms  # noqa: E402
+
+# The NSA op's kernels that do the sparse branch's work alone (selection not included).
+SPARSE_KERNELS = (
+    "_sparse_tile_fwd",
+    "_sparse_tile_dq",
+    "_sparse_tile_dkv",
+    "_invert",
+    "_scan",
+    "_chunk",
+)
+
+
+def block_lists(idx: torch.Tensor, hq: int, T: int, bs: int):
+    """MLA's tile selection `idx` [B, NT, HKV, n] (-1: empty slot) as FlashAttention 4's
+    block lists, one row per query head (a group's heads share it): forward (count [B, HQ, NT]
+    and key blocks [B, HQ, NT, n] per query tile, ascending) and backward (count [B, HQ, NBK]
+    and query tiles [B, HQ, NBK, width] per key block, ascending)."""
+    B, NT, HKV, n = idx.shape
+    G = hq // HKV
+    nbk = -(-T // bs)
+    sel = idx.permute(0, 2, 1, 3)  # [B, HKV, NT, n]
+    valid = sel >= 0
+    fwd_cnt = valid.sum(-1, dtype=torch.int32)
+    fwd_idx = torch.where(valid, sel, nbk).sort(-1).values
+    fwd_idx = torch.where(fwd_idx == nbk, 0, fwd_idx).int()
+    dense = torch.zeros(B, HKV, NT, nbk + 1, dtype=torch.bool, device=idx.device)
+    dense.scatter_(-1, torch.where(valid, sel, nbk), True)
+    by_key = dense[..., :nbk].transpose(-1, -2)  # [B, HKV, NBK, NT]
+    bwd_cnt = by_key.sum(-1, dtype=torch.int32)
+    width = max(int(bwd_cnt.max()), 1)
+    bwd_idx = (~by_key).to(torch.int8).argsort(dim=-1, stable=True)[..., :width].int()
+
+    def heads(x):
+        return x.repeat_interleave(G, 1).contiguous()
+
+    return (heads(fwd_cnt), heads(fwd_idx)), (heads(bwd_cnt), heads(bwd_idx))
+
+
+def fa4_block_sparse(lists, bs: int):
+    """Block lists (count, index) as FlashAttention 4's tensors: full blocks only."""
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    cnt, ix = lists
+    zero = torch.zeros_like(cnt)
+    return BlockSparseTensorsTorch(
+        mask_block_cnt=zero,
+        mask_block_idx=zero[..., None],
+        full_block_cnt=cnt,
+        full_block_idx=ix,
+        block_size=(bs, bs),
+    )
+
+
+def small_bwd_tiles() -> None:
+    """FlashAttention 4's Hopper backward takes 128-row tiles at head dim 64 and 128-key tiles
+    at 128, which 64-query, 64-key sparse blocks do not divide; give it 64 x 64 tiles (the
+    shape it already uses for block-sparse head dim 256) when block sparsity is on."""
+    from flash_attn.cute import interface as fa4
+
+    base = fa4._tile_size_bwd_sm90
+
+    def tiles(head_dim, head_dim_v, causal, local, sparse_block_size_q=None):
+        if sparse_block_size_q is None:
+            return base(head_dim, head_dim_v, causal, local)
+        return fa4.BwdConfig(
+            m_block_size=64, n_block_size=64,
+            num_stages_Q=2, num_stages_dO=2, num_stages_PdS=2,
+            SdP_swapAB=False, dKV_swapAB=False, dQ_swapAB=False,
+            AtomLayoutMSdP=1, AtomLayoutNdKV=1, AtomLayoutMdQ=1,
+        )  # fmt: skip
+
+    fa4._tile_size_bwd_sm90 = tiles
+
+
+def backends(T: int, hq: int) -> dict:
+    from flash_attn.cute import flash_attn_func
+
+    cfg = budget_config(T, "nsa", 64)
+    plan = cfg.plan(T)
+    local_only = AttentionConfig(budget=plan.window, ratios=(1.0, 0.0, 0.0), block_size=64)
+    cache = {}
+
+    def fa4_local(q, k, v, gate):
+        return flash_attn_func(q, k, v, causal=True, window_size=(plan.window - 1, 0))[0]
+
+    def fa4_sparse(q, k, v, gate):
+        if "blocks" not in cache:  # selection is not part of the branch's time
+            idx = select_tiles(q.detach(), k.detach(), plan)
+            lists = block_lists(idx, hq, T, plan.block_size)
+            cache["blocks"] = [fa4_block_sparse(x, plan.block_size) for x in lists]
+        fwd, bwd = cache["blocks"]
+        return flash_attn_func(q, k, v, block_sparse_tensors=fwd, block_sparse_tensors_bwd=bwd)[0]
+
+    return {
+        "fa4 local": fa4_local,
+        "mla local": lambda q, k, v, g: mla_attention(q, k, v, g, local_only),
+        "fa4 sparse": fa4_sparse,
+        "mla nsa": lambda q, k, v, g: mla_attention(q, k, v, g, cfg),
+        "cudnn dense": sdpa(SDPBackend.CUDNN_ATTENTION),
+    }
+
+
+def check(name: str, fn, hq: int, hkv: int, d: int, T: int = 2048) -> str:
+    """Largest relative error of a FlashAttention 4 branch's o, dq, dk, dv against the float32
+    naive branch (`naive_local` / `naive_sparse` of the NSA plan at Bq 64)."""
+    if not name.startswith("fa4"):
+        return "-"
+    plan = budget_config(T, "nsa", 64).plan(T)
+    q, k, v, gate, do = inputs(T, hq, hkv, d, seed=1)
+    qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
+    naive = naive_local if name.endswith("local") else naive_sparse
+    ref = naive(qr, kr, vr, plan).transpose(1, 2)  # [B, T, HQ, D]
+    ref.backward(do.float())
+    out = backends(T, hq)[name](q, k, v, gate)
+    out.backward(do)
+    errs = []
+    for a, b in ((out, ref), (q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
+        a = a.float()
+        if not torch.isfinite(a).all():
+            return "NaN"
+        errs.append(((a - b).norm() / b.norm()).item())
+    return "/".join(f"{e:.1e}" for e in errs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["12/4/64", "64/4/128"])
+    ap.add_argument("--lengths", nargs="+", type=int, default=[8192, 32768])
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    small_bwd_tiles()
+    rows = []
+    for shape in args.shapes:
+        hq, hkv, d = (int(x) for x in shape.split("/"))
+        errs = {}
+        for name in backends(2048, hq):
+            try:
+                errs[name] = check(name, backends(2048, hq)[name], hq, hkv, d)
+            except Exception as e:  # a backend that cannot run this shape says why, once
+                errs[name] = None
+                print(f"{shape} {name}: {type(e).__name__}: {str(e)[:600]}", flush=True)
+        for T in args.lengths:
+            q, k, v, gate, do = inputs(T, hq, hkv, d)
+            for name, fn in backends(T, hq).items():
+                if errs[name] is None:
+                    continue
+
+                def fwd_bwd(fn=fn, q=q, k=k, v=v, gate=gate, do=do):
+                    fn(q, k, v, gate).backward(do)
+                    q.grad = k.grad = v.grad = gate.grad = None
+
+                try:
+                    kern = kernel_ms(fwd_bwd, runs=args.runs, width=90)
+                    ev = device_ms(fwd_bwd, repeats=20)
+                except Exception as e:
+                    print(f"{shape} {T} {name}: {type(e).__name__}: {str(e)[:600]}", flush=True)
+                    continue
+                total = sum(kern.values())
+                top = ", ".join(f"{n[:40]} {ms * 1e3:.0f}" for n, ms in list(kern.items())[:6])
+                print(
+                    f"{shape} {T:>6} {name:<12} err {errs[name]}  kernels {total:8.3f} ms  events {ev:8.3f} ms  [{top} µs]",
+                    flush=True,
+                )
+                rows.append((shape, T, name, errs[name], total, ev))
+                if name == "mla nsa":
+                    sparse = sum(
+                        ms for n, ms in kern.items() if any(s in n for s in SPARSE_KERNELS)
+                    )
+                    rows.append((shape, T, "mla sparse kernels", "-", sparse, float("nan")))
+                    print(f"{shape} {T:>6} mla sparse kernels {sparse:8.3f} ms", flush=True)
+    print(
+        "\n| heads | T | backend | rel. err o/dq/dk/dv (T 2048) | kernels ms fwd+bwd | events ms |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for shape, T, name, err, kern, ev in rows:
+        print(f"| {shape} | {T} | {name} | {err} | {kern:.3f} | {ev:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
