@@ -79,7 +79,7 @@ def block_lists(idx: torch.Tensor, hq: int, T: int, bs: int):
     return (heads(fwd_cnt), heads(fwd_idx)), (heads(bwd_cnt), heads(bwd_idx))
 
 
-def fa4_block_sparse(lists, bs: int):
+def fa4_block_sparse(lists, bq: int, bs: int):
     """Block lists (count, index) as FlashAttention 4's tensors: full blocks only."""
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
@@ -90,7 +90,7 @@ def fa4_block_sparse(lists, bs: int):
         mask_block_idx=zero[..., None],
         full_block_cnt=cnt,
         full_block_idx=ix,
-        block_size=(bs, bs),
+        block_size=(bq, bs),
     )
 
 
@@ -115,10 +115,11 @@ def small_bwd_tiles() -> None:
     fa4._tile_size_bwd_sm90 = tiles
 
 
-def backends(T: int, hq: int) -> dict:
+def backends(T: int, hq: int, bq: int = 64) -> dict:
+    """The rows of one point; the sparse ones (and the NSA op) at select_tile `bq`."""
     from flash_attn.cute import flash_attn_func
 
-    cfg = budget_config(T, "nsa", 64)
+    cfg = budget_config(T, "nsa", bq)
     plan = cfg.plan(T)
     local_only = AttentionConfig(budget=plan.window, ratios=(1.0, 0.0, 0.0), block_size=64)
     cache = {}
@@ -130,31 +131,31 @@ def backends(T: int, hq: int) -> dict:
         if "blocks" not in cache:  # selection is not part of the branch's time
             idx = select_tiles(q.detach(), k.detach(), plan)
             lists = block_lists(idx, hq, T, plan.block_size)
-            cache["blocks"] = [fa4_block_sparse(x, plan.block_size) for x in lists]
+            cache["blocks"] = [fa4_block_sparse(x, bq, plan.block_size) for x in lists]
         fwd, bwd = cache["blocks"]
         return flash_attn_func(q, k, v, block_sparse_tensors=fwd, block_sparse_tensors_bwd=bwd)[0]
 
     return {
         "fa4 local": fa4_local,
         "mla local": lambda q, k, v, g: mla_attention(q, k, v, g, local_only),
-        "fa4 sparse": fa4_sparse,
-        "mla nsa": lambda q, k, v, g: mla_attention(q, k, v, g, cfg),
+        f"fa4 sparse Bq {bq}": fa4_sparse,
+        f"mla nsa Bq {bq}": lambda q, k, v, g: mla_attention(q, k, v, g, cfg),
         "cudnn dense": sdpa(SDPBackend.CUDNN_ATTENTION),
     }
 
 
-def check(name: str, fn, hq: int, hkv: int, d: int, T: int = 2048) -> str:
-    """Largest relative error of a FlashAttention 4 branch's o, dq, dk, dv against the float32
-    naive branch (`naive_local` / `naive_sparse` of the NSA plan at Bq 64)."""
+def check(name: str, hq: int, hkv: int, d: int, bq: int, T: int = 2048) -> str:
+    """Relative errors of a FlashAttention 4 branch's o, dq, dk, dv against the float32 naive
+    branch (`naive_local` / `naive_sparse` of the NSA plan at select_tile `bq`)."""
     if not name.startswith("fa4"):
         return "-"
-    plan = budget_config(T, "nsa", 64).plan(T)
+    plan = budget_config(T, "nsa", bq).plan(T)
     q, k, v, gate, do = inputs(T, hq, hkv, d, seed=1)
     qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
     naive = naive_local if name.endswith("local") else naive_sparse
     ref = naive(qr, kr, vr, plan).transpose(1, 2)  # [B, T, HQ, D]
     ref.backward(do.float())
-    out = backends(T, hq)[name](q, k, v, gate)
+    out = backends(T, hq, bq)[name](q, k, v, gate)
     out.backward(do)
     errs = []
     for a, b in ((out, ref), (q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
@@ -169,54 +170,64 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["12/4/64", "64/4/128"])
     ap.add_argument("--lengths", nargs="+", type=int, default=[8192, 32768])
+    ap.add_argument(
+        "--tiles", nargs="+", type=int, default=[64], help="select_tile of the sparse rows"
+    )
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     small_bwd_tiles()
     rows = []
     for shape in args.shapes:
         hq, hkv, d = (int(x) for x in shape.split("/"))
-        errs = {}
-        for name in backends(2048, hq):
-            try:
-                errs[name] = check(name, backends(2048, hq)[name], hq, hkv, d)
-            except Exception as e:  # a backend that cannot run this shape says why, once
-                errs[name] = None
-                print(f"{shape} {name}: {type(e).__name__}: {str(e)[:600]}", flush=True)
-        for T in args.lengths:
-            q, k, v, gate, do = inputs(T, hq, hkv, d)
-            for name, fn in backends(T, hq).items():
-                if errs[name] is None:
-                    continue
-
-                def fwd_bwd(fn=fn, q=q, k=k, v=v, gate=gate, do=do):
-                    fn(q, k, v, gate).backward(do)
-                    q.grad = k.grad = v.grad = gate.grad = None
-
+        for bq in args.tiles:
+            names = [n for n in backends(2048, hq, bq) if "Bq" in n or bq == args.tiles[0]]
+            errs = {}
+            for name in names:
                 try:
-                    kern = kernel_ms(fwd_bwd, runs=args.runs, width=90)
-                    ev = device_ms(fwd_bwd, repeats=20)
-                except Exception as e:
-                    print(f"{shape} {T} {name}: {type(e).__name__}: {str(e)[:600]}", flush=True)
-                    continue
-                total = sum(kern.values())
-                top = ", ".join(f"{n[:40]} {ms * 1e3:.0f}" for n, ms in list(kern.items())[:6])
-                print(
-                    f"{shape} {T:>6} {name:<12} err {errs[name]}  kernels {total:8.3f} ms  events {ev:8.3f} ms  [{top} µs]",
-                    flush=True,
-                )
-                rows.append((shape, T, name, errs[name], total, ev))
-                if name == "mla nsa":
-                    sparse = sum(
-                        ms for n, ms in kern.items() if any(s in n for s in SPARSE_KERNELS)
-                    )
-                    rows.append((shape, T, "mla sparse kernels", "-", sparse, float("nan")))
-                    print(f"{shape} {T:>6} mla sparse kernels {sparse:8.3f} ms", flush=True)
+                    errs[name] = check(name, hq, hkv, d, bq)
+                except Exception as e:  # a backend that cannot run this shape says why, once
+                    print(f"{shape} {name}: {type(e).__name__}: {str(e)[:600]}", flush=True)
+            for T in args.lengths:
+                q, k, v, gate, do = inputs(T, hq, hkv, d)
+                for name, fn in backends(T, hq, bq).items():
+                    if name in errs:
+                        rows += timed(
+                            shape, T, name, errs[name], fn, (q, k, v, gate, do), args.runs
+                        )
     print(
         "\n| heads | T | backend | rel. err o/dq/dk/dv (T 2048) | kernels ms fwd+bwd | events ms |"
     )
     print("| --- | --- | --- | --- | --- | --- |")
     for shape, T, name, err, kern, ev in rows:
         print(f"| {shape} | {T} | {name} | {err} | {kern:.3f} | {ev:.3f} |")
+
+
+def timed(shape, T, name, err, fn, args, runs) -> list:
+    """Rows of one backend at one point: its kernels' time and the events' (and, for the NSA
+    op, its sparse kernels' sum)."""
+    q, k, v, gate, do = args
+
+    def fwd_bwd():
+        fn(q, k, v, gate).backward(do)
+        q.grad = k.grad = v.grad = gate.grad = None
+
+    try:
+        kern = kernel_ms(fwd_bwd, runs=runs, width=90)
+        ev = device_ms(fwd_bwd, repeats=20)
+    except Exception as e:
+        print(f"{shape} {T} {name}: {type(e).__name__}: {str(e)[:600]}", flush=True)
+        return []
+    total = sum(kern.values())
+    top = ", ".join(f"{n[:40]} {ms * 1e3:.0f}" for n, ms in list(kern.items())[:6])
+    print(
+        f"{shape} {T:>6} {name:<16} err {err}  kernels {total:8.3f} ms  events {ev:8.3f} ms  [{top} µs]",
+        flush=True,
+    )
+    rows = [(shape, T, name, err, total, ev)]
+    if name.startswith("mla nsa"):
+        sparse = sum(ms for n, ms in kern.items() if any(s in n for s in SPARSE_KERNELS))
+        rows.append((shape, T, name.replace("nsa", "sparse kernels of"), "-", sparse, float("nan")))
+    return rows
 
 
 if __name__ == "__main__":
