@@ -169,6 +169,22 @@ def test_edge_masks_rule(monkeypatch, T, HQ, D, window, forced, on):
     assert launch_layer._edge_masks(_Layout(q, k, plan, None)) is on
 
 
+@pytest.mark.parametrize(
+    "D,forced,on",
+    [(64, None, False), (128, None, True), (128, False, False), (64, True, True)],
+)
+def test_local_dkv_edge_rule(monkeypatch, D, forced, on):
+    # the local dk/dv's edge-only masks pay at head dim 128 and not at 64 (measured)
+    import automla.kernels.parallel.autograd as launch_layer
+    from automla.kernels.config import Plan
+    from automla.kernels.parallel.layout import _Layout
+
+    monkeypatch.setattr(launch_layer, "LOCAL_DKV_EDGE", forced)
+    q, k = torch.empty(1, 8192, 16, D, device="meta"), torch.empty(1, 8192, 4, D, device="meta")
+    plan = Plan(window=512, stride=64, n_select=16, block_size=64, select_tile=64)
+    assert launch_layer._local_dkv_edge(_Layout(q, k, plan, None)) is on
+
+
 @pytest.mark.parametrize("programs", [1, 30], ids=["one-program-per-tile", "split-3"])
 def test_local_dkv_split_over_programs(monkeypatch, programs):
     # the local dk/dv launch splits each key tile's (head, query tile) items over programs

@@ -43,9 +43,9 @@ SELECT_AFTER_NC = 64
 # it where it was measured to pay (`_edge_masks`); True or False forces it either way.
 EDGE_MASKS: bool | None = None
 # The same for the local dk/dv, per (head, query tile) item of its loop: a run-time branch,
-# not a split loop (its loads are not pipelined: they sit under the active-head test). Opt-in,
-# untimed.
-LOCAL_DKV_EDGE = False
+# not a split loop (its loads are not pipelined: they sit under the active-head test). None
+# takes it where it was measured to pay (`_local_dkv_edge`); True or False forces it.
+LOCAL_DKV_EDGE: bool | None = None
 
 
 def _edge_masks(lay: _Layout) -> bool:
@@ -56,6 +56,16 @@ def _edge_masks(lay: _Layout) -> bool:
     if EDGE_MASKS is not None:
         return bool(EDGE_MASKS)
     return lay.D <= 64 and lay.plan.window >= 512 and lay.T >= 4096
+
+
+def _local_dkv_edge(lay: _Layout) -> bool:
+    """Whether the local dk/dv skips the band's mask on the items that see their key tile
+    whole. Measured on an H100 (bench/RESULTS.md, twenty-seventh session): at head dim 128 the
+    op -1.2 and -1.8% at 8k (two runs), -1.8% at 32k, -2.6% at 2k; at head dim 64 within +-1%
+    either way (the kernel -1 to -2% at 8k, +1.6% once at 32k), so it stays off there."""
+    if LOCAL_DKV_EDGE is not None:
+        return bool(LOCAL_DKV_EDGE)
+    return lay.D >= 128
 
 
 def _fork(q: torch.Tensor, lay: _Layout) -> torch.cuda.Stream | None:
@@ -312,7 +322,7 @@ def _window_dkv(do, q, k, v, gate, lay: _Layout, saved, delta_l, delta_g, dk, dv
                 _local_bwd_dkv_kernel, (n_tiles, B * lay.NA, nsplit), **shared,
                 k=k, v=v, lse_l=saved["lse_l"], delta_l=delta_l, dk=dk, dv=dv,
                 NSPLIT=nsplit, window=lay.plan.window, BT=BT, BK=BK,
-                SPREAD=lay.has_global, EDGE=bool(LOCAL_DKV_EDGE), **_options(t),
+                SPREAD=lay.has_global, EDGE=_local_dkv_edge(lay), **_options(t),
             )  # fmt: skip
     elif lay.has_global:
         BK = min(64, triton.next_power_of_2(lay.stride))
