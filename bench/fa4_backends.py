@@ -42,7 +42,8 @@ from budgets import budget_config  # noqa: E402
 from tile_shapes import inputs, sdpa  # noqa: E402
 from timing import device_ms, kernel_ms  # noqa: E402
 
-# The NSA op's kernels that do the sparse branch's work alone (selection not included).
+# The NSA op's kernels that do the sparse branch's work alone (selection not included), and
+# those that pool the keys and select the blocks.
 SPARSE_KERNELS = (
     "_sparse_tile_fwd",
     "_sparse_tile_dq",
@@ -51,6 +52,7 @@ SPARSE_KERNELS = (
     "_scan",
     "_chunk",
 )
+SELECTION_KERNELS = ("_pool_kernel", "_tile_score", "_topk")
 
 
 def block_lists(idx: torch.Tensor, hq: int, T: int, bs: int):
@@ -122,6 +124,7 @@ def backends(T: int, hq: int, bq: int = 64) -> dict:
     cfg = budget_config(T, "nsa", bq)
     plan = cfg.plan(T)
     local_only = AttentionConfig(budget=plan.window, ratios=(1.0, 0.0, 0.0), block_size=64)
+    global_only = AttentionConfig(budget=T // plan.stride, ratios=(0.0, 1.0, 0.0), block_size=64)
     cache = {}
 
     def fa4_local(q, k, v, gate):
@@ -138,6 +141,7 @@ def backends(T: int, hq: int, bq: int = 64) -> dict:
     return {
         "fa4 local": fa4_local,
         "mla local": lambda q, k, v, g: mla_attention(q, k, v, g, local_only),
+        "mla global": lambda q, k, v, g: mla_attention(q, k, v, g, global_only),
         f"fa4 sparse Bq {bq}": fa4_sparse,
         f"mla nsa Bq {bq}": lambda q, k, v, g: mla_attention(q, k, v, g, cfg),
         "cudnn dense": sdpa(SDPBackend.CUDNN_ATTENTION),
@@ -174,6 +178,7 @@ def main() -> None:
         "--tiles", nargs="+", type=int, default=[64], help="select_tile of the sparse rows"
     )
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--only", nargs="+", help="rows whose names start with these (default: all)")
     args = ap.parse_args()
     small_bwd_tiles()
     rows = []
@@ -181,6 +186,7 @@ def main() -> None:
         hq, hkv, d = (int(x) for x in shape.split("/"))
         for bq in args.tiles:
             names = [n for n in backends(2048, hq, bq) if "Bq" in n or bq == args.tiles[0]]
+            names = [n for n in names if not args.only or n.startswith(tuple(args.only))]
             errs = {}
             for name in names:
                 try:
@@ -227,6 +233,10 @@ def timed(shape, T, name, err, fn, args, runs) -> list:
     if name.startswith("mla nsa"):
         sparse = sum(ms for n, ms in kern.items() if any(s in n for s in SPARSE_KERNELS))
         rows.append((shape, T, name.replace("nsa", "sparse kernels of"), "-", sparse, float("nan")))
+        select = sum(ms for n, ms in kern.items() if any(s in n for s in SELECTION_KERNELS))
+        rows.append(
+            (shape, T, name.replace("nsa", "selection kernels of"), "-", select, float("nan"))
+        )
     return rows
 
 
