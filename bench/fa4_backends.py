@@ -39,7 +39,7 @@ except ImportError:  # not installed: import the folder directly
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py, budgets.py, tile_shapes.py
 from budgets import budget_config  # noqa: E402
-from tile_shapes import inputs, sdpa  # noqa: E402
+from tile_shapes import inputs, rel_err, sdpa  # noqa: E402
 from timing import device_ms, kernel_ms  # noqa: E402
 
 # The NSA op's kernels that do the sparse branch's work alone (selection not included), and
@@ -161,13 +161,8 @@ def check(name: str, hq: int, hkv: int, d: int, bq: int, T: int = 2048) -> str:
     ref.backward(do.float())
     out = backends(T, hq, bq)[name](q, k, v, gate)
     out.backward(do)
-    errs = []
-    for a, b in ((out, ref), (q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
-        a = a.float()
-        if not torch.isfinite(a).all():
-            return "NaN"
-        errs.append(((a - b).norm() / b.norm()).item())
-    return "/".join(f"{e:.1e}" for e in errs)
+    pairs = ((out, ref), (q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad))
+    return "/".join(f"{rel_err(a, b):.1e}" for a, b in pairs)  # inf: not finite
 
 
 def main() -> None:
