@@ -160,13 +160,9 @@ def test_edge_masks_test_fails_where_the_edges_are_wrong(monkeypatch, switch, he
 )
 def test_edge_masks_rule(monkeypatch, T, HQ, D, window, forced, on):
     import automla.kernels.parallel.autograd as launch_layer
-    from automla.kernels.config import Plan
-    from automla.kernels.parallel.layout import _Layout
 
     monkeypatch.setattr(launch_layer, "EDGE_MASKS", forced)
-    q, k = torch.empty(1, T, HQ, D, device="meta"), torch.empty(1, T, 4, D, device="meta")
-    plan = Plan(window=window, stride=64, n_select=16, block_size=64, select_tile=64)
-    assert launch_layer._edge_masks(_Layout(q, k, plan, None)) is on
+    assert launch_layer._edge_masks(_meta_layout(T, HQ, D, window)) is on
 
 
 @pytest.mark.parametrize(
@@ -176,13 +172,20 @@ def test_edge_masks_rule(monkeypatch, T, HQ, D, window, forced, on):
 def test_local_dkv_edge_rule(monkeypatch, D, forced, on):
     # the local dk/dv's edge-only masks pay at head dim 128 and not at 64 (measured)
     import automla.kernels.parallel.autograd as launch_layer
+
+    monkeypatch.setattr(launch_layer, "LOCAL_DKV_EDGE", forced)
+    assert launch_layer._local_dkv_edge(_meta_layout(8192, 16, D, 512)) is on
+
+
+def _meta_layout(T: int, HQ: int, D: int, window: int):
+    """The launch layer's view of an NSA-shaped call (4 KV heads, tile selection), on meta
+    tensors: what the switches' rules decide from."""
     from automla.kernels.config import Plan
     from automla.kernels.parallel.layout import _Layout
 
-    monkeypatch.setattr(launch_layer, "LOCAL_DKV_EDGE", forced)
-    q, k = torch.empty(1, 8192, 16, D, device="meta"), torch.empty(1, 8192, 4, D, device="meta")
-    plan = Plan(window=512, stride=64, n_select=16, block_size=64, select_tile=64)
-    assert launch_layer._local_dkv_edge(_Layout(q, k, plan, None)) is on
+    q, k = torch.empty(1, T, HQ, D, device="meta"), torch.empty(1, T, 4, D, device="meta")
+    plan = Plan(window=window, stride=64, n_select=16, block_size=64, select_tile=64)
+    return _Layout(q, k, plan, None)
 
 
 @pytest.mark.parametrize("programs", [1, 30], ids=["one-program-per-tile", "split-3"])
